@@ -1,0 +1,167 @@
+"""Typed, frozen configuration.
+
+Every field is a command-line flag of the same name (`--lora_rank 8`) and a key of the same name in a YAML/JSON
+config file, so the reference run's flags, a config file and research code all describe a run the same way.
+The four groups only organise the fields; names are unique across them, which keeps the flag space flat.
+
+Checks that need nothing but the values live in `__post_init__`; checks that touch the disk or the hardware
+(files exist, bf16 is supported) run in `lorakit.validate` before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+
+def _doc(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": " ".join(text.split()), **extra}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name_or_path: str = field(default="", metadata=_doc("Local folder of a Hugging Face causal LM (safetensors)."))
+    template: str = field(
+        default="auto",
+        metadata=_doc("Chat format: `qwen` (Qwen2.5 ChatML, default system prompt) or `auto` (the tokenizer's own)."),
+    )
+    bf16: bool = field(default=False, metadata=_doc("Train in bfloat16 (needs a GPU that supports it)."))
+    fp16: bool = field(default=False, metadata=_doc("Train in float16 with loss scaling (GPU only)."))
+
+    def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise LorakitError("--bf16 and --fp16 are both set; choose one precision")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: tuple[str, ...] = field(default=(), metadata=_doc("Comma-separated names from dataset_info.json."))
+    dataset_dir: str = field(default="data", metadata=_doc("Folder holding dataset_info.json and the data files."))
+    cutoff_len: int = field(default=1024, metadata=_doc("Longest example in tokens; longer ones are truncated."))
+    max_samples: int | None = field(default=None, metadata=_doc("Use at most this many records of each dataset."))
+    data_cache_dir: str = field(
+        default="",
+        metadata=_doc("Where tokenised data is cached (default: $LORAKIT_CACHE or ~/.cache/lorakit/data)."),
+    )
+    overwrite_cache: bool = field(default=False, metadata=_doc("Tokenise again even if a cached copy exists."))
+
+    def __post_init__(self) -> None:
+        if self.cutoff_len < 8:
+            raise LorakitError(f"--cutoff_len {self.cutoff_len} is too small; use at least 8 tokens")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise LorakitError(f"--max_samples {self.max_samples} must be at least 1")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    finetuning_type: str = field(default="lora", metadata=_doc("Only `lora` is supported."))
+    lora_rank: int = field(default=8, metadata=_doc("LoRA rank r."))
+    lora_alpha: float | None = field(default=None, metadata=_doc("LoRA alpha (scale = alpha / r); default 2 x rank."))
+    lora_dropout: float = field(default=0.0, metadata=_doc("Dropout on the LoRA input."))
+    lora_target: tuple[str, ...] = field(
+        default=("all",),
+        metadata=_doc("Comma-separated module names to adapt, or `all` for every linear layer except the output head."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.finetuning_type != "lora":
+            raise LorakitError(f"--finetuning_type {self.finetuning_type} is not supported; lorakit trains `lora` only")
+        if self.lora_rank < 1:
+            raise LorakitError(f"--lora_rank {self.lora_rank} must be at least 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise LorakitError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
+        if not self.lora_target:
+            raise LorakitError("--lora_target is empty; name modules (q_proj,v_proj,...) or use `all`")
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = field(default="", metadata=_doc("Where the adapter, tokenizer, logs and checkpoints go."))
+    stage: str = field(default="sft", metadata=_doc("Only `sft` (supervised fine-tuning) is supported."))
+    do_train: bool = field(default=True, metadata=_doc("Accepted for compatibility; lorakit always trains."))
+    deepspeed: str | None = field(
+        default=None,
+        metadata=_doc('DeepSpeed JSON file; "auto" values are filled in. Default: a ZeRO-3 config built by lorakit.'),
+    )
+    learning_rate: float = field(default=5e-5, metadata=_doc("Peak learning rate."))
+    num_train_epochs: int = field(default=3, metadata=_doc("Whole passes over the data (an integer)."))
+    max_steps: int = field(default=-1, metadata=_doc("Stop after this many optimizer steps (-1: run every epoch)."))
+    per_device_train_batch_size: int = field(default=8, metadata=_doc("Examples per micro-batch on each rank."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_doc("Micro-batches per optimizer step."))
+    lr_scheduler_type: str = field(default="cosine", metadata=_doc("`cosine`, `linear` (both decay to 0) or `constant`."))
+    warmup_steps: int = field(default=0, metadata=_doc("Linear warmup steps; overrides --warmup_ratio when > 0."))
+    warmup_ratio: float = field(default=0.0, metadata=_doc("Warmup as a fraction of all optimizer steps."))
+    max_grad_norm: float = field(default=1.0, metadata=_doc("Clip the global gradient norm to this (0: no clipping)."))
+    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay."))
+    adam_beta1: float = field(default=0.9, metadata=_doc("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_doc("AdamW beta2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
+    neftune_noise_alpha: float = field(default=0.0, metadata=_doc("NEFTune embedding noise alpha (0: off)."))
+    logging_steps: int = field(default=10, metadata=_doc("Log every this many optimizer steps."))
+    save_steps: int = field(default=0, metadata=_doc("Save the adapter to checkpoint-N every N steps (0: only at end)."))
+    seed: int = field(default=42, metadata=_doc("Seed for LoRA initialisation, data order and dropout."))
+    plot_loss: bool = field(default=False, metadata=_doc("Write training_loss.png (needs matplotlib: lorakit[plot])."))
+
+    def __post_init__(self) -> None:
+        if self.stage != "sft":
+            raise LorakitError(f"--stage {self.stage} is not supported; lorakit does supervised fine-tuning (`sft`)")
+        if not self.do_train:
+            raise LorakitError("--do_train False asks for nothing to do; lorakit only trains (drop the flag)")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise LorakitError(f"--lr_scheduler_type {self.lr_scheduler_type} is unknown; use one of {SCHEDULERS}")
+        positive = ("num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise LorakitError(f"--{name} {getattr(self, name)} must be at least 1")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise LorakitError(f"--learning_rate {self.learning_rate} must be a positive number")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise LorakitError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.warmup_steps < 0 or self.save_steps < 0 or self.max_grad_norm < 0 or self.neftune_noise_alpha < 0:
+            raise LorakitError("--warmup_steps, --save_steps, --max_grad_norm and --neftune_noise_alpha must be >= 0")
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. `Config.from_flat({...})` builds one from flag names, as the CLI and config files do."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> Config:
+        unknown = set(values) - set(flat_fields())
+        if unknown:
+            raise LorakitError(f"unknown option(s) {sorted(unknown)}; run with --help to list every flag")
+        groups = {}
+        for group_name, group_class in GROUPS.items():
+            names = {f.name for f in dataclasses.fields(group_class)}
+            groups[group_name] = group_class(**{k: v for k, v in values.items() if k in names})
+        return cls(**groups)
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for group in dataclasses.fields(self):
+            flat.update(dataclasses.asdict(getattr(self, group.name)))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
+
+
+def flat_fields() -> dict[str, dataclasses.Field]:
+    """Every configurable field by its flag name, in declaration order."""
+    return {f.name: f for group in GROUPS.values() for f in dataclasses.fields(group)}

@@ -1,0 +1,47 @@
+"""Data: records on disk → conversations → ids + labels (cached) → micro-batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from lorakit.config import DataConfig
+from lorakit.data import cache
+from lorakit.data.batching import StepPlan, collate, plan_epoch, steps_per_epoch
+from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
+from lorakit.errors import LorakitError
+from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
+from lorakit.templates import Template
+
+
+def prepare_data(
+    config: DataConfig, tokenizer: Any, template: Template, builds: bool, all_ok: Callable[[bool], bool]
+) -> tuple[TokenizedData, Path, bool]:
+    """Tokenised data from the cache, building it first if needed.
+
+    One process per node (`builds`) tokenises while the others wait in `all_ok` (a collective that is True when
+    every rank passes True), then everyone loads the same file. A bad record raises on the builder and a short
+    pointer to it on the others, instead of leaving them waiting. Returns the data, the cache file and whether
+    it was already cached.
+    """
+    specs = resolve_datasets(config.dataset_dir, config.dataset)
+    key = cache.cache_key(specs, config.max_samples, config.cutoff_len, template, tokenizer)
+    path = Path(config.data_cache_dir or cache.default_cache_dir()) / f"{key}.npz"
+    was_cached = path.is_file() and not config.overwrite_cache
+    error = None
+    if builds and not was_cached:
+        try:
+            conversations = load_conversations(specs, config.max_samples)
+            cache.save(encode_dataset(conversations, template, tokenizer, config.cutoff_len), path)
+        except LorakitError as err:
+            error = err
+    if not all_ok(error is None):
+        raise error or LorakitError("the data could not be prepared; the error is in the log of local rank 0")
+    return cache.load(path), path, was_cached
+
+
+__all__ = [
+    "IGNORE_INDEX", "DatasetSpec", "EncodedExample", "StepPlan", "TokenizedData", "alpaca_messages", "collate",
+    "encode_conversation", "encode_dataset", "load_conversations", "plan_epoch", "prepare_data", "read_records",
+    "resolve_datasets", "steps_per_epoch",
+]  # fmt: skip

@@ -1,0 +1,70 @@
+"""The tokenised-data cache: a second run with the same inputs does not tokenise again.
+
+The key covers everything the ids depend on: the data files' bytes, the dataset_info entries, --max_samples,
+--cutoff_len, the template's rendering of a probe conversation and the tokenizer's full definition. Files are
+written under a temporary name and renamed, so a killed run never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorakit.data.encode import TokenizedData
+from lorakit.data.records import DatasetSpec
+from lorakit.templates import Message, Template
+
+CACHE_FORMAT = 1
+PROBE = [Message("system", "S"), Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2"),
+         Message("assistant", "A2")]  # fmt: skip
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "data"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(definition.encode()).hexdigest()
+
+
+def cache_key(specs: list[DatasetSpec], max_samples: int | None, cutoff_len: int, template: Template,
+              tokenizer: Any) -> str:  # fmt: skip
+    parts = {
+        "format": CACHE_FORMAT,
+        "datasets": [[s.name, s.formatting, s.columns, _file_digest(s.path)] for s in specs],
+        "max_samples": max_samples,
+        "cutoff_len": cutoff_len,
+        "template": [template.name, [[s.text, s.trained] for s in template.render(PROBE)]],
+        "tokenizer": _tokenizer_digest(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def save(data: TokenizedData, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(handle, ids=data.ids, labels=data.labels, offsets=data.offsets,
+                 stats=np.asarray([data.num_truncated, data.num_dropped]))  # fmt: skip
+    os.replace(temporary, path)
+
+
+def load(path: Path) -> TokenizedData:
+    with np.load(path) as arrays:
+        truncated, dropped = (int(v) for v in arrays["stats"])
+        return TokenizedData(arrays["ids"], arrays["labels"], arrays["offsets"], truncated, dropped)

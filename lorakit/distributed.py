@@ -1,0 +1,71 @@
+"""Process-group set-up and the few collectives the loop needs.
+
+Works under `deepspeed`, `torchrun` (which set RANK/LOCAL_RANK/WORLD_SIZE) and in a plain single process
+(research code calling `lorakit.train`), for which a one-rank group on a free local port is made up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every rank passes True (a collective: every rank must call it)."""
+        flag = torch.tensor([1 if ok else 0], device=self.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def launch_world_size() -> int:
+    """World size as the launcher announced it, readable before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group: NCCL on GPUs, gloo on the CPU."""
+    import deepspeed  # deferred: importing deepspeed costs seconds, and config errors should not wait for it
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), device)

@@ -1,0 +1,58 @@
+"""The engine: base model (partitioned under ZeRO-3) + PEFT LoRA, wrapped by DeepSpeed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from lorakit.config import Config
+from lorakit.distributed import DistInfo
+from lorakit.engine.deepspeed_config import default_deepspeed_config, resolve_deepspeed_config
+from lorakit.engine.model import (
+    add_neftune_noise,
+    attach_lora,
+    linear_module_names,
+    load_base_model,
+    load_tokenizer,
+    parameter_counts,
+)
+
+
+@dataclass
+class BuiltEngine:
+    engine: Any  # deepspeed.DeepSpeedEngine; engine.module is the PeftModel
+    ds_config: dict[str, Any]
+    notes: list[str]  # what lorakit changed in the DeepSpeed config, for the log
+    trainable_parameters: int
+    total_parameters: int
+
+
+def compute_dtype(config: Config) -> torch.dtype:
+    return torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else torch.float32
+
+
+def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
+    """Resolve the DeepSpeed config, load the model, attach LoRA and hand both to DeepSpeed."""
+    import deepspeed
+
+    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
+    on_gpu = dist.device.type == "cuda"
+    ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu)
+    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+    model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
+    model = attach_lora(model, config.lora, config.train.seed)
+    if config.train.neftune_noise_alpha > 0:
+        add_neftune_noise(model, config.train.neftune_noise_alpha)
+    trainable, total = parameter_counts(model)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
+    return BuiltEngine(engine, ds_config, notes, trainable, total)
+
+
+__all__ = [
+    "BuiltEngine", "add_neftune_noise", "attach_lora", "build_engine", "compute_dtype", "default_deepspeed_config",
+    "linear_module_names", "load_base_model", "load_tokenizer", "parameter_counts", "resolve_deepspeed_config",
+]  # fmt: skip

@@ -1,0 +1,128 @@
+"""The DeepSpeed config: a user's file (e.g. the reference's ds_config_zero3.json) with every "auto" resolved.
+
+Rules, so nothing is silently decided against the user:
+- "auto" takes its value from the flags or the model: precision, optimizer lr/betas/eps/weight_decay, the three
+  batch sizes, gradient_clipping, and ZeRO bucket/persistence sizes (from the hidden size, as HF does).
+- An explicit number in the file that contradicts a flag (batch sizes, lr, clipping, precision) is an error that
+  names both; lorakit will not guess which one the user meant.
+- A `scheduler` section is removed and the log says so: lorakit owns warmup + decay (see lorakit.schedule).
+- Any "auto" lorakit does not know how to fill is an error naming its key, not a value passed through.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from lorakit.config import Config
+from lorakit.errors import LorakitError
+
+
+def default_deepspeed_config() -> dict[str, Any]:
+    """What lorakit uses without --deepspeed: ZeRO-3 with every size left to lorakit."""
+    return {
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    }
+
+
+def read_deepspeed_file(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise LorakitError(f"--deepspeed {path}: file not found")
+    try:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LorakitError(f"--deepspeed {path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}")
+    if not isinstance(loaded, dict):
+        raise LorakitError(f"--deepspeed {path} must hold a JSON object")
+    return loaded
+
+
+def _settle(section: dict[str, Any], key: str, wanted: Any, flag: str, source: str) -> None:
+    """Fill an "auto" (or missing) value; reject an explicit one that contradicts the flag."""
+    value = section.get(key, "auto")
+    if value == "auto":
+        section[key] = wanted
+    elif value != wanted:
+        raise LorakitError(
+            f'{source} sets {key}={value} but {flag} gives {wanted}; make them equal or set it to "auto" in the file'
+        )
+
+
+def resolve_deepspeed_config(
+    config: Config, world_size: int, hidden_size: int, on_gpu: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """The resolved config and the log lines that explain what lorakit changed."""
+    source = f"DeepSpeed file {config.train.deepspeed}" if config.train.deepspeed else "lorakit's default config"
+    ds = copy.deepcopy(read_deepspeed_file(config.train.deepspeed) if config.train.deepspeed else default_deepspeed_config())
+    train, notes = config.train, []
+    for key, flag_value in (("bf16", config.model.bf16), ("fp16", config.model.fp16)):
+        _settle(ds.setdefault(key, {}), "enabled", flag_value, f"--{key} {flag_value}", source)
+    micro, accumulation = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    _settle(ds, "train_micro_batch_size_per_gpu", micro, "--per_device_train_batch_size", source)
+    _settle(ds, "gradient_accumulation_steps", accumulation, "--gradient_accumulation_steps", source)
+    _settle(ds, "train_batch_size", micro * accumulation * world_size, "micro x accumulation x world size", source)
+    _settle(ds, "gradient_clipping", train.max_grad_norm, "--max_grad_norm", source)
+    _resolve_optimizer(ds, config, on_gpu, source)
+    scheduler = ds.pop("scheduler", None)
+    if scheduler is not None:
+        notes.append(
+            f"{source}: its scheduler ({scheduler.get('type', '?')}) is replaced by lorakit's schedule "
+            f"({train.lr_scheduler_type}, warmup, peak lr {train.learning_rate})"
+        )
+    _resolve_zero(ds.setdefault("zero_optimization", {"stage": 3}), hidden_size)
+    ds.setdefault("steps_per_print", 10**9)  # lorakit prints its own progress
+    _reject_leftover_auto(ds, source)
+    return ds, notes
+
+
+def _resolve_optimizer(ds: dict[str, Any], config: Config, on_gpu: bool, source: str) -> None:
+    train = config.train
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if optimizer.get("type", "").lower() not in ("adam", "adamw"):
+        raise LorakitError(f"{source}: optimizer type {optimizer.get('type')} is unsupported; use AdamW")
+    params = optimizer.setdefault("params", {})
+    _settle(params, "lr", train.learning_rate, "--learning_rate", source)
+    for key, value in (("betas", [train.adam_beta1, train.adam_beta2]), ("eps", train.adam_epsilon),
+                       ("weight_decay", train.weight_decay)):  # fmt: skip
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    if not on_gpu:
+        params["torch_adam"] = True  # DeepSpeed's fused Adam is a CUDA kernel; torch's AdamW runs anywhere
+
+
+def _resolve_zero(zero: dict[str, Any], hidden_size: int) -> None:
+    # HF's choices for these sizes: a bucket of one hidden x hidden matrix, and parameters under ten hidden
+    # vectors (norms, biases, LoRA's small matrices) kept resident instead of gathered on every use.
+    automatic = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in automatic.items():
+        if zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3):
+            zero[key] = value
+
+
+def _reject_leftover_auto(node: Any, source: str, path: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _reject_leftover_auto(value, source, f"{path}.{key}" if path else key)
+    elif node == "auto":
+        raise LorakitError(f'{source}: lorakit does not know how to fill "{path}": "auto"; give it a value')

@@ -1,0 +1,157 @@
+"""The base model and its LoRA adapter.
+
+Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, so every weight is partitioned across ranks as
+soon as its module exists and a 7B model never sits whole on one rank; rank 0 then streams the safetensors
+shards in, one module at a time. lorakit does this itself rather than through transformers' DeepSpeed
+integration, which needs accelerate and a process-global config object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from lorakit.config import LoraSettings
+from lorakit.errors import LorakitError
+
+
+def load_tokenizer(path: str) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
+    return tokenizer
+
+
+def weight_index(path: str) -> dict[str, Path]:
+    """Every tensor name in the model folder's safetensors files, mapped to its file."""
+    folder = Path(path)
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LorakitError(f"{path} has no *.safetensors weights; save the model with save_pretrained() first")
+    index = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            index.update({name: file for name in handle.keys()})
+    return index
+
+
+def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool, rank: int) -> Any:
+    """The causal LM from `path`; partitioned from birth under ZeRO-3."""
+    if not zero3:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    import deepspeed
+
+    hf_config = AutoConfig.from_pretrained(path)
+    # Skip random initialisation (every weight is loaded next; and transformers' init code indexes into weights
+    # that zero.Init has already partitioned to empty tensors), and keep RoPE's fp32 buffers fp32.
+    with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    _load_partitioned_weights(model, path, rank)
+    model.name_or_path = model.config._name_or_path = path
+    return model
+
+
+def _no_init_weights() -> Any:
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _keep_arange_dtype() -> Any:
+    try:
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    except ImportError:  # older transformers build RoPE buffers without torch.arange dtype casts
+        return contextlib.nullcontext()
+    return prevent_arange_dtype_change()
+
+
+def _load_partitioned_weights(model: Any, path: str, rank: int) -> None:
+    import deepspeed
+
+    index = weight_index(path)
+    params = dict(model.named_parameters())  # shared (tied) weights appear once, under their first name
+    missing = sorted(set(params) - set(index))
+    if missing:
+        raise LorakitError(f"{path} lacks weights the model needs, e.g. {missing[:5]}; is it a complete checkpoint?")
+    name_of = {id(p): name for name, p in params.items()}
+    handles: dict[Path, Any] = {}
+    loaded: set[int] = set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in loaded]
+        if not own:
+            continue
+        loaded.update(id(p) for p in own)
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+            if rank == 0:
+                for param in own:
+                    file = index[name_of[id(param)]]
+                    handle = handles.setdefault(file, safe_open(file, framework="pt"))
+                    param.data.copy_(handle.get_tensor(name_of[id(param)]).to(param.dtype))
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Names (last component) of the model's linear layers, the output head excluded."""
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return sorted(names)
+
+
+def lora_targets(model: Any, settings: LoraSettings) -> list[str]:
+    """The module names LoRA adapts; `all` means every linear layer but the output head (reference pitfall 2)."""
+    available = linear_module_names(model)
+    targets = available if settings.lora_target == ("all",) else list(settings.lora_target)
+    missing = sorted(set(targets) - set(available))
+    if missing:
+        raise LorakitError(
+            f"LoRA target module(s) {missing} not found in the model; its linear modules are {available} (or use `all`)"
+        )
+    return targets
+
+
+def attach_lora(model: Any, settings: LoraSettings, seed: int) -> PeftModel:
+    targets = lora_targets(model, settings)
+    torch.manual_seed(seed)  # the same initial adapter on every rank
+    lora = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def add_neftune_noise(model: Any, alpha: float) -> None:
+    """NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on the input embeddings while training."""
+
+    def hook(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / (output.size(1) * output.size(2)) ** 0.5
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters, counting ZeRO-3 partitioned weights at their full size."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = getattr(param, "ds_numel", param.numel())
+        total += count
+        trainable += count if param.requires_grad else 0
+    return trainable, total

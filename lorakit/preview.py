@@ -1,0 +1,44 @@
+"""What the model will be trained on, example by example: ids, labels and the decoded text.
+
+`python -m lorakit preview FLAGS` prints the first N encoded examples as JSON lines; the training log shows
+the first example of the run the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lorakit.config import Config
+from lorakit.data.encode import IGNORE_INDEX, encode_conversation
+from lorakit.data.records import load_conversations, resolve_datasets
+from lorakit.engine.model import load_tokenizer
+from lorakit.templates import get_template
+from lorakit.validate import validate_model_path
+
+
+def example_record(input_ids: Any, labels: Any, tokenizer: Any, index: int) -> dict[str, Any]:
+    input_ids, labels = np.asarray(input_ids), np.asarray(labels)
+    return {
+        "index": index,
+        "input_ids": input_ids.tolist(),
+        "labels": labels.tolist(),
+        "text": tokenizer.decode(input_ids),
+        "trained_text": tokenizer.decode(input_ids[labels != IGNORE_INDEX]),
+    }
+
+
+def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
+    """The first `num_examples` examples as the training run would encode them (no cache, no model weights)."""
+    validate_model_path(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    template = get_template(config.model.template, tokenizer)
+    specs = resolve_datasets(config.data.dataset_dir, config.data.dataset)
+    conversations = load_conversations(specs, config.data.max_samples)[:num_examples]
+    records = []
+    for index, messages in enumerate(conversations):
+        example = encode_conversation(messages, template, tokenizer, config.data.cutoff_len)
+        record = example_record(example.input_ids, example.labels, tokenizer, index)
+        records.append({**record, "truncated": example.truncated})
+    return records

@@ -1,0 +1,75 @@
+"""`--template auto`: the tokenizer's own Jinja `chat_template`, split into prompt and reply text.
+
+The split renders prefixes: for the assistant message i, the rendering of messages[:i] with the generation
+prompt must be a prefix of the whole conversation's rendering; what follows it up to the end of the reply's
+end-of-turn marker is trained. A template that rewrites earlier turns (so prefixes do not line up) cannot be
+trained this way and is reported as such rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from lorakit.errors import LorakitError
+from lorakit.templates.base import Message, Segment, check_alternation
+
+
+class TokenizerTemplate:
+    name = "auto"
+
+    def __init__(self, tokenizer: Any):
+        if not getattr(tokenizer, "chat_template", None):
+            raise LorakitError(
+                f"--template auto needs a tokenizer with a chat_template, and {tokenizer.name_or_path} has none; "
+                "pass a named template such as --template qwen"
+            )
+        self.tokenizer = tokenizer
+        self._special = sorted(
+            {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens),
+            key=len,
+            reverse=True,
+        )
+
+    def _text(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _end_of_turn(self, text: str, reply_end: int) -> int:
+        """Where the reply's end-of-turn marker ends: the first special token right after the content."""
+        rest = text[reply_end:]
+        for token in self._special:
+            if rest.startswith(token):
+                return reply_end + len(token)
+        return reply_end
+
+    def render(self, messages: Sequence[Message]) -> list[Segment]:
+        check_alternation(messages)
+        full = self._text(messages, add_generation_prompt=False)
+        segments, position = [], 0
+        for index, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            prompt = self._text(messages[:index], add_generation_prompt=True)
+            content_at = full.find(message.content, len(prompt))
+            if not full.startswith(prompt) or len(prompt) < position or content_at < 0:
+                raise LorakitError(
+                    f"the chat_template of {self.tokenizer.name_or_path} cannot be split into prompt and reply "
+                    "(rendering a prefix of the conversation does not give a prefix of the whole); "
+                    "pass a named template such as --template qwen"
+                )
+            reply_end = self._end_of_turn(full, content_at + len(message.content))
+            segments += [Segment(full[position : len(prompt)], False), Segment(full[len(prompt) : reply_end], True)]
+            position = reply_end
+        segments.append(Segment(full[position:], False))
+        return segments
+
+    def generation_prompt(self, messages: Sequence[Message]) -> str:
+        return self._text(messages, add_generation_prompt=True)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        probe = [Message("user", "Hi"), Message("assistant", "Hello")]
+        reply = self.render(probe)[-2].text
+        marker = next((t for t in self._special if reply.endswith(t)), None)
+        eos = self.tokenizer.eos_token
+        return tuple(dict.fromkeys(s for s in (marker, eos) if s))
