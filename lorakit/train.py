@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,13 @@ def report_start(config: Config, built: BuiltEngine, data: TokenizedData, cache_
         say(line, is_main)
 
 
+def quiet_library_warnings() -> None:
+    """torch.distributed and transformers deprecation notices, repeated on every rank at every step, bury the log."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*|transformers.*")
+
+
 def train(config: Config) -> TrainResult:
+    quiet_library_warnings()
     validate(config)  # every bad-input error happens here, before anything is loaded or written
     dist = init_distributed()
     tokenizer = load_tokenizer(config.model.model_name_or_path)

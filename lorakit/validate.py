@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorakit.config import Config
-from lorakit.data.records import resolve_datasets
+from lorakit.data.records import load_conversations, resolve_datasets
 from lorakit.distributed import launch_world_size
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.model import lora_targets
@@ -26,7 +26,8 @@ def validate(config: Config) -> None:
     hf_config = validate_model_path(config.model.model_name_or_path)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
-    resolve_datasets(config.data.dataset_dir, config.data.dataset)
+    # Reading every record here (cheap next to tokenising) puts a bad record's error before any process group.
+    load_conversations(resolve_datasets(config.data.dataset_dir, config.data.dataset), config.data.max_samples)
     validate_precision(config)
     on_gpu = torch.cuda.is_available()
     resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, on_gpu)

@@ -54,8 +54,10 @@ def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], ze
 
     hf_config = AutoConfig.from_pretrained(path)
     # Skip random initialisation (every weight is loaded next; and transformers' init code indexes into weights
-    # that zero.Init has already partitioned to empty tensors), and keep RoPE's fp32 buffers fp32.
-    with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # that zero.Init has already partitioned to empty tensors), and keep RoPE's fp32 buffers fp32. zero.Init takes
+    # its dtype from the config's bf16/fp16 sections: an explicit `dtype=` is ignored on accelerators without fp16
+    # (DeepSpeed 0.19 `_set_dtype` precedence), which silently made a CPU run bf16.
+    with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     _load_partitioned_weights(model, path, rank)
     model.name_or_path = model.config._name_or_path = path

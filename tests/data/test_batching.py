@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from lorakit.data.batching import collate, plan_epoch, steps_per_epoch
+from lorakit.data.encode import IGNORE_INDEX, TokenizedData
+from lorakit.reporting import StepMath
+
+
+def test_reference_step_math():
+    """3,630 examples, 8 ranks, micro-batch 4, accumulation 4, 10 epochs: 29 steps an epoch, 290 in all
+    (HF Trainer reports 280 and stops at epoch 9.82 because it drops each epoch's partial window)."""
+    per_epoch = steps_per_epoch(3630, world_size=8, micro_batch=4, accumulation=4)
+    math = StepMath(3630, 10, 4, 4, 8, per_epoch, per_epoch * 10, 0)
+    assert (per_epoch, math.total_steps, math.global_batch, math.last_step_examples) == (29, 290, 128, 46)
+    lines = "\n".join(math.lines(trainable=20_185_088, total=7_635_801_600))
+    assert "Total optimization steps = 290" in lines and "Total train batch size" in lines and "= 128" in lines
+
+
+@pytest.mark.parametrize("examples, world, micro, accumulation", [(3630, 8, 4, 4), (37, 2, 4, 2), (5, 8, 4, 4),
+                                                                  (64, 2, 1, 1), (17, 3, 2, 3)])  # fmt: skip
+def test_every_example_once_per_epoch_and_ranks_stay_in_step(examples, world, micro, accumulation):
+    lengths = np.random.default_rng(0).integers(5, 300, size=examples)
+    for epoch in range(2):
+        plans = plan_epoch(lengths, epoch, seed=1, world_size=world, micro_batch=micro, accumulation=accumulation)
+        assert len(plans) == steps_per_epoch(examples, world, micro, accumulation)
+        seen = [i for plan in plans for i in plan.examples()]
+        assert sorted(seen) == list(range(examples))  # no duplicates, no drops
+        for plan in plans:
+            assert len(plan.micro_batches) == world
+            assert len({len(rank) for rank in plan.micro_batches}) == 1  # same number of micro-batches everywhere
+            assert all(len(micro_batch) <= micro for rank in plan.micro_batches for micro_batch in rank)
+            assert len(plan.micro_batches[0]) <= accumulation
+            assert len(plan.examples()) <= world * micro * accumulation
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    lengths = np.arange(1, 101)
+    first = [p.examples() for p in plan_epoch(lengths, 0, 5, 2, 4, 2)]
+    assert first == [p.examples() for p in plan_epoch(lengths, 0, 5, 2, 4, 2)]
+    assert first != [p.examples() for p in plan_epoch(lengths, 1, 5, 2, 4, 2)]
+    assert first != [p.examples() for p in plan_epoch(lengths, 0, 6, 2, 4, 2)]
+
+
+def test_collate_pads_right_and_masks_padding():
+    ids = np.array([5, 6, 7, 8, 9], np.int32)
+    labels = np.array([IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX], np.int32)
+    data = TokenizedData(ids, labels, np.array([0, 3, 5]), 0, 0)
+    batch = collate(data, [0, 1], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    filler = collate(data, [], pad_id=0)
+    assert (filler["labels"] == IGNORE_INDEX).all()

@@ -1,0 +1,72 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from lorakit.config import Config
+from lorakit.engine.deepspeed_config import resolve_deepspeed_config
+from lorakit.errors import LorakitError
+
+REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "ds_config_zero3.json"
+
+
+def _config(**values) -> Config:
+    base = {"model_name_or_path": "m", "dataset": ("d",), "output_dir": "o", "learning_rate": 5e-4,
+            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "max_grad_norm": 1.0}  # fmt: skip
+    return Config.from_flat({**base, **values})
+
+
+def test_reference_file_resolves_every_auto_and_drops_its_scheduler():
+    ds, notes = resolve_deepspeed_config(_config(deepspeed=str(REFERENCE)), world_size=8, hidden_size=3584, on_gpu=True)
+    assert "auto" not in json.dumps(ds)
+    assert "scheduler" not in ds
+    assert notes == [f"DeepSpeed file {REFERENCE}: its scheduler (WarmupLR) is replaced by lorakit's schedule "
+                     "(cosine, warmup, peak lr 0.0005)"]  # fmt: skip
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 128)
+    assert ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"] == {"lr": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 3584**2
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 3584**2)
+    assert zero["stage3_param_persistence_threshold"] == 35840
+
+
+def test_precision_flags_fill_auto_and_cpu_uses_torch_adamw():
+    ds, _ = resolve_deepspeed_config(_config(deepspeed=str(REFERENCE), bf16=True), 2, 64, on_gpu=False)
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_default_config_is_zero3_without_a_file():
+    ds, notes = resolve_deepspeed_config(_config(), 2, 64, on_gpu=True)
+    assert ds["zero_optimization"]["stage"] == 3 and notes == [] and "auto" not in json.dumps(ds)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"train_micro_batch_size_per_gpu": 2}, "sets train_micro_batch_size_per_gpu=2 but --per_device_train_batch_size gives 4"),
+        ({"gradient_accumulation_steps": 8}, "sets gradient_accumulation_steps=8 but --gradient_accumulation_steps gives 4"),
+        ({"train_batch_size": 64}, "sets train_batch_size=64 but micro x accumulation x world size gives 32"),
+        ({"gradient_clipping": 0.5}, "sets gradient_clipping=0.5 but --max_grad_norm gives 1.0"),
+        ({"bf16": {"enabled": True}}, "sets enabled=True but --bf16 False gives False"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "sets lr=0.0001 but --learning_rate gives 0.0005"),
+        ({"optimizer": {"type": "Lamb", "params": {}}}, "optimizer type Lamb is unsupported"),
+        ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, 'fill "zero_optimization.sub_group_size": "auto"'),
+    ],
+)  # fmt: skip
+def test_contradictions_and_unknown_autos_are_errors(tmp_path: Path, override: dict, message: str):
+    reference = json.loads(REFERENCE.read_text())
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**reference, **override}))
+    with pytest.raises(LorakitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_deepspeed_config(_config(deepspeed=str(path)), world_size=2, hidden_size=64, on_gpu=True)
+
+
+def test_missing_or_broken_file(tmp_path: Path):
+    with pytest.raises(LorakitError, match="file not found"):
+        resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "nope.json")), 2, 64, True)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(LorakitError, match="is not valid JSON"):
+        resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "bad.json")), 2, 64, True)

@@ -1,0 +1,35 @@
+"""Launched by tests/test_multirank.py as `torchrun --nproc_per_node 2 multirank_driver.py WORKDIR MODEL DATA`.
+
+Two ZeRO-3 runs in one process group on the same data and global batch: `wide` (micro-batch 4 x accumulation 1)
+and `deep` (micro-batch 1 x accumulation 4). Rank 0 writes what the test compares: each run's metrics, and the
+logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import lorakit
+
+workdir, model, data = (Path(p) for p in sys.argv[1:4])
+common = {"model_name_or_path": str(model), "template": "qwen", "dataset_dir": str(data), "dataset": ("tiny",),
+          "cutoff_len": 256, "learning_rate": 2e-2, "num_train_epochs": 2, "lr_scheduler_type": "cosine",
+          "warmup_steps": 1, "logging_steps": 1, "lora_target": ("all",), "lora_rank": 4, "lora_alpha": 8,
+          "lora_dropout": 0.0, "max_grad_norm": 1.0, "seed": 7, "deepspeed": sys.argv[4]}  # fmt: skip
+results = {}
+for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4)):
+    config = lorakit.Config.from_flat({**common, "output_dir": str(workdir / name), "per_device_train_batch_size": micro,
+                                       "gradient_accumulation_steps": accumulation})  # fmt: skip
+    result = lorakit.train(config)
+    results[name] = result.metrics
+    if name == "wide":
+        probe = torch.arange(3, 40).reshape(1, -1)
+        result.engine.module.eval()
+        with torch.no_grad():
+            logits = result.engine(input_ids=probe, use_cache=False).logits
+        if torch.distributed.get_rank() == 0:
+            torch.save({"input_ids": probe, "logits": logits.cpu()}, workdir / "wide_logits.pt")
+if torch.distributed.get_rank() == 0:
+    (workdir / "metrics.json").write_text(json.dumps(results))

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from lorakit.cli import parse_config
+from lorakit.config import Config, flat_fields
+from lorakit.errors import LorakitError
+
+REFERENCE_FLAGS = """--deepspeed ds_config_zero3.json --stage sft --do_train True --model_name_or_path m --finetuning_type lora
+--template qwen --dataset_dir data/ --dataset identity --cutoff_len 1024 --learning_rate 5e-04 --num_train_epochs 10
+--max_samples 100000 --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --lr_scheduler_type cosine
+--max_grad_norm 1.0 --logging_steps 5 --save_steps 100 --warmup_steps 0 --neftune_noise_alpha 0 --lora_rank 8
+--lora_dropout 0.1 --lora_alpha 32 --lora_target q_proj,v_proj,k_proj,gate_proj,up_proj,o_proj,down_proj
+--output_dir ./output/qwen_7b_ds/train_2024_02_27 --bf16 True --plot_loss True --local_rank=0"""
+
+
+def test_every_reference_flag_maps_onto_the_config():
+    config = parse_config(REFERENCE_FLAGS.split())
+    assert config.train.deepspeed == "ds_config_zero3.json" and config.train.num_train_epochs == 10
+    assert config.model.bf16 is True and config.model.template == "qwen"
+    assert config.data.dataset == ("identity",) and config.data.max_samples == 100000
+    assert config.lora.lora_target == ("q_proj", "v_proj", "k_proj", "gate_proj", "up_proj", "o_proj", "down_proj")
+    assert config.lora.alpha == 32 and config.lora.lora_dropout == 0.1 and config.train.learning_rate == 5e-4
+    assert (config.train.save_steps, config.train.logging_steps, config.train.plot_loss) == (100, 5, True)
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", "learning_rate: 1.0e-3\nlora_target: [q_proj, v_proj]\nbf16: true\n"),
+                                          (".json", '{"learning_rate": 1e-3, "lora_target": "q_proj,v_proj", "bf16": true}')])
+def test_config_file_then_flags_override(tmp_path: Path, suffix: str, text: str):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    config = parse_config([str(path), "--learning_rate", "2e-4", "--output_dir", "o"])
+    assert config.train.learning_rate == 2e-4 and config.lora.lora_target == ("q_proj", "v_proj")
+    assert config.model.bf16 is True and config.train.output_dir == "o"
+
+
+@pytest.mark.parametrize("flag, value", [("--bf16", []), ("--bf16", ["true"]), ("--bf16", ["1"]), ("--bf16", ["True"])])
+def test_boolean_spellings(flag, value):
+    assert parse_config([flag, *value]).model.bf16 is True
+    assert parse_config(["--bf16", "false"]).model.bf16 is False
+
+
+def test_flat_round_trip_and_unique_names():
+    config = parse_config(REFERENCE_FLAGS.split())
+    assert Config.from_flat({k: tuple(v) if isinstance(v, list) else v for k, v in config.to_flat().items()}) == config
+    assert len(flat_fields()) == sum(1 for _ in flat_fields())
+
+
+def test_config_file_errors(tmp_path: Path):
+    (tmp_path / "bad.yaml").write_text("learning_rate: [")
+    with pytest.raises(LorakitError, match="could not be parsed"):
+        parse_config([str(tmp_path / "bad.yaml")])
+    (tmp_path / "typo.yaml").write_text("learning_rat: 1\n")
+    with pytest.raises(LorakitError, match=r"unknown key\(s\) \['learning_rat'\]"):
+        parse_config([str(tmp_path / "typo.yaml")])

@@ -1,0 +1,166 @@
+"""End-to-end on 2 gloo ranks under ZeRO-3 (slow: each launch starts DeepSpeed; they share module fixtures).
+
+- the driver run (torchrun): micro-batch 4 x accumulation 1 vs 1 x 4 give the same updates; the first step's
+  gradient equals a plain PyTorch computation of the per-token mean loss over the whole global batch; the saved
+  adapter reloads without DeepSpeed and reproduces the trained engine's logits;
+- the CLI run (deepspeed launcher, the reference's DeepSpeed file, a YAML config overridden by flags): logs, step
+  math, the replaced scheduler, the cosine schedule, the output folder, the falling loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.data import encode_dataset, load_conversations, plan_epoch, resolve_datasets
+from lorakit.engine import load_tokenizer
+from lorakit.loss import token_loss_sum
+from lorakit.schedule import learning_rate_at
+from lorakit.templates import get_template
+
+pytestmark = pytest.mark.multirank
+REPO = Path(__file__).resolve().parents[1]
+DS_FILE = REPO / "examples" / "ds_config_zero3.json"
+
+
+def _launch(command: list[str], log: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)  # fmt: skip
+    log.write_text(done.stdout)
+    assert done.returncode == 0, f"launch failed ({done.returncode}); last lines:\n{done.stdout[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def driver_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
+    workdir = tmp_path_factory.mktemp("driver")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(REPO / "tests" / "multirank_driver.py"), str(workdir), str(tiny_model), str(tiny_data), str(DS_FILE)]
+    _launch(command, workdir / "driver.log")
+    return workdir
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_accumulation_does_not_change_the_update(driver_run: Path):
+    wide, deep = _log(driver_run / "wide" / "trainer_log.jsonl"), _log(driver_run / "deep" / "trainer_log.jsonl")
+    assert len(wide) == len(deep) == 12  # 48 examples, global batch 8, 2 epochs
+    assert wide[0]["grad_norm"] == pytest.approx(deep[0]["grad_norm"], rel=1e-5)
+    for a, b in zip(wide, deep):
+        # fp32 sums in another order differ by rounding, which Adam amplifies a little over the steps
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
+        assert a["learning_rate"] == b["learning_rate"]
+    wide_adapter = load_file(driver_run / "wide" / "adapter_model.safetensors")
+    deep_adapter = load_file(driver_run / "deep" / "adapter_model.safetensors")
+    assert wide_adapter.keys() == deep_adapter.keys()
+    for key, tensor in wide_adapter.items():
+        torch.testing.assert_close(tensor, deep_adapter[key], rtol=0, atol=2e-3)
+
+
+def test_first_step_gradient_is_the_per_token_mean_over_the_global_batch(driver_run: Path, tiny_model: Path,
+                                                                          tiny_data: Path):  # fmt: skip
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    conversations = load_conversations(resolve_datasets(str(tiny_data), ("tiny",)), None)
+    data = encode_dataset(conversations, get_template("qwen", tokenizer), tokenizer, 256)
+    step = plan_epoch(data.lengths, epoch=0, seed=7, world_size=2, micro_batch=4, accumulation=1)[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    torch.manual_seed(7)
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                             task_type="CAUSAL_LM"))  # fmt: skip
+    total, count = 0.0, 0
+    for index in step.examples():
+        ids, labels = (torch.from_numpy(a.astype("int64"))[None] for a in data.example(index))
+        total = total + token_loss_sum(model(input_ids=ids).logits, labels)
+        count += int(data.target_counts[index])
+    (total / count).backward()
+    norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.requires_grad))
+    logged = _log(driver_run / "wide" / "trainer_log.jsonl")[0]
+    assert logged["loss"] == pytest.approx(float(total / count), abs=1e-4)
+    assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+def test_saved_adapter_reloads_without_deepspeed_and_matches_the_engine(driver_run: Path, tiny_model: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    saved = driver_run / "wide"
+    assert (saved / "adapter_model.safetensors").stat().st_size > 10_000  # not the classic empty ZeRO-3 adapter
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, saved).eval()
+    expected = torch.load(driver_run / "wide_logits.pt")
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        untrained = base.__class__.from_pretrained(tiny_model)(input_ids=expected["input_ids"]).logits
+    assert (untrained - logits).abs().max() > 1e-2  # the adapter changed something
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> tuple[Path, str]:
+    workdir = tmp_path_factory.mktemp("cli")
+    (workdir / "run.yaml").write_text(
+        f"model_name_or_path: {tiny_model}\ntemplate: qwen\ndataset_dir: {tiny_data}\ndataset: tiny\n"
+        "cutoff_len: 256\nlearning_rate: 1.0e-3\nnum_train_epochs: 5\nlogging_steps: 1\nlora_target: all\n"
+    )
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", "29532", "examples/sft.py", str(workdir / "run.yaml"),
+               "--deepspeed", str(DS_FILE), "--stage", "sft", "--do_train", "True", "--finetuning_type", "lora",
+               "--learning_rate", "2e-2", "--num_train_epochs", "3", "--max_samples", "40",
+               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--lr_scheduler_type",
+               "cosine", "--warmup_ratio", "0.2", "--max_grad_norm", "1.0", "--logging_steps", "2", "--save_steps", "4",
+               "--neftune_noise_alpha", "5", "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0.1",
+               "--output_dir", str(workdir / "out"), "--plot_loss", "True", "--seed", "3"]  # fmt: skip
+    return workdir / "out", _launch(command, workdir / "cli.log")
+
+
+def test_cli_run_logs_the_step_math_and_replaces_the_file_scheduler(cli_run: tuple[Path, str]):
+    _, log = cli_run
+    for line in ("Num examples = 40", "Num Epochs = 3", "Instantaneous batch size per device = 4",
+                 "Total train batch size (w. parallel, distributed & accumulation) = 16", "Gradient Accumulation steps = 2",
+                 "Total optimization steps = 9", "scheduler (WarmupLR) is replaced by lorakit's schedule",
+                 "first example: {", "'train_runtime'", "'train_tokens_per_second'"):  # fmt: skip
+        assert line in log
+
+
+def test_cli_run_follows_warmup_then_cosine_and_the_loss_falls(cli_run: tuple[Path, str]):
+    out, _ = cli_run
+    records = _log(out / "trainer_log.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 9]  # every 2 steps, and the last one
+    for record in records:
+        expected = learning_rate_at(record["step"] - 1, total_steps=9, peak=2e-2, warmup=2, kind="cosine")
+        assert record["learning_rate"] == pytest.approx(expected, rel=1e-9)
+        assert set(record) >= {"loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second"}
+    assert records[-1]["loss"] < records[0]["loss"] - 0.2
+    assert records[-1]["epoch"] == 3.0
+
+
+def test_cli_run_writes_a_complete_output_folder(cli_run: tuple[Path, str]):
+    out, _ = cli_run
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "lorakit_config.json",
+                 "train_results.json", "training_loss.png", "checkpoint-4/adapter_model.safetensors",
+                 "checkpoint-8/adapter_model.safetensors"):  # fmt: skip
+        assert (out / name).is_file(), name
+    resolved = json.loads((out / "lorakit_config.json").read_text())
+    assert resolved["lorakit"]["learning_rate"] == 2e-2 and resolved["lorakit"]["cutoff_len"] == 256  # flag, yaml
+    assert "scheduler" not in resolved["deepspeed"]
+    assert resolved["deepspeed"]["train_batch_size"] == 16 and resolved["deepspeed"]["gradient_clipping"] == 1.0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16 and "lm_head" not in adapter["target_modules"]
