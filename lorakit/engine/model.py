@@ -59,6 +59,7 @@ def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], ze
     # (DeepSpeed 0.19 `_set_dtype` precedence), which silently made a CPU run bf16.
     with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.tie_weights()  # skipped with the initialisation; tied heads (SmolLM2) must share the embedding
     _load_partitioned_weights(model, path, rank)
     model.name_or_path = model.config._name_or_path = path
     return model
