@@ -58,10 +58,11 @@ def answers(model_dir: Path, adapter_dir: Path | None) -> list[str]:
 
 
 def run_default() -> None:
+    from smollm2 import prepare_smollm2
+
     import lorakit
     from lorakit.distributed import init_distributed
     from lorakit.errors import LorakitError
-    from smollm2 import prepare_smollm2
 
     dist = init_distributed()
     cache = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))

@@ -19,7 +19,21 @@ from lorakit.train import TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "DataConfig", "LoraSettings", "LorakitError", "Message", "ModelConfig", "TrainConfig", "TrainResult",
-    "build_engine", "encode_conversation", "encode_dataset", "get_template", "load_conversations", "load_tokenizer",
-    "plan_epoch", "resolve_datasets", "train",
-]  # fmt: skip
+    "Config",
+    "DataConfig",
+    "LoraSettings",
+    "LorakitError",
+    "Message",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainResult",
+    "build_engine",
+    "encode_conversation",
+    "encode_dataset",
+    "get_template",
+    "load_conversations",
+    "load_tokenizer",
+    "plan_epoch",
+    "resolve_datasets",
+    "train",
+]

@@ -7,7 +7,9 @@ import sys
 
 from lorakit.cli import main, parse_config, run_cli
 
-USAGE = "usage: python -m lorakit {train,preview} [CONFIG_FILE] [--flag value ...]  (--help after a command lists flags)"
+USAGE = (
+    "usage: python -m lorakit {train,preview} [CONFIG_FILE] [--flag value ...]  (--help after a command lists flags)"
+)
 
 
 def _preview(argv: list[str]) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lorakit.config import Config, flat_fields
 from lorakit.distributed import launch_rank
@@ -73,13 +74,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                     description="LoRA supervised fine-tuning on DeepSpeed ZeRO-3.")  # fmt: skip
+    parser = _Parser(
+        prog=prog,
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+        description="LoRA supervised fine-tuning on DeepSpeed ZeRO-3.",
+    )
     parser.add_argument("config_file", nargs="?", help="YAML or JSON file of flag values (flags override it)")
     for name, field in flat_fields().items():
         boolean = str(field.type) == "bool"
-        parser.add_argument(f"--{name}", nargs="?" if boolean else None, const="true" if boolean else None,
-                            help=f"{field.metadata['help']} (default: {field.default})")  # fmt: skip
+        parser.add_argument(
+            f"--{name}",
+            nargs="?" if boolean else None,
+            const="true" if boolean else None,
+            help=f"{field.metadata['help']} (default: {field.default})",
+        )
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return parser
 

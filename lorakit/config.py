@@ -24,7 +24,9 @@ def _doc(text: str, **extra: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_name_or_path: str = field(default="", metadata=_doc("Local folder of a Hugging Face causal LM (safetensors)."))
+    model_name_or_path: str = field(
+        default="", metadata=_doc("Local folder of a Hugging Face causal LM (safetensors).")
+    )
     template: str = field(
         default="auto",
         metadata=_doc("Chat format: `qwen` (Qwen2.5 ChatML, default system prompt) or `auto` (the tokenizer's own)."),
@@ -99,7 +101,9 @@ class TrainConfig:
     max_steps: int = field(default=-1, metadata=_doc("Stop after this many optimizer steps (-1: run every epoch)."))
     per_device_train_batch_size: int = field(default=8, metadata=_doc("Examples per micro-batch on each rank."))
     gradient_accumulation_steps: int = field(default=1, metadata=_doc("Micro-batches per optimizer step."))
-    lr_scheduler_type: str = field(default="cosine", metadata=_doc("`cosine`, `linear` (both decay to 0) or `constant`."))
+    lr_scheduler_type: str = field(
+        default="cosine", metadata=_doc("`cosine`, `linear` (both decay to 0) or `constant`.")
+    )
     warmup_steps: int = field(default=0, metadata=_doc("Linear warmup steps; overrides --warmup_ratio when > 0."))
     warmup_ratio: float = field(default=0.0, metadata=_doc("Warmup as a fraction of all optimizer steps."))
     max_grad_norm: float = field(default=1.0, metadata=_doc("Clip the global gradient norm to this (0: no clipping)."))
@@ -109,7 +113,9 @@ class TrainConfig:
     adam_epsilon: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
     neftune_noise_alpha: float = field(default=0.0, metadata=_doc("NEFTune embedding noise alpha (0: off)."))
     logging_steps: int = field(default=10, metadata=_doc("Log every this many optimizer steps."))
-    save_steps: int = field(default=0, metadata=_doc("Save the adapter to checkpoint-N every N steps (0: only at end)."))
+    save_steps: int = field(
+        default=0, metadata=_doc("Save the adapter to checkpoint-N every N steps (0: only at end).")
+    )
     seed: int = field(default=42, metadata=_doc("Seed for LoRA initialisation, data order and dropout."))
     plot_loss: bool = field(default=False, metadata=_doc("Write training_loss.png (needs matplotlib: lorakit[plot])."))
 

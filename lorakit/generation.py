@@ -6,7 +6,8 @@ was trained to answer, and the stop token is the end-of-turn marker it was train
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,14 +20,21 @@ def stop_token_ids(tokenizer: Any, template: Template) -> list[int]:
 
 
 @torch.no_grad()
-def generate_reply(model: Any, tokenizer: Any, template: Template, messages: Sequence[Message],
-                   max_new_tokens: int = 96) -> str:  # fmt: skip
+def generate_reply(
+    model: Any, tokenizer: Any, template: Template, messages: Sequence[Message], max_new_tokens: int = 96
+) -> str:
     """The model's greedy reply to `messages` (ending with a user turn), without the end-of-turn marker."""
     prompt = template.generation_prompt(messages)
     input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     stops = stop_token_ids(tokenizer, template)
-    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                            max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     reply = output[0, input_ids.shape[1] :].tolist()
     reply = reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]
     return tokenizer.decode(reply, skip_special_tokens=True).strip()

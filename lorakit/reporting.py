@@ -60,19 +60,30 @@ class Reporter:
         self.is_main = is_main
         self.log_path = output_dir / "trainer_log.jsonl"
         self.records: list[dict[str, Any]] = []
-        self.bar = tqdm(total=total_steps, disable=not is_main, desc="train", dynamic_ncols=True,
-                        mininterval=1.0 if sys.stderr.isatty() else 30.0)  # fmt: skip
+        self.bar = tqdm(
+            total=total_steps,
+            disable=not is_main,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
         if is_main:
             self.log_path.write_text("")
 
     def step_done(self) -> None:
         self.bar.update(1)
 
-    def log(self, step: int, loss: float, grad_norm: float, learning_rate: float, epoch: float, tokens_per_second: float):
+    def log(
+        self, step: int, loss: float, grad_norm: float, learning_rate: float, epoch: float, tokens_per_second: float
+    ):
         if not self.is_main:
             return
-        line = {"loss": round(loss, 4), "grad_norm": round(grad_norm, 4), "learning_rate": learning_rate,
-                "epoch": round(epoch, 2)}  # fmt: skip
+        line = {
+            "loss": round(loss, 4),
+            "grad_norm": round(grad_norm, 4),
+            "learning_rate": learning_rate,
+            "epoch": round(epoch, 2),
+        }
         say(str(line))
         record = {"step": step, **line, "tokens_per_second": round(tokens_per_second, 1)}
         self.records.append(record)

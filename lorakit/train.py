@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lorakit.checkpoint import save_adapter, save_run_files
@@ -41,13 +40,21 @@ class TrainResult:
 
 def step_math(config: Config, num_examples: int, world_size: int) -> StepMath:
     train = config.train
-    per_epoch = steps_per_epoch(num_examples, world_size, train.per_device_train_batch_size,
-                                train.gradient_accumulation_steps)  # fmt: skip
+    per_epoch = steps_per_epoch(
+        num_examples, world_size, train.per_device_train_batch_size, train.gradient_accumulation_steps
+    )
     total = per_epoch * train.num_train_epochs
     total = min(total, train.max_steps) if train.max_steps > 0 else total
-    return StepMath(num_examples, train.num_train_epochs, train.per_device_train_batch_size,
-                    train.gradient_accumulation_steps, world_size, per_epoch, total,
-                    warmup_steps_for(total, train.warmup_steps, train.warmup_ratio))  # fmt: skip
+    return StepMath(
+        num_examples,
+        train.num_train_epochs,
+        train.per_device_train_batch_size,
+        train.gradient_accumulation_steps,
+        world_size,
+        per_epoch,
+        total,
+        warmup_steps_for(total, train.warmup_steps, train.warmup_ratio),
+    )
 
 
 def run_step(engine: Any, data: TokenizedData, plan: StepPlan, dist: DistInfo, pad_id: int) -> torch.Tensor:
@@ -73,13 +80,23 @@ def set_learning_rate(engine: Any, learning_rate: float) -> None:
         group["lr"] = learning_rate
 
 
-def report_start(config: Config, built: BuiltEngine, data: TokenizedData, cache_note: str, math: StepMath,
-                 tokenizer: Any, is_main: bool) -> None:  # fmt: skip
+def report_start(
+    config: Config,
+    built: BuiltEngine,
+    data: TokenizedData,
+    cache_note: str,
+    math: StepMath,
+    tokenizer: Any,
+    is_main: bool,
+) -> None:
     for note in built.notes:
         say(note, is_main)
-    say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
+    say(
+        f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
         f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "
-        f"out (no trained token left after truncation); {cache_note}", is_main)  # fmt: skip
+        f"out (no trained token left after truncation); {cache_note}",
+        is_main,
+    )
     say("first example: " + json.dumps(example_record(*data.example(0), tokenizer, 0), ensure_ascii=False), is_main)
     for line in math.lines(built.trainable_parameters, built.total_parameters):
         say(line, is_main)
@@ -110,15 +127,26 @@ def train(config: Config) -> TrainResult:
     start = window_start = time.perf_counter()
     engine.train()
     while step < math.total_steps:
-        for plan in plan_epoch(lengths, epoch, train_config.seed, dist.world_size,
-                               train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps):
-            learning_rate = learning_rate_at(step, math.total_steps, train_config.learning_rate, math.warmup_steps,
-                                             train_config.lr_scheduler_type)  # fmt: skip
+        for plan in plan_epoch(
+            lengths,
+            epoch,
+            train_config.seed,
+            dist.world_size,
+            train_config.per_device_train_batch_size,
+            train_config.gradient_accumulation_steps,
+        ):
+            learning_rate = learning_rate_at(
+                step, math.total_steps, train_config.learning_rate, math.warmup_steps, train_config.lr_scheduler_type
+            )
             set_learning_rate(engine, learning_rate)
             step_loss = run_step(engine, data, plan, dist, tokenizer.pad_token_id)
             step += 1
             step_tokens = int(lengths[plan.examples()].sum())
-            window_loss, window_steps, window_tokens = window_loss + step_loss, window_steps + 1, window_tokens + step_tokens
+            window_loss, window_steps, window_tokens = (
+                window_loss + step_loss,
+                window_steps + 1,
+                window_tokens + step_tokens,
+            )
             total_tokens += step_tokens
             reporter.step_done()
             if step % train_config.logging_steps == 0 or step == math.total_steps:
@@ -126,8 +154,14 @@ def train(config: Config) -> TrainResult:
                 total_loss += mean_loss * window_steps
                 grad_norm = engine.get_global_grad_norm()
                 elapsed = time.perf_counter() - window_start
-                reporter.log(step, mean_loss, float("nan") if grad_norm is None else float(grad_norm), learning_rate,
-                             step / math.steps_per_epoch, window_tokens / elapsed)  # fmt: skip
+                reporter.log(
+                    step,
+                    mean_loss,
+                    float("nan") if grad_norm is None else float(grad_norm),
+                    learning_rate,
+                    step / math.steps_per_epoch,
+                    window_tokens / elapsed,
+                )
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             if train_config.save_steps and step % train_config.save_steps == 0 and step < math.total_steps:
                 save_adapter(engine.module, output_dir / f"checkpoint-{step}", dist.is_main)

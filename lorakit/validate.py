@@ -52,6 +52,8 @@ def validate_model_path(path: str) -> AutoConfig:
 def validate_precision(config: Config) -> None:
     if config.model.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         where = "this GPU" if torch.cuda.is_available() else "the CPU (lorakit trains in fp32 there)"
-        raise LorakitError(f"--bf16 is not supported on {where}; drop --bf16 or run on a GPU with bf16 (Ampere or newer)")
+        raise LorakitError(
+            f"--bf16 is not supported on {where}; drop --bf16 or run on a GPU with bf16 (Ampere or newer)"
+        )
     if config.model.fp16 and not torch.cuda.is_available():
         raise LorakitError("--fp16 needs a GPU; drop --fp16 to train in fp32 on the CPU")

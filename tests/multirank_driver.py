@@ -14,14 +14,35 @@ import torch
 import lorakit
 
 workdir, model, data = (Path(p) for p in sys.argv[1:4])
-common = {"model_name_or_path": str(model), "template": "qwen", "dataset_dir": str(data), "dataset": ("tiny",),
-          "cutoff_len": 256, "learning_rate": 2e-2, "num_train_epochs": 2, "lr_scheduler_type": "cosine",
-          "warmup_steps": 1, "logging_steps": 1, "lora_target": ("all",), "lora_rank": 4, "lora_alpha": 8,
-          "lora_dropout": 0.0, "max_grad_norm": 1.0, "seed": 7, "deepspeed": sys.argv[4]}  # fmt: skip
+common = {
+    "model_name_or_path": str(model),
+    "template": "qwen",
+    "dataset_dir": str(data),
+    "dataset": ("tiny",),
+    "cutoff_len": 256,
+    "learning_rate": 2e-2,
+    "num_train_epochs": 2,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 1,
+    "logging_steps": 1,
+    "lora_target": ("all",),
+    "lora_rank": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 7,
+    "deepspeed": sys.argv[4],
+}
 results = {}
 for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4)):
-    config = lorakit.Config.from_flat({**common, "output_dir": str(workdir / name), "per_device_train_batch_size": micro,
-                                       "gradient_accumulation_steps": accumulation})  # fmt: skip
+    config = lorakit.Config.from_flat(
+        {
+            **common,
+            "output_dir": str(workdir / name),
+            "per_device_train_batch_size": micro,
+            "gradient_accumulation_steps": accumulation,
+        }
+    )
     result = lorakit.train(config)
     results[name] = result.metrics
     if name == "wide":

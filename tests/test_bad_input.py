@@ -27,27 +27,42 @@ CASES = {
     "undefined dataset": (["--dataset", "identity"], None, "dataset 'identity' is not defined in"),
     "no dataset_info.json": (["--dataset_dir", "{tmp}/nowhere"], None, "dataset_info.json not found"),
     "missing data file": (["--dataset", "d"], ("gone", None), "not found (file_name in"),
-    "invalid json": (["--dataset", "d"], ('[{"instruction": "a",\n "output": }]', "d.json"), "d.json is not valid JSON (line 2"),
-    "no response column": (["--dataset", "d"], ('[{"instruction": "a"}]', "d.json"), "d.json record 0 has no 'output' field"),
-    "non-string field": (["--dataset", "d"], ('[{"instruction": ["a"], "output": "b"}]', "d.json"),
-                         "d.json record 0: field 'instruction' must be a string, got list"),
+    "invalid json": (
+        ["--dataset", "d"],
+        ('[{"instruction": "a",\n "output": }]', "d.json"),
+        "d.json is not valid JSON (line 2",
+    ),
+    "no response column": (
+        ["--dataset", "d"],
+        ('[{"instruction": "a"}]', "d.json"),
+        "d.json record 0 has no 'output' field",
+    ),
+    "non-string field": (
+        ["--dataset", "d"],
+        ('[{"instruction": ["a"], "output": "b"}]', "d.json"),
+        "d.json record 0: field 'instruction' must be a string, got list",
+    ),
     "no examples": (["--dataset", "d"], ("[]", "d.json"), "no examples left"),
     "unknown lora target": (["--lora_target", "c_attn"], None, "LoRA target module(s) ['c_attn'] not found"),
     "bf16 on the cpu": (["--bf16", "True"], None, "--bf16 is not supported on the CPU"),
-    "batch contradicts file": (["--deepspeed", "{ds}", "--per_device_train_batch_size", "2"], "ds",
-                               "sets train_micro_batch_size_per_gpu=4 but --per_device_train_batch_size gives 2"),
+    "batch contradicts file": (
+        ["--deepspeed", "{ds}", "--per_device_train_batch_size", "2"],
+        "ds",
+        "sets train_micro_batch_size_per_gpu=4 but --per_device_train_batch_size gives 2",
+    ),
     "model path missing": (["--model_name_or_path", "{tmp}/no-model"], None, "no such model folder"),
     "unknown flag": (["--lora_rnak", "8"], None, "unrecognized arguments: --lora_rnak; run with --help"),
     "stage other than sft": (["--stage", "dpo"], None, "--stage dpo is not supported"),
     "finetuning type": (["--finetuning_type", "full"], None, "--finetuning_type full is not supported"),
     "epochs not whole": (["--num_train_epochs", "2.5"], None, "--num_train_epochs: expected a whole number"),
     "bad boolean": (["--plot_loss", "maybe"], None, "--plot_loss: expected true or false"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_clear_line_and_writes_nothing(case, tiny_model: Path, tiny_data: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture):  # fmt: skip
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    case, tiny_model: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     extra, setup, message = CASES[case]
     dataset_dir = tiny_data
     if setup == "ds":
@@ -59,8 +74,20 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, tiny_model: Path, 
         if name is None:
             (dataset_dir / "d.json").unlink()
     output_dir = tmp_path / "out"
-    argv = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(dataset_dir),
-            "--dataset", "tiny", "--output_dir", str(output_dir), "--cutoff_len", "256"]  # fmt: skip
+    argv = [
+        "--model_name_or_path",
+        str(tiny_model),
+        "--template",
+        "qwen",
+        "--dataset_dir",
+        str(dataset_dir),
+        "--dataset",
+        "tiny",
+        "--output_dir",
+        str(output_dir),
+        "--cutoff_len",
+        "256",
+    ]
     argv += [a.format(tmp=tmp_path, ds=tmp_path / "ds.json") for a in extra]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -6,11 +6,12 @@ from lorakit.cli import parse_config
 from lorakit.config import Config, flat_fields
 from lorakit.errors import LorakitError
 
-REFERENCE_FLAGS = """--deepspeed ds_config_zero3.json --stage sft --do_train True --model_name_or_path m --finetuning_type lora
---template qwen --dataset_dir data/ --dataset identity --cutoff_len 1024 --learning_rate 5e-04 --num_train_epochs 10
---max_samples 100000 --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --lr_scheduler_type cosine
---max_grad_norm 1.0 --logging_steps 5 --save_steps 100 --warmup_steps 0 --neftune_noise_alpha 0 --lora_rank 8
---lora_dropout 0.1 --lora_alpha 32 --lora_target q_proj,v_proj,k_proj,gate_proj,up_proj,o_proj,down_proj
+REFERENCE_FLAGS = """--deepspeed ds_config_zero3.json --stage sft --do_train True --model_name_or_path m
+--finetuning_type lora --template qwen --dataset_dir data/ --dataset identity --cutoff_len 1024
+--learning_rate 5e-04 --num_train_epochs 10 --max_samples 100000 --per_device_train_batch_size 4
+--gradient_accumulation_steps 4 --lr_scheduler_type cosine --max_grad_norm 1.0 --logging_steps 5 --save_steps 100
+--warmup_steps 0 --neftune_noise_alpha 0 --lora_rank 8 --lora_dropout 0.1 --lora_alpha 32
+--lora_target q_proj,v_proj,k_proj,gate_proj,up_proj,o_proj,down_proj
 --output_dir ./output/qwen_7b_ds/train_2024_02_27 --bf16 True --plot_loss True --local_rank=0"""
 
 
@@ -24,8 +25,13 @@ def test_every_reference_flag_maps_onto_the_config():
     assert (config.train.save_steps, config.train.logging_steps, config.train.plot_loss) == (100, 5, True)
 
 
-@pytest.mark.parametrize("suffix, text", [(".yaml", "learning_rate: 1.0e-3\nlora_target: [q_proj, v_proj]\nbf16: true\n"),
-                                          (".json", '{"learning_rate": 1e-3, "lora_target": "q_proj,v_proj", "bf16": true}')])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".yaml", "learning_rate: 1.0e-3\nlora_target: [q_proj, v_proj]\nbf16: true\n"),
+        (".json", '{"learning_rate": 1e-3, "lora_target": "q_proj,v_proj", "bf16": true}'),
+    ],
+)
 def test_config_file_then_flags_override(tmp_path: Path, suffix: str, text: str):
     path = tmp_path / f"run{suffix}"
     path.write_text(text)

@@ -34,8 +34,9 @@ DS_FILE = REPO / "examples" / "ds_config_zero3.json"
 
 def _launch(command: list[str], log: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
     log.write_text(done.stdout)
     assert done.returncode == 0, f"launch failed ({done.returncode}); last lines:\n{done.stdout[-3000:]}"
     return done.stdout
@@ -44,8 +45,20 @@ def _launch(command: list[str], log: Path) -> str:
 @pytest.fixture(scope="module")
 def driver_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
     workdir = tmp_path_factory.mktemp("driver")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-               str(REPO / "tests" / "multirank_driver.py"), str(workdir), str(tiny_model), str(tiny_data), str(DS_FILE)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        str(REPO / "tests" / "multirank_driver.py"),
+        str(workdir),
+        str(tiny_model),
+        str(tiny_data),
+        str(DS_FILE),
+    ]
     _launch(command, workdir / "driver.log")
     return workdir
 
@@ -69,8 +82,9 @@ def test_accumulation_does_not_change_the_update(driver_run: Path):
         torch.testing.assert_close(tensor, deep_adapter[key], rtol=0, atol=2e-3)
 
 
-def test_first_step_gradient_is_the_per_token_mean_over_the_global_batch(driver_run: Path, tiny_model: Path,
-                                                                          tiny_data: Path):  # fmt: skip
+def test_first_step_gradient_is_the_per_token_mean_over_the_global_batch(
+    driver_run: Path, tiny_model: Path, tiny_data: Path
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -80,9 +94,12 @@ def test_first_step_gradient_is_the_per_token_mean_over_the_global_batch(driver_
     step = plan_epoch(data.lengths, epoch=0, seed=7, world_size=2, micro_batch=4, accumulation=1)[0]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     torch.manual_seed(7)
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                             task_type="CAUSAL_LM"))  # fmt: skip
+    targets = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+    )
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    )
     total, count = 0.0, 0
     for index in step.examples():
         ids, labels = (torch.from_numpy(a.astype("int64"))[None] for a in data.example(index))
@@ -121,22 +138,74 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_dat
     )
     if shutil.which("deepspeed") is None:
         pytest.skip("the deepspeed launcher is not on PATH")
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", "29532", "examples/sft.py", str(workdir / "run.yaml"),
-               "--deepspeed", str(DS_FILE), "--stage", "sft", "--do_train", "True", "--finetuning_type", "lora",
-               "--learning_rate", "2e-2", "--num_train_epochs", "3", "--max_samples", "40",
-               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--lr_scheduler_type",
-               "cosine", "--warmup_ratio", "0.2", "--max_grad_norm", "1.0", "--logging_steps", "2", "--save_steps", "4",
-               "--neftune_noise_alpha", "5", "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0.1",
-               "--output_dir", str(workdir / "out"), "--plot_loss", "True", "--seed", "3"]  # fmt: skip
+    command = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        "29532",
+        "examples/sft.py",
+        str(workdir / "run.yaml"),
+        "--deepspeed",
+        str(DS_FILE),
+        "--stage",
+        "sft",
+        "--do_train",
+        "True",
+        "--finetuning_type",
+        "lora",
+        "--learning_rate",
+        "2e-2",
+        "--num_train_epochs",
+        "3",
+        "--max_samples",
+        "40",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_ratio",
+        "0.2",
+        "--max_grad_norm",
+        "1.0",
+        "--logging_steps",
+        "2",
+        "--save_steps",
+        "4",
+        "--neftune_noise_alpha",
+        "5",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--lora_dropout",
+        "0.1",
+        "--output_dir",
+        str(workdir / "out"),
+        "--plot_loss",
+        "True",
+        "--seed",
+        "3",
+    ]
     return workdir / "out", _launch(command, workdir / "cli.log")
 
 
 def test_cli_run_logs_the_step_math_and_replaces_the_file_scheduler(cli_run: tuple[Path, str]):
     _, log = cli_run
-    for line in ("Num examples = 40", "Num Epochs = 3", "Instantaneous batch size per device = 4",
-                 "Total train batch size (w. parallel, distributed & accumulation) = 16", "Gradient Accumulation steps = 2",
-                 "Total optimization steps = 9", "scheduler (WarmupLR) is replaced by lorakit's schedule",
-                 "first example: {", "'train_runtime'", "'train_tokens_per_second'"):  # fmt: skip
+    for line in (
+        "Num examples = 40",
+        "Num Epochs = 3",
+        "Instantaneous batch size per device = 4",
+        "Total train batch size (w. parallel, distributed & accumulation) = 16",
+        "Gradient Accumulation steps = 2",
+        "Total optimization steps = 9",
+        "scheduler (WarmupLR) is replaced by lorakit's schedule",
+        "first example: {",
+        "'train_runtime'",
+        "'train_tokens_per_second'",
+    ):
         assert line in log
 
 
@@ -154,9 +223,16 @@ def test_cli_run_follows_warmup_then_cosine_and_the_loss_falls(cli_run: tuple[Pa
 
 def test_cli_run_writes_a_complete_output_folder(cli_run: tuple[Path, str]):
     out, _ = cli_run
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "lorakit_config.json",
-                 "train_results.json", "training_loss.png", "checkpoint-4/adapter_model.safetensors",
-                 "checkpoint-8/adapter_model.safetensors"):  # fmt: skip
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "lorakit_config.json",
+        "train_results.json",
+        "training_loss.png",
+        "checkpoint-4/adapter_model.safetensors",
+        "checkpoint-8/adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name
     resolved = json.loads((out / "lorakit_config.json").read_text())
     assert resolved["lorakit"]["learning_rate"] == 2e-2 and resolved["lorakit"]["cutoff_len"] == 256  # flag, yaml

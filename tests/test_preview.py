@@ -5,8 +5,19 @@ from lorakit.__main__ import entry
 
 
 def test_preview_prints_encoded_examples_as_json_lines(tiny_model: Path, tiny_data: Path, capsys):
-    argv = ["preview", "--num_examples", "2", "--model_name_or_path", str(tiny_model), "--template", "qwen",
-            "--dataset_dir", str(tiny_data), "--dataset", "tiny"]  # fmt: skip
+    argv = [
+        "preview",
+        "--num_examples",
+        "2",
+        "--model_name_or_path",
+        str(tiny_model),
+        "--template",
+        "qwen",
+        "--dataset_dir",
+        str(tiny_data),
+        "--dataset",
+        "tiny",
+    ]
     assert entry(argv) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 2
@@ -18,5 +29,8 @@ def test_preview_prints_encoded_examples_as_json_lines(tiny_model: Path, tiny_da
 
 
 def test_preview_reports_bad_input_in_one_line(tiny_model: Path, tmp_path: Path, capsys):
-    assert entry(["preview", "--model_name_or_path", str(tiny_model), "--dataset_dir", str(tmp_path), "--dataset", "x"]) == 2
+    assert (
+        entry(["preview", "--model_name_or_path", str(tiny_model), "--dataset_dir", str(tmp_path), "--dataset", "x"])
+        == 2
+    )
     assert capsys.readouterr().err.count("\n") == 1

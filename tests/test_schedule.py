@@ -31,7 +31,8 @@ def test_cosine_decays_monotonically_towards_zero():
     assert rates[0] == 5e-4 and all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] < 1e-7
 
 
-@pytest.mark.parametrize("steps, ratio, total, expected", [(5, 0.5, 100, 5), (0, 0.1, 290, 29), (0, 0.0, 290, 0),
-                                                           (0, 0.01, 290, 3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "steps, ratio, total, expected", [(5, 0.5, 100, 5), (0, 0.1, 290, 29), (0, 0.0, 290, 0), (0, 0.01, 290, 3)]
+)
 def test_warmup_steps_take_the_explicit_count_first(steps, ratio, total, expected):
     assert warmup_steps_for(total, steps, ratio) == expected

@@ -32,11 +32,13 @@ def alpaca_records(count: int, seed: int = 0) -> list[dict[str, str]]:
     for index in range(count):
         colour, animal = rng.choice(COLOURS), rng.choice(ANIMALS)
         extra = " ".join(rng.choice(COLOURS + ANIMALS) for _ in range(rng.randint(0, 12)))
-        records.append({
-            "instruction": f"Which colour is the {animal}? {extra}".strip(),
-            "input": "Answer briefly." if index % 3 == 0 else "",
-            "output": f"The {animal} is {colour}. " + " ".join([colour] * rng.randint(1, 6)),
-        })
+        records.append(
+            {
+                "instruction": f"Which colour is the {animal}? {extra}".strip(),
+                "input": "Answer briefly." if index % 3 == 0 else "",
+                "output": f"The {animal} is {colour}. " + " ".join([colour] * rng.randint(1, 6)),
+            }
+        )
     return records
 
 
@@ -51,10 +53,16 @@ def make_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL[1:])  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL[1:],
+    )
     tokenizer.chat_template = CHATML
     return tokenizer
 
@@ -65,10 +73,18 @@ def make_model(folder: Path, seed: int = 0) -> Path:
     corpus = [" ".join(r.values()) for r in records] + ["You are a tiny test model. system user assistant"]
     tokenizer = make_tokenizer(corpus)
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = Qwen2ForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data import cache
 from lorakit.data.batching import StepPlan, collate, plan_epoch, steps_per_epoch
 from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
-from lorakit.errors import LorakitError
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
+from lorakit.errors import LorakitError
 from lorakit.templates import Template
 
 
@@ -41,7 +42,19 @@ def prepare_data(
 
 
 __all__ = [
-    "IGNORE_INDEX", "DatasetSpec", "EncodedExample", "StepPlan", "TokenizedData", "alpaca_messages", "collate",
-    "encode_conversation", "encode_dataset", "load_conversations", "plan_epoch", "prepare_data", "read_records",
-    "resolve_datasets", "steps_per_epoch",
-]  # fmt: skip
+    "IGNORE_INDEX",
+    "DatasetSpec",
+    "EncodedExample",
+    "StepPlan",
+    "TokenizedData",
+    "alpaca_messages",
+    "collate",
+    "encode_conversation",
+    "encode_dataset",
+    "load_conversations",
+    "plan_epoch",
+    "prepare_data",
+    "read_records",
+    "resolve_datasets",
+    "steps_per_epoch",
+]

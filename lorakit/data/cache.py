@@ -20,8 +20,13 @@ from lorakit.data.records import DatasetSpec
 from lorakit.templates import Message, Template
 
 CACHE_FORMAT = 1
-PROBE = [Message("system", "S"), Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2"),
-         Message("assistant", "A2")]  # fmt: skip
+PROBE = [
+    Message("system", "S"),
+    Message("user", "U1"),
+    Message("assistant", "A1"),
+    Message("user", "U2"),
+    Message("assistant", "A2"),
+]
 
 
 def default_cache_dir() -> Path:
@@ -42,8 +47,9 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256(definition.encode()).hexdigest()
 
 
-def cache_key(specs: list[DatasetSpec], max_samples: int | None, cutoff_len: int, template: Template,
-              tokenizer: Any) -> str:  # fmt: skip
+def cache_key(
+    specs: list[DatasetSpec], max_samples: int | None, cutoff_len: int, template: Template, tokenizer: Any
+) -> str:
     parts = {
         "format": CACHE_FORMAT,
         "datasets": [[s.name, s.formatting, s.columns, _file_digest(s.path)] for s in specs],
@@ -59,8 +65,13 @@ def save(data: TokenizedData, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as handle:
-        np.savez(handle, ids=data.ids, labels=data.labels, offsets=data.offsets,
-                 stats=np.asarray([data.num_truncated, data.num_dropped]))  # fmt: skip
+        np.savez(
+            handle,
+            ids=data.ids,
+            labels=data.labels,
+            offsets=data.offsets,
+            stats=np.asarray([data.num_truncated, data.num_dropped]),
+        )
     os.replace(temporary, path)
 
 

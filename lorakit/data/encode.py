@@ -11,8 +11,9 @@ an example whose every target lies beyond the cut teaches nothing and is left ou
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -98,5 +99,9 @@ def encode_dataset(
             "raise --cutoff_len"
         )
     return TokenizedData(
-        np.asarray(ids, np.int32), np.asarray(labels, np.int32), np.asarray(offsets, np.int64), num_truncated, num_dropped
+        np.asarray(ids, np.int32),
+        np.asarray(labels, np.int32),
+        np.asarray(offsets, np.int64),
+        num_truncated,
+        num_dropped,
     )

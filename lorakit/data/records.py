@@ -16,7 +16,13 @@ from typing import Any
 from lorakit.errors import LorakitError
 from lorakit.templates import Message
 
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system", "history": "history"}
+ALPACA_COLUMNS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "system": "system",
+    "history": "history",
+}
 FORMATS = ("alpaca",)
 FILE_TYPES = (".json", ".jsonl")
 
@@ -39,7 +45,9 @@ def resolve_datasets(dataset_dir: str, names: tuple[str, ...]) -> list[DatasetSp
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise LorakitError(f"{info_path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+        raise LorakitError(
+            f"{info_path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
+        ) from None
     if not isinstance(info, dict):
         raise LorakitError(f"{info_path} must be a JSON object mapping dataset names to {{'file_name': ...}}")
     if not names:
@@ -61,7 +69,9 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
     columns = entry.get("columns", {})
     unknown = set(columns) - set(ALPACA_COLUMNS)
     if not isinstance(columns, dict) or unknown:
-        raise LorakitError(f"dataset '{name}' in {info_path}: unknown columns {sorted(unknown)}; use {list(ALPACA_COLUMNS)}")
+        raise LorakitError(
+            f"dataset '{name}' in {info_path}: unknown columns {sorted(unknown)}; use {list(ALPACA_COLUMNS)}"
+        )
     path = dataset_dir / entry["file_name"]
     if not path.is_file():
         raise LorakitError(f"data file {path} for dataset '{name}' not found (file_name in {info_path})")

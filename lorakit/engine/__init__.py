@@ -53,6 +53,15 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
 
 
 __all__ = [
-    "BuiltEngine", "add_neftune_noise", "attach_lora", "build_engine", "compute_dtype", "default_deepspeed_config",
-    "linear_module_names", "load_base_model", "load_tokenizer", "parameter_counts", "resolve_deepspeed_config",
-]  # fmt: skip
+    "BuiltEngine",
+    "add_neftune_noise",
+    "attach_lora",
+    "build_engine",
+    "compute_dtype",
+    "default_deepspeed_config",
+    "linear_module_names",
+    "load_base_model",
+    "load_tokenizer",
+    "parameter_counts",
+    "resolve_deepspeed_config",
+]

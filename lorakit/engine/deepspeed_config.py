@@ -25,7 +25,10 @@ def default_deepspeed_config() -> dict[str, Any]:
     return {
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
         "zero_optimization": {
             "stage": 3,
             "overlap_comm": True,
@@ -48,7 +51,9 @@ def read_deepspeed_file(path: str) -> dict[str, Any]:
     try:
         loaded = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise LorakitError(f"--deepspeed {path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}")
+        raise LorakitError(
+            f"--deepspeed {path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
+        ) from None
     if not isinstance(loaded, dict):
         raise LorakitError(f"--deepspeed {path} must hold a JSON object")
     return loaded
@@ -70,7 +75,9 @@ def resolve_deepspeed_config(
 ) -> tuple[dict[str, Any], list[str]]:
     """The resolved config and the log lines that explain what lorakit changed."""
     source = f"DeepSpeed file {config.train.deepspeed}" if config.train.deepspeed else "lorakit's default config"
-    ds = copy.deepcopy(read_deepspeed_file(config.train.deepspeed) if config.train.deepspeed else default_deepspeed_config())
+    ds = copy.deepcopy(
+        read_deepspeed_file(config.train.deepspeed) if config.train.deepspeed else default_deepspeed_config()
+    )
     train, notes = config.train, []
     for key, flag_value in (("bf16", config.model.bf16), ("fp16", config.model.fp16)):
         _settle(ds.setdefault(key, {}), "enabled", flag_value, f"--{key} {flag_value}", source)
@@ -99,8 +106,11 @@ def _resolve_optimizer(ds: dict[str, Any], config: Config, on_gpu: bool, source:
         raise LorakitError(f"{source}: optimizer type {optimizer.get('type')} is unsupported; use AdamW")
     params = optimizer.setdefault("params", {})
     _settle(params, "lr", train.learning_rate, "--learning_rate", source)
-    for key, value in (("betas", [train.adam_beta1, train.adam_beta2]), ("eps", train.adam_epsilon),
-                       ("weight_decay", train.weight_decay)):  # fmt: skip
+    for key, value in (
+        ("betas", [train.adam_beta1, train.adam_beta2]),
+        ("eps", train.adam_epsilon),
+        ("weight_decay", train.weight_decay),
+    ):
         if params.get(key, "auto") == "auto":
             params[key] = value
     if not on_gpu:

@@ -108,7 +108,9 @@ def _load_partitioned_weights(model: Any, path: str, rank: int) -> None:
 def linear_module_names(model: Any) -> list[str]:
     """Names (last component) of the model's linear layers, the output head excluded."""
     head = model.get_output_embeddings()
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    names = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
     return sorted(names)
 
 

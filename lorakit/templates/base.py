@@ -7,8 +7,9 @@ tokens by character offsets, so the ids are exactly what the tokenizer makes of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 ROLES = ("system", "user", "assistant")
 
@@ -48,4 +49,6 @@ def check_alternation(messages: Sequence[Message]) -> None:
     expected = ["user", "assistant"] * (len(body) // 2)
     if [m.role for m in body] != expected or not body:
         roles = ",".join(m.role for m in messages)
-        raise ValueError(f"roles must be [system,] user, assistant, user, assistant, ... ending with assistant; got {roles}")
+        raise ValueError(
+            f"roles must be [system,] user, assistant, user, assistant, ... ending with assistant; got {roles}"
+        )

@@ -8,7 +8,8 @@ trained this way and is reported as such rather than guessed at.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.templates.base import Message, Segment, check_alternation
@@ -25,7 +26,8 @@ class TokenizerTemplate:
             )
         self.tokenizer = tokenizer
         self._special = sorted(
-            {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens),
+            {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+            | set(tokenizer.all_special_tokens),
             key=len,
             reverse=True,
         )

@@ -16,8 +16,9 @@ def test_reference_step_math():
     assert "Total optimization steps = 290" in lines and "Total train batch size" in lines and "= 128" in lines
 
 
-@pytest.mark.parametrize("examples, world, micro, accumulation", [(3630, 8, 4, 4), (37, 2, 4, 2), (5, 8, 4, 4),
-                                                                  (64, 2, 1, 1), (17, 3, 2, 3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "examples, world, micro, accumulation", [(3630, 8, 4, 4), (37, 2, 4, 2), (5, 8, 4, 4), (64, 2, 1, 1), (17, 3, 2, 3)]
+)
 def test_every_example_once_per_epoch_and_ranks_stay_in_step(examples, world, micro, accumulation):
     lengths = np.random.default_rng(0).integers(5, 300, size=examples)
     for epoch in range(2):

@@ -16,8 +16,9 @@ def test_second_run_reuses_the_cache_and_inputs_change_the_key(tiny_model: Path,
     assert not cached and path.is_file()
     again, same_path, cached_again = prepare_data(config, tokenizer, template, True, lambda ok: ok)
     assert cached_again and same_path == path and np.array_equal(first.ids, again.ids)
-    _, other, cached_other = prepare_data(DataConfig(**{**config.__dict__, "cutoff_len": 200}), tokenizer,
-                                          template, True, lambda ok: ok)  # fmt: skip
+    _, other, cached_other = prepare_data(
+        DataConfig(**{**config.__dict__, "cutoff_len": 200}), tokenizer, template, True, lambda ok: ok
+    )
     assert other != path and not cached_other
     _, auto_path, _ = prepare_data(config, tokenizer, get_template("auto", tokenizer), True, lambda ok: ok)
     assert auto_path != path

@@ -4,8 +4,12 @@ from lorakit.data.encode import IGNORE_INDEX, encode_conversation, encode_datase
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, get_template
 
-TWO_TURNS = [Message("user", "Hello there"), Message("assistant", "Hi! How can I help?"),
-             Message("user", "Tell me a joke"), Message("assistant", "Why did the chicken cross the road?")]  # fmt: skip
+TWO_TURNS = [
+    Message("user", "Hello there"),
+    Message("assistant", "Hi! How can I help?"),
+    Message("user", "Tell me a joke"),
+    Message("assistant", "Why did the chicken cross the road?"),
+]
 
 
 def _trained_text(tokenizer, example) -> list[str]:
@@ -24,8 +28,10 @@ def _trained_text(tokenizer, example) -> list[str]:
 
 def test_only_assistant_replies_and_their_end_of_turn_are_trained(qwen_tokenizer):
     example = encode_conversation(TWO_TURNS, get_template("qwen", qwen_tokenizer), qwen_tokenizer, cutoff_len=1024)
-    assert _trained_text(qwen_tokenizer, example) == ["Hi! How can I help?<|im_end|>",
-                                                      "Why did the chicken cross the road?<|im_end|>"]  # fmt: skip
+    assert _trained_text(qwen_tokenizer, example) == [
+        "Hi! How can I help?<|im_end|>",
+        "Why did the chicken cross the road?<|im_end|>",
+    ]
     assert example.labels[-1] == IGNORE_INDEX  # the newline after the last <|im_end|> is format, not reply
     assert not example.truncated
 

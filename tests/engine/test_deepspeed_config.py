@@ -11,8 +11,15 @@ REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "ds_config_zero3.
 
 
 def _config(**values) -> Config:
-    base = {"model_name_or_path": "m", "dataset": ("d",), "output_dir": "o", "learning_rate": 5e-4,
-            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "max_grad_norm": 1.0}  # fmt: skip
+    base = {
+        "model_name_or_path": "m",
+        "dataset": ("d",),
+        "output_dir": "o",
+        "learning_rate": 5e-4,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "max_grad_norm": 1.0,
+    }
     return Config.from_flat({**base, **values})
 
 
@@ -20,9 +27,15 @@ def test_reference_file_resolves_every_auto_and_drops_its_scheduler():
     ds, notes = resolve_deepspeed_config(_config(deepspeed=str(REFERENCE)), world_size=8, hidden_size=3584, on_gpu=True)
     assert "auto" not in json.dumps(ds)
     assert "scheduler" not in ds
-    assert notes == [f"DeepSpeed file {REFERENCE}: its scheduler (WarmupLR) is replaced by lorakit's schedule "
-                     "(cosine, warmup, peak lr 0.0005)"]  # fmt: skip
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 128)
+    assert notes == [
+        f"DeepSpeed file {REFERENCE}: its scheduler (WarmupLR) is replaced by lorakit's schedule "
+        "(cosine, warmup, peak lr 0.0005)"
+    ]
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        4,
+        4,
+        128,
+    )
     assert ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     assert ds["optimizer"]["params"] == {"lr": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
@@ -46,16 +59,25 @@ def test_default_config_is_zero3_without_a_file():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"train_micro_batch_size_per_gpu": 2}, "sets train_micro_batch_size_per_gpu=2 but --per_device_train_batch_size gives 4"),
-        ({"gradient_accumulation_steps": 8}, "sets gradient_accumulation_steps=8 but --gradient_accumulation_steps gives 4"),
+        (
+            {"train_micro_batch_size_per_gpu": 2},
+            "sets train_micro_batch_size_per_gpu=2 but --per_device_train_batch_size gives 4",
+        ),
+        (
+            {"gradient_accumulation_steps": 8},
+            "sets gradient_accumulation_steps=8 but --gradient_accumulation_steps gives 4",
+        ),
         ({"train_batch_size": 64}, "sets train_batch_size=64 but micro x accumulation x world size gives 32"),
         ({"gradient_clipping": 0.5}, "sets gradient_clipping=0.5 but --max_grad_norm gives 1.0"),
         ({"bf16": {"enabled": True}}, "sets enabled=True but --bf16 False gives False"),
         ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "sets lr=0.0001 but --learning_rate gives 0.0005"),
         ({"optimizer": {"type": "Lamb", "params": {}}}, "optimizer type Lamb is unsupported"),
-        ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, 'fill "zero_optimization.sub_group_size": "auto"'),
+        (
+            {"zero_optimization": {"stage": 3, "sub_group_size": "auto"}},
+            'fill "zero_optimization.sub_group_size": "auto"',
+        ),
     ],
-)  # fmt: skip
+)
 def test_contradictions_and_unknown_autos_are_errors(tmp_path: Path, override: dict, message: str):
     reference = json.loads(REFERENCE.read_text())
     path = tmp_path / "ds.json"

@@ -29,8 +29,11 @@ def test_reference_targets_are_accepted(skeleton):
 
 def test_unknown_target_names_the_missing_and_lists_the_real_ones(skeleton):
     """Reference pitfall 2: GPT-2's c_attn on a Qwen model."""
-    with pytest.raises(LorakitError, match=r"LoRA target module\(s\) \['c_attn'\] not found in the model; its linear "
-                                           r"modules are \['down_proj', 'gate_proj'"):  # fmt: skip
+    with pytest.raises(
+        LorakitError,
+        match=r"LoRA target module\(s\) \['c_attn'\] not found in the model; its linear "
+        r"modules are \['down_proj', 'gate_proj'",
+    ):
         lora_targets(skeleton, LoraSettings(lora_target=("q_proj", "c_attn")))
 
 

@@ -19,14 +19,27 @@ from lorakit.templates import Message, get_template
 QWEN25 = (Path(__file__).parent / "qwen2_5_chat_template.jinja").read_text()
 CONVERSATIONS = {
     "single turn": [Message("user", "Who are you?"), Message("assistant", "I am a model.")],
-    "single turn, system": [Message("system", "You are 甄嬛."), Message("user", "娘娘。"),
-                            Message("assistant", "你放心，本宫到任何时候都不会自轻自贱委屈了这孩子。")],
-    "multi-turn": [Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "2+2?\nBe brief."),
-                   Message("assistant", "4")],
-    "multi-turn, system": [Message("system", "Be terse."), Message("user", "a"), Message("assistant", "\nb\n"),
-                           Message("user", "  c"), Message("assistant", "d  "), Message("user", "e"),
-                           Message("assistant", "f")],
-}  # fmt: skip
+    "single turn, system": [
+        Message("system", "You are 甄嬛."),
+        Message("user", "娘娘。"),
+        Message("assistant", "你放心，本宫到任何时候都不会自轻自贱委屈了这孩子。"),
+    ],
+    "multi-turn": [
+        Message("user", "Hi"),
+        Message("assistant", "Hello!"),
+        Message("user", "2+2?\nBe brief."),
+        Message("assistant", "4"),
+    ],
+    "multi-turn, system": [
+        Message("system", "Be terse."),
+        Message("user", "a"),
+        Message("assistant", "\nb\n"),
+        Message("user", "  c"),
+        Message("assistant", "d  "),
+        Message("user", "e"),
+        Message("assistant", "f"),
+    ],
+}
 
 
 def _chat(messages):
@@ -50,8 +63,9 @@ def test_qwen_template_equals_qwen25_rendering(qwen_tokenizer, name):
     messages = CONVERSATIONS[name]
     example = encode_conversation(messages, get_template("qwen", qwen_tokenizer), qwen_tokenizer, 4096)
     assert example.input_ids == _reference_ids(qwen_tokenizer, messages, QWEN25)
-    prompt = qwen_tokenizer.apply_chat_template(_chat(messages[:-1]), chat_template=QWEN25, tokenize=False,
-                                                add_generation_prompt=True)  # fmt: skip
+    prompt = qwen_tokenizer.apply_chat_template(
+        _chat(messages[:-1]), chat_template=QWEN25, tokenize=False, add_generation_prompt=True
+    )
     assert get_template("qwen", qwen_tokenizer).generation_prompt(messages[:-1]) == prompt
 
 
@@ -77,7 +91,9 @@ def test_auto_template_with_qwen3s_own_template(qwen_tokenizer, name):
     assert example.input_ids == _reference_ids(qwen_tokenizer, messages)
     trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
     assert qwen_tokenizer.decode(trained).endswith(messages[-1].content.lstrip("\n") + "<|im_end|>")
-    assert trained.count(qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")) == sum(m.role == "assistant" for m in messages)
+    assert trained.count(qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")) == sum(
+        m.role == "assistant" for m in messages
+    )
 
 
 def test_auto_without_a_chat_template_is_a_clear_error(qwen_tokenizer):
