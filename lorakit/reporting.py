@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from lorakit.distributed import DistInfo
 
 
 @dataclass(frozen=True)
@@ -54,35 +57,43 @@ def say(message: str, is_main: bool = True) -> None:
 
 
 class Reporter:
-    """Rank 0's log lines, trainer_log.jsonl and progress bar; on other ranks every method does nothing."""
+    """The log window (steps since the last log line), run totals, trainer_log.jsonl and the progress bar.
 
-    def __init__(self, output_dir: Path, total_steps: int, is_main: bool):
-        self.is_main = is_main
+    Every rank calls every method (the loss is summed over ranks when a line is logged); only rank 0 writes.
+    """
+
+    def __init__(self, output_dir: Path, math: StepMath, dist: DistInfo):
+        self.output_dir, self.math, self.dist = output_dir, math, dist
         self.log_path = output_dir / "trainer_log.jsonl"
         self.records: list[dict[str, Any]] = []
-        self.bar = tqdm(
-            total=total_steps,
-            disable=not is_main,
-            desc="train",
-            dynamic_ncols=True,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0,
-        )
-        if is_main:
+        self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
+        self.total_loss, self.total_tokens = 0.0, 0
+        self.start = self.window_start = time.perf_counter()
+        interval = 1.0 if sys.stderr.isatty() else 30.0
+        self.bar = tqdm(total=math.total_steps, disable=not dist.is_main, desc="train", mininterval=interval)
+        if dist.is_main:
             self.log_path.write_text("")
 
-    def step_done(self) -> None:
+    def step_done(self, loss: Any, tokens: int) -> None:
+        """`loss`: this rank's share of the step's mean token loss (a tensor: no device sync until logged)."""
+        self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
+        self.window_tokens += tokens
+        self.total_tokens += tokens
         self.bar.update(1)
 
-    def log(
-        self, step: int, loss: float, grad_norm: float, learning_rate: float, epoch: float, tokens_per_second: float
-    ):
-        if not self.is_main:
+    def log(self, step: int, learning_rate: float, grad_norm: Any) -> None:
+        mean_loss = self.dist.sum([float(self.window_loss)])[0] / self.window_steps
+        self.total_loss += mean_loss * self.window_steps
+        tokens_per_second = self.window_tokens / (time.perf_counter() - self.window_start)
+        self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
+        self.window_start = time.perf_counter()
+        if not self.dist.is_main:
             return
         line = {
-            "loss": round(loss, 4),
-            "grad_norm": round(grad_norm, 4),
+            "loss": round(mean_loss, 4),
+            "grad_norm": round(float("nan") if grad_norm is None else float(grad_norm), 4),
             "learning_rate": learning_rate,
-            "epoch": round(epoch, 2),
+            "epoch": round(step / self.math.steps_per_epoch, 2),
         }
         say(str(line))
         record = {"step": step, **line, "tokens_per_second": round(tokens_per_second, 1)}
@@ -90,14 +101,25 @@ class Reporter:
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def finish(self, summary: dict[str, float], output_dir: Path, plot: bool) -> None:
+    def finish(self, steps: int, plot: bool) -> dict[str, float]:
+        """The final summary (printed and written to train_results.json); the same dict on every rank."""
         self.bar.close()
-        if not self.is_main:
-            return
-        say(str(summary))
-        (output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if plot:
-            plot_loss(self.records, output_dir / "training_loss.png")
+        runtime = time.perf_counter() - self.start
+        epochs = steps / self.math.steps_per_epoch
+        summary = {
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(self.math.num_examples * epochs / runtime, 3),
+            "train_steps_per_second": round(steps / runtime, 3),
+            "train_tokens_per_second": round(self.total_tokens / runtime, 1),
+            "train_loss": round(self.total_loss / max(steps, 1), 4),
+            "epoch": round(epochs, 2),
+        }
+        if self.dist.is_main:
+            say(str(summary))
+            (self.output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if plot:
+                plot_loss(self.records, self.output_dir / "training_loss.png")
+        return summary
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:

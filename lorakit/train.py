@@ -10,8 +10,8 @@ world / step_targets to make the reduced gradient that of the per-token mean ove
 from __future__ import annotations
 
 import json
-import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,77 +107,74 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*|transformers.*")
 
 
-def train(config: Config) -> TrainResult:
-    quiet_library_warnings()
-    validate(config)  # every bad-input error happens here, before anything is loaded or written
+@dataclass
+class Run:
+    """Everything `train` sets up before its first step."""
+
+    config: Config
+    dist: DistInfo
+    tokenizer: Any
+    data: TokenizedData
+    built: BuiltEngine
+    math: StepMath
+    output_dir: Path
+
+
+def set_up(config: Config) -> Run:
+    """Process group, tokenizer, data (cached), engine; then the output folder and the opening log."""
     dist = init_distributed()
     tokenizer = load_tokenizer(config.model.model_name_or_path)
     template = get_template(config.model.template, tokenizer)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, template, dist.local_rank == 0, dist.all_ok)
     built = build_engine(config, dist)
-    engine, train_config, output_dir = built.engine, config.train, Path(config.train.output_dir)
     math = step_math(config, len(data), dist.world_size)
+    output_dir = Path(config.train.output_dir)
     if dist.is_main:
         save_run_files(output_dir, tokenizer, config, built.ds_config)
     cache_note = f"{'reused' if was_cached else 'wrote'} tokenised cache {cache_path}"
     report_start(config, built, data, cache_note, math, tokenizer, dist.is_main)
-    reporter = Reporter(output_dir, math.total_steps, dist.is_main)
-    lengths, step, epoch = data.lengths, 0, 0
-    window_loss, window_steps, window_tokens, total_loss, total_tokens = 0.0, 0, 0, 0.0, 0
-    start = window_start = time.perf_counter()
-    engine.train()
-    while step < math.total_steps:
+    return Run(config, dist, tokenizer, data, built, math, output_dir)
+
+
+def step_plans(run: Run) -> Iterator[tuple[int, StepPlan]]:
+    """(epoch, plan) for every optimizer step of the run, in order."""
+    train_config, done = run.config.train, 0
+    for epoch in range(train_config.num_train_epochs):
         for plan in plan_epoch(
-            lengths,
+            run.data.lengths,
             epoch,
             train_config.seed,
-            dist.world_size,
+            run.dist.world_size,
             train_config.per_device_train_batch_size,
             train_config.gradient_accumulation_steps,
         ):
-            learning_rate = learning_rate_at(
-                step, math.total_steps, train_config.learning_rate, math.warmup_steps, train_config.lr_scheduler_type
-            )
-            set_learning_rate(engine, learning_rate)
-            step_loss = run_step(engine, data, plan, dist, tokenizer.pad_token_id)
-            step += 1
-            step_tokens = int(lengths[plan.examples()].sum())
-            window_loss, window_steps, window_tokens = (
-                window_loss + step_loss,
-                window_steps + 1,
-                window_tokens + step_tokens,
-            )
-            total_tokens += step_tokens
-            reporter.step_done()
-            if step % train_config.logging_steps == 0 or step == math.total_steps:
-                mean_loss = dist.sum([float(window_loss)])[0] / window_steps
-                total_loss += mean_loss * window_steps
-                grad_norm = engine.get_global_grad_norm()
-                elapsed = time.perf_counter() - window_start
-                reporter.log(
-                    step,
-                    mean_loss,
-                    float("nan") if grad_norm is None else float(grad_norm),
-                    learning_rate,
-                    step / math.steps_per_epoch,
-                    window_tokens / elapsed,
-                )
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-            if train_config.save_steps and step % train_config.save_steps == 0 and step < math.total_steps:
-                save_adapter(engine.module, output_dir / f"checkpoint-{step}", dist.is_main)
-            if step == math.total_steps:
-                break
-        epoch += 1
-    save_adapter(engine.module, output_dir, dist.is_main)
-    runtime = time.perf_counter() - start
-    metrics = {
-        "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(math.num_examples * step / math.steps_per_epoch / runtime, 3),
-        "train_steps_per_second": round(step / runtime, 3),
-        "train_tokens_per_second": round(total_tokens / runtime, 1),
-        "train_loss": round(total_loss / step, 4),
-        "epoch": round(step / math.steps_per_epoch, 2),
-    }
-    reporter.finish(metrics, output_dir, train_config.plot_loss)
-    say(f"adapter saved to {output_dir.resolve()}", dist.is_main)
-    return TrainResult(metrics, engine, output_dir)
+            if done == run.math.total_steps:
+                return
+            done += 1
+            yield epoch, plan
+
+
+def train(config: Config) -> TrainResult:
+    quiet_library_warnings()
+    validate(config)  # every bad-input error happens here, before anything is loaded or written
+    run = set_up(config)
+    engine, dist, math, train_config = run.built.engine, run.dist, run.math, config.train
+    reporter = Reporter(run.output_dir, math, dist)
+    engine.train()
+    step = 0
+    for _, plan in step_plans(run):
+        learning_rate = learning_rate_at(
+            step, math.total_steps, train_config.learning_rate, math.warmup_steps, train_config.lr_scheduler_type
+        )
+        set_learning_rate(engine, learning_rate)
+        step_loss = run_step(engine, run.data, plan, dist, run.tokenizer.pad_token_id)
+        step += 1
+        reporter.step_done(step_loss, tokens=int(run.data.lengths[plan.examples()].sum()))
+        if step % train_config.logging_steps == 0 or step == math.total_steps:
+            reporter.log(step, learning_rate, engine.get_global_grad_norm())
+        if train_config.save_steps and step % train_config.save_steps == 0 and step < math.total_steps:
+            save_adapter(engine.module, run.output_dir / f"checkpoint-{step}", dist.is_main)
+    save_adapter(engine.module, run.output_dir, dist.is_main)
+    metrics = reporter.finish(step, train_config.plot_loss)
+    say(f"adapter saved to {run.output_dir.resolve()}", dist.is_main)
+    return TrainResult(metrics, engine, run.output_dir)
