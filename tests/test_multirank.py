@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,12 @@ from lorakit.templates import get_template
 pytestmark = pytest.mark.multirank
 REPO = Path(__file__).resolve().parents[1]
 DS_FILE = REPO / "examples" / "ds_config_zero3.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _launch(command: list[str], log: Path) -> str:
