@@ -1,46 +1,72 @@
-"""Writing what a run produces: the adapter in PEFT format, the tokenizer and the resolved config.
+"""What a run writes: the adapter in PEFT format, the run files, and checkpoints that resume exactly.
 
 Under ZeRO-3 each rank holds a slice of every LoRA matrix, and `save_pretrained` on the wrapped model would
-write those slices: the classic empty or 40-byte adapter. The adapter is gathered first (it is small), then
+write those slices: the classic empty or 40-byte adapter. Everything is gathered first (LoRA is small), then
 rank 0 writes it, so `PeftModel.from_pretrained(base, output_dir)` works in a plain process.
+
+A checkpoint `output_dir/checkpoint-N/` holds
+- `adapter_model.safetensors` + `adapter_config.json`: the adapter, usable on its own;
+- `trainer_state.safetensors`: per LoRA tensor, the fp32 master weight and AdamW's exp_avg / exp_avg_sq,
+  unpartitioned, so a checkpoint made on one number of ranks resumes on any other;
+- `rng_state_rank{R}.pt`: every rank's torch / CUDA / numpy / python RNG states (dropout, NEFTune);
+- `lorakit_config.json`: the resolved configuration;
+- `lorakit_state.json`: step, data position (epoch and examples of its order consumed), the optimizer step
+  counters, the fingerprint of data + model + LoRA, and the running loss. It is written last, inside a folder
+  named `.checkpoint-N.incomplete` that is renamed only when complete: a folder without it is never resumed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from lorakit.config import Config
+from lorakit.distributed import DistInfo
 
 CONFIG_FILE = "lorakit_config.json"
+STATE_FILE = "lorakit_state.json"
+TRAINER_STATE = "trainer_state.safetensors"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands after `step` optimizer steps: `offset` examples of epoch `epoch`'s order are done."""
+
+    step: int
+    epoch: int
+    offset: int
+
+
+def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def gather_adapter_state(model: Any, is_main: bool) -> dict[str, torch.Tensor]:
     """Full LoRA tensors (on the CPU) on the main rank; every rank must call this."""
     import deepspeed
 
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable = trainable_parameters(model)
     with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
         return {name: p.detach().to("cpu", copy=True) for name, p in trainable} if is_main else {}
 
 
 def save_adapter(model: Any, directory: Path, is_main: bool) -> None:
-    """`adapter_model.safetensors` + `adapter_config.json`, written whole or not at all."""
+    """`adapter_model.safetensors` + `adapter_config.json` in `directory` (every rank must call this)."""
     state = gather_adapter_state(model, is_main)
-    if not is_main:
-        return
-    temporary = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, state_dict=state, safe_serialization=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    for file in temporary.iterdir():
-        os.replace(file, directory / file.name)
-    temporary.rmdir()
+    if is_main:
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
 
 
 def save_run_files(directory: Path, tokenizer: Any, config: Config, ds_config: dict[str, Any]) -> None:
@@ -49,3 +75,142 @@ def save_run_files(directory: Path, tokenizer: Any, config: Config, ds_config: d
     tokenizer.save_pretrained(directory)
     resolved = {"lorakit": config.to_flat(), "deepspeed": ds_config}
     (directory / CONFIG_FILE).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+
+
+def _full_shape(param: torch.nn.Parameter) -> torch.Size:
+    return getattr(param, "ds_shape", param.shape)
+
+
+def gather_trainer_state(engine: Any) -> dict[str, torch.Tensor]:
+    """fp32 master weights and AdamW moments of every LoRA tensor, whole, on every rank (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    state = {}
+    for name, param in trainable_parameters(engine.module):
+        master = safe_get_full_fp32_param(param)
+        moments = {key: safe_get_full_optimizer_state(param, key) for key in OPTIMIZER_STATES}
+        if master is None:  # no ZeRO partitioning: the torch optimizer holds the parameter itself
+            master, opt_state = param.detach(), engine.optimizer.state[param]
+            moments = {key: opt_state[key] for key in OPTIMIZER_STATES}
+        state[f"{name}::master"] = master.reshape(_full_shape(param)).float().cpu()
+        for key, value in moments.items():
+            state[f"{name}::{key}"] = value.reshape(_full_shape(param)).float().cpu()
+    return state
+
+
+def optimizer_step_counters(engine: Any) -> list[float]:
+    """AdamW's bias-correction step counters (per parameter group for fused Adam, per state for torch's)."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    counters = [float(g["step"]) for g in optimizer.param_groups if "step" in g]
+    return counters + [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(engine: Any, output_dir: Path, position: Position, extra: dict[str, Any], dist: DistInfo) -> Path:
+    """Write checkpoint-<step> atomically (every rank must call this); returns its path."""
+    final = output_dir / f"checkpoint-{position.step}"
+    incomplete = output_dir / f".{final.name}.incomplete"
+    if dist.is_main:
+        shutil.rmtree(incomplete, ignore_errors=True)
+        incomplete.mkdir(parents=True)
+    dist.barrier()
+    torch.save(_rng_state(), incomplete / f"rng_state_rank{dist.rank}.pt")
+    dist.barrier()  # every rank's file is in before rank 0 may rename the folder
+    trainer_state = gather_trainer_state(engine)
+    adapter = gather_adapter_state(engine.module, dist.is_main)
+    if dist.is_main:
+        engine.module.save_pretrained(incomplete, state_dict=adapter, safe_serialization=True)
+        save_file(trainer_state, incomplete / TRAINER_STATE)
+        shutil.copy(output_dir / CONFIG_FILE, incomplete / CONFIG_FILE)
+        state = {"position": asdict(position), "world_size": dist.world_size,
+                 "optimizer_steps": optimizer_step_counters(engine), **extra}  # fmt: skip
+        (incomplete / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(incomplete, final)
+    dist.barrier()
+    return final
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def load_checkpoint(engine: Any, checkpoint: Path, dist: DistInfo) -> None:
+    """Put a checkpoint's weights, optimizer moments, step counters and (same world size) RNG states back."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    saved = load_file(checkpoint / TRAINER_STATE)
+    _create_optimizer_state(engine.optimizer)
+    trainable = trainable_parameters(engine.module)
+    with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=0):
+        for name, param in trainable:  # the working copy the forward pass uses (bf16 or fp32)
+            param.data.copy_(saved[f"{name}::master"].to(param.device, param.dtype))
+    for name, param in trainable:
+        master = saved[f"{name}::master"].to(dist.device)
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, master)
+            for key in OPTIMIZER_STATES:
+                safe_set_full_optimizer_state(param, saved[f"{name}::{key}"].to(dist.device), key)
+        else:
+            for key in OPTIMIZER_STATES:
+                engine.optimizer.state[param][key].copy_(saved[f"{name}::{key}"].to(param.device))
+    _set_step_counters(engine, read_state(checkpoint)["optimizer_steps"])
+    rng_file = checkpoint / f"rng_state_rank{dist.rank}.pt"
+    if read_state(checkpoint)["world_size"] == dist.world_size and rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _create_optimizer_state(zero_optimizer: Any) -> None:
+    """AdamW creates its moments lazily at the first step; a resumed run needs them before, to fill them in.
+    (ZeRO-3 hands its flat fp32 partitions to the inner optimizer only during a step, hence the second source.)"""
+    optimizer = getattr(zero_optimizer, "optimizer", zero_optimizer)
+    torch_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params + list(getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])):
+        state = optimizer.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32) if torch_adam else 0
+            for key in OPTIMIZER_STATES:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _set_step_counters(engine: Any, counters: list[float]) -> None:
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    slots = [g for g in optimizer.param_groups if "step" in g] + [s for s in optimizer.state.values() if "step" in s]
+    value = counters[0] if counters else 0.0
+    for slot in slots:
+        if isinstance(slot["step"], torch.Tensor):
+            slot["step"].fill_(value)
+        else:
+            slot["step"] = type(slot["step"])(value)
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, complete or not, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / STATE_FILE).is_file() and (checkpoint / TRAINER_STATE).is_file()
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep = 0: delete none)."""
+    complete = [p for p in checkpoint_folders(output_dir) if is_complete(p)]
+    for old in complete[: max(0, len(complete) - keep)] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)

@@ -125,13 +125,14 @@ def parse_config(argv: list[str], prog: str = "lorakit") -> Config:
 
 
 def run_cli(action: Callable[[], Any]) -> int:
-    """Run `action`, turning a LorakitError into one line on stderr (from rank 0) and exit status 2."""
+    """Run `action`, turning a LorakitError into one line on stderr (from rank 0) and exit status 2 (128 + N after
+    signal N stopped training)."""
     try:
         action()
     except LorakitError as err:
         if launch_rank() == 0:
             print(f"lorakit: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(err, "exit_code", 2)
     return 0
 
 

@@ -114,7 +114,15 @@ class TrainConfig:
     neftune_noise_alpha: float = field(default=0.0, metadata=_doc("NEFTune embedding noise alpha (0: off)."))
     logging_steps: int = field(default=10, metadata=_doc("Log every this many optimizer steps."))
     save_steps: int = field(
-        default=0, metadata=_doc("Save the adapter to checkpoint-N every N steps (0: only at end).")
+        default=0, metadata=_doc("Write output_dir/checkpoint-N every N optimizer steps (0: only at the end).")
+    )
+    save_total_limit: int = field(default=0, metadata=_doc("Keep only the newest K checkpoints (0: keep all)."))
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata=_doc("A checkpoint folder to continue from, or `auto` for the newest complete one in output_dir."),
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_doc("Start afresh in an output_dir that holds checkpoints (they are deleted).")
     )
     seed: int = field(default=42, metadata=_doc("Seed for LoRA initialisation, data order and dropout."))
     plot_loss: bool = field(default=False, metadata=_doc("Write training_loss.png (needs matplotlib: lorakit[plot])."))
@@ -134,8 +142,12 @@ class TrainConfig:
             raise LorakitError(f"--learning_rate {self.learning_rate} must be a positive number")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise LorakitError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
-        if self.warmup_steps < 0 or self.save_steps < 0 or self.max_grad_norm < 0 or self.neftune_noise_alpha < 0:
-            raise LorakitError("--warmup_steps, --save_steps, --max_grad_norm and --neftune_noise_alpha must be >= 0")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise LorakitError("--resume_from_checkpoint and --overwrite_output_dir contradict each other; choose one")
+        counts = ("warmup_steps", "save_steps", "save_total_limit", "max_grad_norm", "neftune_noise_alpha")
+        for name in counts:
+            if getattr(self, name) < 0:
+                raise LorakitError(f"--{name} {getattr(self, name)} must be >= 0")
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}

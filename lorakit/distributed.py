@@ -31,6 +31,15 @@ class DistInfo:
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def barrier(self) -> None:
+        torch_dist.barrier()
+
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return tensor.tolist()
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks."""
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)

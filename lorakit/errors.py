@@ -10,3 +10,17 @@ class LorakitError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(message.split()))
+
+
+class TrainingInterrupted(LorakitError):
+    """A stop signal ended the run after a checkpoint; the exit status is 128 + the signal number, as a shell's."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: object):
+        import signal
+
+        name = signal.Signals(signal_number).name
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint written to {checkpoint}; continue with the same "
+            "command plus --resume_from_checkpoint auto"
+        )
+        self.exit_code = 128 + signal_number

@@ -62,17 +62,22 @@ class Reporter:
     Every rank calls every method (the loss is summed over ranks when a line is logged); only rank 0 writes.
     """
 
-    def __init__(self, output_dir: Path, math: StepMath, dist: DistInfo):
+    def __init__(self, output_dir: Path, math: StepMath, dist: DistInfo, start_step: int, loss_sum: float):
+        """A resumed run (start_step > 0) keeps the log records up to its checkpoint and its running loss."""
         self.output_dir, self.math, self.dist = output_dir, math, dist
         self.log_path = output_dir / "trainer_log.jsonl"
-        self.records: list[dict[str, Any]] = []
         self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
-        self.total_loss, self.total_tokens = 0.0, 0
+        self.total_loss, self.total_tokens, self.start_step = loss_sum, 0, start_step
         self.start = self.window_start = time.perf_counter()
         interval = 1.0 if sys.stderr.isatty() else 30.0
-        self.bar = tqdm(total=math.total_steps, disable=not dist.is_main, desc="train", mininterval=interval)
+        self.bar = tqdm(total=math.total_steps, initial=start_step, disable=not dist.is_main, desc="train",
+                        mininterval=interval)  # fmt: skip
+        self.records: list[dict[str, Any]] = []
         if dist.is_main:
-            self.log_path.write_text("")
+            if start_step and self.log_path.is_file():
+                earlier = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+                self.records = [r for r in earlier if r["step"] <= start_step]
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def step_done(self, loss: Any, tokens: int) -> None:
         """`loss`: this rank's share of the step's mean token loss (a tensor: no device sync until logged)."""
@@ -81,7 +86,11 @@ class Reporter:
         self.total_tokens += tokens
         self.bar.update(1)
 
-    def log(self, step: int, learning_rate: float, grad_norm: Any) -> None:
+    def loss_sum(self) -> float:
+        """Sum of every step loss so far, the window not yet logged included (a collective)."""
+        return self.total_loss + self.dist.sum([float(self.window_loss)])[0]
+
+    def log(self, step: int, learning_rate: float, grad_norm: Any, epoch: float) -> None:
         mean_loss = self.dist.sum([float(self.window_loss)])[0] / self.window_steps
         self.total_loss += mean_loss * self.window_steps
         tokens_per_second = self.window_tokens / (time.perf_counter() - self.window_start)
@@ -93,7 +102,7 @@ class Reporter:
             "loss": round(mean_loss, 4),
             "grad_norm": round(float("nan") if grad_norm is None else float(grad_norm), 4),
             "learning_rate": learning_rate,
-            "epoch": round(step / self.math.steps_per_epoch, 2),
+            "epoch": round(epoch, 2),
         }
         say(str(line))
         record = {"step": step, **line, "tokens_per_second": round(tokens_per_second, 1)}
@@ -101,15 +110,16 @@ class Reporter:
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def finish(self, steps: int, plot: bool) -> dict[str, float]:
-        """The final summary (printed and written to train_results.json); the same dict on every rank."""
+    def finish(self, steps: int, epochs: float, plot: bool) -> dict[str, float]:
+        """The final summary (printed and written to train_results.json); the same dict on every rank. Rates
+        count this session's steps; train_loss covers the whole run, resumed or not."""
         self.bar.close()
         runtime = time.perf_counter() - self.start
-        epochs = steps / self.math.steps_per_epoch
+        session_epochs = epochs * (steps - self.start_step) / max(steps, 1)
         summary = {
             "train_runtime": round(runtime, 4),
-            "train_samples_per_second": round(self.math.num_examples * epochs / runtime, 3),
-            "train_steps_per_second": round(steps / runtime, 3),
+            "train_samples_per_second": round(self.math.num_examples * session_epochs / runtime, 3),
+            "train_steps_per_second": round((steps - self.start_step) / runtime, 3),
             "train_tokens_per_second": round(self.total_tokens / runtime, 1),
             "train_loss": round(self.total_loss / max(steps, 1), 4),
             "epoch": round(epochs, 2),

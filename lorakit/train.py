@@ -5,11 +5,17 @@ of a step is the sum of token cross-entropies over every target token of the ste
 that step's number of target tokens. The count is known before the step (every rank holds the whole plan),
 so no collective is needed for it. DeepSpeed averages gradients over ranks, so each rank's loss is scaled by
 world / step_targets to make the reduced gradient that of the per-token mean over the whole step.
+
+After every step the ranks agree (one small all-reduce) on two things: whether a stop signal arrived on any of
+them, and whether the loss or gradient norm stopped being finite. A signal ends the run after a checkpoint; a
+non-finite value ends it without one, so the last good checkpoint stays the newest.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,17 +24,26 @@ from typing import Any
 
 import torch
 
-from lorakit.checkpoint import save_adapter, save_run_files
+from lorakit.checkpoint import (
+    Position,
+    checkpoint_folders,
+    load_checkpoint,
+    prune_checkpoints,
+    save_adapter,
+    save_checkpoint,
+    save_run_files,
+)
 from lorakit.config import Config
 from lorakit.data import StepPlan, TokenizedData, collate, plan_epoch, prepare_data, steps_per_epoch
 from lorakit.distributed import DistInfo, init_distributed
-from lorakit.engine import BuiltEngine, build_engine, load_tokenizer
+from lorakit.engine import BuiltEngine, build_engine
+from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.loss import token_loss_sum
 from lorakit.preview import example_record
 from lorakit.reporting import Reporter, StepMath, say
 from lorakit.schedule import learning_rate_at, warmup_steps_for
-from lorakit.templates import get_template
-from lorakit.validate import validate
+from lorakit.signals import StopSignals
+from lorakit.validate import Checked, validate
 
 
 @dataclass
@@ -38,23 +53,18 @@ class TrainResult:
     output_dir: Path
 
 
-def step_math(config: Config, num_examples: int, world_size: int) -> StepMath:
+def step_math(config: Config, num_examples: int, world_size: int, start: Position) -> StepMath:
+    """The run's step counts; a resumed run finishes its current epoch's order, then whole epochs."""
     train = config.train
-    per_epoch = steps_per_epoch(
-        num_examples, world_size, train.per_device_train_batch_size, train.gradient_accumulation_steps
-    )
-    total = per_epoch * train.num_train_epochs
+    global_batch = world_size * train.per_device_train_batch_size * train.gradient_accumulation_steps
+    per_epoch = steps_per_epoch(num_examples, world_size, train.per_device_train_batch_size,
+                                train.gradient_accumulation_steps)  # fmt: skip
+    remaining_epochs = max(0, train.num_train_epochs - start.epoch - 1)
+    total = start.step + math.ceil((num_examples - start.offset) / global_batch) + remaining_epochs * per_epoch
     total = min(total, train.max_steps) if train.max_steps > 0 else total
-    return StepMath(
-        num_examples,
-        train.num_train_epochs,
-        train.per_device_train_batch_size,
-        train.gradient_accumulation_steps,
-        world_size,
-        per_epoch,
-        total,
-        warmup_steps_for(total, train.warmup_steps, train.warmup_ratio),
-    )
+    return StepMath(num_examples, train.num_train_epochs, train.per_device_train_batch_size,
+                    train.gradient_accumulation_steps, world_size, per_epoch, total,
+                    warmup_steps_for(total, train.warmup_steps, train.warmup_ratio))  # fmt: skip
 
 
 def run_step(engine: Any, data: TokenizedData, plan: StepPlan, dist: DistInfo, pad_id: int) -> torch.Tensor:
@@ -80,28 +90,6 @@ def set_learning_rate(engine: Any, learning_rate: float) -> None:
         group["lr"] = learning_rate
 
 
-def report_start(
-    config: Config,
-    built: BuiltEngine,
-    data: TokenizedData,
-    cache_note: str,
-    math: StepMath,
-    tokenizer: Any,
-    is_main: bool,
-) -> None:
-    for note in built.notes:
-        say(note, is_main)
-    say(
-        f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
-        f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "
-        f"out (no trained token left after truncation); {cache_note}",
-        is_main,
-    )
-    say("first example: " + json.dumps(example_record(*data.example(0), tokenizer, 0), ensure_ascii=False), is_main)
-    for line in math.lines(built.trainable_parameters, built.total_parameters):
-        say(line, is_main)
-
-
 def quiet_library_warnings() -> None:
     """torch.distributed and transformers deprecation notices, repeated on every rank at every step, bury the log."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*|transformers.*")
@@ -112,69 +100,107 @@ class Run:
     """Everything `train` sets up before its first step."""
 
     config: Config
+    checked: Checked
     dist: DistInfo
-    tokenizer: Any
     data: TokenizedData
     built: BuiltEngine
-    math: StepMath
+    counts: StepMath
+    start: Position
     output_dir: Path
 
 
-def set_up(config: Config) -> Run:
-    """Process group, tokenizer, data (cached), engine; then the output folder and the opening log."""
+def set_up(config: Config, checked: Checked) -> Run:
+    """Process group, data (cached), engine, the resumed state; then the output folder and the opening log."""
     dist = init_distributed()
-    tokenizer = load_tokenizer(config.model.model_name_or_path)
-    template = get_template(config.model.template, tokenizer)
-    data, cache_path, was_cached = prepare_data(config.data, tokenizer, template, dist.local_rank == 0, dist.all_ok)
+    output_dir, tokenizer = Path(config.train.output_dir), checked.tokenizer
+    if dist.is_main and config.train.overwrite_output_dir:
+        for old in checkpoint_folders(output_dir):
+            shutil.rmtree(old)
+    data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
+                                                dist.all_ok)  # fmt: skip
     built = build_engine(config, dist)
-    math = step_math(config, len(data), dist.world_size)
-    output_dir = Path(config.train.output_dir)
+    start = Position(0, 0, 0)
+    if checked.resume is not None:
+        load_checkpoint(built.engine, checked.resume.checkpoint, dist)
+        start = checked.resume.position
+    counts = step_math(config, len(data), dist.world_size, start)
     if dist.is_main:
         save_run_files(output_dir, tokenizer, config, built.ds_config)
-    cache_note = f"{'reused' if was_cached else 'wrote'} tokenised cache {cache_path}"
-    report_start(config, built, data, cache_note, math, tokenizer, dist.is_main)
-    return Run(config, dist, tokenizer, data, built, math, output_dir)
+    for note in checked.notes + built.notes:
+        say(note, dist.is_main)
+    say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
+        f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "
+        f"out (no trained token left after truncation); {'reused' if was_cached else 'wrote'} tokenised cache "
+        f"{cache_path}", dist.is_main)  # fmt: skip
+    first = json.dumps(example_record(*data.example(0), tokenizer, 0), ensure_ascii=False)
+    say(f"first example: {first}", dist.is_main)
+    for line in counts.lines(built.trainable_parameters, built.total_parameters):
+        say(line, dist.is_main)
+    return Run(config, checked, dist, data, built, counts, start, output_dir)
 
 
-def step_plans(run: Run) -> Iterator[tuple[int, StepPlan]]:
-    """(epoch, plan) for every optimizer step of the run, in order."""
-    train_config, done = run.config.train, 0
-    for epoch in range(train_config.num_train_epochs):
-        for plan in plan_epoch(
-            run.data.lengths,
-            epoch,
-            train_config.seed,
-            run.dist.world_size,
-            train_config.per_device_train_batch_size,
-            train_config.gradient_accumulation_steps,
-        ):
-            if done == run.math.total_steps:
+def step_plans(run: Run) -> Iterator[StepPlan]:
+    """The plan of every remaining optimizer step, in order, from the run's start position."""
+    train, start, steps = run.config.train, run.start, run.start.step
+    for epoch in range(start.epoch, train.num_train_epochs):
+        skip = start.offset if epoch == start.epoch else 0
+        for plan in plan_epoch(run.data.lengths, epoch, train.seed, run.dist.world_size,
+                               train.per_device_train_batch_size, train.gradient_accumulation_steps, skip):  # fmt: skip
+            if steps == run.counts.total_steps:
                 return
-            done += 1
-            yield epoch, plan
+            steps += 1
+            yield plan
+
+
+def advance(position: Position, plan: StepPlan, num_examples: int) -> Position:
+    offset = position.offset + len(plan.examples())
+    if offset >= num_examples:
+        return Position(position.step + 1, position.epoch + 1, 0)
+    return Position(position.step + 1, position.epoch, offset)
+
+
+def check_finite(step: int, diverged: bool, loss: float, grad_norm: Any, output_dir: Path) -> None:
+    if diverged:
+        saved = [p.name for p in checkpoint_folders(output_dir)]
+        last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+        raise LorakitError(
+            f"step {step}: the loss ({loss:.4g} on rank 0) or gradient norm ({grad_norm}) is not finite; stopped "
+            f"without saving, {last}; lower --learning_rate or check the data"
+        )
 
 
 def train(config: Config) -> TrainResult:
     quiet_library_warnings()
-    validate(config)  # every bad-input error happens here, before anything is loaded or written
-    run = set_up(config)
-    engine, dist, math, train_config = run.built.engine, run.dist, run.math, config.train
-    reporter = Reporter(run.output_dir, math, dist)
+    checked = validate(config)  # every bad-input error happens here, before anything is loaded or written
+    run = set_up(config, checked)
+    engine, dist, counts, train_config = run.built.engine, run.dist, run.counts, config.train
+    pad_id, position = checked.tokenizer.pad_token_id, run.start
+    loss_sum = checked.resume.loss_sum if checked.resume else 0.0
+    reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum)
     engine.train()
-    step = 0
-    for _, plan in step_plans(run):
-        learning_rate = learning_rate_at(
-            step, math.total_steps, train_config.learning_rate, math.warmup_steps, train_config.lr_scheduler_type
-        )
-        set_learning_rate(engine, learning_rate)
-        step_loss = run_step(engine, run.data, plan, dist, run.tokenizer.pad_token_id)
-        step += 1
-        reporter.step_done(step_loss, tokens=int(run.data.lengths[plan.examples()].sum()))
-        if step % train_config.logging_steps == 0 or step == math.total_steps:
-            reporter.log(step, learning_rate, engine.get_global_grad_norm())
-        if train_config.save_steps and step % train_config.save_steps == 0 and step < math.total_steps:
-            save_adapter(engine.module, run.output_dir / f"checkpoint-{step}", dist.is_main)
+    with StopSignals() as signals:
+        for plan in step_plans(run):
+            learning_rate = learning_rate_at(position.step, counts.total_steps, train_config.learning_rate,
+                                             counts.warmup_steps, train_config.lr_scheduler_type)  # fmt: skip
+            set_learning_rate(engine, learning_rate)
+            step_loss = run_step(engine, run.data, plan, dist, pad_id)
+            position = advance(position, plan, len(run.data))
+            grad_norm, local_loss = engine.get_global_grad_norm(), float(step_loss)
+            finite = math.isfinite(local_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))
+            signal_number, diverged = dist.max([signals.received, 0.0 if finite else 1.0])
+            check_finite(position.step, bool(diverged), local_loss, grad_norm, run.output_dir)
+            reporter.step_done(step_loss, tokens=int(run.data.lengths[plan.examples()].sum()))
+            last = position.step == counts.total_steps
+            if position.step % train_config.logging_steps == 0 or last or signal_number:
+                reporter.log(position.step, learning_rate, grad_norm, position.epoch + position.offset / len(run.data))
+            if (train_config.save_steps and position.step % train_config.save_steps == 0) or last or signal_number:
+                extra = {"fingerprint": checked.fingerprint, "loss_sum": reporter.loss_sum()}
+                saved = save_checkpoint(engine, run.output_dir, position, extra, dist)
+                if dist.is_main:
+                    prune_checkpoints(run.output_dir, train_config.save_total_limit)
+            if signal_number:
+                raise TrainingInterrupted(int(signal_number), position.step, saved)
     save_adapter(engine.module, run.output_dir, dist.is_main)
-    metrics = reporter.finish(step, train_config.plot_loss)
+    metrics = reporter.finish(position.step, position.epoch + position.offset / len(run.data), train_config.plot_loss)
     say(f"adapter saved to {run.output_dir.resolve()}", dist.is_main)
     return TrainResult(metrics, engine, run.output_dir)

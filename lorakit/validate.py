@@ -1,41 +1,61 @@
 """Every check that can fail on bad input, run before a process group, a model or an output file exists.
 
 Each failure is a one-line `LorakitError` saying what is wrong and how to fix it (see README, "Bad input").
+What the checks had to work out (tokenizer, template, LoRA targets, the resume plan) is handed on to training.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorakit.config import Config
+from lorakit.data.cache import cache_key
 from lorakit.data.records import load_conversations, resolve_datasets
 from lorakit.distributed import launch_world_size
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
-from lorakit.engine.model import lora_targets
+from lorakit.engine.model import load_tokenizer, lora_targets
 from lorakit.errors import LorakitError
-from lorakit.templates import TEMPLATE_NAMES
+from lorakit.resume import ResumePlan, check_output_dir, plan_resume, run_fingerprint
+from lorakit.templates import TEMPLATE_NAMES, Template, get_template
 
 
-def validate(config: Config) -> None:
+@dataclass(frozen=True)
+class Checked:
+    tokenizer: Any
+    template: Template
+    fingerprint: dict[str, Any]  # data + model + LoRA + seed, stored in every checkpoint
+    resume: ResumePlan | None
+    notes: list[str]  # resume decisions, for the log
+
+
+def validate(config: Config) -> Checked:
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
+    check_output_dir(config)
     hf_config = validate_model_path(config.model.model_name_or_path)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
+    specs = resolve_datasets(config.data.dataset_dir, config.data.dataset)
     # Reading every record here (cheap next to tokenising) puts a bad record's error before any process group.
-    load_conversations(resolve_datasets(config.data.dataset_dir, config.data.dataset), config.data.max_samples)
+    load_conversations(specs, config.data.max_samples)
     validate_precision(config)
-    on_gpu = torch.cuda.is_available()
-    resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, on_gpu)
+    resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, torch.cuda.is_available())
     with torch.device("meta"):  # the module tree without allocating a single weight
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
-    lora_targets(skeleton, config.lora)
+        targets = lora_targets(AutoModelForCausalLM.from_config(hf_config), config.lora)
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
+    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    template = get_template(config.model.template, tokenizer)
+    data_key = cache_key(specs, config.data.max_samples, config.data.cutoff_len, template, tokenizer)
+    fingerprint = run_fingerprint(config, data_key, targets)
+    resume, notes = plan_resume(config, fingerprint, launch_world_size())
+    return Checked(tokenizer, template, fingerprint, resume, notes)
 
 
 def validate_model_path(path: str) -> AutoConfig:
@@ -52,8 +72,6 @@ def validate_model_path(path: str) -> AutoConfig:
 def validate_precision(config: Config) -> None:
     if config.model.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         where = "this GPU" if torch.cuda.is_available() else "the CPU (lorakit trains in fp32 there)"
-        raise LorakitError(
-            f"--bf16 is not supported on {where}; drop --bf16 or run on a GPU with bf16 (Ampere or newer)"
-        )
+        raise LorakitError(f"--bf16 is not supported on {where}; drop --bf16 or use a GPU with bf16 (Ampere or newer)")
     if config.model.fp16 and not torch.cuda.is_available():
         raise LorakitError("--fp16 needs a GPU; drop --fp16 to train in fp32 on the CPU")

@@ -39,9 +39,10 @@ def steps_per_epoch(num_examples: int, world_size: int, micro_batch: int, accumu
 
 
 def plan_epoch(
-    lengths: np.ndarray, epoch: int, seed: int, world_size: int, micro_batch: int, accumulation: int
+    lengths: np.ndarray, epoch: int, seed: int, world_size: int, micro_batch: int, accumulation: int, skip: int = 0
 ) -> list[StepPlan]:
-    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    """The epoch's steps; `skip` leaves out the first examples of its order (already trained when resuming)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))[skip:]
     global_batch = world_size * micro_batch * accumulation
     plans = []
     for start in range(0, len(order), global_batch):

@@ -1,0 +1,144 @@
+"""Deciding, before anything is loaded, whether and from where a run continues.
+
+- Reference pitfall 3: a run started into an output_dir that holds checkpoints is an error unless
+  --resume_from_checkpoint or --overwrite_output_dir says what to do.
+- `--resume_from_checkpoint auto` takes the newest complete checkpoint in output_dir (incomplete ones are
+  skipped with a warning; none at all starts afresh, so a preempted job can be relaunched with the same command).
+- A checkpoint whose fingerprint (data, base model, LoRA settings, data-order seed) differs from this run is an
+  error naming what differs; changed optimisation settings (learning rate, epochs, batch sizes, world size) are
+  allowed and listed in a warning. The data position carries over in examples, so a different global batch
+  continues the same epoch order from the same example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.checkpoint import CONFIG_FILE, Position, checkpoint_folders, is_complete, read_state
+from lorakit.config import Config
+from lorakit.engine.model import weight_index
+from lorakit.errors import LorakitError
+
+HYPERPARAMETERS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_grad_norm",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "neftune_noise_alpha",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    checkpoint: Path
+    position: Position
+    loss_sum: float  # sum of the step losses before the checkpoint, for the run's train_loss
+
+
+def model_fingerprint(model_path: str) -> str:
+    """The base model's config and the names and sizes of its weight files (cheap; no weights are read)."""
+    index = weight_index(model_path)
+    sizes = sorted((name, file.name, file.stat().st_size) for name, file in index.items())
+    config_text = (Path(model_path) / "config.json").read_text()
+    return hashlib.sha256(json.dumps([json.loads(config_text), sizes], sort_keys=True).encode()).hexdigest()[:24]
+
+
+def run_fingerprint(config: Config, data_key: str, lora_targets: list[str]) -> dict[str, Any]:
+    lora = config.lora
+    return {
+        "data": data_key,
+        "model": model_fingerprint(config.model.model_name_or_path),
+        "lora": {
+            "r": lora.lora_rank,
+            "alpha": lora.alpha,
+            "dropout": lora.lora_dropout,
+            "targets": sorted(lora_targets),
+        },
+        "seed": config.train.seed,
+    }
+
+
+WHAT = {
+    "data": "the data (files, --dataset, --max_samples, --cutoff_len, template or tokenizer)",
+    "model": "the base model (--model_name_or_path config or weight files)",
+    "lora": "the LoRA settings",
+    "seed": "--seed (the data order)",
+}
+
+
+def check_output_dir(config: Config) -> None:
+    train = config.train
+    existing = checkpoint_folders(Path(train.output_dir))
+    if existing and not train.resume_from_checkpoint and not train.overwrite_output_dir:
+        names = ", ".join(p.name for p in existing[-3:])
+        raise LorakitError(
+            f"--output_dir {train.output_dir} already holds checkpoints ({names}) from an earlier run; pass "
+            "--resume_from_checkpoint auto to continue it, --overwrite_output_dir to start afresh (they are "
+            "deleted), or choose a new --output_dir"
+        )
+
+
+def find_checkpoint(config: Config) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (None: start afresh) and warnings about skipped incomplete ones."""
+    requested = config.train.resume_from_checkpoint
+    if not requested:
+        return None, []
+    if requested != "auto":
+        path = Path(requested)
+        if not is_complete(path):
+            raise LorakitError(
+                f"--resume_from_checkpoint {requested} is not a complete lorakit checkpoint (no lorakit_state.json "
+                "or trainer_state.safetensors); pass another checkpoint folder or `auto`"
+            )
+        return path, []
+    folders = checkpoint_folders(Path(config.train.output_dir))
+    complete = [p for p in folders if is_complete(p)]
+    skipped = [p for p in folders if not is_complete(p) and (not complete or p.name > complete[-1].name)]
+    notes = [f"skipped incomplete checkpoint {p} (a save was interrupted); it is ignored" for p in skipped]
+    if not complete:
+        return None, notes + [
+            f"--resume_from_checkpoint auto: no checkpoint in {config.train.output_dir}; starting afresh"
+        ]
+    return complete[-1], notes
+
+
+def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) -> tuple[ResumePlan | None, list[str]]:
+    """What to resume (None: start afresh) and the lines to log about it."""
+    checkpoint, notes = find_checkpoint(config)
+    if checkpoint is None:
+        return None, notes
+    state = read_state(checkpoint)
+    differs = [key for key in WHAT if state["fingerprint"].get(key) != fingerprint[key]]
+    if differs:
+        what = "; ".join(WHAT[key] for key in differs)
+        detail = f" (was {state['fingerprint']['lora']}, now {fingerprint['lora']})" if "lora" in differs else ""
+        raise LorakitError(
+            f"cannot resume {checkpoint}: {what} differ from the run that wrote it{detail}; resume with the same "
+            "inputs, or start afresh with --overwrite_output_dir or a new --output_dir"
+        )
+    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["lorakit"]
+    now = config.to_flat()
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in HYPERPARAMETERS if k in saved and saved[k] != now[k]]
+    if changed:
+        notes.append(f"warning: resuming {checkpoint.name} with changed settings: {', '.join(changed)}")
+    if state["world_size"] != world_size:
+        notes.append(
+            f"warning: resuming {checkpoint.name} (written by {state['world_size']} ranks) on {world_size}: "
+            "the data continues from the same example; dropout RNG streams start anew"
+        )
+    position = Position(**state["position"])
+    notes.append(f"resuming from {checkpoint}: step {position.step}, epoch {position.epoch}, example {position.offset}")
+    return ResumePlan(checkpoint, position, float(state["loss_sum"])), notes
