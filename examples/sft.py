@@ -36,6 +36,8 @@ DEFAULT = {
     "lora_target": ("all",),
     "logging_steps": 2,
     "output_dir": "output/persona-smollm2",
+    "overwrite_output_dir": True,  # a demo: every run starts afresh
+    "save_total_limit": 1,
     "plot_loss": importlib.util.find_spec("matplotlib") is not None,
 }
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.checkpoint import CONFIG_FILE, Position, checkpoint_folders, is_complete, read_state
+from lorakit.checkpoint import CHECKPOINT_NAME, CONFIG_FILE, Position, checkpoint_folders, is_complete, read_state
 from lorakit.config import Config
 from lorakit.engine.model import weight_index
 from lorakit.errors import LorakitError
@@ -106,7 +106,8 @@ def find_checkpoint(config: Config) -> tuple[Path | None, list[str]]:
         return path, []
     folders = checkpoint_folders(Path(config.train.output_dir))
     complete = [p for p in folders if is_complete(p)]
-    skipped = [p for p in folders if not is_complete(p) and (not complete or p.name > complete[-1].name)]
+    newest = int(CHECKPOINT_NAME.match(complete[-1].name).group(1)) if complete else -1
+    skipped = [p for p in folders if not is_complete(p) and int(CHECKPOINT_NAME.match(p.name).group(1)) > newest]
     notes = [f"skipped incomplete checkpoint {p} (a save was interrupted); it is ignored" for p in skipped]
     if not complete:
         return None, notes + [
@@ -126,7 +127,7 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
         what = "; ".join(WHAT[key] for key in differs)
         detail = f" (was {state['fingerprint']['lora']}, now {fingerprint['lora']})" if "lora" in differs else ""
         raise LorakitError(
-            f"cannot resume {checkpoint}: {what} differ from the run that wrote it{detail}; resume with the same "
+            f"cannot resume {checkpoint}: {what} changed since the run that wrote it{detail}; resume with the same "
             "inputs, or start afresh with --overwrite_output_dir or a new --output_dir"
         )
     saved = json.loads((checkpoint / CONFIG_FILE).read_text())["lorakit"]

@@ -1,0 +1,220 @@
+"""Checkpoints, exact resume and faults, on 2 gloo ranks (slow: shared module fixtures, few launches).
+
+The uninterrupted run and the two resumed runs come from one driver launch (tests/resume_driver.py); the
+kill -9, SIGTERM, different-world-size and 2-node runs are launches of their own. Every resumed run must match
+the uninterrupted one exactly: fp32 on the CPU, same data order, same RNG streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_multirank import REPO, _free_port, _launch
+
+from lorakit.cli import main, parse_config
+from lorakit.errors import LorakitError
+from lorakit.resume import find_checkpoint
+from lorakit.validate import validate
+
+pytestmark = pytest.mark.multirank
+ARGS = ["--template", "qwen", "--dataset", "tiny", "--cutoff_len", "256", "--learning_rate", "1e-2",
+        "--num_train_epochs", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--logging_steps", "1", "--save_steps", "1", "--lora_rank", "4", "--lora_dropout", "0.1",
+        "--neftune_noise_alpha", "5", "--seed", "11", "--warmup_steps", "2"]  # fmt: skip
+STEPS = 18  # 48 examples, global batch 16: 3 steps an epoch, 6 epochs
+
+
+def _args(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model), "--dataset_dir", str(data), *ARGS, "--output_dir", str(output_dir),
+            *extra]  # fmt: skip
+
+
+def _torchrun(nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(_free_port())]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
+    workdir = tmp_path_factory.mktemp("resume")
+    command = [*_torchrun(), str(REPO / "tests" / "resume_driver.py"), str(workdir), str(tiny_model), str(tiny_data)]
+    _launch(command, workdir / "driver.log")
+    return workdir
+
+
+def _records(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run / "trainer_log.jsonl").read_text().splitlines())}
+
+
+def _assert_same_adapter(a: Path, b: Path) -> None:
+    first, second = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("resumed, from_step", [("mid", 4), ("boundary", 3)])
+def test_resumed_run_equals_the_uninterrupted_run(runs: Path, resumed: str, from_step: int):
+    full, again = _records(runs / "full"), _records(runs / resumed)
+    assert sorted(again) == list(range(from_step + 1, STEPS + 1))
+    for step, record in again.items():
+        for key in ("loss", "grad_norm", "learning_rate", "epoch"):
+            assert record[key] == full[step][key], (step, key)
+    _assert_same_adapter(runs / "full", runs / resumed)
+    full_loss = json.loads((runs / "full" / "train_results.json").read_text())["train_loss"]
+    assert json.loads((runs / resumed / "train_results.json").read_text())["train_loss"] == full_loss
+
+
+def test_checkpoints_hold_engine_state_and_a_standalone_adapter(runs: Path):
+    checkpoint = runs / "full" / "checkpoint-4"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.safetensors",
+                 "rng_state_rank0.pt", "rng_state_rank1.pt", "lorakit_config.json", "lorakit_state.json"):  # fmt: skip
+        assert (checkpoint / name).is_file(), name
+    state = json.loads((checkpoint / "lorakit_state.json").read_text())
+    assert state["position"] == {"step": 4, "epoch": 1, "offset": 16} and state["world_size"] == 2
+    assert set(state["fingerprint"]) == {"data", "model", "lora", "seed"}
+    assert (runs / "full" / f"checkpoint-{STEPS}").is_dir()  # the end of training writes one too
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(runs: Path):
+    message = (runs / "diverge_error.txt").read_text()
+    assert message.startswith("step 2: the loss") and "not finite" in message
+    assert "the last good checkpoint is checkpoint-1" in message
+    assert [p.name for p in (runs / "diverge").glob("checkpoint-*")] == ["checkpoint-1"]
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _rank_pids(launcher: subprocess.Popen) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in children]
+
+
+def test_kill_9_then_resume_auto_finishes_like_an_uninterrupted_run(runs: Path, tiny_model: Path, tiny_data: Path,
+                                                                    tmp_path: Path):  # fmt: skip
+    output = tmp_path / "killed"
+    run = _start([*_torchrun(), "examples/sft.py", *_args(tiny_model, tiny_data, output)], tmp_path / "killed.log")
+    _wait_for(output / "checkpoint-5", run)
+    os.kill(_rank_pids(run)[-1], signal.SIGKILL)
+    assert run.wait(timeout=120) != 0
+    assert not (output / f"checkpoint-{STEPS}").exists()
+    resume = [
+        *_torchrun(),
+        "examples/sft.py",
+        *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint", "auto"),
+    ]
+    log = _launch(resume, tmp_path / "resumed.log")
+    assert "resuming from" in log
+    _assert_same_adapter(runs / "full", output)
+
+
+def test_sigterm_on_one_rank_checkpoints_and_the_resumed_run_completes(runs: Path, tiny_model: Path, tiny_data: Path,
+                                                                        tmp_path: Path):  # fmt: skip
+    output = tmp_path / "stopped"
+    run = _start([*_torchrun(), "examples/sft.py", *_args(tiny_model, tiny_data, output)], tmp_path / "stopped.log")
+    _wait_for(output / "checkpoint-3", run)
+    os.kill(_rank_pids(run)[-1], signal.SIGTERM)  # one rank only: the other learns of it at the step's end
+    assert run.wait(timeout=120) != 0
+    log = (tmp_path / "stopped.log").read_text()
+    line = next(line for line in log.splitlines() if "lorakit: error: stopped by SIGTERM" in line)
+    step = int(line.split("after step ")[1].split(";")[0])
+    assert 3 <= step < STEPS and "--resume_from_checkpoint auto" in line
+    assert json.loads((output / f"checkpoint-{step}" / "lorakit_state.json").read_text())["position"]["step"] == step
+    resume = [
+        *_torchrun(),
+        "examples/sft.py",
+        *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint", "auto"),
+    ]
+    _launch(resume, tmp_path / "resumed.log")
+    _assert_same_adapter(runs / "full", output)
+
+
+def test_resume_on_a_different_number_of_ranks_works(runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    """A 2-rank checkpoint continued by one plain process: same example order, global batch 8 instead of 16."""
+    output = tmp_path / "single"
+    command = [sys.executable, "examples/sft.py", *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint",
+               str(runs / "full" / "checkpoint-4"))]  # fmt: skip
+    log = _launch(command, tmp_path / "single.log")
+    assert "written by 2 ranks) on 1" in log
+    records = _records(output)
+    assert min(records) == 5 and max(records) == 4 + 4 + 4 * 6  # rest of epoch 1: 32 examples; epochs 2-5: 6 each
+    assert records[max(records)]["epoch"] == 6.0
+
+
+def test_two_nodes_of_one_rank_each(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    port, output = str(_free_port()), tmp_path / "two-nodes"
+    nodes = [
+        _start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "examples/sft.py",
+                *_args(tiny_model, tiny_data, output, "--num_train_epochs", "1")], tmp_path / f"node{rank}.log")
+        for rank in (0, 1)
+    ]  # fmt: skip
+    assert [node.wait(timeout=300) for node in nodes] == [0, 0], (tmp_path / "node0.log").read_text()[-2000:]
+    log = (tmp_path / "node0.log").read_text()
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 16" in log
+    assert (output / "adapter_model.safetensors").is_file() and (output / "checkpoint-3").is_dir()
+
+
+def test_output_dir_with_checkpoints_needs_a_decision(tiny_model: Path, tiny_data: Path, tmp_path: Path, capsys):
+    """Reference pitfall 3: a restart into an old output_dir is an error before anything is loaded."""
+    output = tmp_path / "old"
+    (output / "checkpoint-100").mkdir(parents=True)
+    (output / "checkpoint-100" / "keep.txt").write_text("earlier work")
+    assert main(_args(tiny_model, tiny_data, output)) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints (checkpoint-100)" in err and "--resume_from_checkpoint auto" in err
+    assert (output / "checkpoint-100" / "keep.txt").read_text() == "earlier work"
+
+
+def test_fingerprint_mismatch_names_what_differs(runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    checkpoint = str(runs / "full" / "checkpoint-4")
+    for extra, what in ((["--lora_rank", "8"], "the LoRA settings"), (["--cutoff_len", "200"], "the data"),
+                        (["--seed", "12"], "--seed (the data order)")):  # fmt: skip
+        config = parse_config(_args(tiny_model, tiny_data, tmp_path / "x", "--resume_from_checkpoint", checkpoint,
+                                    *extra))  # fmt: skip
+        with pytest.raises(LorakitError, match=f"cannot resume .*checkpoint-4: {re.escape(what)}.* changed since"):
+            validate(config)
+    allowed = parse_config(_args(tiny_model, tiny_data, tmp_path / "y", "--resume_from_checkpoint", checkpoint,
+                                 "--learning_rate", "5e-3", "--num_train_epochs", "8"))  # fmt: skip
+    notes = validate(allowed).notes
+    assert any("changed settings: learning_rate 0.01 -> 0.005, num_train_epochs 6 -> 8" in n for n in notes)
+
+
+def test_auto_skips_half_written_checkpoints(runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(runs / "full" / "checkpoint-4", output / "checkpoint-4")
+    shutil.copytree(runs / "full" / "checkpoint-5", output / "checkpoint-5")
+    (output / "checkpoint-5" / "lorakit_state.json").unlink()  # killed before the last file
+    (output / ".checkpoint-6.incomplete").mkdir()  # killed before the rename
+    config = parse_config(_args(tiny_model, tiny_data, output, "--resume_from_checkpoint", "auto"))
+    checkpoint, notes = find_checkpoint(config)
+    assert checkpoint == output / "checkpoint-4"
+    assert notes == [f"skipped incomplete checkpoint {output / 'checkpoint-5'} (a save was interrupted); it is ignored"]
+    explicit = parse_config(
+        _args(tiny_model, tiny_data, output, "--resume_from_checkpoint", str(output / "checkpoint-5"))
+    )
+    with pytest.raises(LorakitError, match="is not a complete lorakit checkpoint"):
+        validate(explicit)
