@@ -124,6 +124,16 @@ class TrainConfig:
     overwrite_output_dir: bool = field(
         default=False, metadata=_doc("Start afresh in an output_dir that holds checkpoints (they are deleted).")
     )
+    packing: bool = field(
+        default=True,
+        metadata=_doc("Pack examples into long rows (attention never crosses examples); false: padded micro-batches."),
+    )
+    pack_tokens: int = field(
+        default=0, metadata=_doc("Tokens per packed row, i.e. per forward pass (0: max(--cutoff_len, 4096)).")
+    )
+    zero_stage: int | None = field(
+        default=None, metadata=_doc("ZeRO stage 0-3, overriding the DeepSpeed file's (default: the file's, else 3).")
+    )
     seed: int = field(default=42, metadata=_doc("Seed for LoRA initialisation, data order and dropout."))
     plot_loss: bool = field(default=False, metadata=_doc("Write training_loss.png (needs matplotlib: lorakit[plot])."))
 
@@ -144,7 +154,18 @@ class TrainConfig:
             raise LorakitError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise LorakitError("--resume_from_checkpoint and --overwrite_output_dir contradict each other; choose one")
-        counts = ("warmup_steps", "save_steps", "save_total_limit", "max_grad_norm", "neftune_noise_alpha")
+        if self.pack_tokens and self.pack_tokens < 8:
+            raise LorakitError(f"--pack_tokens {self.pack_tokens} is too small")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise LorakitError(f"--zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
+        counts = (
+            "pack_tokens",
+            "warmup_steps",
+            "save_steps",
+            "save_total_limit",
+            "max_grad_norm",
+            "neftune_noise_alpha",
+        )
         for name in counts:
             if getattr(self, name) < 0:
                 raise LorakitError(f"--{name} {getattr(self, name)} must be >= 0")

@@ -34,11 +34,11 @@ from lorakit.checkpoint import (
     save_run_files,
 )
 from lorakit.config import Config
-from lorakit.data import StepPlan, TokenizedData, collate, plan_epoch, prepare_data, steps_per_epoch
+from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, prepare_data, steps_per_epoch
 from lorakit.distributed import DistInfo, init_distributed
 from lorakit.engine import BuiltEngine, build_engine
 from lorakit.errors import LorakitError, TrainingInterrupted
-from lorakit.loss import token_loss_sum
+from lorakit.loss import model_loss_sum
 from lorakit.preview import example_record
 from lorakit.reporting import Reporter, StepMath, say
 from lorakit.schedule import learning_rate_at, warmup_steps_for
@@ -67,18 +67,21 @@ def step_math(config: Config, num_examples: int, world_size: int, start: Positio
                     warmup_steps_for(total, train.warmup_steps, train.warmup_ratio))  # fmt: skip
 
 
-def run_step(engine: Any, data: TokenizedData, plan: StepPlan, dist: DistInfo, pad_id: int) -> torch.Tensor:
+def run_step(
+    engine: Any, data: TokenizedData, plan: StepPlan, dist: DistInfo, pad_id: int, packing: bool
+) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches, then one optimizer step; returns this rank's share
     of the step's mean token loss."""
     step_targets = int(data.target_counts[plan.examples()].sum())
     scale = dist.world_size / step_targets
     micro_batches = plan.micro_batches[dist.rank]
     local_loss = torch.zeros((), device=dist.device)
+    make_batch = pack if packing else collate
     for index, indices in enumerate(micro_batches):
-        batch = {k: v.to(dist.device) for k, v in collate(data, indices, pad_id).items()}
+        inputs = {k: v.to(dist.device) for k, v in make_batch(data, indices, pad_id).items()}
+        labels = inputs.pop("labels")
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss_sum = token_loss_sum(logits, batch["labels"])
+        loss_sum = model_loss_sum(engine, inputs, labels)
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
         local_loss += loss_sum.detach().float()
     engine.step()
@@ -139,13 +142,21 @@ def set_up(config: Config, checked: Checked) -> Run:
     return Run(config, checked, dist, data, built, counts, start, output_dir)
 
 
+def pack_tokens_for(config: Config) -> int:
+    """Row length for packing (0: packing off): --pack_tokens, else max(--cutoff_len, 4096)."""
+    if not config.train.packing:
+        return 0
+    return config.train.pack_tokens or max(config.data.cutoff_len, 4096)
+
+
 def step_plans(run: Run) -> Iterator[StepPlan]:
     """The plan of every remaining optimizer step, in order, from the run's start position."""
     train, start, steps = run.config.train, run.start, run.start.step
     for epoch in range(start.epoch, train.num_train_epochs):
         skip = start.offset if epoch == start.epoch else 0
         for plan in plan_epoch(run.data.lengths, epoch, train.seed, run.dist.world_size,
-                               train.per_device_train_batch_size, train.gradient_accumulation_steps, skip):  # fmt: skip
+                               train.per_device_train_batch_size, train.gradient_accumulation_steps, skip,
+                               pack_tokens_for(run.config)):  # fmt: skip
             if steps == run.counts.total_steps:
                 return
             steps += 1
@@ -183,7 +194,7 @@ def train(config: Config) -> TrainResult:
             learning_rate = learning_rate_at(position.step, counts.total_steps, train_config.learning_rate,
                                              counts.warmup_steps, train_config.lr_scheduler_type)  # fmt: skip
             set_learning_rate(engine, learning_rate)
-            step_loss = run_step(engine, run.data, plan, dist, pad_id)
+            step_loss = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
             position = advance(position, plan, len(run.data))
             grad_norm, local_loss = engine.get_global_grad_norm(), float(step_loss)
             finite = math.isfinite(local_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))

@@ -45,6 +45,11 @@ def validate(config: Config) -> Checked:
     # Reading every record here (cheap next to tokenising) puts a bad record's error before any process group.
     load_conversations(specs, config.data.max_samples)
     validate_precision(config)
+    if config.train.packing and 0 < config.train.pack_tokens < config.data.cutoff_len:
+        raise LorakitError(
+            f"--pack_tokens {config.train.pack_tokens} is below --cutoff_len {config.data.cutoff_len}: the longest "
+            "example would not fit in a row; raise --pack_tokens or lower --cutoff_len"
+        )
     resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, torch.cuda.is_available())
     with torch.device("meta"):  # the module tree without allocating a single weight
         targets = lora_targets(AutoModelForCausalLM.from_config(hf_config), config.lora)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from lorakit.data import encode_dataset, load_conversations, plan_epoch, resolve_datasets
 from lorakit.engine import load_tokenizer
-from lorakit.loss import token_loss_sum
+from lorakit.loss import shifted_cross_entropy_sum
 from lorakit.schedule import learning_rate_at
 from lorakit.templates import get_template
 
@@ -110,7 +110,7 @@ def test_first_step_gradient_is_the_per_token_mean_over_the_global_batch(
     total, count = 0.0, 0
     for index in step.examples():
         ids, labels = (torch.from_numpy(a.astype("int64"))[None] for a in data.example(index))
-        total = total + token_loss_sum(model(input_ids=ids).logits, labels)
+        total = total + shifted_cross_entropy_sum(model(input_ids=ids).logits, labels)
         count += int(data.target_counts[index])
     (total / count).backward()
     norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.requires_grad))

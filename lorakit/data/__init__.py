@@ -8,7 +8,7 @@ from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data import cache
-from lorakit.data.batching import StepPlan, collate, plan_epoch, steps_per_epoch
+from lorakit.data.batching import StepPlan, collate, pack, plan_epoch, steps_per_epoch
 from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.errors import LorakitError
@@ -49,6 +49,7 @@ __all__ = [
     "TokenizedData",
     "alpaca_messages",
     "collate",
+    "pack",
     "encode_conversation",
     "encode_dataset",
     "load_conversations",

@@ -11,6 +11,11 @@ ranks, and each rank cuts its share into micro-batches of similar length, which 
 does not change the update: the loss is normalised by the step's total target tokens, not per micro-batch.
 Every rank runs the same number of micro-batches (ZeRO-3 gathers weights collectively); a rank with nothing
 left in a short step runs an empty micro-batch that contributes no loss.
+
+With packing (the default), the step's examples are dealt to ranks by tokens (longest first, to the rank with
+the fewest tokens so far), and each rank packs its share into as few rows of at most `pack_tokens` tokens as
+first-fit decreasing finds; a micro-batch is one row. So per_device_train_batch_size x accumulation keeps
+its meaning (examples per step), while the work per forward pass is as large as memory allows.
 """
 
 from __future__ import annotations
@@ -39,19 +44,77 @@ def steps_per_epoch(num_examples: int, world_size: int, micro_batch: int, accumu
 
 
 def plan_epoch(
-    lengths: np.ndarray, epoch: int, seed: int, world_size: int, micro_batch: int, accumulation: int, skip: int = 0
+    lengths: np.ndarray,
+    epoch: int,
+    seed: int,
+    world_size: int,
+    micro_batch: int,
+    accumulation: int,
+    skip: int = 0,
+    pack_tokens: int = 0,
 ) -> list[StepPlan]:
-    """The epoch's steps; `skip` leaves out the first examples of its order (already trained when resuming)."""
+    """The epoch's steps; `skip` leaves out the first examples of its order (already trained when resuming).
+
+    pack_tokens = 0: micro-batches of `micro_batch` examples, padded. pack_tokens > 0: each micro-batch is one
+    row of at most `pack_tokens` tokens holding whole examples (see `pack_share`).
+    """
     order = np.random.default_rng([seed, epoch]).permutation(len(lengths))[skip:]
     global_batch = world_size * micro_batch * accumulation
     plans = []
     for start in range(0, len(order), global_batch):
         chunk = order[start : start + global_batch]
         by_length = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        if pack_tokens:
+            shares = balance_tokens(by_length, lengths, world_size)
+            rows = [pack_share(share, lengths, pack_tokens) for share in shares]
+            plans.append(StepPlan([r + [[] for _ in range(max(map(len, rows)) - len(r))] for r in rows]))
+            continue
         shares = [by_length[rank::world_size].tolist() for rank in range(world_size)]
         num_micro = math.ceil(len(shares[0]) / micro_batch)
         plans.append(StepPlan([[s[m * micro_batch : (m + 1) * micro_batch] for m in range(num_micro)] for s in shares]))
     return plans
+
+
+def balance_tokens(by_length: np.ndarray, lengths: np.ndarray, world_size: int) -> list[list[int]]:
+    """Deal examples (longest first) to the rank with the fewest tokens so far, so no rank waits for another."""
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    tokens = [0] * world_size
+    for index in by_length.tolist():
+        rank = min(range(world_size), key=lambda r: (tokens[r], len(shares[r])))
+        shares[rank].append(index)
+        tokens[rank] += int(lengths[index])
+    return shares
+
+
+def pack_share(share: list[int], lengths: np.ndarray, pack_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: whole examples into as few rows of at most pack_tokens tokens as it finds."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(share, key=lambda i: -int(lengths[i])):
+        size = int(lengths[index])
+        fit = next((r for r, free in enumerate(room) if free >= size), None)
+        if fit is None:
+            rows.append([index])
+            room.append(pack_tokens - size)
+        else:
+            rows[fit].append(index)
+            room[fit] -= size
+    return rows
+
+
+def pack(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row holding the examples back to back, with position ids that restart at each example.
+
+    No attention mask: from position ids that restart, transformers builds attention that never crosses an
+    example boundary (a block-diagonal causal mask for SDPA and eager, varlen for FlashAttention), so the row
+    computes exactly what the examples would on their own. Each example's first token is never a target, so no
+    example is trained to predict the next one's start. A filler (no indices) is one pad token, no target.
+    """
+    rows = [data.example(i) for i in indices] or [(np.asarray([pad_id]), np.asarray([IGNORE_INDEX]))]
+    input_ids = torch.from_numpy(np.concatenate([ids for ids, _ in rows]).astype(np.int64))[None]
+    labels = torch.from_numpy(np.concatenate([lab for _, lab in rows]).astype(np.int64))[None]
+    position_ids = torch.cat([torch.arange(len(ids)) for ids, _ in rows])[None]
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:

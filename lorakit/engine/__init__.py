@@ -41,7 +41,7 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
     on_gpu = dist.device.type == "cuda"
     ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu)
-    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
     model = attach_lora(model, config.lora, config.train.seed)
     if config.train.neftune_noise_alpha > 0:

@@ -93,7 +93,11 @@ def resolve_deepspeed_config(
             f"{source}: its scheduler ({scheduler.get('type', '?')}) is replaced by lorakit's schedule "
             f"({train.lr_scheduler_type}, warmup, peak lr {train.learning_rate})"
         )
-    _resolve_zero(ds.setdefault("zero_optimization", {"stage": 3}), hidden_size)
+    zero = ds.setdefault("zero_optimization", {"stage": 3})
+    if train.zero_stage is not None and zero.get("stage", 0) != train.zero_stage:
+        notes.append(f"{source}: ZeRO stage {zero.get('stage', 0)} replaced by --zero_stage {train.zero_stage}")
+        zero["stage"] = train.zero_stage
+    _resolve_zero(zero, hidden_size)
     ds.setdefault("steps_per_print", 10**9)  # lorakit prints its own progress
     _reject_leftover_auto(ds, source)
     return ds, notes
@@ -128,6 +132,9 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int) -> None:
     for key, value in automatic.items():
         if zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3):
             zero[key] = value
+    if zero.get("stage") != 3:  # stage-3-only keys would make DeepSpeed warn about settings it ignores
+        for key in [k for k in zero if k.startswith("stage3_")]:
+            zero.pop(key)
 
 
 def _reject_leftover_auto(node: Any, source: str, path: str = "") -> None:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.templates.base import Message, Segment, Template
-from lorakit.templates.chatml import QWEN, ChatMLTemplate
+from lorakit.templates.chatml import CHATML, QWEN, ChatMLTemplate
+from lorakit.templates.llama3 import LLAMA3, Llama3Template
+from lorakit.templates.plain import PlainTemplate, plain_template
+from lorakit.templates.probe import check_against_tokenizer
+from lorakit.templates.qwen3 import QWEN3, Qwen3Template
 from lorakit.templates.tokenizer_template import TokenizerTemplate
 
-NAMED_TEMPLATES: dict[str, Template] = {"qwen": QWEN}
+# Each name maps to a factory given the tokenizer: most formats are fixed, `default` needs its eos_token.
+NAMED_TEMPLATES: dict[str, Callable[[Any], Template]] = {
+    "qwen": lambda _tokenizer: QWEN,
+    "qwen3": lambda _tokenizer: QWEN3,
+    "chatml": lambda _tokenizer: CHATML,
+    "llama3": lambda _tokenizer: LLAMA3,
+    "default": plain_template,
+}
 TEMPLATE_NAMES = (*NAMED_TEMPLATES, "auto")
 
 
@@ -19,7 +31,20 @@ def get_template(name: str, tokenizer: Any) -> Template:
         return TokenizerTemplate(tokenizer)
     if name not in NAMED_TEMPLATES:
         raise LorakitError(f"--template {name} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
-    return NAMED_TEMPLATES[name]
+    return NAMED_TEMPLATES[name](tokenizer)
 
 
-__all__ = ["ChatMLTemplate", "Message", "Segment", "Template", "TokenizerTemplate", "get_template", "TEMPLATE_NAMES"]
+__all__ = [
+    "ChatMLTemplate",
+    "Llama3Template",
+    "Message",
+    "PlainTemplate",
+    "Qwen3Template",
+    "Segment",
+    "Template",
+    "TokenizerTemplate",
+    "check_against_tokenizer",
+    "get_template",
+    "NAMED_TEMPLATES",
+    "TEMPLATE_NAMES",
+]

@@ -54,3 +54,4 @@ class ChatMLTemplate:
 
 
 QWEN = ChatMLTemplate(name="qwen", default_system=QWEN25_DEFAULT_SYSTEM)
+CHATML = ChatMLTemplate(name="chatml", default_system=None)

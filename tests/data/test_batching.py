@@ -52,3 +52,33 @@ def test_collate_pads_right_and_masks_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     filler = collate(data, [], pad_id=0)
     assert (filler["labels"] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize(
+    "examples, world, micro, accumulation, budget",
+    [(3630, 8, 4, 4, 1024), (37, 2, 4, 2, 300), (5, 8, 4, 4, 512), (64, 3, 2, 2, 400)],
+)
+def test_packed_plans_use_every_example_once_in_rows_within_budget(examples, world, micro, accumulation, budget):
+    lengths = np.random.default_rng(1).integers(5, 300, size=examples)
+    plans = plan_epoch(lengths, 0, seed=2, world_size=world, micro_batch=micro, accumulation=accumulation,
+                       pack_tokens=budget)  # fmt: skip
+    assert len(plans) == steps_per_epoch(examples, world, micro, accumulation)
+    assert sorted(i for plan in plans for i in plan.examples()) == list(range(examples))
+    for plan in plans:
+        assert len({len(rank) for rank in plan.micro_batches}) == 1
+        for rank in plan.micro_batches:
+            assert all(sum(int(lengths[i]) for i in row) <= budget for row in rank)
+        tokens = [sum(int(lengths[i]) for row in rank for i in row) for rank in plan.micro_batches]
+        assert max(tokens) - min(tokens) <= lengths.max()  # balanced to within one example
+
+
+def test_pack_restarts_positions_and_never_targets_an_examples_first_token():
+    from lorakit.data.batching import pack
+
+    ids = np.array([5, 6, 7, 8, 9], np.int32)
+    labels = np.array([IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9], np.int32)
+    data = TokenizedData(ids, labels, np.array([0, 3, 5]), 0, 0)
+    row = pack(data, [1, 0], pad_id=0)
+    assert row["input_ids"].tolist() == [[8, 9, 5, 6, 7]]
+    assert row["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
+    assert row["labels"].tolist() == [[IGNORE_INDEX, 9, IGNORE_INDEX, 6, 7]]
