@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from lorakit.distributed import DistInfo
@@ -124,6 +125,9 @@ class Reporter:
             "train_loss": round(self.total_loss / max(steps, 1), 4),
             "epoch": round(epochs, 2),
         }
+        if self.dist.device.type == "cuda":
+            peak = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30])[0]
+            summary["peak_gpu_memory_gib"] = round(peak, 2)
         if self.dist.is_main:
             say(str(summary))
             (self.output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")

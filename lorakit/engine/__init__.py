@@ -30,6 +30,21 @@ class BuiltEngine:
     total_parameters: int
 
 
+def stage2_hint(hf_config: Any, device: torch.device) -> list[str]:
+    """One line when the frozen model would fit whole on each GPU: stage 3 stays (the user asked for it), but
+    stage 2 would skip ZeRO-3's per-module gathers and hooks (see benchmarks/RESULTS.md for what it gains)."""
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
+    model_gib, free_gib = count * 2 / 2**30, torch.cuda.mem_get_info(device)[0] / 2**30
+    if model_gib > 0.5 * free_gib:
+        return []
+    return [f"ZeRO-3 as asked; the frozen model ({model_gib:.1f} GiB in 16 bits) fits on each GPU ({free_gib:.0f} GiB "
+            "free): --zero_stage 2 would keep it whole on every GPU and skip ZeRO-3's per-module gathers "
+            "(faster; see benchmarks/RESULTS.md)"]  # fmt: skip
+
+
 def compute_dtype(config: Config) -> torch.dtype:
     return torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else torch.float32
 
@@ -42,6 +57,8 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     on_gpu = dist.device.type == "cuda"
     ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu)
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
+    if zero3 and on_gpu:
+        notes += stage2_hint(hf_config, dist.device)
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
     model = attach_lora(model, config.lora, config.train.seed)
     if config.train.neftune_noise_alpha > 0:

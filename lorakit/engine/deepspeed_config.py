@@ -86,7 +86,7 @@ def resolve_deepspeed_config(
     _settle(ds, "gradient_accumulation_steps", accumulation, "--gradient_accumulation_steps", source)
     _settle(ds, "train_batch_size", micro * accumulation * world_size, "micro x accumulation x world size", source)
     _settle(ds, "gradient_clipping", train.max_grad_norm, "--max_grad_norm", source)
-    _resolve_optimizer(ds, config, on_gpu, source)
+    _resolve_optimizer(ds, config, source)
     scheduler = ds.pop("scheduler", None)
     if scheduler is not None:
         notes.append(
@@ -103,7 +103,7 @@ def resolve_deepspeed_config(
     return ds, notes
 
 
-def _resolve_optimizer(ds: dict[str, Any], config: Config, on_gpu: bool, source: str) -> None:
+def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:
     train = config.train
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if optimizer.get("type", "").lower() not in ("adam", "adamw"):
@@ -117,8 +117,9 @@ def _resolve_optimizer(ds: dict[str, Any], config: Config, on_gpu: bool, source:
     ):
         if params.get(key, "auto") == "auto":
             params[key] = value
-    if not on_gpu:
-        params["torch_adam"] = True  # DeepSpeed's fused Adam is a CUDA kernel; torch's AdamW runs anywhere
+    # torch's AdamW everywhere: LoRA's optimizer state is tiny, and DeepSpeed's fused Adam is a CUDA extension
+    # compiled on first use (one to two minutes on every fresh machine) that does not exist on the CPU at all.
+    params.setdefault("torch_adam", True)
 
 
 def _resolve_zero(zero: dict[str, Any], hidden_size: int) -> None:
