@@ -35,6 +35,8 @@ REFERENCE_FLAGS = ["--stage", "sft", "--do_train", "True", "--finetuning_type", 
 RUNS = {  # name: (GPUs, extra flags)
     "zero3": (2, []),
     "zero3-persist": (2, ["--deepspeed", "{persist}"]),
+    "zero3-leaf-layers": (2, ["--deepspeed", "{leaf_layers}"]),
+    "zero3-leaf-small": (2, ["--deepspeed", "{leaf_small}"]),
     "zero2": (2, ["--zero_stage", "2"]),
     "zero3-1gpu": (1, []),
     "zero2-1gpu": (1, ["--zero_stage", "2"]),
@@ -67,7 +69,8 @@ def launch(gpus: int, script: list[str], log: Path, timeout: int) -> int:
 def lorakit_run(name: str, args: argparse.Namespace, flops_per_token: float, work: Path) -> dict:
     gpus, extra = RUNS[name]
     out = Path("/tmp") / f"bench-out-{name}"
-    extra = [e.format(persist=work / "ds_persist.json") for e in extra]
+    variants = {k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small")}
+    extra = [e.format(**variants) for e in extra]
     flags = ["--deepspeed", str(REPO / "examples/ds_config_zero3.json"), *REFERENCE_FLAGS,
              "--model_name_or_path", str(args.model_dir), "--dataset_dir", str(args.data_dir),
              "--output_dir", str(out), "--max_steps", str(args.steps), *extra]  # fmt: skip
@@ -89,6 +92,23 @@ def lorakit_run(name: str, args: argparse.Namespace, flops_per_token: float, wor
         "final_loss": records[-1]["loss"],
         "log": records,
     }
+
+
+def write_variants(work: Path) -> None:
+    """The reference DeepSpeed file with one ZeRO-3 setting changed (see RESULTS.md); and the baseline's copy."""
+    changes = {
+        "persist": {"stage3_param_persistence_threshold": 10**12},  # every frozen weight stays resident
+        "leaf_layers": {"stage3_module_granularity_threshold": 10**7},  # decoder layers fetched as one unit
+        "leaf_small": {"stage3_module_granularity_threshold": 3 * 10**6},  # attention blocks, LoRA-wrapped linears
+    }
+    for name, change in changes.items():
+        config = json.loads((REPO / "examples/ds_config_zero3.json").read_text())
+        config["zero_optimization"].update(change)
+        (work / f"ds_{name}.json").write_text(json.dumps(config))
+    baseline = json.loads((REPO / "examples/ds_config_zero3.json").read_text())
+    # DeepSpeed's fused Adam fails to JIT-build for the 9.0a arch on this host; torch's AdamW instead (LoRA: tiny)
+    baseline["optimizer"]["params"]["torch_adam"] = True
+    (work / "ds_baseline.json").write_text(json.dumps(baseline))
 
 
 def main() -> None:
@@ -116,14 +136,12 @@ def main() -> None:
     data = encode_dataset(conversations, get_template("qwen", tokenizer), tokenizer, 1024)
     flops, tokens = model_flops(data, QWEN25_7B)
     work = args.out.parent
-    reference = json.loads((REPO / "examples/ds_config_zero3.json").read_text())
-    reference["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12  # every frozen weight resident
-    (work / "ds_persist.json").write_text(json.dumps(reference))
+    write_variants(work)
     results = []
     for name in args.runs.split(","):
         if name == "baseline":
             code = launch(2, ["benchmarks/hf_baseline.py", str(args.model_dir), str(args.data_dir),
-                              str(REPO / "examples/ds_config_zero3.json"), str(args.baseline_steps),
+                              str(work / "ds_baseline.json"), str(args.baseline_steps),
                               str(work / "baseline.json")], work / "baseline.log", args.timeout)  # fmt: skip
             result = {"run": "baseline", "gpus": 2, "exit": code}
             if code == 0:

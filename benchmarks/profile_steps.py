@@ -1,0 +1,46 @@
+"""Where a step's time goes: lorakit's own set-up and `run_step`, a few steps under torch.profiler.
+
+    torchrun --nproc_per_node 2 benchmarks/profile_steps.py OUT.txt FLAGS...   (the flags of examples/sft.py)
+Rank 0 writes the wall time per step and the top operators by CUDA time and by CPU time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lorakit.cli import parse_config
+from lorakit.train import run_step, set_learning_rate, set_up, step_plans
+from lorakit.validate import validate
+
+out, config = sys.argv[1], parse_config(sys.argv[2:])
+run = set_up(config, checked := validate(config))
+engine, dist = run.built.engine, run.dist
+set_learning_rate(engine, config.train.learning_rate)
+plans = step_plans(run)
+engine.train()
+
+
+def steps(count: int) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(count):
+        run_step(engine, run.data, next(plans), dist, checked.tokenizer.pad_token_id, config.train.packing)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / count
+
+
+warm = steps(5)
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    profiled = steps(5)
+plain = steps(10)
+if dist.is_main:
+    table = prof.key_averages()
+    with open(out, "w") as handle:
+        handle.write(f"seconds per step: warm-up {warm:.3f}, profiled {profiled:.3f}, plain {plain:.3f}\n\n")
+        handle.write(table.table(sort_by="cuda_time_total", row_limit=25) + "\n\n")
+        handle.write(table.table(sort_by="cpu_time_total", row_limit=25) + "\n")
+    print(f"seconds per step: warm-up {warm:.3f}, profiled {profiled:.3f}, plain {plain:.3f}")
