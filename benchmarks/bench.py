@@ -139,6 +139,16 @@ def main() -> None:
     write_variants(work)
     results = []
     for name in args.runs.split(","):
+        if name.startswith("profile-"):  # e.g. profile-zero2: the per-step profile of that run's settings
+            gpus, extra = RUNS[name.removeprefix("profile-")]
+            variants = {k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small")}
+            flags = ["--deepspeed", str(REPO / "examples/ds_config_zero3.json"), *REFERENCE_FLAGS,
+                     "--model_name_or_path", str(args.model_dir), "--dataset_dir", str(args.data_dir),
+                     "--output_dir", f"/tmp/bench-out-{name}", *[e.format(**variants) for e in extra]]  # fmt: skip
+            code = launch(gpus, ["benchmarks/profile_steps.py", str(work / f"{name}.txt"), *flags],
+                          work / f"{name}.log", args.timeout)  # fmt: skip
+            print(json.dumps({"run": name, "exit": code}), flush=True)
+            continue
         if name == "baseline":
             code = launch(2, ["benchmarks/hf_baseline.py", str(args.model_dir), str(args.data_dir),
                               str(work / "ds_baseline.json"), str(args.baseline_steps),
