@@ -6,6 +6,7 @@ Rank 0 writes the wall time per step and the top operators by CUDA time and by C
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -19,6 +20,10 @@ from lorakit.validate import validate
 out, config = sys.argv[1], parse_config(sys.argv[2:])
 run = set_up(config, checked := validate(config))
 engine, dist = run.built.engine, run.dist
+if os.environ.get("LORAKIT_BENCH_COMPILE") == "1":  # an experiment: each decoder layer through torch.compile
+    for module in engine.module.modules():
+        if module.__class__.__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=True)
 set_learning_rate(engine, config.train.learning_rate)
 plans = step_plans(run)
 engine.train()
@@ -33,7 +38,7 @@ def steps(count: int) -> float:
     return (time.perf_counter() - started) / count
 
 
-warm = steps(5)
+warm = steps(8)
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     profiled = steps(5)
 plain = steps(10)

@@ -67,6 +67,9 @@ def step_math(config: Config, num_examples: int, world_size: int, start: Positio
                     warmup_steps_for(total, train.warmup_steps, train.warmup_ratio))  # fmt: skip
 
 
+ROW_MULTIPLE = 128  # packed rows on GPUs are padded to a multiple of this (see lorakit.data.batching.pack)
+
+
 def run_step(
     engine: Any, data: TokenizedData, plan: StepPlan, dist: DistInfo, pad_id: int, packing: bool
 ) -> torch.Tensor:
@@ -76,9 +79,10 @@ def run_step(
     scale = dist.world_size / step_targets
     micro_batches = plan.micro_batches[dist.rank]
     local_loss = torch.zeros((), device=dist.device)
-    make_batch = pack if packing else collate
+    multiple = ROW_MULTIPLE if dist.device.type == "cuda" else 1
     for index, indices in enumerate(micro_batches):
-        inputs = {k: v.to(dist.device) for k, v in make_batch(data, indices, pad_id).items()}
+        batch = pack(data, indices, pad_id, multiple) if packing else collate(data, indices, pad_id)
+        inputs = {k: v.to(dist.device) for k, v in batch.items()}
         labels = inputs.pop("labels")
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
         loss_sum = model_loss_sum(engine, inputs, labels)

@@ -82,3 +82,13 @@ def test_pack_restarts_positions_and_never_targets_an_examples_first_token():
     assert row["input_ids"].tolist() == [[8, 9, 5, 6, 7]]
     assert row["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
     assert row["labels"].tolist() == [[IGNORE_INDEX, 9, IGNORE_INDEX, 6, 7]]
+
+
+def test_pack_pads_to_a_multiple_with_a_segment_of_its_own():
+    from lorakit.data.batching import pack
+
+    data = TokenizedData(np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32), np.array([0, 3, 5]), 0, 0)
+    row = pack(data, [0, 1], pad_id=0, multiple=4)
+    assert row["input_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 0]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert row["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 3

@@ -38,8 +38,13 @@ def test_reference_file_resolves_every_auto_and_drops_its_scheduler():
     )
     assert ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
-    assert ds["optimizer"]["params"] == {"lr": 5e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                                         "torch_adam": True}
+    assert ds["optimizer"]["params"] == {
+        "lr": 5e-4,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "torch_adam": True,
+    }
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 3584**2
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 3584**2)
