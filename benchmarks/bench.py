@@ -42,6 +42,23 @@ RUNS = {  # name: (GPUs, extra flags)
     "zero3-1gpu": (1, []),
     "zero2-1gpu": (1, ["--zero_stage", "2"]),
     "unpacked-zero2": (2, ["--zero_stage", "2", "--packing", "false"]),
+    # packed vs unpacked, same examples and steps: 512 examples, 2 epochs (32 steps), to compare final-epoch loss
+    "short-packed": (2, ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1"]),
+    "short-unpacked": (
+        2,
+        [
+            "--zero_stage",
+            "2",
+            "--max_samples",
+            "512",
+            "--num_train_epochs",
+            "2",
+            "--max_steps",
+            "-1",
+            "--packing",
+            "false",
+        ],
+    ),
 }
 
 
@@ -91,6 +108,9 @@ def lorakit_run(name: str, args: argparse.Namespace, flops_per_token: float, wor
         "mfu": round(tflops / gpus / PEAK_TFLOPS, 3),
         "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
         "final_loss": records[-1]["loss"],
+        "final_epoch_loss": round(
+            statistics.mean(r["loss"] for r in records if r["epoch"] > records[-1]["epoch"] - 1), 4
+        ),
         "log": records,
     }
 
