@@ -29,7 +29,13 @@ class ModelConfig:
     )
     template: str = field(
         default="auto",
-        metadata=_doc("Chat format: `qwen` (Qwen2.5 ChatML, default system prompt) or `auto` (the tokenizer's own)."),
+        metadata=_doc(
+            "Chat format: qwen, qwen3, chatml, llama3, default, or auto (the tokenizer's own chat_template)."
+        ),
+    )
+    strict_template: bool = field(
+        default=False,
+        metadata=_doc("Stop, instead of warning, when --template renders differently from the tokenizer's own."),
     )
     bf16: bool = field(default=False, metadata=_doc("Train in bfloat16 (needs a GPU that supports it)."))
     fp16: bool = field(default=False, metadata=_doc("Train in float16 with loss scaling (GPU only)."))

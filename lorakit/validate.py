@@ -22,7 +22,7 @@ from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.model import load_tokenizer, lora_targets
 from lorakit.errors import LorakitError
 from lorakit.resume import ResumePlan, check_output_dir, plan_resume, run_fingerprint
-from lorakit.templates import TEMPLATE_NAMES, Template, get_template
+from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer, get_template
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,18 @@ def validate(config: Config) -> Checked:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
     tokenizer = load_tokenizer(config.model.model_name_or_path)
     template = get_template(config.model.template, tokenizer)
+    mismatch = check_against_tokenizer(template, tokenizer)
+    if mismatch and config.model.strict_template:
+        raise LorakitError(
+            f"--template {template.name} renders conversations differently from the tokenizer's own chat_template "
+            "(--strict_template); drop --strict_template to see both renderings, or use --template auto"
+        )
     data_key = cache_key(specs, config.data.max_samples, config.data.cutoff_len, template, tokenizer)
     fingerprint = run_fingerprint(config, data_key, targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
-    return Checked(tokenizer, template, fingerprint, resume, notes)
+    warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "
+               "will learn this format (--strict_template makes this an error)"] if mismatch else []  # fmt: skip
+    return Checked(tokenizer, template, fingerprint, resume, warning + notes)
 
 
 def validate_model_path(path: str) -> AutoConfig:

@@ -56,6 +56,7 @@ CASES = {
     "finetuning type": (["--finetuning_type", "full"], None, "--finetuning_type full is not supported"),
     "epochs not whole": (["--num_train_epochs", "2.5"], None, "--num_train_epochs: expected a whole number"),
     "bad boolean": (["--plot_loss", "maybe"], None, "--plot_loss: expected true or false"),
+    "template mismatch, strict": (["--strict_template"], None, "--template qwen renders conversations differently"),
 }
 
 
@@ -94,3 +95,15 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(
     assert len(err) == 1 and err[0].startswith("lorakit: error: "), err
     assert message in err[0]
     assert not output_dir.exists()
+
+
+def test_template_mismatch_is_a_loud_warning_with_both_renderings(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    from lorakit.cli import parse_config
+    from lorakit.validate import validate
+
+    argv = ["--model_name_or_path", str(tiny_model), "--dataset_dir", str(tiny_data), "--dataset", "tiny",
+            "--output_dir", str(tmp_path / "out"), "--cutoff_len", "256"]  # fmt: skip
+    warning = validate(parse_config([*argv, "--template", "qwen"])).notes[0]
+    assert warning.startswith("WARNING: --template qwen does not write conversations as the chat_template")
+    assert "You are Qwen, created by Alibaba Cloud" in warning and "You are a tiny test model." in warning
+    assert validate(parse_config([*argv, "--template", "auto"])).notes == []
