@@ -55,7 +55,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "tuple[str, ...]": parse_list,
     "int | None": _optional(parse_whole),
     "float | None": _optional(float),
-    "str | None": _optional(str),
+    "str | None": lambda value: None if value is None or str(value).lower() in ("none", "null") else str(value),
 }
 
 

@@ -56,6 +56,18 @@ class DataConfig:
         metadata=_doc("Where tokenised data is cached (default: $LORAKIT_CACHE or ~/.cache/lorakit/data)."),
     )
     overwrite_cache: bool = field(default=False, metadata=_doc("Tokenise again even if a cached copy exists."))
+    train_on_prompt: bool = field(default=False, metadata=_doc("Train on the prompts too, not only the replies."))
+    mask_history: bool = field(
+        default=False,
+        metadata=_doc("Train only on each conversation's last reply; truncation drops the earliest turns first."),
+    )
+    system: str | None = field(
+        default=None, metadata=_doc('System prompt for every record, replacing its own ("": none at all).')
+    )
+    default_system: str | None = field(
+        default=None,
+        metadata=_doc('System prompt for records without one, instead of the template\'s default ("": none).'),
+    )
 
     def __post_init__(self) -> None:
         if self.cutoff_len < 8:

@@ -13,6 +13,7 @@ import numpy as np
 from lorakit.config import Config
 from lorakit.data.encode import IGNORE_INDEX, encode_conversation
 from lorakit.data.records import load_conversations, resolve_datasets
+from lorakit.data.system_prompt import system_template, with_system
 from lorakit.engine.model import load_tokenizer
 from lorakit.templates import get_template
 from lorakit.validate import validate_model_path
@@ -33,12 +34,15 @@ def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     """The first `num_examples` examples as the training run would encode them (no cache, no model weights)."""
     validate_model_path(config.model.model_name_or_path)
     tokenizer = load_tokenizer(config.model.model_name_or_path)
-    template = get_template(config.model.template, tokenizer)
-    specs = resolve_datasets(config.data.dataset_dir, config.data.dataset)
-    conversations = load_conversations(specs, config.data.max_samples)[:num_examples]
+    data = config.data
+    template = system_template(get_template(config.model.template, tokenizer), data.system, data.default_system)
+    specs = resolve_datasets(data.dataset_dir, data.dataset)
+    conversations = load_conversations(specs, data.max_samples)[:num_examples]
     records = []
     for index, messages in enumerate(conversations):
-        example = encode_conversation(messages, template, tokenizer, config.data.cutoff_len)
+        messages = with_system(messages, data.system, data.default_system)
+        example = encode_conversation(messages, template, tokenizer, data.cutoff_len, data.train_on_prompt,
+                                      data.mask_history)  # fmt: skip
         record = example_record(example.input_ids, example.labels, tokenizer, index)
         records.append({**record, "truncated": example.truncated})
     return records

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lorakit.config import Config
 from lorakit.data.cache import cache_key
 from lorakit.data.records import load_conversations, resolve_datasets
+from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_world_size
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.model import load_tokenizer, lora_targets
@@ -56,14 +57,15 @@ def validate(config: Config) -> Checked:
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
     tokenizer = load_tokenizer(config.model.model_name_or_path)
-    template = get_template(config.model.template, tokenizer)
+    template = system_template(get_template(config.model.template, tokenizer), config.data.system,
+                               config.data.default_system)  # fmt: skip
     mismatch = check_against_tokenizer(template, tokenizer)
     if mismatch and config.model.strict_template:
         raise LorakitError(
             f"--template {template.name} renders conversations differently from the tokenizer's own chat_template "
             "(--strict_template); drop --strict_template to see both renderings, or use --template auto"
         )
-    data_key = cache_key(specs, config.data.max_samples, config.data.cutoff_len, template, tokenizer)
+    data_key = cache_key(specs, config.data, template, tokenizer)
     fingerprint = run_fingerprint(config, data_key, targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
     warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "

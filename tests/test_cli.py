@@ -59,3 +59,8 @@ def test_config_file_errors(tmp_path: Path):
     (tmp_path / "typo.yaml").write_text("learning_rat: 1\n")
     with pytest.raises(LorakitError, match=r"unknown key\(s\) \['learning_rat'\]"):
         parse_config([str(tmp_path / "typo.yaml")])
+
+
+def test_an_empty_string_is_a_value_not_a_missing_one():
+    config = parse_config(["--system", "", "--default_system", "none"])
+    assert config.data.system == "" and config.data.default_system is None

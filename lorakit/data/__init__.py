@@ -11,6 +11,7 @@ from lorakit.data import cache
 from lorakit.data.batching import StepPlan, collate, pack, plan_epoch, steps_per_epoch
 from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
+from lorakit.data.system_prompt import system_template, with_system
 from lorakit.errors import LorakitError
 from lorakit.templates import Template
 
@@ -26,14 +27,17 @@ def prepare_data(
     it was already cached.
     """
     specs = resolve_datasets(config.dataset_dir, config.dataset)
-    key = cache.cache_key(specs, config.max_samples, config.cutoff_len, template, tokenizer)
+    key = cache.cache_key(specs, config, template, tokenizer)
     path = Path(config.data_cache_dir or cache.default_cache_dir()) / f"{key}.npz"
     was_cached = path.is_file() and not config.overwrite_cache
     error = None
     if builds and not was_cached:
         try:
-            conversations = load_conversations(specs, config.max_samples)
-            cache.save(encode_dataset(conversations, template, tokenizer, config.cutoff_len), path)
+            conversations = [with_system(c, config.system, config.default_system)
+                             for c in load_conversations(specs, config.max_samples)]  # fmt: skip
+            data = encode_dataset(conversations, template, tokenizer, config.cutoff_len, config.train_on_prompt,
+                                  config.mask_history)  # fmt: skip
+            cache.save(data, path)
         except LorakitError as err:
             error = err
     if not all_ok(error is None):
@@ -58,4 +62,6 @@ __all__ = [
     "read_records",
     "resolve_datasets",
     "steps_per_epoch",
+    "system_template",
+    "with_system",
 ]

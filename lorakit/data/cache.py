@@ -15,18 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from lorakit.config import DataConfig
 from lorakit.data.encode import TokenizedData
 from lorakit.data.records import DatasetSpec
 from lorakit.templates import Message, Template
 
-CACHE_FORMAT = 1
-PROBE = [
-    Message("system", "S"),
-    Message("user", "U1"),
-    Message("assistant", "A1"),
-    Message("user", "U2"),
-    Message("assistant", "A2"),
-]
+CACHE_FORMAT = 2
+_TURNS = [Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2"), Message("assistant", "A2")]
+PROBES = [[Message("system", "S"), *_TURNS], _TURNS]  # with and without a system prompt, so defaults count too
 
 
 def default_cache_dir() -> Path:
@@ -34,10 +30,13 @@ def default_cache_dir() -> Path:
 
 
 def _file_digest(path: Path) -> str:
+    """sha256 of a data file's bytes; of a folder's files (names and bytes) in name order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -47,15 +46,20 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256(definition.encode()).hexdigest()
 
 
-def cache_key(
-    specs: list[DatasetSpec], max_samples: int | None, cutoff_len: int, template: Template, tokenizer: Any
-) -> str:
+def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, tokenizer: Any) -> str:
+    """Everything the ids depend on: data bytes and entries, the data flags, the template, the tokenizer."""
     parts = {
         "format": CACHE_FORMAT,
-        "datasets": [[s.name, s.formatting, s.columns, _file_digest(s.path)] for s in specs],
-        "max_samples": max_samples,
-        "cutoff_len": cutoff_len,
-        "template": [template.name, [[s.text, s.trained] for s in template.render(PROBE)]],
+        "datasets": [[s.name, repr(s), _file_digest(s.path)] for s in specs],
+        "options": [
+            config.max_samples,
+            config.cutoff_len,
+            config.train_on_prompt,
+            config.mask_history,
+            config.system,
+            config.default_system,
+        ],  # fmt: skip
+        "template": [template.name, [[[s.text, s.trained] for s in template.render(p)] for p in PROBES]],
         "tokenizer": _tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

@@ -4,8 +4,9 @@ The template renders text segments; the joined text is tokenised once (no specia
 writes them), and a token is a target when its first character lies inside a trained segment. Labels are the
 ids for targets and -100 elsewhere, aligned with `input_ids` (the loss shifts them).
 
-Truncation keeps the first `cutoff_len` tokens. The model then sees exactly a prefix of the real conversation;
-an example whose every target lies beyond the cut teaches nothing and is left out, and the log counts both.
+Truncation keeps the first `cutoff_len` tokens, so the model sees exactly a prefix of the real conversation
+(with --mask_history the latest turns instead: see encode_conversation); an example whose every target lies
+beyond the cut teaches nothing and is left out, and the log counts both.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lorakit.errors import LorakitError
-from lorakit.templates import Message, Template
+from lorakit.templates import Message, Segment, Template
 
 IGNORE_INDEX = -100
 
@@ -31,10 +32,37 @@ class EncodedExample:
 
 
 def encode_conversation(
-    messages: Sequence[Message], template: Template, tokenizer: Any, cutoff_len: int
+    messages: Sequence[Message],
+    template: Template,
+    tokenizer: Any,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
 ) -> EncodedExample:
-    """One conversation as ids + labels, truncated to cutoff_len tokens."""
+    """One conversation as ids + labels, truncated to cutoff_len tokens.
+
+    train_on_prompt: every token is a target, prompts included. mask_history: only the last reply is a target,
+    and a conversation too long for cutoff_len first loses its earliest turns (the system prompt stays), so what
+    is trained keeps its context; only a last turn still too long is cut at its end.
+    """
+    ids, labels = _ids_and_labels(messages, template, tokenizer, train_on_prompt, mask_history)
+    dropped_turns = False
+    if mask_history and len(ids) > cutoff_len:
+        head = list(messages[:1]) if messages and messages[0].role == "system" else []
+        turns = list(messages[len(head) :])
+        while len(ids) > cutoff_len and len(turns) > 2:
+            turns, dropped_turns = turns[2:], True
+            ids, labels = _ids_and_labels(head + turns, template, tokenizer, train_on_prompt, mask_history)
+    return EncodedExample(ids[:cutoff_len], labels[:cutoff_len], truncated=dropped_turns or len(ids) > cutoff_len)
+
+
+def _ids_and_labels(
+    messages: Sequence[Message], template: Template, tokenizer: Any, train_on_prompt: bool, mask_history: bool
+) -> tuple[list[int], list[int]]:
     segments = template.render(messages)
+    if mask_history:  # only the last reply stays trained
+        last = max(i for i, segment in enumerate(segments) if segment.trained)
+        segments = [Segment(s.text, s.trained and i == last) for i, s in enumerate(segments)]
     text, starts, ends = "", [], []
     for segment in segments:
         if segment.trained:
@@ -42,12 +70,14 @@ def encode_conversation(
             ends.append(len(text) + len(segment.text))
         text += segment.text
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    if train_on_prompt:
+        return ids, list(ids)
     labels = []
-    for token_id, (start, _) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+    for token_id, (start, _) in zip(ids, encoding["offset_mapping"]):
         i = bisect.bisect_right(starts, start) - 1
         labels.append(token_id if i >= 0 and start < ends[i] else IGNORE_INDEX)
-    ids = list(encoding["input_ids"])
-    return EncodedExample(ids[:cutoff_len], labels[:cutoff_len], truncated=len(ids) > cutoff_len)
+    return ids, labels
 
 
 @dataclass(frozen=True)
@@ -80,12 +110,17 @@ class TokenizedData:
 
 
 def encode_dataset(
-    conversations: list[list[Message]], template: Template, tokenizer: Any, cutoff_len: int
+    conversations: list[list[Message]],
+    template: Template,
+    tokenizer: Any,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
 ) -> TokenizedData:
     ids, labels, offsets = [], [], [0]
     num_truncated = num_dropped = 0
     for messages in conversations:
-        example = encode_conversation(messages, template, tokenizer, cutoff_len)
+        example = encode_conversation(messages, template, tokenizer, cutoff_len, train_on_prompt, mask_history)
         num_truncated += example.truncated
         if sum(label != IGNORE_INDEX for label in example.labels[1:]) == 0:
             num_dropped += 1

@@ -1,0 +1,74 @@
+"""Masking choices and system-prompt flags, on Qwen's real tokenizer and the `qwen` template."""
+
+import pytest
+
+from lorakit.data.encode import IGNORE_INDEX, encode_conversation
+from lorakit.data.system_prompt import system_template, with_system
+from lorakit.errors import LorakitError
+from lorakit.templates import Message, get_template
+
+TURNS = [Message("user", "first question"), Message("assistant", "first answer"),
+         Message("user", "second question"), Message("assistant", "second answer")]  # fmt: skip
+
+
+def _trained(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize(
+    "train_on_prompt, mask_history, expected",
+    [
+        (False, False, "first answer<|im_end|>second answer<|im_end|>"),
+        (False, True, "second answer<|im_end|>"),
+        (True, False, None),  # every token
+    ],
+)
+def test_masking_choices(qwen_tokenizer, train_on_prompt, mask_history, expected):
+    template = get_template("qwen", qwen_tokenizer)
+    example = encode_conversation(TURNS, template, qwen_tokenizer, 4096, train_on_prompt, mask_history)
+    if expected is None:
+        assert example.labels == example.input_ids
+    else:
+        assert _trained(qwen_tokenizer, example) == expected
+
+
+def test_mask_history_truncation_drops_the_earliest_turns_and_keeps_the_system(qwen_tokenizer):
+    template = get_template("qwen", qwen_tokenizer)
+    messages = [Message("system", "Be brief."), Message("user", "old " * 100), Message("assistant", "old answer"),
+                *TURNS[2:]]  # fmt: skip
+    full = encode_conversation(messages, template, qwen_tokenizer, 4096, mask_history=True)
+    cut = encode_conversation(messages, template, qwen_tokenizer, len(full.input_ids) - 10, mask_history=True)
+    text = qwen_tokenizer.decode(cut.input_ids)
+    assert cut.truncated and "old" not in text and "Be brief." in text
+    assert _trained(qwen_tokenizer, cut) == "second answer<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "system, default_system, expected_system",
+    [
+        (None, None, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+        (None, "You are Zhen Huan.", "You are Zhen Huan."),
+        (None, "", None),
+        ("Always rhyme.", None, "Always rhyme."),
+        ("", "ignored", None),
+    ],
+)
+def test_system_flags(qwen_tokenizer, system, default_system, expected_system):
+    template = system_template(get_template("qwen", qwen_tokenizer), system, default_system)
+    text = "".join(s.text for s in template.render(with_system(TURNS[:2], system, default_system)))
+    if expected_system is None:
+        assert "<|im_start|>system" not in text
+    else:
+        assert text.startswith(f"<|im_start|>system\n{expected_system}<|im_end|>\n")
+
+
+def test_system_replaces_a_records_own_and_default_keeps_it(qwen_tokenizer):
+    own = [Message("system", "Own."), *TURNS[:2]]
+    assert with_system(own, "New.", None)[0] == Message("system", "New.")
+    assert with_system(own, None, "Default.")[0] == Message("system", "Own.")
+    assert with_system(own, "", None) == TURNS[:2]
+
+
+def test_no_system_cannot_silence_a_tokenizers_own_template(qwen_tokenizer):
+    with pytest.raises(LorakitError, match="cannot switch off the default system prompt"):
+        system_template(get_template("auto", qwen_tokenizer), "", None)
