@@ -56,6 +56,14 @@ class DataConfig:
         metadata=_doc("Where tokenised data is cached (default: $LORAKIT_CACHE or ~/.cache/lorakit/data)."),
     )
     overwrite_cache: bool = field(default=False, metadata=_doc("Tokenise again even if a cached copy exists."))
+    val_size: float = field(
+        default=0.0,
+        metadata=_doc("Hold out this fraction (< 1) or number (>= 1) of examples for evaluation, split by --seed."),
+    )
+    eval_dataset: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("Comma-separated names from dataset_info.json to evaluate on (instead of --val_size)."),
+    )
     train_on_prompt: bool = field(default=False, metadata=_doc("Train on the prompts too, not only the replies."))
     mask_history: bool = field(
         default=False,
@@ -72,6 +80,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.cutoff_len < 8:
             raise LorakitError(f"--cutoff_len {self.cutoff_len} is too small; use at least 8 tokens")
+        if self.val_size < 0 or (self.val_size >= 1 and not float(self.val_size).is_integer()):
+            raise LorakitError(f"--val_size {self.val_size} must be a fraction below 1 or a whole number of examples")
+        if self.val_size and self.eval_dataset:
+            raise LorakitError("--val_size and --eval_dataset both choose the evaluation data; give one")
         if self.max_samples is not None and self.max_samples < 1:
             raise LorakitError(f"--max_samples {self.max_samples} must be at least 1")
 
@@ -130,6 +142,9 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata=_doc("AdamW beta2."))
     adam_epsilon: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
     neftune_noise_alpha: float = field(default=0.0, metadata=_doc("NEFTune embedding noise alpha (0: off)."))
+    eval_steps: int = field(
+        default=0, metadata=_doc("Evaluate every N optimizer steps (0: only at the end) when there is eval data.")
+    )
     logging_steps: int = field(default=10, metadata=_doc("Log every this many optimizer steps."))
     save_steps: int = field(
         default=0, metadata=_doc("Write output_dir/checkpoint-N every N optimizer steps (0: only at the end).")

@@ -74,6 +74,7 @@ class Reporter:
         self.bar = tqdm(total=math.total_steps, initial=start_step, disable=not dist.is_main, desc="train",
                         mininterval=interval)  # fmt: skip
         self.records: list[dict[str, Any]] = []
+        self.last_eval_loss: float | None = None
         if dist.is_main:
             if start_step and self.log_path.is_file():
                 earlier = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
@@ -111,6 +112,17 @@ class Reporter:
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def log_eval(self, step: int, eval_loss: float, epoch: float) -> None:
+        self.last_eval_loss = eval_loss
+        if not self.dist.is_main:
+            return
+        line = {"eval_loss": round(eval_loss, 4), "epoch": round(epoch, 2)}
+        say(str(line))
+        record = {"step": step, **line}
+        self.records.append(record)
+        with open(self.log_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
     def finish(self, steps: int, epochs: float, plot: bool) -> dict[str, float]:
         """The final summary (printed and written to train_results.json); the same dict on every rank. Rates
         count this session's steps; train_loss covers the whole run, resumed or not."""
@@ -125,6 +137,8 @@ class Reporter:
             "train_loss": round(self.total_loss / max(steps, 1), 4),
             "epoch": round(epochs, 2),
         }
+        if self.last_eval_loss is not None:
+            summary["eval_loss"] = round(self.last_eval_loss, 4)
         if self.dist.device.type == "cuda":
             peak = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30])[0]
             summary["peak_gpu_memory_gib"] = round(peak, 2)
@@ -137,12 +151,14 @@ class Reporter:
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    """The logged training loss, raw and smoothed (exponential moving average)."""
+    """The logged training loss, raw and smoothed (exponential moving average), and the eval loss if any."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evals = [r for r in records if "eval_loss" in r]
+    records = [r for r in records if "loss" in r]
     steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
     smoothed, average = [], None
     for value in losses:
@@ -151,6 +167,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 4.5))
     axes.plot(steps, losses, alpha=0.4, label="loss")
     axes.plot(steps, smoothed, label="smoothed")
+    if evals:
+        axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     axes.set(xlabel="step", ylabel="loss", title=f"training loss of {path.parent.name}")
     axes.legend()
     figure.savefig(path, dpi=100, bbox_inches="tight")

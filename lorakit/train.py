@@ -38,6 +38,7 @@ from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, pre
 from lorakit.distributed import DistInfo, init_distributed
 from lorakit.engine import BuiltEngine, build_engine
 from lorakit.errors import LorakitError, TrainingInterrupted
+from lorakit.evaluate import eval_data, evaluate
 from lorakit.loss import model_loss_sum
 from lorakit.preview import example_record
 from lorakit.reporting import Reporter, StepMath, say
@@ -67,7 +68,9 @@ def step_math(config: Config, num_examples: int, world_size: int, start: Positio
                     warmup_steps_for(total, train.warmup_steps, train.warmup_ratio))  # fmt: skip
 
 
-ROW_MULTIPLE = 128  # packed rows on GPUs are padded to a multiple of this (see lorakit.data.batching.pack)
+def row_multiple(dist: DistInfo) -> int:
+    """Packed rows on GPUs are padded to a multiple of 128 tokens (see lorakit.data.batching.pack)."""
+    return 128 if dist.device.type == "cuda" else 1
 
 
 def run_step(
@@ -79,7 +82,7 @@ def run_step(
     scale = dist.world_size / step_targets
     micro_batches = plan.micro_batches[dist.rank]
     local_loss = torch.zeros((), device=dist.device)
-    multiple = ROW_MULTIPLE if dist.device.type == "cuda" else 1
+    multiple = row_multiple(dist)
     for index, indices in enumerate(micro_batches):
         batch = pack(data, indices, pad_id, multiple) if packing else collate(data, indices, pad_id)
         inputs = {k: v.to(dist.device) for k, v in batch.items()}
@@ -110,6 +113,7 @@ class Run:
     checked: Checked
     dist: DistInfo
     data: TokenizedData
+    eval_data: TokenizedData | None
     built: BuiltEngine
     counts: StepMath
     start: Position
@@ -125,6 +129,7 @@ def set_up(config: Config, checked: Checked) -> Run:
             shutil.rmtree(old)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
                                                 dist.all_ok)  # fmt: skip
+    data, held_out = eval_data(config, tokenizer, checked.template, dist, data)
     built = build_engine(config, dist)
     start = Position(0, 0, 0)
     if checked.resume is not None:
@@ -143,7 +148,12 @@ def set_up(config: Config, checked: Checked) -> Run:
     say(f"first example: {first}", dist.is_main)
     for line in counts.lines(built.trainable_parameters, built.total_parameters):
         say(line, dist.is_main)
-    return Run(config, checked, dist, data, built, counts, start, output_dir)
+    if held_out is not None:
+        say(
+            f"evaluation: {len(held_out):,} examples, {int(held_out.target_counts.sum()):,} trained tokens",
+            dist.is_main,
+        )
+    return Run(config, checked, dist, data, held_out, built, counts, start, output_dir)
 
 
 def pack_tokens_for(config: Config) -> int:
@@ -208,6 +218,10 @@ def train(config: Config) -> TrainResult:
             last = position.step == counts.total_steps
             if position.step % train_config.logging_steps == 0 or last or signal_number:
                 reporter.log(position.step, learning_rate, grad_norm, position.epoch + position.offset / len(run.data))
+            if run.eval_data is not None and ((train_config.eval_steps and position.step % train_config.eval_steps == 0)
+                                              or last):  # fmt: skip
+                eval_loss = evaluate(engine, run.eval_data, dist, config, pad_id, row_multiple(dist))
+                reporter.log_eval(position.step, eval_loss, position.epoch + position.offset / len(run.data))
             if (train_config.save_steps and position.step % train_config.save_steps == 0) or last or signal_number:
                 extra = {"fingerprint": checked.fingerprint, "loss_sum": reporter.loss_sum()}
                 saved = save_checkpoint(engine, run.output_dir, position, extra, dist)

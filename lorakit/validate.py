@@ -22,6 +22,7 @@ from lorakit.distributed import launch_world_size
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.model import load_tokenizer, lora_targets
 from lorakit.errors import LorakitError
+from lorakit.evaluate import held_out_count
 from lorakit.resume import ResumePlan, check_output_dir, plan_resume, run_fingerprint
 from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer, get_template
 
@@ -44,7 +45,10 @@ def validate(config: Config) -> Checked:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
     specs = resolve_datasets(config.data.dataset_dir, config.data.dataset)
     # Reading every record here (cheap next to tokenising) puts a bad record's error before any process group.
-    load_conversations(specs, config.data.max_samples)
+    conversations = load_conversations(specs, config.data.max_samples)
+    held_out_count(config.data.val_size, len(conversations))
+    if config.data.eval_dataset:
+        load_conversations(resolve_datasets(config.data.dataset_dir, config.data.eval_dataset), config.data.max_samples)
     validate_precision(config)
     if config.train.packing and 0 < config.train.pack_tokens < config.data.cutoff_len:
         raise LorakitError(
@@ -65,7 +69,7 @@ def validate(config: Config) -> Checked:
             f"--template {template.name} renders conversations differently from the tokenizer's own chat_template "
             "(--strict_template); drop --strict_template to see both renderings, or use --template auto"
         )
-    data_key = cache_key(specs, config.data, template, tokenizer)
+    data_key = f"{cache_key(specs, config.data, template, tokenizer)}:val_size={config.data.val_size}"
     fingerprint = run_fingerprint(config, data_key, targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
     warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "

@@ -193,6 +193,10 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_dat
         str(workdir / "out"),
         "--plot_loss",
         "True",
+        "--val_size",
+        "0.2",
+        "--eval_steps",
+        "4",
         "--seed",
         "3",
     ]
@@ -202,12 +206,12 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_dat
 def test_cli_run_logs_the_step_math_and_replaces_the_file_scheduler(cli_run: tuple[Path, str]):
     _, log = cli_run
     for line in (
-        "Num examples = 40",
+        "Num examples = 32",
         "Num Epochs = 3",
         "Instantaneous batch size per device = 4",
         "Total train batch size (w. parallel, distributed & accumulation) = 16",
         "Gradient Accumulation steps = 2",
-        "Total optimization steps = 9",
+        "Total optimization steps = 6", "evaluation: 8 examples",
         "scheduler (WarmupLR) is replaced by lorakit's schedule",
         "first example: {",
         "'train_runtime'",
@@ -218,14 +222,22 @@ def test_cli_run_logs_the_step_math_and_replaces_the_file_scheduler(cli_run: tup
 
 def test_cli_run_follows_warmup_then_cosine_and_the_loss_falls(cli_run: tuple[Path, str]):
     out, _ = cli_run
-    records = _log(out / "trainer_log.jsonl")
-    assert [r["step"] for r in records] == [2, 4, 6, 8, 9]  # every 2 steps, and the last one
+    records = [r for r in _log(out / "trainer_log.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 6]  # every 2 steps (32 training examples, 2 steps an epoch)
     for record in records:
-        expected = learning_rate_at(record["step"] - 1, total_steps=9, peak=2e-2, warmup=2, kind="cosine")
+        expected = learning_rate_at(record["step"] - 1, total_steps=6, peak=2e-2, warmup=2, kind="cosine")
         assert record["learning_rate"] == pytest.approx(expected, rel=1e-9)
         assert set(record) >= {"loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second"}
-    assert records[-1]["loss"] < records[0]["loss"] - 0.2
+    assert records[-1]["loss"] < records[0]["loss"] - 0.1
     assert records[-1]["epoch"] == 3.0
+
+
+def test_cli_run_evaluates_the_held_out_examples(cli_run: tuple[Path, str]):
+    out, log = cli_run
+    evals = [r for r in _log(out / "trainer_log.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 6] and all(0 < r["eval_loss"] < 20 for r in evals)
+    assert "{'eval_loss': " in log
+    assert json.loads((out / "train_results.json").read_text())["eval_loss"] == evals[-1]["eval_loss"]
 
 
 def test_cli_run_writes_a_complete_output_folder(cli_run: tuple[Path, str]):
@@ -238,7 +250,7 @@ def test_cli_run_writes_a_complete_output_folder(cli_run: tuple[Path, str]):
         "train_results.json",
         "training_loss.png",
         "checkpoint-4/adapter_model.safetensors",
-        "checkpoint-8/adapter_model.safetensors",
+        "checkpoint-6/adapter_model.safetensors",
     ):
         assert (out / name).is_file(), name
     resolved = json.loads((out / "lorakit_config.json").read_text())

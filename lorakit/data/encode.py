@@ -97,6 +97,14 @@ class TokenizedData:
         start, end = self.offsets[index], self.offsets[index + 1]
         return self.ids[start:end], self.labels[start:end]
 
+    def subset(self, indices: np.ndarray) -> TokenizedData:
+        """The examples at `indices`, in that order (a copy, in the same flat layout)."""
+        parts = [self.example(int(i)) for i in indices]
+        offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in parts])]).astype(np.int64)
+        ids = np.concatenate([ids for ids, _ in parts]) if parts else self.ids[:0]
+        labels = np.concatenate([labels for _, labels in parts]) if parts else self.labels[:0]
+        return TokenizedData(ids, labels, offsets, self.num_truncated, self.num_dropped)
+
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
