@@ -43,20 +43,28 @@ DEFAULT = {
 
 
 def answers(model_dir: Path, adapter_dir: Path | None) -> list[str]:
-    from transformers import AutoModelForCausalLM
-
-    from lorakit.engine import load_tokenizer
+    from lorakit.chat import load_chat_model
     from lorakit.generation import generate_reply
-    from lorakit.templates import Message, get_template
+    from lorakit.templates import Message
 
-    tokenizer = load_tokenizer(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if adapter_dir is not None:
-        from peft import PeftModel
+    model, tokenizer, template = load_chat_model(str(model_dir), str(adapter_dir) if adapter_dir else None)
+    return [generate_reply(model, tokenizer, template, [Message("user", p)], 64) for p in PROMPTS]
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    template = get_template("auto", tokenizer)
-    return [generate_reply(model.eval(), tokenizer, template, [Message("user", p)], 64) for p in PROMPTS]
+
+def short_chat(model_dir: Path, adapter_dir: Path) -> None:
+    """A two-turn conversation with the result, history kept, through the same chat path as `lorakit chat`."""
+    from lorakit.chat import load_chat_model
+    from lorakit.generation import generate_reply
+    from lorakit.templates import Message
+
+    model, tokenizer, template = load_chat_model(str(model_dir), str(adapter_dir))
+    history: list = []
+    print("\na short chat with the result:")
+    for question in ("Hello! Who am I talking to?", "What do you like most about where you live?"):
+        history.append(Message("user", question))
+        reply = generate_reply(model, tokenizer, template, history, 64)
+        history.append(Message("assistant", reply))
+        print(f"  you:      {question}\n  juniper:  {reply}")
 
 
 def run_default() -> None:
@@ -83,7 +91,12 @@ def run_default() -> None:
         after = answers(model_dir, result.output_dir)
         for prompt, old, new in zip(PROMPTS, before, after):
             print(f"\n>>> {prompt}\n  before: {old}\n  after:  {new}")
-        print(f"\nadapter: {result.output_dir.resolve()} (load it with PeftModel.from_pretrained({model_dir}, ...))")
+        short_chat(model_dir, result.output_dir)
+        print(
+            f"\nadapter: {result.output_dir.resolve()}\nchat with it: python -m lorakit chat --model {model_dir} "
+            f"--adapter {result.output_dir}\nmerge it: python -m lorakit merge --base {model_dir} --adapter "
+            f"{result.output_dir} --out output/persona-smollm2-merged"
+        )
 
 
 if __name__ == "__main__":

@@ -1,19 +1,30 @@
-"""`python -m lorakit train FLAGS` and `python -m lorakit preview [--num_examples N] FLAGS`."""
+"""`python -m lorakit {train,preview,merge,chat} ...`
+
+- train FLAGS: the training run (as `deepspeed examples/sft.py FLAGS`).
+- preview [--num_examples N] FLAGS: the first encoded examples as JSON lines.
+- merge --base MODEL --adapter DIR --out DIR [--overwrite] [--export ollama]: a standalone merged model.
+- chat --model DIR [--adapter DIR] [--prompt TEXT] [--system TEXT] [--max_new_tokens N]: talk to it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from pathlib import Path
 
 from lorakit.cli import main, parse_config, run_cli
+from lorakit.errors import LorakitError
 
-USAGE = (
-    "usage: python -m lorakit {train,preview} [CONFIG_FILE] [--flag value ...]  (--help after a command lists flags)"
-)
+USAGE = "usage: python -m lorakit {train,preview,merge,chat} ...  (--help after a command lists its options)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise LorakitError(f"{message}; run with --help")
 
 
 def _preview(argv: list[str]) -> None:
-    from lorakit.errors import LorakitError
     from lorakit.preview import preview
 
     count = 3
@@ -27,13 +38,60 @@ def _preview(argv: list[str]) -> None:
         print(json.dumps(record, ensure_ascii=False))
 
 
+def _merge(argv: list[str]) -> None:
+    from lorakit.checkpoint import CONFIG_FILE
+    from lorakit.engine.model import load_tokenizer
+    from lorakit.export import write_export
+    from lorakit.merge import merge, training_template
+
+    parser = _Parser(prog="lorakit merge", description="Merge a LoRA adapter into its base model.")
+    parser.add_argument("--base", required=True, help="the base model folder the adapter was trained on")
+    parser.add_argument("--adapter", required=True, help="the adapter folder (a lorakit output_dir or checkpoint)")
+    parser.add_argument("--out", required=True, help="where the merged model goes")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--export", choices=["ollama"], help="also write an ollama Modelfile next to the model")
+    args = parser.parse_args(argv)
+    if args.export and not (Path(args.adapter) / CONFIG_FILE).is_file():
+        raise LorakitError(
+            f"--export ollama needs {args.adapter}/{CONFIG_FILE} (lorakit's record of the chat template)"
+        )
+    out = merge(args.base, args.adapter, args.out, args.overwrite)
+    print(f"merged model written to {out}")
+    if args.export:
+        modelfile = write_export(out, training_template(out, load_tokenizer(str(out))))
+        print(f"ollama Modelfile written to {modelfile}; convert the model to GGUF first (see README)")
+
+
+def _chat(argv: list[str]) -> None:
+    from lorakit.chat import chat_loop, load_chat_model
+    from lorakit.generation import generate_reply
+    from lorakit.templates import Message
+
+    parser = _Parser(prog="lorakit chat", description="Talk to a trained model.")
+    parser.add_argument("--model", required=True, help="a model folder (merged, or the base with --adapter)")
+    parser.add_argument("--adapter", help="a LoRA adapter folder to apply on top of --model")
+    parser.add_argument("--prompt", help="one-shot: print the reply to this prompt and exit")
+    parser.add_argument("--system", help="a system prompt for the conversation")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    model, tokenizer, template = load_chat_model(args.model, args.adapter)
+    if args.prompt is None:
+        chat_loop(model, tokenizer, template, args.system, args.max_new_tokens)
+        return
+    messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
+    print(generate_reply(model, tokenizer, template, messages, args.max_new_tokens))
+
+
+COMMANDS = {"preview": _preview, "merge": _merge, "chat": _chat}
+
+
 def entry(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("train", "preview"):
+    if not argv or argv[0] not in ("train", *COMMANDS):
         print(USAGE, file=sys.stderr)
         return 2
     if argv[0] == "train":
         return main(argv[1:], "lorakit train")
-    return run_cli(lambda: _preview(argv[1:]))
+    return run_cli(lambda: COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

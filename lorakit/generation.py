@@ -21,9 +21,15 @@ def stop_token_ids(tokenizer: Any, template: Template) -> list[int]:
 
 @torch.no_grad()
 def generate_reply(
-    model: Any, tokenizer: Any, template: Template, messages: Sequence[Message], max_new_tokens: int = 96
+    model: Any,
+    tokenizer: Any,
+    template: Template,
+    messages: Sequence[Message],
+    max_new_tokens: int = 96,
+    streamer: Any = None,
 ) -> str:
-    """The model's greedy reply to `messages` (ending with a user turn), without the end-of-turn marker."""
+    """The model's greedy reply to `messages` (ending with a user turn), without the end-of-turn marker;
+    `streamer` (e.g. transformers' TextStreamer) receives the tokens as they come."""
     prompt = template.generation_prompt(messages)
     input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     stops = stop_token_ids(tokenizer, template)
@@ -34,6 +40,7 @@ def generate_reply(
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
     )
     reply = output[0, input_ids.shape[1] :].tolist()
     reply = reply[: next((i for i, t in enumerate(reply) if t in stops), len(reply))]

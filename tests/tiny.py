@@ -67,7 +67,7 @@ def make_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(folder: Path, seed: int = 0) -> Path:
+def make_model(folder: Path, seed: int = 0, hidden_size: int = 64) -> Path:
     """Save the tiny model + tokenizer in `folder` (a normal Hugging Face folder) and return it."""
     records = alpaca_records(200)
     corpus = [" ".join(r.values()) for r in records] + ["You are a tiny test model. system user assistant"]
@@ -75,7 +75,7 @@ def make_model(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
+        hidden_size=hidden_size,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,

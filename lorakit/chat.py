@@ -1,0 +1,60 @@
+"""Talk to a trained model: `python -m lorakit chat --model DIR [--adapter DIR] [--prompt TEXT]`.
+
+The prompt is built by the same template object that built the training data (read from the adapter's or the
+merged model's lorakit_config.json; the tokenizer's own chat_template otherwise), and generation stops at the
+template's end-of-turn token. Interactively, replies stream token by token and the history is kept; `/reset`
+starts a new conversation and `/exit` (or end of input) leaves.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from transformers import AutoModelForCausalLM, TextStreamer
+
+from lorakit.engine.model import load_tokenizer
+from lorakit.errors import LorakitError
+from lorakit.generation import generate_reply
+from lorakit.merge import training_template
+from lorakit.templates import Message, Template, get_template
+from lorakit.validate import validate_model_path
+
+
+def load_chat_model(model_dir: str, adapter_dir: str | None = None) -> tuple[Any, Any, Template]:
+    validate_model_path(model_dir)
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise LorakitError(f"--adapter {adapter_dir} has no adapter_config.json")
+    source = Path(adapter_dir or model_dir)
+    tokenizer = load_tokenizer(str(source) if (source / "tokenizer_config.json").is_file() else model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    template = training_template(source, tokenizer) or get_template("auto", tokenizer)
+    return model.eval(), tokenizer, template
+
+
+def chat_loop(model: Any, tokenizer: Any, template: Template, system: str | None, max_new_tokens: int,
+              source: TextIO = sys.stdin, sink: TextIO = sys.stdout) -> None:  # fmt: skip
+    """The interactive session: history kept, replies streamed, /reset and /exit."""
+    start = [Message("system", system)] if system else []
+    history = list(start)
+    sink.write("lorakit chat: /reset starts over, /exit leaves\n")
+    while True:
+        sink.write(">>> ")
+        sink.flush()
+        line = source.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        history.append(Message("user", line.rstrip("\n")))
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        reply = generate_reply(model, tokenizer, template, history, max_new_tokens, streamer=streamer)
+        history.append(Message("assistant", reply))

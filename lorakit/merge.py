@@ -1,0 +1,135 @@
+"""Merge a LoRA adapter into its base model: a standalone model folder that needs neither PEFT nor lorakit.
+
+`python -m lorakit merge --base MODEL --adapter DIR --out DIR [--export ollama]`
+
+- The LoRA settings (rank, alpha, rsLoRA, target modules) come from the adapter's own adapter_config.json;
+  nothing is copied by hand.
+- Merging streams the base model one safetensors shard at a time (W += scale * B @ A in fp32, stored back in
+  the shard's dtype), so a 7B model merges in a few GiB of memory.
+- The output gets the tokenizer with the chat template the adapter was trained with (from the adapter's
+  lorakit_config.json) as its `chat_template`, and a generation_config.json whose end-of-turn token stops
+  generation after the reply (the classic "answers, then rambles on" failure of hand-built prompts).
+- Checks come first, before anything is written: adapter and base must belong together (every adapted module
+  exists in the base with matching shapes), and an existing --out is not replaced without --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, GenerationConfig
+
+from lorakit.checkpoint import CONFIG_FILE
+from lorakit.data.system_prompt import system_template
+from lorakit.engine.model import load_tokenizer, weight_index
+from lorakit.errors import LorakitError
+from lorakit.generation import stop_token_ids
+from lorakit.templates import Template, get_template
+from lorakit.validate import validate_model_path
+
+ADAPTER_PREFIX = "base_model.model."
+
+
+def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """{base weight name: (A, B)} and the scale alpha / r (or alpha / sqrt(r) with rsLoRA)."""
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise LorakitError(f"--adapter {adapter_dir} has no adapter_config.json + adapter_model.safetensors")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA" or config.get("fan_in_fan_out") or config.get("use_dora"):
+        raise LorakitError(f"--adapter {adapter_dir} is not a plain LoRA adapter (peft_type {config.get('peft_type')})")
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    tensors = load_file(weights_file)
+    pairs = {}
+    for key, tensor in tensors.items():
+        if ".lora_A." in key:
+            module = key.removeprefix(ADAPTER_PREFIX).split(".lora_A.")[0]
+            pairs[f"{module}.weight"] = (tensor, tensors[key.replace(".lora_A.", ".lora_B.")])
+    return pairs, scale
+
+
+def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str) -> dict[str, Path]:
+    """The base's weight index, once every adapted weight is found in it with the shapes the adapter needs."""
+    index = weight_index(base)
+    missing = sorted(name for name in pairs if name not in index)
+    if missing:
+        raise LorakitError(
+            f"the adapter adapts modules the base model {base} does not have (e.g. {missing[:3]}); it was trained on "
+            "another architecture"
+        )
+    for name, (a, b) in pairs.items():
+        with safe_open(index[name], framework="pt") as handle:
+            shape = tuple(handle.get_slice(name).get_shape())
+        if shape != (b.shape[0], a.shape[1]):
+            raise LorakitError(
+                f"the adapter does not fit the base model {base}: {name} is {list(shape)} there but the adapter "
+                f"expects {[b.shape[0], a.shape[1]]} (another model size or architecture)"
+            )
+    return index
+
+
+def training_template(adapter_dir: Path, tokenizer: Any) -> Template | None:
+    """The template the adapter was trained with, as lorakit recorded it (None for a foreign adapter)."""
+    config_file = adapter_dir / CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    flags = json.loads(config_file.read_text())["lorakit"]
+    template = get_template(flags["template"], tokenizer)
+    return system_template(template, flags.get("system"), flags.get("default_system"))
+
+
+def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
+    """Write the merged model to `out` (atomically: a temporary folder renamed when complete)."""
+    from lorakit.export import chat_template_jinja
+
+    destination, adapter_dir = Path(out), Path(adapter)
+    if destination.exists() and not overwrite:
+        raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+    validate_model_path(base)
+    pairs, scale = lora_deltas(adapter_dir)
+    index = check_belongs(pairs, base)
+    tokenizer = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base)
+    template = training_template(adapter_dir, tokenizer)
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.incomplete")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for shard in sorted(set(index.values())):
+        tensors = load_file(shard)
+        for name, tensor in tensors.items():
+            if name in pairs:
+                a, b = pairs[name]
+                tensors[name] = (tensor.float() + scale * (b.float() @ a.float())).to(tensor.dtype)
+        save_file(tensors, temporary / shard.name, metadata={"format": "pt"})
+    if (Path(base) / "model.safetensors.index.json").is_file():
+        shutil.copy(Path(base) / "model.safetensors.index.json", temporary)
+    AutoConfig.from_pretrained(base).save_pretrained(temporary)
+    if template is not None:
+        tokenizer.chat_template = chat_template_jinja(template)
+        shutil.copy(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)
+    tokenizer.save_pretrained(temporary)
+    write_generation_config(base, temporary, tokenizer, template)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(temporary, destination)
+    return destination
+
+
+def write_generation_config(base: str, folder: Path, tokenizer: Any, template: Template | None) -> None:
+    """The base's generation settings, with every end-of-turn token of the chat template as an eos token."""
+    try:
+        generation = GenerationConfig.from_pretrained(base)
+    except OSError:
+        generation = GenerationConfig()
+    stops = stop_token_ids(tokenizer, template) if template is not None else []
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    generation.eos_token_id = list(dict.fromkeys(stops + [e for e in eos if e is not None]))
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
