@@ -48,6 +48,9 @@ class Position:
     epoch: int
     offset: int
 
+    def epochs_done(self, num_examples: int) -> float:
+        return self.epoch + self.offset / num_examples
+
 
 def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]

@@ -184,6 +184,11 @@ def advance(position: Position, plan: StepPlan, num_examples: int) -> Position:
     return Position(position.step + 1, position.epoch, offset)
 
 
+def due(step: int, every: int) -> bool:
+    """Whether an every-N-steps action (log, eval, save) falls on `step`; every = 0 means never."""
+    return every > 0 and step % every == 0
+
+
 def check_finite(step: int, diverged: bool, loss: float, grad_norm: Any, output_dir: Path) -> None:
     if diverged:
         saved = [p.name for p in checkpoint_folders(output_dir)]
@@ -215,14 +220,13 @@ def train(config: Config) -> TrainResult:
             signal_number, diverged = dist.max([signals.received, 0.0 if finite else 1.0])
             check_finite(position.step, bool(diverged), local_loss, grad_norm, run.output_dir)
             reporter.step_done(step_loss, tokens=int(run.data.lengths[plan.examples()].sum()))
-            last = position.step == counts.total_steps
-            if position.step % train_config.logging_steps == 0 or last or signal_number:
-                reporter.log(position.step, learning_rate, grad_norm, position.epoch + position.offset / len(run.data))
-            if run.eval_data is not None and ((train_config.eval_steps and position.step % train_config.eval_steps == 0)
-                                              or last):  # fmt: skip
+            last, epoch = position.step == counts.total_steps, position.epochs_done(len(run.data))
+            if due(position.step, train_config.logging_steps) or last or signal_number:
+                reporter.log(position.step, learning_rate, grad_norm, epoch)
+            if run.eval_data is not None and (due(position.step, train_config.eval_steps) or last):
                 eval_loss = evaluate(engine, run.eval_data, dist, config, pad_id, row_multiple(dist))
-                reporter.log_eval(position.step, eval_loss, position.epoch + position.offset / len(run.data))
-            if (train_config.save_steps and position.step % train_config.save_steps == 0) or last or signal_number:
+                reporter.log_eval(position.step, eval_loss, epoch)
+            if due(position.step, train_config.save_steps) or last or signal_number:
                 extra = {"fingerprint": checked.fingerprint, "loss_sum": reporter.loss_sum()}
                 saved = save_checkpoint(engine, run.output_dir, position, extra, dist)
                 if dist.is_main:
@@ -230,6 +234,6 @@ def train(config: Config) -> TrainResult:
             if signal_number:
                 raise TrainingInterrupted(int(signal_number), position.step, saved)
     save_adapter(engine.module, run.output_dir, dist.is_main)
-    metrics = reporter.finish(position.step, position.epoch + position.offset / len(run.data), train_config.plot_loss)
+    metrics = reporter.finish(position.step, position.epochs_done(len(run.data)), train_config.plot_loss)
     say(f"adapter saved to {run.output_dir.resolve()}", dist.is_main)
     return TrainResult(metrics, engine, run.output_dir)
