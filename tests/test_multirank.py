@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -143,10 +142,10 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_dat
         f"model_name_or_path: {tiny_model}\ntemplate: qwen\ndataset_dir: {tiny_data}\ndataset: tiny\n"
         "cutoff_len: 256\nlearning_rate: 1.0e-3\nnum_train_epochs: 5\nlogging_steps: 1\nlora_target: all\n"
     )
-    if shutil.which("deepspeed") is None:
-        pytest.skip("the deepspeed launcher is not on PATH")
-    command = [
-        "deepspeed",
+    command = [  # the `deepspeed` launcher, run as its module so no PATH is needed
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
         "--num_gpus",
         "2",
         "--master_port",
