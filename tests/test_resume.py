@@ -218,3 +218,18 @@ def test_auto_skips_half_written_checkpoints(runs: Path, tiny_model: Path, tiny_
     )
     with pytest.raises(LorakitError, match="is not a complete lorakit checkpoint"):
         validate(explicit)
+
+
+def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path: Path):
+    from lorakit.checkpoint import STATE_FILE, TRAINER_STATE, prune_checkpoints
+
+    for step in (2, 4, 6, 8):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / STATE_FILE).write_text("{}")
+        (folder / TRAINER_STATE).write_text("")
+    (tmp_path / "checkpoint-10").mkdir()  # incomplete: not counted, not deleted
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-6", "checkpoint-8"]
+    prune_checkpoints(tmp_path, keep=0)  # 0 keeps all
+    assert len(list(tmp_path.iterdir())) == 3

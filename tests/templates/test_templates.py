@@ -113,3 +113,14 @@ def test_unknown_template_name(qwen_tokenizer):
 def test_stop_strings(qwen25_tokenizer):
     assert get_template("qwen", qwen25_tokenizer).stop_strings == ("<|im_end|>",)
     assert get_template("auto", qwen25_tokenizer).stop_strings[0] == "<|im_end|>"
+
+
+def test_auto_refuses_a_template_that_rewrites_earlier_turns(qwen_tokenizer):
+    """A chat_template that marks only the last message: prefixes of the conversation are not prefixes of it."""
+    tokenizer = copy.deepcopy(qwen_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} <END>{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(LorakitError, match="cannot be split into prompt and reply"):
+        encode_conversation(CONVERSATIONS["multi-turn"], get_template("auto", tokenizer), tokenizer, 4096)
