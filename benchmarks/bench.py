@@ -38,6 +38,7 @@ RUNS = {  # name: (GPUs, extra flags)
     "zero3-leaf-layers": (2, ["--deepspeed", "{leaf_layers}"]),
     "zero3-leaf-small": (2, ["--deepspeed", "{leaf_small}"]),
     "zero3-bigfetch": (2, ["--deepspeed", "{bigfetch}"]),
+    "zero3-1gpu-hfpersist": (1, ["--deepspeed", "{hfpersist}"]),
     "zero2": (2, ["--zero_stage", "2"]),
     "zero3-1gpu": (1, []),
     "zero2-1gpu": (1, ["--zero_stage", "2"]),
@@ -87,7 +88,7 @@ def launch(gpus: int, script: list[str], log: Path, timeout: int) -> int:
 def lorakit_run(name: str, args: argparse.Namespace, flops_per_token: float, work: Path) -> dict:
     gpus, extra = RUNS[name]
     out = Path("/tmp") / f"bench-out-{name}"
-    variants = {k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small", "bigfetch")}
+    variants = {k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small", "bigfetch", "hfpersist")}
     extra = [e.format(**variants) for e in extra]
     flags = ["--deepspeed", str(REPO / "examples/ds_config_zero3.json"), *REFERENCE_FLAGS,
              "--model_name_or_path", str(args.model_dir), "--dataset_dir", str(args.data_dir),
@@ -119,6 +120,7 @@ def write_variants(work: Path) -> None:
     """The reference DeepSpeed file with one ZeRO-3 setting changed (see RESULTS.md); and the baseline's copy."""
     changes = {
         "persist": {"stage3_param_persistence_threshold": 10**12},  # every frozen weight stays resident
+        "hfpersist": {"stage3_param_persistence_threshold": 35840},  # HF's 10 x hidden: MLP LoRA matrices gathered
         "leaf_layers": {"stage3_module_granularity_threshold": 10**7},  # decoder layers fetched as one unit
         "leaf_small": {"stage3_module_granularity_threshold": 3 * 10**6},  # attention blocks, LoRA-wrapped linears
         # whole decoder layers per gather and prefetched ahead, so NCCL moves large messages
@@ -173,7 +175,9 @@ def main() -> None:
         if name.startswith("profile-"):  # e.g. profile-zero2: the per-step profile of that run's settings
             gpus, extra = RUNS[name.removeprefix("profile-").removesuffix("-compiled")]
             os.environ["LORAKIT_BENCH_COMPILE"] = "1" if name.endswith("-compiled") else "0"
-            variants = {k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small", "bigfetch")}
+            variants = {
+                k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small", "bigfetch", "hfpersist")
+            }
             flags = ["--deepspeed", str(REPO / "examples/ds_config_zero3.json"), *REFERENCE_FLAGS,
                      "--model_name_or_path", str(args.model_dir), "--dataset_dir", str(args.data_dir),
                      "--output_dir", f"/tmp/bench-out-{name}", *[e.format(**variants) for e in extra]]  # fmt: skip

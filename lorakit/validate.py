@@ -55,7 +55,7 @@ def validate(config: Config) -> Checked:
             f"--pack_tokens {config.train.pack_tokens} is below --cutoff_len {config.data.cutoff_len}: the longest "
             "example would not fit in a row; raise --pack_tokens or lower --cutoff_len"
         )
-    resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, torch.cuda.is_available())
+    resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, torch.cuda.is_available())  # checks
     with torch.device("meta"):  # the module tree without allocating a single weight
         targets = lora_targets(AutoModelForCausalLM.from_config(hf_config), config.lora)
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:

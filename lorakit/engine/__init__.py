@@ -45,6 +45,11 @@ def stage2_hint(hf_config: Any, device: torch.device) -> list[str]:
             "(5.6x the tokens/s on 2 H200s: benchmarks/RESULTS.md)"]  # fmt: skip
 
 
+def largest_lora_matrix(config: Config, hf_config: Any) -> int:
+    """Elements of the largest LoRA matrix: rank x the widest side an adapted linear layer can have."""
+    return config.lora.lora_rank * max(hf_config.hidden_size, getattr(hf_config, "intermediate_size", 0))
+
+
 def compute_dtype(config: Config) -> torch.dtype:
     return torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else torch.float32
 
@@ -55,7 +60,8 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
 
     hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
     on_gpu = dist.device.type == "cuda"
-    ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu)
+    ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu,
+                                                largest_lora_matrix(config, hf_config))  # fmt: skip
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
     if zero3 and on_gpu:
         notes += stage2_hint(hf_config, dist.device)

@@ -71,7 +71,7 @@ def _settle(section: dict[str, Any], key: str, wanted: Any, flag: str, source: s
 
 
 def resolve_deepspeed_config(
-    config: Config, world_size: int, hidden_size: int, on_gpu: bool
+    config: Config, world_size: int, hidden_size: int, on_gpu: bool, largest_lora: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
     """The resolved config and the log lines that explain what lorakit changed."""
     source = f"DeepSpeed file {config.train.deepspeed}" if config.train.deepspeed else "lorakit's default config"
@@ -97,7 +97,7 @@ def resolve_deepspeed_config(
     if train.zero_stage is not None and zero.get("stage", 0) != train.zero_stage:
         notes.append(f"{source}: ZeRO stage {zero.get('stage', 0)} replaced by --zero_stage {train.zero_stage}")
         zero["stage"] = train.zero_stage
-    _resolve_zero(zero, hidden_size)
+    _resolve_zero(zero, hidden_size, largest_lora)
     ds.setdefault("steps_per_print", 10**9)  # lorakit prints its own progress
     _reject_leftover_auto(ds, source)
     return ds, notes
@@ -122,13 +122,15 @@ def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:
     params.setdefault("torch_adam", True)
 
 
-def _resolve_zero(zero: dict[str, Any], hidden_size: int) -> None:
-    # HF's choices for these sizes: a bucket of one hidden x hidden matrix, and parameters under ten hidden
-    # vectors (norms, biases, LoRA's small matrices) kept resident instead of gathered on every use.
+def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> None:
+    # HF's choices for the buckets (one hidden x hidden matrix). Parameters below the persistence threshold are
+    # never partitioned: HF's ten hidden vectors cover norms and biases; lorakit raises it past the largest LoRA
+    # matrix (r x intermediate for the MLP projections, 151,552 for Qwen2.5-7B at r=8), so the adapter stays
+    # resident instead of being gathered for every use. No frozen weight matrix is that small.
     automatic = {
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_param_persistence_threshold": max(10 * hidden_size, largest_lora + 1),
     }
     for key, value in automatic.items():
         if zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3):
