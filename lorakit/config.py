@@ -237,3 +237,10 @@ class Config:
 def flat_fields() -> dict[str, dataclasses.Field]:
     """Every configurable field by its flag name, in declaration order."""
     return {f.name: f for group in GROUPS.values() for f in dataclasses.fields(group)}
+
+
+def pack_tokens_for(config: Config) -> int:
+    """Row length for packing (0: packing off): --pack_tokens, else max(--cutoff_len, 4096)."""
+    if not config.train.packing:
+        return 0
+    return config.train.pack_tokens or max(config.data.cutoff_len, 4096)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorakit.config import Config
+from lorakit.config import Config, pack_tokens_for
 from lorakit.data import TokenizedData, collate, pack, plan_epoch, prepare_data
 from lorakit.distributed import DistInfo
 from lorakit.errors import LorakitError
@@ -52,9 +52,8 @@ def eval_data(config: Config, tokenizer: Any, template: Template, dist: DistInfo
 def evaluate(engine: Any, data: TokenizedData, dist: DistInfo, config: Config, pad_id: int, multiple: int) -> float:
     """Mean token loss over the whole eval set (every rank must call this)."""
     train = config.train
-    pack_tokens = (train.pack_tokens or max(config.data.cutoff_len, 4096)) if train.packing else 0
     plans = plan_epoch(data.lengths, 0, train.seed, dist.world_size, train.per_device_train_batch_size, 1,
-                       pack_tokens=pack_tokens)  # fmt: skip
+                       pack_tokens=pack_tokens_for(config))  # fmt: skip
     engine.eval()
     loss_sum = torch.zeros((), device=dist.device)
     for plan in plans:

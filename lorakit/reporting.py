@@ -27,6 +27,13 @@ class StepMath:
     steps_per_epoch: int
     total_steps: int  # after --max_steps
     warmup_steps: int
+    pack_tokens: int = 0  # 0: padded micro-batches of micro_batch examples
+
+    def grouping(self) -> str:
+        if not self.pack_tokens:
+            return f"padded micro-batches of {self.micro_batch} examples, {self.accumulation} per rank per step"
+        return (f"packed: each rank's {self.micro_batch * self.accumulation} examples of a step (dealt by tokens) "
+                f"in rows of at most {self.pack_tokens:,} tokens, one row per forward pass")  # fmt: skip
 
     @property
     def global_batch(self) -> int:
@@ -47,6 +54,7 @@ class StepMath:
             f"  Total optimization steps = {self.total_steps:,} ({self.steps_per_epoch} per epoch; the last step of "
             f"an epoch takes the {self.last_step_examples} remaining examples)",
             f"  Warmup steps = {self.warmup_steps:,}",
+            f"  Micro-batches = {self.grouping()}",
             f"  Number of trainable parameters = {trainable:,} ({100 * trainable / max(total, 1):.4f}% of {total:,})",
         ]
 

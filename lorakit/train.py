@@ -33,7 +33,7 @@ from lorakit.checkpoint import (
     save_checkpoint,
     save_run_files,
 )
-from lorakit.config import Config
+from lorakit.config import Config, pack_tokens_for
 from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, prepare_data, steps_per_epoch
 from lorakit.distributed import DistInfo, init_distributed
 from lorakit.engine import BuiltEngine, build_engine
@@ -63,9 +63,10 @@ def step_math(config: Config, num_examples: int, world_size: int, start: Positio
     remaining_epochs = max(0, train.num_train_epochs - start.epoch - 1)
     total = start.step + math.ceil((num_examples - start.offset) / global_batch) + remaining_epochs * per_epoch
     total = min(total, train.max_steps) if train.max_steps > 0 else total
+    warmup = warmup_steps_for(total, train.warmup_steps, train.warmup_ratio)
     return StepMath(num_examples, train.num_train_epochs, train.per_device_train_batch_size,
-                    train.gradient_accumulation_steps, world_size, per_epoch, total,
-                    warmup_steps_for(total, train.warmup_steps, train.warmup_ratio))  # fmt: skip
+                    train.gradient_accumulation_steps, world_size, per_epoch, total, warmup,
+                    pack_tokens_for(config))  # fmt: skip
 
 
 def row_multiple(dist: DistInfo) -> int:
@@ -154,13 +155,6 @@ def set_up(config: Config, checked: Checked) -> Run:
             dist.is_main,
         )
     return Run(config, checked, dist, data, held_out, built, counts, start, output_dir)
-
-
-def pack_tokens_for(config: Config) -> int:
-    """Row length for packing (0: packing off): --pack_tokens, else max(--cutoff_len, 4096)."""
-    if not config.train.packing:
-        return 0
-    return config.train.pack_tokens or max(config.data.cutoff_len, 4096)
 
 
 def step_plans(run: Run) -> Iterator[StepPlan]:

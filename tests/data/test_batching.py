@@ -14,6 +14,7 @@ def test_reference_step_math():
     assert (per_epoch, math.total_steps, math.global_batch, math.last_step_examples) == (29, 290, 128, 46)
     lines = "\n".join(math.lines(trainable=20_185_088, total=7_635_801_600))
     assert "Total optimization steps = 290" in lines and "Total train batch size" in lines and "= 128" in lines
+    assert "Micro-batches = padded micro-batches of 4 examples, 4 per rank per step" in lines
 
 
 @pytest.mark.parametrize(
