@@ -164,9 +164,10 @@ def load_checkpoint(engine: Any, checkpoint: Path, dist: DistInfo) -> None:
         else:
             for key in OPTIMIZER_STATES:
                 engine.optimizer.state[param][key].copy_(saved[f"{name}::{key}"].to(param.device))
-    _set_step_counters(engine, read_state(checkpoint)["optimizer_steps"])
+    state = read_state(checkpoint)
+    _set_step_counters(engine, state["optimizer_steps"])
     rng_file = checkpoint / f"rng_state_rank{dist.rank}.pt"
-    if read_state(checkpoint)["world_size"] == dist.world_size and rng_file.is_file():
+    if state["world_size"] == dist.world_size and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])

@@ -129,7 +129,7 @@ def set_up(config: Config, checked: Checked) -> Run:
         for old in checkpoint_folders(output_dir):
             shutil.rmtree(old)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
-                                                dist.all_ok)  # fmt: skip
+                                                dist.all_ok, checked.data_key)  # fmt: skip
     data, held_out = eval_data(config, tokenizer, checked.template, dist, data)
     built = build_engine(config, dist)
     start = Position(0, 0, 0)

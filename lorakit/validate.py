@@ -30,6 +30,7 @@ from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer,
 @dataclass(frozen=True)
 class Checked:
     tokenizer: Any
+    data_key: str  # the tokenised-data cache key, computed once here (it hashes every data file)
     template: Template
     fingerprint: dict[str, Any]  # data + model + LoRA + seed, stored in every checkpoint
     resume: ResumePlan | None
@@ -69,12 +70,12 @@ def validate(config: Config) -> Checked:
             f"--template {template.name} renders conversations differently from the tokenizer's own chat_template "
             "(--strict_template); drop --strict_template to see both renderings, or use --template auto"
         )
-    data_key = f"{cache_key(specs, config.data, template, tokenizer)}:val_size={config.data.val_size}"
-    fingerprint = run_fingerprint(config, data_key, targets)
+    data_key = cache_key(specs, config.data, template, tokenizer)
+    fingerprint = run_fingerprint(config, f"{data_key}:val_size={config.data.val_size}", targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
     warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "
                "will learn this format (--strict_template makes this an error)"] if mismatch else []  # fmt: skip
-    return Checked(tokenizer, template, fingerprint, resume, warning + notes)
+    return Checked(tokenizer, data_key, template, fingerprint, resume, warning + notes)
 
 
 def validate_model_path(path: str) -> AutoConfig:

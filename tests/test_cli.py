@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,10 @@ def test_boolean_spellings(flag, value):
 def test_flat_round_trip_and_unique_names():
     config = parse_config(REFERENCE_FLAGS.split())
     assert Config.from_flat({k: tuple(v) if isinstance(v, list) else v for k, v in config.to_flat().items()}) == config
-    assert len(flat_fields()) == sum(1 for _ in flat_fields())
+    from lorakit.config import GROUPS
+
+    declared = [f.name for group in GROUPS.values() for f in dataclasses.fields(group)]
+    assert len(declared) == len(set(declared)) == len(flat_fields())  # no flag name used by two groups
 
 
 def test_config_file_errors(tmp_path: Path):

@@ -17,7 +17,12 @@ from lorakit.templates import Template
 
 
 def prepare_data(
-    config: DataConfig, tokenizer: Any, template: Template, builds: bool, all_ok: Callable[[bool], bool]
+    config: DataConfig,
+    tokenizer: Any,
+    template: Template,
+    builds: bool,
+    all_ok: Callable[[bool], bool],
+    key: str | None = None,
 ) -> tuple[TokenizedData, Path, bool]:
     """Tokenised data from the cache, building it first if needed.
 
@@ -27,7 +32,7 @@ def prepare_data(
     it was already cached.
     """
     specs = resolve_datasets(config.dataset_dir, config.dataset)
-    key = cache.cache_key(specs, config, template, tokenizer)
+    key = key or cache.cache_key(specs, config, template, tokenizer)  # validate() may have computed it
     path = Path(config.data_cache_dir or cache.default_cache_dir()) / f"{key}.npz"
     was_cached = path.is_file() and not config.overwrite_cache
     error = None
