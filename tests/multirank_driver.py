@@ -1,7 +1,9 @@
 """Launched by tests/test_multirank.py as `torchrun --nproc_per_node 2 multirank_driver.py WORKDIR MODEL DATA`.
 
-Two ZeRO-3 runs in one process group on the same data and global batch: `wide` (micro-batch 4 x accumulation 1)
-and `deep` (micro-batch 1 x accumulation 4). Rank 0 writes what the test compares: each run's metrics, and the
+Three ZeRO-3 runs in one process group on the same data and global batch: `wide` (micro-batch 4 x accumulation 1)
+and `deep` (micro-batch 1 x accumulation 4), both with lorakit's whole-layer gathering, and `per_module` (`wide`
+with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the DeepSpeed file).
+Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
 """
 
@@ -34,14 +36,18 @@ common = {
     "deepspeed": sys.argv[4],
     "packing": False,  # padded micro-batches: how examples are grouped is what these two runs compare
 }
+per_module = json.loads(Path(sys.argv[4]).read_text())
+per_module["zero_optimization"]["stage3_module_granularity_threshold"] = 0
+(workdir / "ds_per_module.json").write_text(json.dumps(per_module))
 results = {}
-for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4)):
+for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1)):
     config = lorakit.Config.from_flat(
         {
             **common,
             "output_dir": str(workdir / name),
             "per_device_train_batch_size": micro,
             "gradient_accumulation_steps": accumulation,
+            **({"deepspeed": str(workdir / "ds_per_module.json")} if name == "per_module" else {}),
         }
     )
     result = lorakit.train(config)

@@ -10,7 +10,11 @@ from transformers import AutoConfig
 
 from lorakit.config import Config
 from lorakit.distributed import DistInfo
-from lorakit.engine.deepspeed_config import default_deepspeed_config, resolve_deepspeed_config
+from lorakit.engine.deepspeed_config import (
+    default_deepspeed_config,
+    lorakit_chooses_units,
+    resolve_deepspeed_config,
+)
 from lorakit.engine.model import (
     add_neftune_noise,
     attach_lora,
@@ -19,6 +23,7 @@ from lorakit.engine.model import (
     load_tokenizer,
     parameter_counts,
 )
+from lorakit.engine.zero3 import gather_whole_layers
 
 
 @dataclass
@@ -69,6 +74,8 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     model = attach_lora(model, config.lora, config.train.seed)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)
+    if zero3 and lorakit_chooses_units(ds_config):
+        notes += gather_whole_layers(model)
     trainable, total = parameter_counts(model)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)

@@ -7,6 +7,9 @@ Rules, so nothing is silently decided against the user:
   names both; lorakit will not guess which one the user meant.
 - A `scheduler` section is removed and the log says so: lorakit owns warmup + decay (see lorakit.schedule).
 - Any "auto" lorakit does not know how to fill is an error naming its key, not a value passed through.
+- Under stage 3, `stage3_module_granularity_threshold` absent or "auto" means lorakit's rule: every decoder layer
+  is one ZeRO-3 unit (see lorakit.engine.gather_whole_layers); a number in the file hands the choice to DeepSpeed
+  (0: DeepSpeed's per-module gathering).
 """
 
 from __future__ import annotations
@@ -122,6 +125,15 @@ def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:
     params.setdefault("torch_adam", True)
 
 
+GRANULARITY = "stage3_module_granularity_threshold"
+
+
+def lorakit_chooses_units(ds_config: dict[str, Any]) -> bool:
+    """Whether ZeRO-3 gathers whole decoder layers by lorakit's rule (the file left the granularity to lorakit)."""
+    zero = ds_config.get("zero_optimization", {})
+    return zero.get("stage") == 3 and GRANULARITY not in zero
+
+
 def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> None:
     # HF's choices for the buckets (one hidden x hidden matrix). Parameters below the persistence threshold are
     # never partitioned: HF's ten hidden vectors cover norms and biases; lorakit raises it past the largest LoRA
@@ -135,6 +147,8 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> 
     for key, value in automatic.items():
         if zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3):
             zero[key] = value
+    if zero.get(GRANULARITY) == "auto":  # lorakit's rule (whole decoder layers) is the absence of the key
+        zero.pop(GRANULARITY)
     if zero.get("stage") != 3:  # stage-3-only keys would make DeepSpeed warn about settings it ignores
         for key in [k for k in zero if k.startswith("stage3_")]:
             zero.pop(key)

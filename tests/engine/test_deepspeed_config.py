@@ -99,3 +99,28 @@ def test_missing_or_broken_file(tmp_path: Path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(LorakitError, match="is not valid JSON"):
         resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "bad.json")), 2, 64, True)
+
+
+@pytest.mark.parametrize(
+    "stage, granularity, lorakit_units, kept",
+    [
+        (3, None, True, None),  # absent: lorakit gathers whole decoder layers
+        (3, "auto", True, None),
+        (3, 0, False, 0),  # a number: DeepSpeed decides (0 is its per-module gathering)
+        (3, 10**7, False, 10**7),
+        (2, "auto", False, None),  # nothing to gather below stage 3
+    ],
+)
+def test_gathering_unit_is_lorakits_unless_the_file_sets_a_granularity(
+    tmp_path: Path, stage: int, granularity, lorakit_units: bool, kept
+):
+    from lorakit.engine.deepspeed_config import lorakit_chooses_units
+
+    config = json.loads(REFERENCE.read_text())
+    config["zero_optimization"]["stage"] = stage
+    if granularity is not None:
+        config["zero_optimization"]["stage3_module_granularity_threshold"] = granularity
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
+    assert lorakit_chooses_units(ds) is lorakit_units
+    assert ds["zero_optimization"].get("stage3_module_granularity_threshold") == kept

@@ -1,0 +1,50 @@
+"""How ZeRO-3 fetches the frozen weights: whole decoder layers, one gather each.
+
+By default DeepSpeed hooks every module that owns parameters and gathers each one's weights just before use. A
+LoRA model multiplies those modules (each adapted linear becomes a base linear plus lora_A, lora_B and a dropout),
+so a Qwen2.5-7B pass runs ~650 hooked modules, and at SFT's small per-GPU batches the hooks' CPU time, not the
+GPU, sets the step time (benchmarks/RESULTS.md). Marking each decoder layer a ZeRO-3 "leaf" makes DeepSpeed
+gather the layer's weights in one go at its entry and release them at its exit, hooking 28 modules instead.
+
+One trap, and why `make_layer_inputs_require_grad` exists: DeepSpeed releases a leaf's weights in a backward hook
+on the leaf that fires once the gradient with respect to the leaf's *inputs* is known. The first layer's input
+comes from the frozen embedding, so it needs no gradient, and PyTorch fires that hook as soon as the gradient of
+the layer's *outputs* arrives: before the layer's own backward has run. Its LoRA gradients then meet released
+(empty) weights: "The size of tensor a (0) must match the size of tensor b (8)". Making the embedding output
+require a gradient keeps the hook where it belongs; it costs one extra input gradient of one layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def decoder_layer_classes(model: Any) -> list[type]:
+    """The model's repeated block classes, as transformers names them in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
+
+
+def make_layer_inputs_require_grad(model: Any) -> None:
+    """The embedding output requires a gradient while autograd records (see the module docstring)."""
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
+
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
+def gather_whole_layers(model: Any) -> list[str]:
+    """Make every decoder layer one ZeRO-3 unit; returns the log line (none when the model names no layers)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = decoder_layer_classes(model)
+    if not classes:
+        return ["ZeRO-3: the model names no decoder layer class (_no_split_modules); DeepSpeed gathers per module"]
+    set_z3_leaf_modules(model, classes)
+    make_layer_inputs_require_grad(model)
+    names = ", ".join(c.__name__ for c in classes)
+    return [f"ZeRO-3: each {names} is gathered whole, one unit per layer (a stage3_module_granularity_threshold in "
+            "the DeepSpeed file hands this choice back to DeepSpeed)"]  # fmt: skip
