@@ -1,7 +1,8 @@
 """The reference job (Qwen2.5-7B architecture, huanhuan, the reference's flags) under lorakit and under the
 HF Trainer baseline, on the GPUs of one host; one JSON line per run and a markdown table at the end.
 
-    python benchmarks/bench.py --runs zero3,zero2,zero3-1gpu,baseline --steps 40 --out results.json
+    python benchmarks/bench.py --runs zero3,zero2,zero3@1,baseline --steps 40 --out results.json
+    python benchmarks/bench.py --runs zero3@1,zero3@2,zero3@4 --global_batch 128 --steps 20   # scaling
 
 Model FLOPs (for TFLOP/s and MFU): LoRA trains no base weight, so a token costs 4 x N_matmul (forward 2N, and
 2N for the input gradients of backward) over the decoder's linear layers, plus 4 x vocab x hidden for the output
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,35 +34,50 @@ REFERENCE_FLAGS = ["--stage", "sft", "--do_train", "True", "--finetuning_type", 
                    "--warmup_steps", "0", "--neftune_noise_alpha", "0", "--lora_rank", "8", "--lora_dropout", "0.1",
                    "--lora_alpha", "32", "--lora_target", "q_proj,v_proj,k_proj,gate_proj,up_proj,o_proj,down_proj",
                    "--bf16", "True", "--logging_steps", "5", "--overwrite_output_dir", "--seed", "42"]  # fmt: skip
-RUNS = {  # name: (GPUs, extra flags)
-    "zero3": (2, []),
-    "zero3-persist": (2, ["--deepspeed", "{persist}"]),
-    "zero3-leaf-layers": (2, ["--deepspeed", "{leaf_layers}"]),
-    "zero3-leaf-small": (2, ["--deepspeed", "{leaf_small}"]),
-    "zero3-bigfetch": (2, ["--deepspeed", "{bigfetch}"]),
-    "zero3-1gpu-hfpersist": (1, ["--deepspeed", "{hfpersist}"]),
-    "zero2": (2, ["--zero_stage", "2"]),
-    "zero3-1gpu": (1, []),
-    "zero2-1gpu": (1, ["--zero_stage", "2"]),
-    "unpacked-zero2": (2, ["--zero_stage", "2", "--packing", "false"]),
+# A run is NAME or NAME@GPUS (2 GPUs when not given): NAME's extra flags on the reference command, launched on that
+# many GPUs of the host. "{file}" names a DeepSpeed variant written by `write_variants`.
+RUNS = {
+    "zero3": [],  # the reference DeepSpeed file as it is: lorakit's defaults (whole decoder layers per gather)
+    "zero3-permodule": ["--deepspeed", "{per_module}"],  # DeepSpeed's per-module gathering (lorakit before)
+    "zero3-persist": ["--deepspeed", "{persist}"],  # every frozen weight resident: no gathers at all
+    "zero3-bigfetch": ["--deepspeed", "{bigfetch}"],
+    "zero3-hfpersist": ["--deepspeed", "{hfpersist}"],
+    "zero2": ["--zero_stage", "2"],
+    "unpacked-zero2": ["--zero_stage", "2", "--packing", "false"],
+    # the whole 10-epoch job, not a projection
+    "full-zero3": ["--max_steps", "-1"],
+    "full-zero2": ["--zero_stage", "2", "--max_steps", "-1"],
     # packed vs unpacked, same examples and steps: 512 examples, 2 epochs (32 steps), to compare final-epoch loss
-    "short-packed": (2, ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1"]),
-    "short-unpacked": (
-        2,
-        [
-            "--zero_stage",
-            "2",
-            "--max_samples",
-            "512",
-            "--num_train_epochs",
-            "2",
-            "--max_steps",
-            "-1",
-            "--packing",
-            "false",
-        ],
-    ),
+    "short-packed": ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1"],
+    "short-unpacked": ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1",
+                       "--packing", "false"],
+}  # fmt: skip
+VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (see RESULTS.md)
+    "per_module": {"stage3_module_granularity_threshold": 0},
+    "persist": {"stage3_param_persistence_threshold": 10**12},
+    "hfpersist": {"stage3_param_persistence_threshold": 35840},  # HF's 10 x hidden: MLP LoRA matrices gathered
+    # larger prefetch and live-parameter budgets, so NCCL moves large messages
+    "bigfetch": {
+        "stage3_prefetch_bucket_size": 5 * 10**8,
+        "stage3_max_live_parameters": 3 * 10**9,
+        "stage3_max_reuse_distance": 3 * 10**9,
+        "reduce_bucket_size": 5 * 10**8,
+    },
 }
+
+
+def parse_run(run: str) -> tuple[str, int]:
+    name, _, gpus = run.partition("@")
+    if name not in RUNS and name.removeprefix("profile-") not in RUNS and name != "baseline":
+        raise SystemExit(f"unknown run {name}; known: {', '.join(RUNS)}, baseline, profile-NAME")
+    return name, int(gpus or 2)
+
+
+def accumulation_for(global_batch: int, gpus: int) -> int:
+    """Accumulation that keeps `global_batch` examples a step at micro-batch 4 (the reference: 4 x 4 x 8 = 128)."""
+    if global_batch % (4 * gpus):
+        raise SystemExit(f"--global_batch {global_batch} is not a multiple of 4 x {gpus} GPUs")
+    return global_batch // (4 * gpus)
 
 
 def model_flops(data, config: dict) -> tuple[float, float]:
@@ -85,25 +102,40 @@ def launch(gpus: int, script: list[str], log: Path, timeout: int) -> int:
         ).returncode
 
 
-def lorakit_run(name: str, args: argparse.Namespace, flops_per_token: float, work: Path) -> dict:
-    gpus, extra = RUNS[name]
-    out = Path("/tmp") / f"bench-out-{name}"
-    variants = {k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small", "bigfetch", "hfpersist")}
-    extra = [e.format(**variants) for e in extra]
+def run_flags(name: str, gpus: int, args: argparse.Namespace, work: Path, output_dir: Path) -> list[str]:
+    """examples/sft.py's flags for a run: the reference's, then the run's own, then the global batch's."""
+    extra = [e.format(**{k: work / f"ds_{k}.json" for k in VARIANTS}) for e in RUNS[name]]
     flags = ["--deepspeed", str(REPO / "examples/ds_config_zero3.json"), *REFERENCE_FLAGS,
              "--model_name_or_path", str(args.model_dir), "--dataset_dir", str(args.data_dir),
-             "--output_dir", str(out), "--max_steps", str(args.steps), *extra]  # fmt: skip
+             "--output_dir", str(output_dir), "--max_steps", str(args.steps), *extra]  # fmt: skip
+    if args.global_batch:
+        flags += ["--gradient_accumulation_steps", str(accumulation_for(args.global_batch, gpus))]
+    return flags
+
+
+def lorakit_run(run: str, args: argparse.Namespace, flops_per_token: float, work: Path) -> dict:
+    name, gpus = parse_run(run)
+    out = Path("/tmp") / f"bench-out-{run}"
+    log = work / f"{run}.log"
     started = time.perf_counter()
-    code = launch(gpus, ["examples/sft.py", *flags], work / f"{name}.log", args.timeout)
-    result = {"run": name, "gpus": gpus, "exit": code, "wall_seconds": round(time.perf_counter() - started, 1)}
+    code = launch(gpus, ["examples/sft.py", *run_flags(name, gpus, args, work, out)], log, args.timeout)
+    result = {"run": run, "gpus": gpus, "exit": code, "wall_seconds": round(time.perf_counter() - started, 1)}
     if code != 0:
-        return result | {"log_tail": (work / f"{name}.log").read_text()[-3000:]}
+        return result | {"log_tail": log.read_text()[-3000:]}
     records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss" in r]
     summary = json.loads((out / "train_results.json").read_text())
-    steady = [r["tokens_per_second"] for r in records[1:]] or [records[-1]["tokens_per_second"]]  # window 1: warm-up
-    tokens_per_second = statistics.median(steady)
+    steady = records[1:] or records[-1:]  # the first window holds the warm-up (allocations, cuDNN plans)
+    tokens_per_second = statistics.median(r["tokens_per_second"] for r in steady)
+    step_seconds = statistics.median(r["seconds_per_step"] for r in steady)
+    global_batch = args.global_batch or 4 * 4 * gpus
     tflops = tokens_per_second * flops_per_token / 1e12
     return result | {
+        "global_batch": global_batch,
+        "seconds_per_step": round(step_seconds, 4),
+        "examples_per_second": round(global_batch / step_seconds, 1),
+        "train_runtime": summary.get("train_runtime"),
+        "total_steps": records[-1]["step"],
         "tokens_per_second_per_gpu": round(tokens_per_second / gpus, 1),
         "model_tflops_per_gpu": round(tflops / gpus, 1),
         "mfu": round(tflops / gpus / PEAK_TFLOPS, 3),
@@ -117,21 +149,8 @@ def lorakit_run(name: str, args: argparse.Namespace, flops_per_token: float, wor
 
 
 def write_variants(work: Path) -> None:
-    """The reference DeepSpeed file with one ZeRO-3 setting changed (see RESULTS.md); and the baseline's copy."""
-    changes = {
-        "persist": {"stage3_param_persistence_threshold": 10**12},  # every frozen weight stays resident
-        "hfpersist": {"stage3_param_persistence_threshold": 35840},  # HF's 10 x hidden: MLP LoRA matrices gathered
-        "leaf_layers": {"stage3_module_granularity_threshold": 10**7},  # decoder layers fetched as one unit
-        "leaf_small": {"stage3_module_granularity_threshold": 3 * 10**6},  # attention blocks, LoRA-wrapped linears
-        # whole decoder layers per gather and prefetched ahead, so NCCL moves large messages
-        "bigfetch": {
-            "stage3_prefetch_bucket_size": 5 * 10**8,
-            "stage3_max_live_parameters": 3 * 10**9,
-            "stage3_max_reuse_distance": 3 * 10**9,
-            "reduce_bucket_size": 5 * 10**8,
-        },
-    }
-    for name, change in changes.items():
+    """The reference DeepSpeed file with the VARIANTS' settings changed; and the baseline's copy."""
+    for name, change in VARIANTS.items():
         config = json.loads((REPO / "examples/ds_config_zero3.json").read_text())
         config["zero_optimization"].update(change)
         (work / f"ds_{name}.json").write_text(json.dumps(config))
@@ -151,6 +170,12 @@ def main() -> None:
     parser.add_argument("--huanhuan", type=Path, default=REPO.parent / "shared/data/huanhuan.json")
     parser.add_argument("--runs", default="zero3,zero2,baseline")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--global_batch",
+        type=int,
+        default=0,
+        help="examples a step on every GPU count (128: the reference's 4 x 4 x 8); 0: 4 x 4 x GPUs",
+    )
     parser.add_argument("--baseline_steps", type=int, default=4)
     parser.add_argument("--timeout", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
@@ -171,34 +196,31 @@ def main() -> None:
     work = args.out.parent
     write_variants(work)
     results = []
-    for name in args.runs.split(","):
-        if name.startswith("profile-"):  # e.g. profile-zero2: the per-step profile of that run's settings
-            gpus, extra = RUNS[name.removeprefix("profile-").removesuffix("-compiled")]
+    for run in args.runs.split(","):
+        name, gpus = parse_run(run)
+        if name.startswith("profile-"):  # e.g. profile-zero2@2: the per-step profile of that run's settings
             os.environ["LORAKIT_BENCH_COMPILE"] = "1" if name.endswith("-compiled") else "0"
-            variants = {
-                k: work / f"ds_{k}.json" for k in ("persist", "leaf_layers", "leaf_small", "bigfetch", "hfpersist")
-            }
-            flags = ["--deepspeed", str(REPO / "examples/ds_config_zero3.json"), *REFERENCE_FLAGS,
-                     "--model_name_or_path", str(args.model_dir), "--dataset_dir", str(args.data_dir),
-                     "--output_dir", f"/tmp/bench-out-{name}", *[e.format(**variants) for e in extra]]  # fmt: skip
-            code = launch(gpus, ["benchmarks/profile_steps.py", str(work / f"{name}.txt"), *flags],
-                          work / f"{name}.log", args.timeout)  # fmt: skip
-            print(json.dumps({"run": name, "exit": code}), flush=True)
+            base = name.removeprefix("profile-").removesuffix("-compiled")
+            flags = run_flags(base, gpus, args, work, Path(f"/tmp/bench-out-{run}"))
+            code = launch(gpus, ["benchmarks/profile_steps.py", str(work / f"{run}.txt"), *flags],
+                          work / f"{run}.log", args.timeout)  # fmt: skip
+            print(json.dumps({"run": run, "exit": code}), flush=True)
             continue
         if name == "baseline":
-            code = launch(2, ["benchmarks/hf_baseline.py", str(args.model_dir), str(args.data_dir),
-                              str(work / "ds_baseline.json"), str(args.baseline_steps),
-                              str(work / "baseline.json")], work / "baseline.log", args.timeout)  # fmt: skip
-            result = {"run": "baseline", "gpus": 2, "exit": code}
+            code = launch(gpus, ["benchmarks/hf_baseline.py", str(args.model_dir), str(args.data_dir),
+                                 str(work / "ds_baseline.json"), str(args.baseline_steps),
+                                 str(work / "baseline.json")], work / "baseline.log", args.timeout)  # fmt: skip
+            result = {"run": run, "gpus": gpus, "exit": code}
             if code == 0:
                 result |= json.loads((work / "baseline.json").read_text())
+                result["projected_10_epoch_seconds"] = round(10 * tokens / (result["tokens_per_second_per_gpu"] * gpus))
             else:
                 result["log_tail"] = (work / "baseline.log").read_text()[-3000:]
         else:
-            result = lorakit_run(name, args, flops / tokens, work)
-        if "tokens_per_second_per_gpu" in result:
-            full_job = 10 * tokens / (result["tokens_per_second_per_gpu"] * result["gpus"])
-            result["projected_10_epoch_seconds"] = round(full_job, 1)
+            result = lorakit_run(run, args, flops / tokens, work)
+            if "seconds_per_step" in result:  # 10 epochs of whole steps, at the measured step time
+                steps = 10 * math.ceil(len(data) / result["global_batch"])
+                result["projected_10_epoch_seconds"] = round(steps * result["seconds_per_step"], 1)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "log"}), flush=True)
         args.out.write_text(json.dumps(results, indent=1))

@@ -103,7 +103,8 @@ class Reporter:
     def log(self, step: int, learning_rate: float, grad_norm: Any, epoch: float) -> None:
         mean_loss = self.dist.sum([float(self.window_loss)])[0] / self.window_steps
         self.total_loss += mean_loss * self.window_steps
-        tokens_per_second = self.window_tokens / (time.perf_counter() - self.window_start)
+        elapsed = time.perf_counter() - self.window_start
+        tokens_per_second, seconds_per_step = self.window_tokens / elapsed, elapsed / self.window_steps
         self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
         self.window_start = time.perf_counter()
         if not self.dist.is_main:
@@ -115,7 +116,8 @@ class Reporter:
             "epoch": round(epoch, 2),
         }
         say(str(line))
-        record = {"step": step, **line, "tokens_per_second": round(tokens_per_second, 1)}
+        record = {"step": step, **line, "tokens_per_second": round(tokens_per_second, 1),
+                  "seconds_per_step": round(seconds_per_step, 4)}  # fmt: skip
         self.records.append(record)
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -244,7 +244,7 @@ def test_cli_run_follows_warmup_then_cosine_and_the_loss_falls(cli_run: tuple[Pa
     for record in records:
         expected = learning_rate_at(record["step"] - 1, total_steps=6, peak=2e-2, warmup=2, kind="cosine")
         assert record["learning_rate"] == pytest.approx(expected, rel=1e-9)
-        assert set(record) >= {"loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second"}
+        assert set(record) >= {"loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "seconds_per_step"}
     assert records[-1]["loss"] < records[0]["loss"] - 0.1
     assert records[-1]["epoch"] == 3.0
 
