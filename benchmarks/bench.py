@@ -43,6 +43,8 @@ RUNS = {
     "zero3-bigfetch": ["--deepspeed", "{bigfetch}"],
     "zero3-hfpersist": ["--deepspeed", "{hfpersist}"],
     "zero2": ["--zero_stage", "2"],
+    "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
+    "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
     "unpacked-zero2": ["--zero_stage", "2", "--packing", "false"],
     # the whole 10-epoch job, not a projection
     "full-zero3": ["--max_steps", "-1"],

@@ -39,6 +39,10 @@ class ModelConfig:
     )
     bf16: bool = field(default=False, metadata=_doc("Train in bfloat16 (needs a GPU that supports it)."))
     fp16: bool = field(default=False, metadata=_doc("Train in float16 with loss scaling (GPU only)."))
+    enable_liger_kernel: bool = field(
+        default=False,
+        metadata=_doc("Fused RMSNorm, RoPE and SwiGLU kernels from liger-kernel (GPU only; lorakit[kernels])."),
+    )
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:

@@ -20,6 +20,7 @@ from lorakit.data.records import load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_world_size
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
+from lorakit.engine.kernels import check_liger_kernel
 from lorakit.engine.model import load_tokenizer, lora_targets
 from lorakit.errors import LorakitError
 from lorakit.evaluate import held_out_count
@@ -51,6 +52,8 @@ def validate(config: Config) -> Checked:
     if config.data.eval_dataset:
         load_conversations(resolve_datasets(config.data.dataset_dir, config.data.eval_dataset), config.data.max_samples)
     validate_precision(config)
+    if config.model.enable_liger_kernel:
+        check_liger_kernel(hf_config.model_type)
     if config.train.packing and 0 < config.train.pack_tokens < config.data.cutoff_len:
         raise LorakitError(
             f"--pack_tokens {config.train.pack_tokens} is below --cutoff_len {config.data.cutoff_len}: the longest "

@@ -45,6 +45,7 @@ CASES = {
     "no examples": (["--dataset", "d"], ("[]", "d.json"), "no examples left"),
     "unknown lora target": (["--lora_target", "c_attn"], None, "LoRA target module(s) ['c_attn'] not found"),
     "bf16 on the cpu": (["--bf16", "True"], None, "--bf16 is not supported on the CPU"),
+    "liger kernels on the cpu": (["--enable_liger_kernel"], None, "--enable_liger_kernel needs a CUDA GPU"),
     "batch contradicts file": (
         ["--deepspeed", "{ds}", "--per_device_train_batch_size", "2"],
         "ds",

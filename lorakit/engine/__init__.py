@@ -15,6 +15,7 @@ from lorakit.engine.deepspeed_config import (
     lorakit_chooses_units,
     resolve_deepspeed_config,
 )
+from lorakit.engine.kernels import apply_liger_kernel
 from lorakit.engine.model import (
     add_neftune_noise,
     attach_lora,
@@ -71,6 +72,8 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     if zero3 and on_gpu:
         notes += stage2_hint(hf_config, dist.device)
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
+    if config.model.enable_liger_kernel:
+        notes += apply_liger_kernel(model)
     model = attach_lora(model, config.lora, config.train.seed)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)

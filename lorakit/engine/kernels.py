@@ -1,0 +1,57 @@
+"""Fused Triton kernels from liger-kernel (the optional extra `lorakit[kernels]`), behind --enable_liger_kernel.
+
+Liger replaces a decoder's RMSNorm (about eight elementwise kernels each way), rotary embedding and SwiGLU
+(silu x up) with one fused kernel each, forward and backward. lorakit asks for exactly those three and never for
+Liger's cross-entropy or fused linear cross-entropy: lorakit already computes logits only where a target
+follows, in checkpointed fp32 chunks (lorakit.loss), and Liger's fused head would need the whole output-head
+weight outside ZeRO-3's gather. Same flag name as LLaMA-Factory's.
+
+What the patching touches: the RMSNorm and MLP modules of this model instance (their `forward`), and, for the
+rotary embedding, the module-level `apply_rotary_pos_emb` of the model's transformers module, which models of
+the same family in this process then share. Liger also swaps that module's RMSNorm and MLP classes, so models
+built later would be Liger's; lorakit puts the classes back once this instance is patched. The kernels are
+Triton, so CUDA only. tests/engine/test_kernels.py checks on a GPU that the loss and every LoRA gradient match
+the plain path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+import torch
+
+from lorakit.errors import LorakitError
+
+INSTALL = "pip install 'lorakit[kernels]' (liger-kernel)"
+
+
+def check_liger_kernel(model_type: str) -> None:
+    """Before anything loads: CUDA present, liger-kernel installed, and Liger knows this model family."""
+    if not torch.cuda.is_available():
+        raise LorakitError("--enable_liger_kernel needs a CUDA GPU (its kernels are Triton); drop it on the CPU")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise LorakitError(f"--enable_liger_kernel needs the liger-kernel package: {INSTALL}, or drop the flag")
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise LorakitError(
+            f"--enable_liger_kernel: liger-kernel has no kernels for model type {model_type!r}; drop the flag"
+        )
+
+
+def apply_liger_kernel(model: Any) -> list[str]:
+    """Patch `model` (the base causal LM, before LoRA is attached) in place; returns the log line."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    check_liger_kernel(model.config.model_type)
+    family = sys.modules[type(model).__module__]  # e.g. transformers.models.qwen2.modeling_qwen2
+    classes = {name: value for name, value in vars(family).items() if isinstance(value, type)}
+    # The only entry point that patches an existing instance; HF Trainer's use_liger_kernel calls it the same way.
+    _apply_liger_kernel_to_instance(
+        model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    for name, value in classes.items():
+        setattr(family, name, value)
+    return [f"liger-kernel: fused RMSNorm, rotary embedding and SwiGLU for {model.config.model_type}"]
