@@ -27,13 +27,14 @@ pytestmark = pytest.mark.skipif(
 def _loss_and_grads(tiny_model: Path, dtype: torch.dtype, liger: bool) -> tuple[float, dict[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).cuda()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
     if liger:
         apply_liger_kernel(model)
     model = attach_lora(model, LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target=("all",)), 0)
     for name, param in model.named_parameters():  # LoRA B starts at zero; give it values so every path matters
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    model.cuda()
     generator = torch.Generator().manual_seed(0)
     lengths = [37, 90, 1, 128]
     input_ids = torch.randint(3, model.config.vocab_size, (1, sum(lengths)), generator=generator).cuda()
