@@ -49,6 +49,8 @@ RUNS = {
     # the whole 10-epoch job, not a projection
     "full-zero3": ["--max_steps", "-1"],
     "full-zero2": ["--zero_stage", "2", "--max_steps", "-1"],
+    "full-zero3-liger": ["--max_steps", "-1", "--enable_liger_kernel"],
+    "full-zero2-liger": ["--zero_stage", "2", "--max_steps", "-1", "--enable_liger_kernel"],
     # packed vs unpacked, same examples and steps: 512 examples, 2 epochs (32 steps), to compare final-epoch loss
     "short-packed": ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1"],
     "short-unpacked": ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1",
