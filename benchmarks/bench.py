@@ -45,6 +45,9 @@ RUNS = {
     "zero2": ["--zero_stage", "2"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
+    # rows of 8,192 tokens: one forward pass per rank where a step's share exceeds 4,096 tokens
+    "zero3-liger-8k": ["--enable_liger_kernel", "--pack_tokens", "8192"],
+    "zero2-liger-8k": ["--zero_stage", "2", "--enable_liger_kernel", "--pack_tokens", "8192"],
     "unpacked-zero2": ["--zero_stage", "2", "--packing", "false"],
     # the whole 10-epoch job, not a projection
     "full-zero3": ["--max_steps", "-1"],
@@ -72,7 +75,8 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
 
 def parse_run(run: str) -> tuple[str, int]:
     name, _, gpus = run.partition("@")
-    if name not in RUNS and name.removeprefix("profile-") not in RUNS and name != "baseline":
+    base = name.removeprefix("profile-").removesuffix("-compiled").removesuffix("-cudagraphs")
+    if name not in RUNS and base not in RUNS and name != "baseline":
         raise SystemExit(f"unknown run {name}; known: {', '.join(RUNS)}, baseline, profile-NAME")
     return name, int(gpus or 2)
 
@@ -203,8 +207,10 @@ def main() -> None:
     for run in args.runs.split(","):
         name, gpus = parse_run(run)
         if name.startswith("profile-"):  # e.g. profile-zero2@2: the per-step profile of that run's settings
-            os.environ["LORAKIT_BENCH_COMPILE"] = "1" if name.endswith("-compiled") else "0"
-            base = name.removeprefix("profile-").removesuffix("-compiled")
+            compiled = {"-compiled": "default", "-cudagraphs": "reduce-overhead"}  # decoder layers in torch.compile
+            suffix = next((s for s in compiled if name.endswith(s)), "")
+            os.environ["LORAKIT_BENCH_COMPILE"] = compiled.get(suffix, "")
+            base = name.removeprefix("profile-").removesuffix(suffix) if suffix else name.removeprefix("profile-")
             flags = run_flags(base, gpus, args, work, Path(f"/tmp/bench-out-{run}"))
             code = launch(gpus, ["benchmarks/profile_steps.py", str(work / f"{run}.txt"), *flags],
                           work / f"{run}.log", args.timeout)  # fmt: skip

@@ -20,10 +20,11 @@ from lorakit.validate import validate
 out, config = sys.argv[1], parse_config(sys.argv[2:])
 run = set_up(config, checked := validate(config))
 engine, dist = run.built.engine, run.dist
-if os.environ.get("LORAKIT_BENCH_COMPILE") == "1":  # an experiment: each decoder layer through torch.compile
+COMPILE_MODE = os.environ.get("LORAKIT_BENCH_COMPILE", "")  # an experiment: decoder layers through torch.compile
+if COMPILE_MODE:  # "default", or "reduce-overhead" (CUDA graphs, one per row shape: rows are multiples of 128)
     for module in engine.module.modules():
         if module.__class__.__name__.endswith("DecoderLayer"):
-            module.compile(dynamic=True)
+            module.compile(mode=COMPILE_MODE, dynamic=COMPILE_MODE == "default")
 set_learning_rate(engine, config.train.learning_rate)
 plans = step_plans(run)
 engine.train()
