@@ -37,7 +37,9 @@ REFERENCE_FLAGS = ["--stage", "sft", "--do_train", "True", "--finetuning_type", 
 # A run is NAME or NAME@GPUS (2 GPUs when not given): NAME's extra flags on the reference command, launched on that
 # many GPUs of the host. "{file}" names a DeepSpeed variant written by `write_variants`.
 RUNS = {
-    "zero3": [],  # the reference DeepSpeed file as it is: lorakit's defaults (whole decoder layers per gather)
+    "zero3": [],  # the reference DeepSpeed file as it is: lorakit's defaults (whole layers per gather, Liger if there)
+    "zero3-plain": ["--enable_liger_kernel", "false"],  # without the fused kernels
+    "zero2-plain": ["--zero_stage", "2", "--enable_liger_kernel", "false"],
     "zero3-permodule": ["--deepspeed", "{per_module}"],  # DeepSpeed's per-module gathering (lorakit before)
     "zero3-persist": ["--deepspeed", "{persist}"],  # every frozen weight resident: no gathers at all
     "zero3-bigfetch": ["--deepspeed", "{bigfetch}"],

@@ -54,6 +54,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "str": str,
     "tuple[str, ...]": parse_list,
     "int | None": _optional(parse_whole),
+    "bool | None": lambda value: (
+        None if value is None or str(value).lower() in ("none", "null", "auto") else parse_bool(value)
+    ),
     "float | None": _optional(float),
     "str | None": lambda value: None if value is None or str(value).lower() in ("none", "null") else str(value),
 }
@@ -82,7 +85,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("config_file", nargs="?", help="YAML or JSON file of flag values (flags override it)")
     for name, field in flat_fields().items():
-        boolean = str(field.type) == "bool"
+        boolean = str(field.type) in ("bool", "bool | None")
         parser.add_argument(
             f"--{name}",
             nargs="?" if boolean else None,

@@ -39,9 +39,12 @@ class ModelConfig:
     )
     bf16: bool = field(default=False, metadata=_doc("Train in bfloat16 (needs a GPU that supports it)."))
     fp16: bool = field(default=False, metadata=_doc("Train in float16 with loss scaling (GPU only)."))
-    enable_liger_kernel: bool = field(
-        default=False,
-        metadata=_doc("Fused RMSNorm, RoPE and SwiGLU kernels from liger-kernel (GPU only; lorakit[kernels])."),
+    enable_liger_kernel: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "Fused RMSNorm, RoPE and SwiGLU kernels from liger-kernel (lorakit[kernels]); default: on where they "
+            "can run (a CUDA GPU, liger-kernel installed, a model family it knows)."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -166,7 +169,15 @@ class TrainConfig:
         metadata=_doc("Pack examples into long rows (attention never crosses examples); false: padded micro-batches."),
     )
     pack_tokens: int = field(
-        default=0, metadata=_doc("Tokens per packed row, i.e. per forward pass (0: max(--cutoff_len, 4096)).")
+        default=0,
+        metadata=_doc(
+            "Tokens per packed row, i.e. per forward pass (0: the longest row free GPU memory allows, see "
+            "lorakit.engine.memory; max(--cutoff_len, 4096) on the CPU)."
+        ),
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata=_doc("Recompute activations in backward (default: only when the memory estimate needs it)."),
     )
     zero_stage: int | None = field(
         default=None, metadata=_doc("ZeRO stage 0-3, overriding the DeepSpeed file's (default: the file's, else 3).")

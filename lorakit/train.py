@@ -36,7 +36,7 @@ from lorakit.checkpoint import (
 from lorakit.config import Config, pack_tokens_for
 from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, prepare_data, steps_per_epoch
 from lorakit.distributed import DistInfo, init_distributed
-from lorakit.engine import BuiltEngine, build_engine
+from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
 from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.evaluate import eval_data, evaluate
 from lorakit.loss import model_loss_sum
@@ -124,6 +124,7 @@ class Run:
 def set_up(config: Config, checked: Checked) -> Run:
     """Process group, data (cached), engine, the resumed state; then the output folder and the opening log."""
     dist = init_distributed()
+    config, memory_lines = plan_run_memory(config, dist)  # rows and checkpointing, from free GPU memory
     output_dir, tokenizer = Path(config.train.output_dir), checked.tokenizer
     if dist.is_main and config.train.overwrite_output_dir:
         for old in checkpoint_folders(output_dir):
@@ -139,7 +140,7 @@ def set_up(config: Config, checked: Checked) -> Run:
     counts = step_math(config, len(data), dist.world_size, start)
     if dist.is_main:
         save_run_files(output_dir, tokenizer, config, built.ds_config)
-    for note in checked.notes + built.notes:
+    for note in checked.notes + built.notes + memory_lines:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
         f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "
@@ -197,6 +198,7 @@ def train(config: Config) -> TrainResult:
     quiet_library_warnings()
     checked = validate(config)  # every bad-input error happens here, before anything is loaded or written
     run = set_up(config, checked)
+    config = run.config  # with the memory plan's rows and checkpointing settled
     engine, dist, counts, train_config = run.built.engine, run.dist, run.counts, config.train
     pad_id, position = checked.tokenizer.pad_token_id, run.start
     loss_sum = checked.resume.loss_sum if checked.resume else 0.0

@@ -52,7 +52,7 @@ def validate(config: Config) -> Checked:
     if config.data.eval_dataset:
         load_conversations(resolve_datasets(config.data.dataset_dir, config.data.eval_dataset), config.data.max_samples)
     validate_precision(config)
-    if config.model.enable_liger_kernel:
+    if config.model.enable_liger_kernel:  # explicitly asked for: must be able to run
         check_liger_kernel(hf_config.model_type)
     if config.train.packing and 0 < config.train.pack_tokens < config.data.cutoff_len:
         raise LorakitError(

@@ -2,7 +2,8 @@
 
 Three ZeRO-3 runs in one process group on the same data and global batch: `wide` (micro-batch 4 x accumulation 1)
 and `deep` (micro-batch 1 x accumulation 4), both with lorakit's whole-layer gathering, and `per_module` (`wide`
-with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the DeepSpeed file).
+with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the DeepSpeed file), and
+`checkpointed` (`wide` with gradient checkpointing: layers recomputed, and re-gathered, in backward).
 Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
 """
@@ -40,7 +41,7 @@ per_module = json.loads(Path(sys.argv[4]).read_text())
 per_module["zero_optimization"]["stage3_module_granularity_threshold"] = 0
 (workdir / "ds_per_module.json").write_text(json.dumps(per_module))
 results = {}
-for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1)):
+for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1)):
     config = lorakit.Config.from_flat(
         {
             **common,
@@ -48,10 +49,11 @@ for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4), ("per_module",
             "per_device_train_batch_size": micro,
             "gradient_accumulation_steps": accumulation,
             **({"deepspeed": str(workdir / "ds_per_module.json")} if name == "per_module" else {}),
+            **({"gradient_checkpointing": True} if name == "checkpointed" else {}),
         }
     )
     result = lorakit.train(config)
-    results[name] = result.metrics
+    results[name] = result.metrics | {"recomputes": result.engine.module.get_base_model().is_gradient_checkpointing}
     if name == "wide":
         probe = torch.arange(3, 40).reshape(1, -1)
         result.engine.module.eval()

@@ -68,3 +68,19 @@ def test_config_file_errors(tmp_path: Path):
 def test_an_empty_string_is_a_value_not_a_missing_one():
     config = parse_config(["--system", "", "--default_system", "none"])
     assert config.data.system == "" and config.data.default_system is None
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], None),  # unset: lorakit decides (memory plan / where the kernels can run)
+        (["--gradient_checkpointing"], True),
+        (["--gradient_checkpointing", "True"], True),
+        (["--gradient_checkpointing", "false"], False),
+        (["--gradient_checkpointing", "auto"], None),
+    ],
+)
+def test_auto_booleans(argv: list[str], expected):
+    assert parse_config(argv).train.gradient_checkpointing is expected
+    liger = [a.replace("gradient_checkpointing", "enable_liger_kernel") for a in argv]
+    assert parse_config(liger).model.enable_liger_kernel is expected

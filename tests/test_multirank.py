@@ -105,6 +105,22 @@ def test_whole_layer_gathering_computes_what_per_module_gathering_does(driver_ru
         torch.testing.assert_close(whole_adapter[key], tensor, rtol=0, atol=2e-3)
 
 
+def test_gradient_checkpointing_computes_the_same_updates(driver_run: Path):
+    plain, recomputed = (
+        _log(driver_run / "wide" / "trainer_log.jsonl"),
+        _log(driver_run / "checkpointed" / "trainer_log.jsonl"),
+    )
+    assert (recomputed[0]["loss"], recomputed[0]["grad_norm"]) == pytest.approx(
+        (plain[0]["loss"], plain[0]["grad_norm"]), rel=1e-5
+    )
+    for a, b in zip(plain, recomputed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
+    saved = json.loads((driver_run / "checkpointed" / "lorakit_config.json").read_text())
+    assert saved["lorakit"]["gradient_checkpointing"] is True
+    metrics = json.loads((driver_run / "metrics.json").read_text())
+    assert metrics["checkpointed"]["recomputes"] and not metrics["wide"]["recomputes"]
+
+
 def test_first_step_gradient_is_the_per_token_mean_over_the_global_batch(
     driver_run: Path, tiny_model: Path, tiny_data: Path
 ):

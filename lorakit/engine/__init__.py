@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,8 @@ from lorakit.engine.deepspeed_config import (
     lorakit_chooses_units,
     resolve_deepspeed_config,
 )
-from lorakit.engine.kernels import apply_liger_kernel
+from lorakit.engine.kernels import apply_liger_kernel, use_liger_kernel
+from lorakit.engine.memory import ModelShape, plan_memory
 from lorakit.engine.model import (
     add_neftune_noise,
     attach_lora,
@@ -36,13 +38,36 @@ class BuiltEngine:
     total_parameters: int
 
 
+def meta_parameter_count(hf_config: Any) -> int:
+    """The model's parameters, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
+
+
+def plan_run_memory(config: Config, dist: DistInfo) -> tuple[Config, list[str]]:
+    """The config with --pack_tokens 0 and --gradient_checkpointing unset settled from the smallest free GPU
+    memory of any rank (lorakit.engine.memory), and the plan's log lines."""
+    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
+    free = None
+    if dist.device.type == "cuda":  # every rank is on a GPU, so every rank joins this collective
+        free = int(-dist.max([-float(torch.cuda.mem_get_info(dist.device)[0])])[0])
+    ds_config, _ = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, free is not None)
+    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+    shape = ModelShape.of(hf_config, meta_parameter_count(hf_config), compute_dtype(config).itemsize)
+    train = config.train
+    batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
+    plan = plan_memory(shape, free, zero3, config.data.cutoff_len, train.pack_tokens, train.gradient_checkpointing,
+                       batch_tokens)  # fmt: skip
+    train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
+    return dataclasses.replace(config, train=train), plan.lines
+
+
 def stage2_hint(hf_config: Any, device: torch.device) -> list[str]:
     """One line when the frozen model would fit whole on each GPU: stage 3 stays (the user asked for it), but
-    stage 2 would skip ZeRO-3's per-module gathers and hooks (see benchmarks/RESULTS.md for what it gains)."""
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
+    stage 2 would skip ZeRO-3's gathers and hooks (see benchmarks/RESULTS.md for what it gains)."""
+    count = meta_parameter_count(hf_config)
     model_gib, free_gib = count * 2 / 2**30, torch.cuda.mem_get_info(device)[0] / 2**30
     if model_gib > 0.5 * free_gib:
         return []
@@ -72,8 +97,10 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     if zero3 and on_gpu:
         notes += stage2_hint(hf_config, dist.device)
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
-    if config.model.enable_liger_kernel:
-        notes += apply_liger_kernel(model)
+    if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)
+    notes += apply_liger_kernel(model) if liger else lines
     model = attach_lora(model, config.lora, config.train.seed)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)
@@ -96,5 +123,6 @@ __all__ = [
     "load_base_model",
     "load_tokenizer",
     "parameter_counts",
+    "plan_run_memory",
     "resolve_deepspeed_config",
 ]

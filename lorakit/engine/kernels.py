@@ -1,10 +1,12 @@
-"""Fused Triton kernels from liger-kernel (the optional extra `lorakit[kernels]`), behind --enable_liger_kernel.
+"""Fused Triton kernels from liger-kernel (the optional extra `lorakit[kernels]`): --enable_liger_kernel.
 
 Liger replaces a decoder's RMSNorm (about eight elementwise kernels each way), rotary embedding and SwiGLU
 (silu x up) with one fused kernel each, forward and backward. lorakit asks for exactly those three and never for
 Liger's cross-entropy or fused linear cross-entropy: lorakit already computes logits only where a target
 follows, in checkpointed fp32 chunks (lorakit.loss), and Liger's fused head would need the whole output-head
-weight outside ZeRO-3's gather. Same flag name as LLaMA-Factory's.
+weight outside ZeRO-3's gather. Same flag name as LLaMA-Factory's; lorakit's default (unset) turns the kernels
+on wherever they can run, because they pay everywhere measured (benchmarks/RESULTS.md: +9 to +37 % tokens/s on
+H200s) and the tests hold them to the plain path's numbers; `--enable_liger_kernel false` turns them off.
 
 What the patching touches: the RMSNorm and MLP modules of this model instance (their `forward`), and, for the
 rotary embedding, the module-level `apply_rotary_pos_emb` of the model's transformers module, which models of
@@ -27,25 +29,41 @@ from lorakit.errors import LorakitError
 INSTALL = "pip install 'lorakit[kernels]' (liger-kernel)"
 
 
-def check_liger_kernel(model_type: str) -> None:
-    """Before anything loads: CUDA present, liger-kernel installed, and Liger knows this model family."""
+def liger_unavailable(model_type: str) -> str | None:
+    """Why Liger's kernels cannot run here, or None when they can."""
     if not torch.cuda.is_available():
-        raise LorakitError("--enable_liger_kernel needs a CUDA GPU (its kernels are Triton); drop it on the CPU")
+        return "needs a CUDA GPU (its kernels are Triton)"
     if importlib.util.find_spec("liger_kernel") is None:
-        raise LorakitError(f"--enable_liger_kernel needs the liger-kernel package: {INSTALL}, or drop the flag")
+        return f"needs the liger-kernel package: {INSTALL}"
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise LorakitError(
-            f"--enable_liger_kernel: liger-kernel has no kernels for model type {model_type!r}; drop the flag"
-        )
+        return f"liger-kernel has no kernels for model type {model_type!r}"
+    return None
+
+
+def check_liger_kernel(model_type: str) -> None:
+    """Before anything loads, for an explicit --enable_liger_kernel true: fail now if it cannot run."""
+    reason = liger_unavailable(model_type)
+    if reason:
+        raise LorakitError(f"--enable_liger_kernel {reason}; drop the flag (or set it to false)")
+
+
+def use_liger_kernel(requested: bool | None, model_type: str) -> tuple[bool, list[str]]:
+    """The decision and its log line: an explicit flag is obeyed; by default the kernels run wherever they can."""
+    if requested is not None:
+        return requested, []
+    reason = liger_unavailable(model_type)
+    if reason and torch.cuda.is_available():  # on a GPU, say what is being left on the table
+        return False, [f"kernels: plain PyTorch (liger-kernel {reason.removeprefix('needs ')}; "
+                       "benchmarks/RESULTS.md shows what its fused kernels gain)"]  # fmt: skip
+    return reason is None, []
 
 
 def apply_liger_kernel(model: Any) -> list[str]:
     """Patch `model` (the base causal LM, before LoRA is attached) in place; returns the log line."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    check_liger_kernel(model.config.model_type)
     family = sys.modules[type(model).__module__]  # e.g. transformers.models.qwen2.modeling_qwen2
     classes = {name: value for name, value in vars(family).items() if isinstance(value, type)}
     # The only entry point that patches an existing instance; HF Trainer's use_liger_kernel calls it the same way.

@@ -1,0 +1,110 @@
+"""How long a packed row can be, and whether gradient checkpointing is needed: the model's shape against the
+GPU's free memory, decided once before the model loads and printed with the step math.
+
+Longer rows mean fewer forward passes a step, and at SFT's short examples every pass carries a fixed cost (see
+benchmarks/RESULTS.md: on 2 H200s at the reference's global batch of 128, rows of 8,192 tokens instead of 4,096
+made a step 1.4x faster under ZeRO-2 and 1.6x under ZeRO-3). Gradient checkpointing saves activation memory
+for a recomputed forward (about a third more work), so it is only worth it when the rows would not fit.
+
+The estimate, in the precision trained (2 bytes for bf16/fp16, 4 for fp32):
+- activations kept for backward, per token and decoder layer: bytes x (16 x hidden + 4 x intermediate); with
+  checkpointing only each layer's input stays (bytes x hidden), plus one layer's worth being recomputed;
+- the frozen weights: bytes x parameters, twice under ZeRO-3 (a partition plus gathered layers in flight, on
+  the safe side: ZeRO-3 peaks were the highest measured);
+- the loss: one chunk of fp32 logits, its gradient and softmax (lorakit.loss.CHUNK_ROWS x vocab x 12 bytes).
+Checked against Qwen2.5-7B on H200s: 7.45 MB a token estimated, 7.3 measured between rows of 1,280 and 4,096
+tokens; estimated peaks within 1-3 GiB of the measured ones (benchmarks/RESULTS.md). Only HEADROOM of the free
+memory is planned, for the allocator's fragmentation, NCCL buffers and DeepSpeed's own.
+
+Rules: an explicit --pack_tokens or --gradient_checkpointing is obeyed, and the other is planned around it. By
+default rows are the longest power of two from 16,384 down that fits, in this order of preference: rows of at
+least 4,096 tokens without checkpointing; then with it; then shorter rows (down to --cutoff_len) without, then
+with it. The order is a judgement from the H200 measurements: a pass of ~1,200 tokens cost 0.23 s and one of
+4,096 about 0.33 s, so passes shorter than 4,096 tokens are mostly fixed cost, while recomputation adds a third.
+Every rank plans from the smallest free memory of any rank, so all agree on the rows. On the CPU nothing is
+planned: rows of max(--cutoff_len, 4096) tokens, no checkpointing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.loss import CHUNK_ROWS
+
+HEADROOM = 0.8
+LONGEST_ROW = 16384
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    parameters: int
+    dtype_bytes: int  # of the precision trained
+
+    @classmethod
+    def of(cls, hf_config: Any, parameters: int, dtype_bytes: int) -> ModelShape:
+        hidden = hf_config.hidden_size
+        return cls(hf_config.num_hidden_layers, hidden, getattr(hf_config, "intermediate_size", None) or 4 * hidden,
+                   hf_config.vocab_size, parameters, dtype_bytes)  # fmt: skip
+
+    def activation_bytes(self, tokens: int, checkpointing: bool) -> int:
+        layer = self.dtype_bytes * (16 * self.hidden + 4 * self.intermediate)
+        per_token = self.layers * self.dtype_bytes * self.hidden + layer if checkpointing else self.layers * layer
+        return tokens * per_token
+
+    def fixed_bytes(self, zero3: bool) -> int:
+        weights = self.dtype_bytes * self.parameters * (2 if zero3 else 1)
+        return weights + CHUNK_ROWS * self.vocab * 12
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    pack_tokens: int
+    gradient_checkpointing: bool
+    lines: list[str]
+
+
+def row_candidates(cutoff_len: int) -> list[int]:
+    """Row lengths to try, longest first: powers of two from LONGEST_ROW down, and --cutoff_len itself."""
+    rows = [n for n in (LONGEST_ROW >> k for k in range(8)) if n >= cutoff_len]
+    return sorted(set(rows) | {cutoff_len}, reverse=True)
+
+
+def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, cutoff_len: int, pack_tokens: int,
+                checkpointing: bool | None, batch_tokens: int = 0) -> MemoryPlan:  # fmt: skip
+    """The rows and checkpointing to train with. pack_tokens 0 = plan it; checkpointing None = plan it.
+    batch_tokens > 0: packing is off and a forward pass holds at most this many tokens (micro-batch x cutoff)."""
+    if free_bytes is None:  # the CPU: nothing planned
+        return MemoryPlan(pack_tokens or max(cutoff_len, 4096), bool(checkpointing), [])
+    budget = HEADROOM * free_bytes - shape.fixed_bytes(zero3)
+
+    def fits(tokens: int, with_checkpointing: bool) -> bool:
+        return shape.activation_bytes(tokens, with_checkpointing) <= budget
+
+    fixed_rows = batch_tokens or pack_tokens
+    if fixed_rows:
+        chosen_checkpointing = not fits(fixed_rows, False) if checkpointing is None else checkpointing
+        rows = pack_tokens  # 0 with packing off: nothing to choose
+    else:
+        options = [False, True] if checkpointing is None else [checkpointing]
+        long_rows = [n for n in row_candidates(cutoff_len) if n >= 4096]
+        short_rows = [n for n in row_candidates(cutoff_len) if n < 4096]
+        preference = [(c, n) for rows_ in (long_rows, short_rows) for c in options for n in rows_]
+        plans = [(c, n) for c, n in preference if fits(n, c)]
+        chosen_checkpointing, rows = plans[0] if plans else (options[-1], cutoff_len)
+    tokens = fixed_rows or rows
+    estimate = shape.activation_bytes(tokens, chosen_checkpointing) + shape.fixed_bytes(zero3)
+    line = (f"memory plan: {free_bytes / GiB:.0f} GiB free on the smallest GPU; "
+            f"{'rows' if rows else 'micro-batches'} of {tokens:,} tokens, gradient checkpointing "
+            f"{'on' if chosen_checkpointing else 'off'}: about {estimate / GiB:.0f} GiB at peak "
+            "(lorakit.engine.memory)")  # fmt: skip
+    lines = [line]
+    if estimate > HEADROOM * free_bytes:
+        lines.append(f"WARNING: the estimate exceeds {HEADROOM:.0%} of free memory; if the GPU runs out, lower "
+                     "--cutoff_len or --pack_tokens, or spread the model with ZeRO-3 over more GPUs")  # fmt: skip
+    return MemoryPlan(rows, chosen_checkpointing, lines)

@@ -1,0 +1,62 @@
+"""The memory plan: rows and gradient checkpointing from the model's shape and free GPU memory.
+
+Cases are real cards against Qwen2.5-7B's shape in bf16; the measured peaks they are checked against are in
+benchmarks/RESULTS.md (rows of 4,096 tokens: 44 GiB under ZeRO-2, 59 GiB under ZeRO-3 on one H200).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.engine.memory import GiB, ModelShape, plan_memory, row_candidates
+
+QWEN7B = ModelShape(layers=28, hidden=3584, intermediate=18944, vocab=152064, parameters=7_615_616_512, dtype_bytes=2)
+H200, H100, A100_40 = 139 * GiB, 79 * GiB, 39 * GiB
+
+
+@pytest.mark.parametrize(
+    "free, zero3, pack_tokens, checkpointing, expected_rows, expected_checkpointing",
+    [
+        (H200, False, 0, None, 8192, False),  # a 141 GB card: rows of 8k, no recomputation
+        (H200, True, 0, None, 8192, False),
+        (H100, False, 0, None, 4096, False),  # 80 GB: rows of 4k (8k would need ~75 GiB)
+        (H100, True, 0, None, 4096, False),
+        (A100_40, False, 0, None, 16384, True),  # 40 GB: long rows only with checkpointing
+        (A100_40, False, 0, False, 1024, False),  # ... or short rows without it, if asked
+        (H100, False, 8192, None, 8192, True),  # rows fixed by the user: checkpointing only if they don't fit
+        (H200, False, 8192, None, 8192, False),
+        (H100, False, 0, True, 16384, True),  # checkpointing asked for: the longest rows that fit with it
+        (H100, False, 0, False, 4096, False),
+        (None, True, 0, None, 4096, False),  # the CPU: nothing planned
+        (None, True, 2048, True, 2048, True),
+    ],
+)
+def test_plan(free, zero3, pack_tokens, checkpointing, expected_rows, expected_checkpointing):
+    plan = plan_memory(QWEN7B, free, zero3, 1024, pack_tokens, checkpointing)
+    assert (plan.pack_tokens, plan.gradient_checkpointing) == (expected_rows, expected_checkpointing)
+    assert len(plan.lines) == (0 if free is None else 1)  # no warning in any of these cases
+
+
+def test_estimate_matches_the_measured_peaks_within_a_few_gib():
+    # one H200, rows of 4,096 tokens (lease of 2026-11-26, benchmarks/RESULTS.md): 44.4 GiB ZeRO-2, 58.8 ZeRO-3
+    for zero3, measured in ((False, 44.4), (True, 58.8)):
+        estimate = (QWEN7B.activation_bytes(4096, False) + QWEN7B.fixed_bytes(zero3)) / GiB
+        assert measured - 1 <= estimate <= measured + 4
+
+
+def test_packing_off_plans_checkpointing_for_the_largest_micro_batch():
+    plan = plan_memory(QWEN7B, H100, False, 1024, 0, None, batch_tokens=16 * 1024)
+    assert plan.gradient_checkpointing and plan.pack_tokens == 0
+    assert "micro-batches of 16,384 tokens" in plan.lines[0]
+
+
+def test_nothing_fits_warns_instead_of_guessing():
+    plan = plan_memory(QWEN7B, 16 * GiB, False, 1024, 0, None)
+    assert plan.gradient_checkpointing and plan.pack_tokens == 1024
+    assert plan.lines[1].startswith("WARNING: the estimate exceeds 80% of free memory")
+
+
+def test_row_candidates_never_go_below_the_cutoff():
+    assert row_candidates(1024) == [16384, 8192, 4096, 2048, 1024]
+    assert row_candidates(3000) == [16384, 8192, 4096, 3000]
+    assert row_candidates(32768) == [32768]
