@@ -40,10 +40,11 @@ RUNS = {
     "zero3": [],  # the reference DeepSpeed file as it is: lorakit's defaults (whole layers per gather, Liger if there)
     "zero3-plain": ["--enable_liger_kernel", "false"],  # without the fused kernels
     "zero2-plain": ["--zero_stage", "2", "--enable_liger_kernel", "false"],
-    "zero3-permodule": ["--deepspeed", "{per_module}"],  # DeepSpeed's per-module gathering (lorakit before)
-    "zero3-persist": ["--deepspeed", "{persist}"],  # every frozen weight resident: no gathers at all
-    "zero3-bigfetch": ["--deepspeed", "{bigfetch}"],
-    "zero3-hfpersist": ["--deepspeed", "{hfpersist}"],
+    # ZeRO-3 settings against zero3-plain (no fused kernels in any of them)
+    "zero3-permodule": ["--deepspeed", "{per_module}", "--enable_liger_kernel", "false"],  # DeepSpeed's own units
+    "zero3-persist": ["--deepspeed", "{persist}", "--enable_liger_kernel", "false"],  # frozen weights resident
+    "zero3-bigfetch": ["--deepspeed", "{bigfetch}", "--enable_liger_kernel", "false"],
+    "zero3-hfpersist": ["--deepspeed", "{hfpersist}", "--enable_liger_kernel", "false"],
     "zero2": ["--zero_stage", "2"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],

@@ -73,7 +73,7 @@ def stage2_hint(hf_config: Any, device: torch.device) -> list[str]:
         return []
     return [f"ZeRO-3 as asked; the frozen model ({model_gib:.1f} GiB in 16 bits) fits on each GPU ({free_gib:.0f} GiB "
             "free): --zero_stage 2 would keep it whole on every GPU and skip ZeRO-3's per-module gathers "
-            "(5.6x the tokens/s on 2 H200s: benchmarks/RESULTS.md)"]  # fmt: skip
+            "(2.1x the tokens/s at the reference's batch on 2 H200s: benchmarks/RESULTS.md)"]  # fmt: skip
 
 
 def largest_lora_matrix(config: Config, hf_config: Any) -> int:

@@ -2,9 +2,10 @@
 GPU's free memory, decided once before the model loads and printed with the step math.
 
 Longer rows mean fewer forward passes a step, and at SFT's short examples every pass carries a fixed cost (see
-benchmarks/RESULTS.md: on 2 H200s at the reference's global batch of 128, rows of 8,192 tokens instead of 4,096
-made a step 1.4x faster under ZeRO-2 and 1.6x under ZeRO-3). Gradient checkpointing saves activation memory
-for a recomputed forward (about a third more work), so it is only worth it when the rows would not fit.
+benchmarks/RESULTS.md: on 2 H200s at the reference's global batch of 128, a rank's ~4,750 tokens took two
+passes in rows of 4,096 and one in rows of 8,192, 0.66 s against 0.48 s a step under ZeRO-2, measured on two
+different leases). Gradient checkpointing saves activation memory for a recomputed forward (about a third more
+work), so it is only worth it when the rows would not fit.
 
 The estimate, in the precision trained (2 bytes for bf16/fp16, 4 for fp32):
 - activations kept for backward, per token and decoder layer: bytes x (16 x hidden + 4 x intermediate); with
