@@ -35,8 +35,10 @@ def liger_unavailable(model_type: str) -> str | None:
         return "needs a CUDA GPU (its kernels are Triton)"
     if importlib.util.find_spec("liger_kernel") is None:
         return f"needs the liger-kernel package: {INSTALL}"
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
+    try:  # liger imports transformers' model modules: a version mismatch shows up here, not mid-run
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as err:
+        return f"needs a liger-kernel that imports with this transformers ({err})"
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"liger-kernel has no kernels for model type {model_type!r}"
     return None

@@ -60,3 +60,35 @@ def test_row_candidates_never_go_below_the_cutoff():
     assert row_candidates(1024) == [16384, 8192, 4096, 2048, 1024]
     assert row_candidates(3000) == [16384, 8192, 4096, 3000]
     assert row_candidates(32768) == [32768]
+
+
+class _TwoGpuRanks:
+    """What plan_run_memory needs of DistInfo, on 'GPUs' whose free memory differs per rank."""
+
+    device = __import__("torch").device("cuda", 0)
+    world_size = 2
+
+    def __init__(self, free_per_rank: list[float]):
+        self.free_per_rank = free_per_rank
+
+    def max(self, values: list[float]) -> list[float]:  # the collective: every rank's -free, element-wise max
+        assert values == [-self.free_per_rank[0]]
+        return [max(-free for free in self.free_per_rank)]
+
+
+def test_every_rank_plans_from_the_smallest_free_memory(tiny_model, monkeypatch):
+    import torch
+
+    from lorakit.config import Config
+    from lorakit.engine import plan_run_memory
+
+    # the tiny model in fp32: rank 0's 1 GiB would take rows of 16,384 tokens as they are; rank 1's 60 MiB fit rows
+    # of 4,096 only with recomputation, and rank 1 decides for both
+    free = [2**30, 60 * 2**20]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free[0]), 80 * GiB))
+    config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
+                               "cutoff_len": 256})  # fmt: skip
+    planned, lines = plan_run_memory(config, _TwoGpuRanks(free))
+    assert (planned.train.pack_tokens, planned.train.gradient_checkpointing) == (4096, True)
+    assert lines[0].startswith("memory plan: 0 GiB free on the smallest GPU; rows of 4,096 tokens, gradient ")
+    assert planned.data == config.data and planned.lora == config.lora  # nothing else changes
