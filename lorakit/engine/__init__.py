@@ -58,8 +58,8 @@ def plan_run_memory(config: Config, dist: DistInfo) -> tuple[Config, list[str]]:
     shape = ModelShape.of(hf_config, meta_parameter_count(hf_config), compute_dtype(config).itemsize)
     train = config.train
     batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
-    plan = plan_memory(shape, free, zero3, config.data.cutoff_len, train.pack_tokens, train.gradient_checkpointing,
-                       batch_tokens)  # fmt: skip
+    plan = plan_memory(shape, free, zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
+                       train.gradient_checkpointing, batch_tokens)  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     return dataclasses.replace(config, train=train), plan.lines
 

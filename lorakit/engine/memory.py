@@ -9,13 +9,15 @@ work), so it is only worth it when the rows would not fit.
 
 The estimate, in the precision trained (2 bytes for bf16/fp16, 4 for fp32):
 - activations kept for backward, per token and decoder layer: bytes x (16 x hidden + 4 x intermediate); with
-  checkpointing only each layer's input stays (bytes x hidden), plus one layer's worth being recomputed;
-- the frozen weights: bytes x parameters, twice under ZeRO-3 (a partition plus gathered layers in flight, on
-  the safe side: ZeRO-3 peaks were the highest measured);
+  checkpointing only each layer's input stays (bytes x hidden), plus one layer's worth being recomputed. Under
+  ZeRO-3 x 1.4: DeepSpeed's ZeRO-3 linear saves every frozen linear's input for backward, which plain PyTorch
+  does not (measured slopes on Qwen2.5-7B: 10.0 MB a token under ZeRO-3, 7.3 under ZeRO-2; 7.45 estimated);
+- the frozen weights: bytes x parameters, divided by the GPUs under ZeRO-3, plus four layers' worth in flight
+  (gathered ahead and kept for reuse across the forward/backward turn);
 - the loss: one chunk of fp32 logits, its gradient and softmax (lorakit.loss.CHUNK_ROWS x vocab x 12 bytes).
-Checked against Qwen2.5-7B on H200s: 7.45 MB a token estimated, 7.3 measured between rows of 1,280 and 4,096
-tokens; estimated peaks within 1-3 GiB of the measured ones (benchmarks/RESULTS.md). Only HEADROOM of the free
-memory is planned, for the allocator's fragmentation, NCCL buffers and DeepSpeed's own.
+Checked against six measured peaks of Qwen2.5-7B on H200s, 1 to 4 GPUs, rows of 1,280 to 4,096 tokens: within
+2 GiB (tests/engine/test_memory.py). One peak ran 7 GiB over (ZeRO-3, 2 GPUs, a 4,864-token row), so only
+HEADROOM of the free memory is planned, also for the allocator's fragmentation and NCCL's buffers.
 
 Rules: an explicit --pack_tokens or --gradient_checkpointing is obeyed, and the other is planned around it. By
 default rows are the longest power of two from 16,384 down that fits, in this order of preference: rows of at
@@ -34,6 +36,7 @@ from typing import Any
 from lorakit.loss import CHUNK_ROWS
 
 HEADROOM = 0.8
+ZERO3_ACTIVATIONS = 1.4
 LONGEST_ROW = 16384
 GiB = 2**30
 
@@ -53,13 +56,15 @@ class ModelShape:
         return cls(hf_config.num_hidden_layers, hidden, getattr(hf_config, "intermediate_size", None) or 4 * hidden,
                    hf_config.vocab_size, parameters, dtype_bytes)  # fmt: skip
 
-    def activation_bytes(self, tokens: int, checkpointing: bool) -> int:
+    def activation_bytes(self, tokens: int, checkpointing: bool, zero3: bool) -> int:
         layer = self.dtype_bytes * (16 * self.hidden + 4 * self.intermediate)
         per_token = self.layers * self.dtype_bytes * self.hidden + layer if checkpointing else self.layers * layer
-        return tokens * per_token
+        return int(tokens * per_token * (ZERO3_ACTIVATIONS if zero3 else 1))
 
-    def fixed_bytes(self, zero3: bool) -> int:
-        weights = self.dtype_bytes * self.parameters * (2 if zero3 else 1)
+    def fixed_bytes(self, zero3: bool, world_size: int) -> int:
+        weights = self.dtype_bytes * self.parameters
+        if zero3:
+            weights = weights // world_size + 4 * weights // self.layers
         return weights + CHUNK_ROWS * self.vocab * 12
 
 
@@ -76,16 +81,17 @@ def row_candidates(cutoff_len: int) -> list[int]:
     return sorted(set(rows) | {cutoff_len}, reverse=True)
 
 
-def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, cutoff_len: int, pack_tokens: int,
-                checkpointing: bool | None, batch_tokens: int = 0) -> MemoryPlan:  # fmt: skip
+def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_size: int, cutoff_len: int,
+                pack_tokens: int, checkpointing: bool | None, batch_tokens: int = 0) -> MemoryPlan:  # fmt: skip
     """The rows and checkpointing to train with. pack_tokens 0 = plan it; checkpointing None = plan it.
     batch_tokens > 0: packing is off and a forward pass holds at most this many tokens (micro-batch x cutoff)."""
     if free_bytes is None:  # the CPU: nothing planned
         return MemoryPlan(pack_tokens or max(cutoff_len, 4096), bool(checkpointing), [])
-    budget = HEADROOM * free_bytes - shape.fixed_bytes(zero3)
+    fixed = shape.fixed_bytes(zero3, world_size)
+    budget = HEADROOM * free_bytes - fixed
 
     def fits(tokens: int, with_checkpointing: bool) -> bool:
-        return shape.activation_bytes(tokens, with_checkpointing) <= budget
+        return shape.activation_bytes(tokens, with_checkpointing, zero3) <= budget
 
     fixed_rows = batch_tokens or pack_tokens
     if fixed_rows:
@@ -99,7 +105,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, cutoff_l
         plans = [(c, n) for c, n in preference if fits(n, c)]
         chosen_checkpointing, rows = plans[0] if plans else (options[-1], cutoff_len)
     tokens = fixed_rows or rows
-    estimate = shape.activation_bytes(tokens, chosen_checkpointing) + shape.fixed_bytes(zero3)
+    estimate = shape.activation_bytes(tokens, chosen_checkpointing, zero3) + fixed
     line = (f"memory plan: {free_bytes / GiB:.0f} GiB free on the smallest GPU; "
             f"{'rows' if rows else 'micro-batches'} of {tokens:,} tokens, gradient checkpointing "
             f"{'on' if chosen_checkpointing else 'off'}: about {estimate / GiB:.0f} GiB at peak "
