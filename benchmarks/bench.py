@@ -174,6 +174,32 @@ def write_variants(work: Path) -> None:
     (work / "ds_baseline.json").write_text(json.dumps(baseline))
 
 
+def profile_run(run: str, args: argparse.Namespace, work: Path) -> None:
+    """e.g. profile-zero2@2: the per-step profile of zero2's settings (profile_steps.py writes WORK/RUN.txt)."""
+    name, gpus = parse_run(run)
+    compiled = {"-compiled": "default", "-cudagraphs": "reduce-overhead"}  # decoder layers in torch.compile
+    suffix = next((s for s in compiled if name.endswith(s)), "")
+    os.environ["LORAKIT_BENCH_COMPILE"] = compiled.get(suffix, "")
+    base = name.removeprefix("profile-").removesuffix(suffix) if suffix else name.removeprefix("profile-")
+    flags = run_flags(base, gpus, args, work, Path(f"/tmp/bench-out-{run}"))
+    code = launch(gpus, ["benchmarks/profile_steps.py", str(work / f"{run}.txt"), *flags], work / f"{run}.log",
+                  args.timeout)  # fmt: skip
+    print(json.dumps({"run": run, "exit": code}), flush=True)
+
+
+def baseline_run(gpus: int, args: argparse.Namespace, work: Path, tokens: float) -> dict:
+    """HF Trainer + PEFT + DeepSpeed ZeRO-3 at the reference's settings (hf_baseline.py)."""
+    code = launch(gpus, ["benchmarks/hf_baseline.py", str(args.model_dir), str(args.data_dir),
+                         str(work / "ds_baseline.json"), str(args.baseline_steps), str(work / "baseline.json")],
+                  work / "baseline.log", args.timeout)  # fmt: skip
+    result = {"run": f"baseline@{gpus}", "gpus": gpus, "exit": code}
+    if code != 0:
+        return result | {"log_tail": (work / "baseline.log").read_text()[-3000:]}
+    result |= json.loads((work / "baseline.json").read_text())
+    result["projected_10_epoch_seconds"] = round(10 * tokens / (result["tokens_per_second_per_gpu"] * gpus))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", type=Path, default=Path("/tmp/qwen25-7b-random"))
@@ -209,26 +235,11 @@ def main() -> None:
     results = []
     for run in args.runs.split(","):
         name, gpus = parse_run(run)
-        if name.startswith("profile-"):  # e.g. profile-zero2@2: the per-step profile of that run's settings
-            compiled = {"-compiled": "default", "-cudagraphs": "reduce-overhead"}  # decoder layers in torch.compile
-            suffix = next((s for s in compiled if name.endswith(s)), "")
-            os.environ["LORAKIT_BENCH_COMPILE"] = compiled.get(suffix, "")
-            base = name.removeprefix("profile-").removesuffix(suffix) if suffix else name.removeprefix("profile-")
-            flags = run_flags(base, gpus, args, work, Path(f"/tmp/bench-out-{run}"))
-            code = launch(gpus, ["benchmarks/profile_steps.py", str(work / f"{run}.txt"), *flags],
-                          work / f"{run}.log", args.timeout)  # fmt: skip
-            print(json.dumps({"run": run, "exit": code}), flush=True)
+        if name.startswith("profile-"):
+            profile_run(run, args, work)
             continue
         if name == "baseline":
-            code = launch(gpus, ["benchmarks/hf_baseline.py", str(args.model_dir), str(args.data_dir),
-                                 str(work / "ds_baseline.json"), str(args.baseline_steps),
-                                 str(work / "baseline.json")], work / "baseline.log", args.timeout)  # fmt: skip
-            result = {"run": run, "gpus": gpus, "exit": code}
-            if code == 0:
-                result |= json.loads((work / "baseline.json").read_text())
-                result["projected_10_epoch_seconds"] = round(10 * tokens / (result["tokens_per_second_per_gpu"] * gpus))
-            else:
-                result["log_tail"] = (work / "baseline.log").read_text()[-3000:]
+            result = baseline_run(gpus, args, work, tokens)
         else:
             result = lorakit_run(run, args, flops / tokens, work)
             if "seconds_per_step" in result:  # 10 epochs of whole steps, at the measured step time
