@@ -3,7 +3,9 @@
 Three ZeRO-3 runs in one process group on the same data and global batch: `wide` (micro-batch 4 x accumulation 1)
 and `deep` (micro-batch 1 x accumulation 4), both with lorakit's whole-layer gathering, and `per_module` (`wide`
 with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the DeepSpeed file), and
-`checkpointed` (`wide` with gradient checkpointing: layers recomputed, and re-gathered, in backward).
+`checkpointed` (`wide` with gradient checkpointing: layers recomputed, and re-gathered, in backward), and
+`zero2` (`wide` under ZeRO-2: nothing partitioned, the reference for ZeRO-3's machinery over many steps).
+Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs.
 Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
 """
@@ -13,8 +15,20 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 import lorakit
+
+all_gathers = [0]
+_all_gather_into_tensor = torch.distributed.all_gather_into_tensor
+
+
+def counted_all_gather(*args, **kwargs):
+    all_gathers[0] += 1
+    return _all_gather_into_tensor(*args, **kwargs)
+
+
+torch.distributed.all_gather_into_tensor = counted_all_gather
 
 workdir, model, data = (Path(p) for p in sys.argv[1:4])
 common = {
@@ -41,7 +55,8 @@ per_module = json.loads(Path(sys.argv[4]).read_text())
 per_module["zero_optimization"]["stage3_module_granularity_threshold"] = 0
 (workdir / "ds_per_module.json").write_text(json.dumps(per_module))
 results = {}
-for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1)):
+runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1))
+for name, micro, accumulation in runs:
     config = lorakit.Config.from_flat(
         {
             **common,
@@ -50,10 +65,15 @@ for name, micro, accumulation in (("wide", 4, 1), ("deep", 1, 4), ("per_module",
             "gradient_accumulation_steps": accumulation,
             **({"deepspeed": str(workdir / "ds_per_module.json")} if name == "per_module" else {}),
             **({"gradient_checkpointing": True} if name == "checkpointed" else {}),
+            **({"zero_stage": 2} if name == "zero2" else {}),
         }
     )
+    gathers_before = all_gathers[0]
     result = lorakit.train(config)
-    results[name] = result.metrics | {"recomputes": result.engine.module.get_base_model().is_gradient_checkpointing}
+    results[name] = result.metrics | {
+        "recomputes": result.engine.module.get_base_model().is_gradient_checkpointing,
+        "all_gathers": all_gathers[0] - gathers_before,
+    }
     if name == "wide":
         probe = torch.arange(3, 40).reshape(1, -1)
         result.engine.module.eval()

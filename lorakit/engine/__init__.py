@@ -26,7 +26,7 @@ from lorakit.engine.model import (
     load_tokenizer,
     parameter_counts,
 )
-from lorakit.engine.zero3 import gather_whole_layers
+from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers
 
 
 @dataclass
@@ -109,6 +109,8 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     trainable, total = parameter_counts(model)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
+    if zero3:
+        gather_updated_adapter_at_once(engine)
     return BuiltEngine(engine, ds_config, notes, trainable, total)
 
 
