@@ -59,6 +59,8 @@ def gather_updated_adapter_at_once(engine: Any) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     optimizer = engine.optimizer
+    if not hasattr(optimizer, "_post_step") or not hasattr(optimizer, "persistent_parameters"):
+        return  # another DeepSpeed layout: its own per-parameter gather stays, correct and slower
     post_step = optimizer._post_step  # DeepSpeed 0.19: called at the end of every step, gathers the resident ones
 
     def gather_then_post_step(*args: Any) -> Any:
