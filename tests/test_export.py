@@ -14,28 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conversations import COMMON_CONVERSATIONS
 
 from lorakit.errors import LorakitError
 from lorakit.export import chat_template_jinja, ollama_modelfile, write_export
 from lorakit.templates import Message, get_template
+from lorakit.templates.base import as_chat
 from lorakit.templates.chatml import QWEN25_DEFAULT_SYSTEM
 
 QWEN25_JINJA = (Path(__file__).parent / "templates" / "qwen2_5_chat_template.jinja").read_text()
 TRICKY = 'It\'s "odd": \\n {{ x }} {% y %}\n\t甄嬛 😀'
 
 CONVERSATIONS = {
-    "single turn": [Message("user", "Who are you?"), Message("assistant", "I am a model.")],
-    "single turn, system": [
-        Message("system", "You are 甄嬛."),
-        Message("user", "娘娘。"),
-        Message("assistant", "你放心。"),
-    ],
-    "multi-turn": [
-        Message("user", "Hi"),
-        Message("assistant", "Hello!"),
-        Message("user", "2+2?\nBe brief."),
-        Message("assistant", "4"),
-    ],
+    **COMMON_CONVERSATIONS,
     "multi-turn, system, whitespace, markup": [
         Message("system", " Be terse.\n"),
         Message("user", "a {{ .Content }} {% if %}"),
@@ -57,10 +48,6 @@ VARIANTS = {
 }
 
 
-def _chat(messages: list[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
-
-
 def _prompts(messages: list[Message]) -> list[list[Message]]:
     """Every prefix that ends with a user turn: what a chat asks the model to answer."""
     return [messages[:i] for i, m in enumerate(messages) if m.role == "assistant"]
@@ -71,11 +58,11 @@ def _prompts(messages: list[Message]) -> list[list[Message]]:
 def test_jinja_renders_as_the_template(qwen_tokenizer, variant, name):
     template = VARIANTS[variant](qwen_tokenizer)
     jinja, messages = chat_template_jinja(template), CONVERSATIONS[name]
-    text = qwen_tokenizer.apply_chat_template(_chat(messages), chat_template=jinja, tokenize=False)
+    text = qwen_tokenizer.apply_chat_template(as_chat(messages), chat_template=jinja, tokenize=False)
     assert text == "".join(s.text for s in template.render(messages))
     for prompt in _prompts(messages):
         rendered = qwen_tokenizer.apply_chat_template(
-            _chat(prompt), chat_template=jinja, tokenize=False, add_generation_prompt=True
+            as_chat(prompt), chat_template=jinja, tokenize=False, add_generation_prompt=True
         )
         assert rendered == template.generation_prompt(prompt)
 
@@ -83,14 +70,14 @@ def test_jinja_renders_as_the_template(qwen_tokenizer, variant, name):
 def test_qwen_jinja_is_qwen25s_own_and_keeps_its_tools(qwen_tokenizer):
     assert chat_template_jinja(get_template("qwen", qwen_tokenizer)) == QWEN25_JINJA
     tools = [{"type": "function", "function": {"name": "now", "parameters": {}}}]
-    chat = _chat(CONVERSATIONS["multi-turn"][:1])
+    chat = as_chat(CONVERSATIONS["multi-turn"][:1])
     no_default = chat_template_jinja(dataclasses.replace(get_template("qwen", qwen_tokenizer), default_system=None))
     text = qwen_tokenizer.apply_chat_template(chat, chat_template=no_default, tools=tools, tokenize=False)
     assert text.startswith("<|im_start|>system\n# Tools\n\n") and '"name": "now"' in text
 
 
 def test_qwen3_jinja_honours_enable_thinking_false(qwen_tokenizer):
-    jinja, chat = chat_template_jinja(get_template("qwen3", qwen_tokenizer)), _chat(CONVERSATIONS["single turn"][:1])
+    jinja, chat = chat_template_jinja(get_template("qwen3", qwen_tokenizer)), as_chat(CONVERSATIONS["single turn"][:1])
     text = qwen_tokenizer.apply_chat_template(
         chat, chat_template=jinja, tokenize=False, add_generation_prompt=True, enable_thinking=False
     )

@@ -20,6 +20,11 @@ class Message:
     content: str
 
 
+def as_chat(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Messages as the role/content dicts a tokenizer's `apply_chat_template` takes."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
 @dataclass(frozen=True)
 class Segment:
     text: str

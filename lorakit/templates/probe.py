@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lorakit.templates.base import Message, Template
+from lorakit.templates.base import Message, Template, as_chat
 from lorakit.templates.tokenizer_template import TokenizerTemplate
 
 _TURNS = [
@@ -53,9 +53,10 @@ def check_against_tokenizer(template: Template, tokenizer: Any) -> str | None:
 
 
 def _tokenizer_text(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool) -> str:
-    chat = [{"role": m.role, "content": m.content} for m in messages]
     try:
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            as_chat(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as err:  # some templates refuse a role (e.g. no system); that is a difference to report
         return f"<the chat_template failed: {type(err).__name__}: {err}>"
 

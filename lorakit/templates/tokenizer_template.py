@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.templates.base import Message, Segment, check_alternation
+from lorakit.templates.base import Message, Segment, as_chat, check_alternation
 
 
 class TokenizerTemplate:
@@ -33,8 +33,9 @@ class TokenizerTemplate:
         )
 
     def _text(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            as_chat(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _end_of_turn(self, text: str, reply_end: int) -> int:
         """Where the reply's end-of-turn marker ends: the first special token right after the content."""

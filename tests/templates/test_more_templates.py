@@ -19,28 +19,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conversations import COMMON_CONVERSATIONS
 
 from lorakit.data.encode import IGNORE_INDEX, encode_conversation
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, check_against_tokenizer, get_template
+from lorakit.templates.base import as_chat
 
 HERE = Path(__file__).parent
 LLAMA3_JINJA = (HERE / "llama3_chat_template.jinja").read_text()
 QWEN25_JINJA = (HERE / "qwen2_5_chat_template.jinja").read_text()
 
 CONVERSATIONS = {
-    "single turn": [Message("user", "Who are you?"), Message("assistant", "I am a model.")],
-    "single turn, system": [
-        Message("system", "You are 甄嬛."),
-        Message("user", "娘娘。"),
-        Message("assistant", "你放心，本宫到任何时候都不会自轻自贱委屈了这孩子。"),
-    ],
-    "multi-turn": [
-        Message("user", "Hi"),
-        Message("assistant", "Hello!"),
-        Message("user", "2+2?\nBe brief."),
-        Message("assistant", "4"),
-    ],
+    **COMMON_CONVERSATIONS,
     # Whitespace at the edges: Llama 3 trims every message, Qwen3 strips leading newlines of the last reply.
     "multi-turn, system": [
         Message("system", " Be terse.\n"),
@@ -87,13 +78,9 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _chat(messages):
-    return [{"role": m.role, "content": m.content} for m in messages]
-
-
 def _reference_text(reference: Reference, tokenizer, messages, add_generation_prompt=False) -> str:
     return tokenizer.apply_chat_template(
-        _chat(messages),
+        as_chat(messages),
         chat_template=reference.chat_template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
@@ -144,7 +131,7 @@ def test_chatml_differs_from_smollm2_only_by_its_default_system_prompt(smollm2_t
     template = get_template("chatml", smollm2_tokenizer)
     for name in ("single turn", "multi-turn"):
         ours = "".join(s.text for s in template.render(CONVERSATIONS[name]))
-        theirs = smollm2_tokenizer.apply_chat_template(_chat(CONVERSATIONS[name]), tokenize=False)
+        theirs = smollm2_tokenizer.apply_chat_template(as_chat(CONVERSATIONS[name]), tokenize=False)
         default_block = theirs[: len(theirs) - len(ours)]
         assert theirs.endswith(ours) and default_block.startswith("<|im_start|>system\n")
         assert default_block.endswith("<|im_end|>\n") and default_block.count("<|im_start|>") == 1
@@ -220,7 +207,7 @@ def test_check_against_tokenizer_shows_both_renderings(qwen25_tokenizer):
     probe = [Message("user", "Hi! Who are you?"), Message("assistant", "I am a helpful assistant.")]
     probe += [Message("user", "What is 2 + 2?"), Message("assistant", "4.")]
     ours = "".join(s.text for s in template.render(probe))
-    theirs = qwen25_tokenizer.apply_chat_template(_chat(probe), tokenize=False)
+    theirs = qwen25_tokenizer.apply_chat_template(as_chat(probe), tokenize=False)
     assert repr(ours) in message and repr(theirs) in message
 
 

@@ -11,25 +11,16 @@ import copy
 from pathlib import Path
 
 import pytest
+from conversations import COMMON_CONVERSATIONS
 
 from lorakit.data.encode import IGNORE_INDEX, encode_conversation
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, get_template
+from lorakit.templates.base import as_chat
 
 QWEN25 = (Path(__file__).parent / "qwen2_5_chat_template.jinja").read_text()
 CONVERSATIONS = {
-    "single turn": [Message("user", "Who are you?"), Message("assistant", "I am a model.")],
-    "single turn, system": [
-        Message("system", "You are 甄嬛."),
-        Message("user", "娘娘。"),
-        Message("assistant", "你放心，本宫到任何时候都不会自轻自贱委屈了这孩子。"),
-    ],
-    "multi-turn": [
-        Message("user", "Hi"),
-        Message("assistant", "Hello!"),
-        Message("user", "2+2?\nBe brief."),
-        Message("assistant", "4"),
-    ],
+    **COMMON_CONVERSATIONS,
     "multi-turn, system": [
         Message("system", "Be terse."),
         Message("user", "a"),
@@ -42,12 +33,8 @@ CONVERSATIONS = {
 }
 
 
-def _chat(messages):
-    return [{"role": m.role, "content": m.content} for m in messages]
-
-
 def _reference_ids(tokenizer, messages, chat_template=None) -> list[int]:
-    text = tokenizer.apply_chat_template(_chat(messages), chat_template=chat_template, tokenize=False)
+    text = tokenizer.apply_chat_template(as_chat(messages), chat_template=chat_template, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -64,7 +51,7 @@ def test_qwen_template_equals_qwen25_rendering(qwen_tokenizer, name):
     example = encode_conversation(messages, get_template("qwen", qwen_tokenizer), qwen_tokenizer, 4096)
     assert example.input_ids == _reference_ids(qwen_tokenizer, messages, QWEN25)
     prompt = qwen_tokenizer.apply_chat_template(
-        _chat(messages[:-1]), chat_template=QWEN25, tokenize=False, add_generation_prompt=True
+        as_chat(messages[:-1]), chat_template=QWEN25, tokenize=False, add_generation_prompt=True
     )
     assert get_template("qwen", qwen_tokenizer).generation_prompt(messages[:-1]) == prompt
 
