@@ -64,15 +64,14 @@ def plan_run_memory(config: Config, dist: DistInfo) -> tuple[Config, list[str]]:
     return dataclasses.replace(config, train=train), plan.lines
 
 
-def stage2_hint(hf_config: Any, device: torch.device) -> list[str]:
+def stage2_hint(frozen_parameters: int, device: torch.device) -> list[str]:
     """One line when the frozen model would fit whole on each GPU: stage 3 stays (the user asked for it), but
     stage 2 would skip ZeRO-3's gathers and hooks (see benchmarks/RESULTS.md for what it gains)."""
-    count = meta_parameter_count(hf_config)
-    model_gib, free_gib = count * 2 / 2**30, torch.cuda.mem_get_info(device)[0] / 2**30
+    model_gib, free_gib = frozen_parameters * 2 / 2**30, torch.cuda.mem_get_info(device)[0] / 2**30
     if model_gib > 0.5 * free_gib:
         return []
     return [f"ZeRO-3 as asked; the frozen model ({model_gib:.1f} GiB in 16 bits) fits on each GPU ({free_gib:.0f} GiB "
-            "free): --zero_stage 2 would keep it whole on every GPU and skip ZeRO-3's per-module gathers "
+            "free): --zero_stage 2 would keep it whole on every GPU and skip ZeRO-3's gathers and hooks "
             "(2.1x the tokens/s at the reference's batch on 2 H200s: benchmarks/RESULTS.md)"]  # fmt: skip
 
 
@@ -94,8 +93,6 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu,
                                                 largest_lora_matrix(config, hf_config))  # fmt: skip
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
-    if zero3 and on_gpu:
-        notes += stage2_hint(hf_config, dist.device)
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,6 +104,8 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     if zero3 and lorakit_chooses_units(ds_config):
         notes += gather_whole_layers(model)
     trainable, total = parameter_counts(model)
+    if zero3 and on_gpu:  # counted from the loaded model: no second skeleton
+        notes += stage2_hint(total - trainable, dist.device)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
