@@ -47,6 +47,18 @@ class DistInfo:
         return tensor.tolist()
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on its way to the GPU without stalling the CPU: a plain `.to("cuda")` of pageable memory
+    waits until the GPU has finished all queued work, so the next forward could not be queued behind the last
+    backward. From pinned memory the copy is queued like a kernel (the caching host allocator keeps the pinned
+    buffer alive until the copy has run)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def launch_world_size() -> int:
     """World size as the launcher announced it, readable before the process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))

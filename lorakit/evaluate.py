@@ -17,7 +17,7 @@ import torch
 
 from lorakit.config import Config, pack_tokens_for
 from lorakit.data import TokenizedData, collate, pack, plan_epoch, prepare_data
-from lorakit.distributed import DistInfo
+from lorakit.distributed import DistInfo, to_device
 from lorakit.errors import LorakitError
 from lorakit.loss import model_loss_sum
 from lorakit.templates import Template
@@ -59,8 +59,8 @@ def evaluate(engine: Any, data: TokenizedData, dist: DistInfo, config: Config, p
     for plan in plans:
         for indices in plan.micro_batches[dist.rank]:
             batch = pack(data, indices, pad_id, multiple) if train.packing else collate(data, indices, pad_id)
-            inputs = {k: v.to(dist.device) for k, v in batch.items()}
-            labels = inputs.pop("labels")
+            labels = batch.pop("labels")
+            inputs = {k: to_device(v, dist.device) for k, v in batch.items()}
             loss_sum += model_loss_sum(engine, inputs, labels).float()
     engine.train()
     return dist.sum([float(loss_sum)])[0] / max(int(data.target_counts.sum()), 1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.data.encode import IGNORE_INDEX
+from lorakit.distributed import to_device
 
 CHUNK_ROWS = 2048
 
@@ -51,7 +52,11 @@ def chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def model_loss_sum(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Forward `model` (a causal LM or a DeepSpeed engine around one) and return the summed target-token loss."""
+    """Forward `model` (a causal LM or a DeepSpeed engine around one) and return the summed target-token loss.
+
+    `labels` may stay where the batch was built (the CPU): the target positions are found there, because
+    `nonzero` on a GPU tensor makes the CPU wait for every kernel queued before it."""
     keep = target_positions(labels)
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return chunked_cross_entropy_sum(logits, labels[:, keep + 1])
+    device = inputs["input_ids"].device
+    logits = model(**inputs, use_cache=False, logits_to_keep=to_device(keep, device)).logits
+    return chunked_cross_entropy_sum(logits, to_device(labels[:, keep + 1], device))

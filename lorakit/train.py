@@ -6,9 +6,10 @@ that step's number of target tokens. The count is known before the step (every r
 so no collective is needed for it. DeepSpeed averages gradients over ranks, so each rank's loss is scaled by
 world / step_targets to make the reduced gradient that of the per-token mean over the whole step.
 
-After every step the ranks agree (one small all-reduce) on two things: whether a stop signal arrived on any of
-them, and whether the loss or gradient norm stopped being finite. A signal ends the run after a checkpoint; a
-non-finite value ends it without one, so the last good checkpoint stays the newest.
+After every step the ranks agree (one small all-reduce on the device, read one step late: lorakit.agreement) on
+two things: whether a stop signal arrived on any of them, and whether the loss or gradient norm stopped being
+finite. A signal ends the run after a checkpoint; a non-finite value ends it without one, so the last good
+checkpoint stays the newest. Nothing in a step that neither logs nor saves makes the CPU wait for the GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lorakit.agreement import StepFlags, settle
 from lorakit.checkpoint import (
     Position,
     checkpoint_folders,
@@ -34,10 +36,19 @@ from lorakit.checkpoint import (
     save_run_files,
 )
 from lorakit.config import Config, pack_tokens_for
-from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, prepare_data, steps_per_epoch
-from lorakit.distributed import DistInfo, init_distributed
+from lorakit.data import (
+    StepPlan,
+    TokenizedData,
+    collate,
+    largest_rank_share,
+    pack,
+    plan_epoch,
+    prepare_data,
+    steps_per_epoch,
+)
+from lorakit.distributed import DistInfo, init_distributed, to_device
 from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
-from lorakit.errors import LorakitError, TrainingInterrupted
+from lorakit.errors import TrainingInterrupted
 from lorakit.evaluate import eval_data, evaluate
 from lorakit.loss import model_loss_sum
 from lorakit.preview import example_record
@@ -86,8 +97,8 @@ def run_step(
     multiple = row_multiple(dist)
     for index, indices in enumerate(micro_batches):
         batch = pack(data, indices, pad_id, multiple) if packing else collate(data, indices, pad_id)
-        inputs = {k: v.to(dist.device) for k, v in batch.items()}
-        labels = inputs.pop("labels")
+        labels = batch.pop("labels")  # stays on the host: lorakit.loss finds the target positions there
+        inputs = {k: to_device(v, dist.device) for k, v in batch.items()}
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
         loss_sum = model_loss_sum(engine, inputs, labels)
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
@@ -124,7 +135,6 @@ class Run:
 def set_up(config: Config, checked: Checked) -> Run:
     """Process group, data (cached), engine, the resumed state; then the output folder and the opening log."""
     dist = init_distributed()
-    config, memory_lines = plan_run_memory(config, dist)  # rows and checkpointing, from free GPU memory
     output_dir, tokenizer = Path(config.train.output_dir), checked.tokenizer
     if dist.is_main and config.train.overwrite_output_dir:
         for old in checkpoint_folders(output_dir):
@@ -132,6 +142,10 @@ def set_up(config: Config, checked: Checked) -> Run:
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
                                                 dist.all_ok, checked.data_key)  # fmt: skip
     data, held_out = eval_data(config, tokenizer, checked.template, dist, data)
+    train = config.train
+    share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
+                               train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
+    config, memory_lines = plan_run_memory(config, dist, share)  # rows and checkpointing, from free GPU memory
     built = build_engine(config, dist)
     start = Position(0, 0, 0)
     if checked.resume is not None:
@@ -184,16 +198,6 @@ def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def check_finite(step: int, diverged: bool, loss: float, grad_norm: Any, output_dir: Path) -> None:
-    if diverged:
-        saved = [p.name for p in checkpoint_folders(output_dir)]
-        last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
-        raise LorakitError(
-            f"step {step}: the loss ({loss:.4g} on rank 0) or gradient norm ({grad_norm}) is not finite; stopped "
-            f"without saving, {last}; lower --learning_rate or check the data"
-        )
-
-
 def train(config: Config) -> TrainResult:
     quiet_library_warnings()
     checked = validate(config)  # every bad-input error happens here, before anything is loaded or written
@@ -204,6 +208,7 @@ def train(config: Config) -> TrainResult:
     loss_sum = checked.resume.loss_sum if checked.resume else 0.0
     reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum)
     engine.train()
+    unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued
     with StopSignals() as signals:
         for plan in step_plans(run):
             learning_rate = learning_rate_at(position.step, counts.total_steps, train_config.learning_rate,
@@ -211,24 +216,26 @@ def train(config: Config) -> TrainResult:
             set_learning_rate(engine, learning_rate)
             step_loss = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
             position = advance(position, plan, len(run.data))
-            grad_norm, local_loss = engine.get_global_grad_norm(), float(step_loss)
-            finite = math.isfinite(local_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))
-            signal_number, diverged = dist.max([signals.received, 0.0 if finite else 1.0])
-            check_finite(position.step, bool(diverged), local_loss, grad_norm, run.output_dir)
+            grad_norm = engine.get_global_grad_norm()
+            flags = StepFlags.post(position.step, signals.received, step_loss, grad_norm)
             reporter.step_done(step_loss, tokens=int(run.data.lengths[plan.examples()].sum()))
             last, epoch = position.step == counts.total_steps, position.epochs_done(len(run.data))
-            if due(position.step, train_config.logging_steps) or last or signal_number:
+            log_now = due(position.step, train_config.logging_steps) or last
+            eval_now = run.eval_data is not None and (due(position.step, train_config.eval_steps) or last)
+            save_now = due(position.step, train_config.save_steps) or last
+            signal_number, unread = settle(unread, flags, log_now or eval_now or save_now, run.output_dir)
+            if log_now or signal_number:
                 reporter.log(position.step, learning_rate, grad_norm, epoch)
-            if run.eval_data is not None and (due(position.step, train_config.eval_steps) or last):
+            if eval_now:
                 eval_loss = evaluate(engine, run.eval_data, dist, config, pad_id, row_multiple(dist))
                 reporter.log_eval(position.step, eval_loss, epoch)
-            if due(position.step, train_config.save_steps) or last or signal_number:
+            if save_now or signal_number:
                 extra = {"fingerprint": checked.fingerprint, "loss_sum": reporter.loss_sum()}
                 saved = save_checkpoint(engine, run.output_dir, position, extra, dist)
                 if dist.is_main:
                     prune_checkpoints(run.output_dir, train_config.save_total_limit)
             if signal_number:
-                raise TrainingInterrupted(int(signal_number), position.step, saved)
+                raise TrainingInterrupted(signal_number, position.step, saved)
     save_adapter(engine.module, run.output_dir, dist.is_main)
     metrics = reporter.finish(position.step, position.epochs_done(len(run.data)), train_config.plot_loss)
     say(f"adapter saved to {run.output_dir.resolve()}", dist.is_main)
