@@ -16,6 +16,7 @@ from lorakit.engine.deepspeed_config import (
     lorakit_chooses_units,
     resolve_deepspeed_config,
 )
+from lorakit.engine.jit import settle_cuda_arch_list
 from lorakit.engine.kernels import apply_liger_kernel, use_liger_kernel
 from lorakit.engine.memory import ModelShape, plan_memory
 from lorakit.engine.model import (
@@ -46,9 +47,10 @@ def meta_parameter_count(hf_config: Any) -> int:
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
 
 
-def plan_run_memory(config: Config, dist: DistInfo) -> tuple[Config, list[str]]:
+def plan_run_memory(config: Config, dist: DistInfo, step_tokens: int = 0) -> tuple[Config, list[str]]:
     """The config with --pack_tokens 0 and --gradient_checkpointing unset settled from the smallest free GPU
-    memory of any rank (lorakit.engine.memory), and the plan's log lines."""
+    memory of any rank (lorakit.engine.memory), and the plan's log lines. `step_tokens`: the most tokens a rank
+    gets in one step (0: unknown)."""
     hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
     free = None
     if dist.device.type == "cuda":  # every rank is on a GPU, so every rank joins this collective
@@ -59,7 +61,7 @@ def plan_run_memory(config: Config, dist: DistInfo) -> tuple[Config, list[str]]:
     train = config.train
     batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
     plan = plan_memory(shape, free, zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
-                       train.gradient_checkpointing, batch_tokens)  # fmt: skip
+                       train.gradient_checkpointing, batch_tokens, step_tokens)  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     return dataclasses.replace(config, train=train), plan.lines
 
@@ -80,6 +82,16 @@ def largest_lora_matrix(config: Config, hf_config: Any) -> int:
     return config.lora.lora_rank * max(hf_config.hidden_size, getattr(hf_config, "intermediate_size", 0))
 
 
+def decoder_layer_weights(hf_config: Any) -> int:
+    """Elements of one decoder layer's weight matrices (attention and a gated MLP), the unit ZeRO-3 gathers whole;
+    norms and biases are resident (below the persistence threshold) and not counted."""
+    hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    intermediate = getattr(hf_config, "intermediate_size", None) or 4 * hidden
+    return 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate
+
+
 def compute_dtype(config: Config) -> torch.dtype:
     return torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else torch.float32
 
@@ -91,7 +103,9 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
     on_gpu = dist.device.type == "cuda"
     ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu,
-                                                largest_lora_matrix(config, hf_config))  # fmt: skip
+                                                largest_lora_matrix(config, hf_config),
+                                                decoder_layer_weights(hf_config))  # fmt: skip
+    notes += settle_cuda_arch_list()  # before deepspeed.initialize, which may build an op
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
