@@ -8,7 +8,7 @@ from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data import cache
-from lorakit.data.batching import StepPlan, collate, pack, plan_epoch, steps_per_epoch
+from lorakit.data.batching import StepPlan, collate, largest_rank_share, pack, plan_epoch, steps_per_epoch
 from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
@@ -62,6 +62,7 @@ __all__ = [
     "encode_conversation",
     "encode_dataset",
     "load_conversations",
+    "largest_rank_share",
     "plan_epoch",
     "prepare_data",
     "read_records",

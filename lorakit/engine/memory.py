@@ -22,7 +22,10 @@ HEADROOM of the free memory is planned, also for the allocator's fragmentation a
 Rules: an explicit --pack_tokens or --gradient_checkpointing is obeyed, and the other is planned around it. By
 default rows are the longest power of two from 16,384 down that fits, in this order of preference: rows of at
 least 4,096 tokens without checkpointing; then with it; then shorter rows (down to --cutoff_len) without, then
-with it. The order is a judgement from the H200 measurements: a pass of ~1,200 tokens cost 0.23 s and one of
+with it. Rows are never planned longer than a rank's largest share of a step (the tokens it really gets,
+`step_tokens`): a longer row is never filled, and planning for one turned checkpointing on for a 32B model that
+fit without it (rows of 16,384 planned at ~45 GiB, 2,300 tokens a rank a step, 21.6 GiB measured peak).
+The order is a judgement from the H200 measurements: a pass of ~1,200 tokens cost 0.23 s and one of
 4,096 about 0.33 s, so passes shorter than 4,096 tokens are mostly fixed cost, while recomputation adds a third.
 Every rank plans from the smallest free memory of any rank, so all agree on the rows. On the CPU nothing is
 planned: rows of max(--cutoff_len, 4096) tokens, no checkpointing.
@@ -82,9 +85,11 @@ def row_candidates(cutoff_len: int) -> list[int]:
 
 
 def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_size: int, cutoff_len: int,
-                pack_tokens: int, checkpointing: bool | None, batch_tokens: int = 0) -> MemoryPlan:  # fmt: skip
+                pack_tokens: int, checkpointing: bool | None, batch_tokens: int = 0,
+                step_tokens: int = 0) -> MemoryPlan:  # fmt: skip
     """The rows and checkpointing to train with. pack_tokens 0 = plan it; checkpointing None = plan it.
-    batch_tokens > 0: packing is off and a forward pass holds at most this many tokens (micro-batch x cutoff)."""
+    batch_tokens > 0: packing is off and a forward pass holds at most this many tokens (micro-batch x cutoff).
+    step_tokens > 0: the most tokens a rank gets in one step; no row is planned longer than needed for it."""
     if free_bytes is None:  # the CPU: nothing planned
         return MemoryPlan(pack_tokens or max(cutoff_len, 4096), bool(checkpointing), [])
     fixed = shape.fixed_bytes(zero3, world_size)
@@ -99,8 +104,12 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
         rows = pack_tokens  # 0 with packing off: nothing to choose
     else:
         options = [False, True] if checkpointing is None else [checkpointing]
-        long_rows = [n for n in row_candidates(cutoff_len) if n >= 4096]
-        short_rows = [n for n in row_candidates(cutoff_len) if n < 4096]
+        candidates = row_candidates(cutoff_len)
+        holding = [n for n in candidates if n >= step_tokens]
+        if step_tokens and holding:  # longer than the shortest row that holds a rank's whole share: never filled
+            candidates = [n for n in candidates if n <= min(holding)]
+        long_rows = [n for n in candidates if n >= 4096]
+        short_rows = [n for n in candidates if n < 4096]
         preference = [(c, n) for rows_ in (long_rows, short_rows) for c in options for n in rows_]
         plans = [(c, n) for c, n in preference if fits(n, c)]
         chosen_checkpointing, rows = plans[0] if plans else (options[-1], cutoff_len)

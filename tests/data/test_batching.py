@@ -93,3 +93,15 @@ def test_pack_pads_to_a_multiple_with_a_segment_of_its_own():
     assert row["input_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 0]]
     assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert row["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 3
+
+
+@pytest.mark.parametrize("world, micro, accumulation", [(1, 4, 4), (2, 4, 4), (4, 4, 8), (3, 2, 1)])
+def test_largest_rank_share_is_what_one_row_must_hold(world, micro, accumulation):
+    from lorakit.data.batching import largest_rank_share
+
+    lengths = np.random.default_rng(3).integers(20, 900, size=301)
+    share = largest_rank_share(lengths, 5, world, micro, accumulation)
+    plans = plan_epoch(lengths, 0, 5, world, micro, accumulation, pack_tokens=share)
+    assert all(len(rank) == 1 for plan in plans for rank in plan.micro_batches)  # every share is one row
+    shorter = plan_epoch(lengths, 0, 5, world, micro, accumulation, pack_tokens=share - 1)
+    assert any(len(rank) > 1 for plan in shorter for rank in plan.micro_batches)  # and no shorter row would do

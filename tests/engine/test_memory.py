@@ -112,3 +112,22 @@ def test_a_70b_model_under_zero3_plans_checkpointed_rows_not_a_false_alarm():
         plan = plan_memory(llama70b, H100, True, gpus, 1024, 0, None)
         assert (plan.pack_tokens, plan.gradient_checkpointing, len(plan.lines)) == (8192, True, 1)
     assert plan_memory(llama70b, H100, False, 8, 1024, 0, None).lines[1].startswith("WARNING")  # ZeRO-2: no room
+
+
+QWEN32B = ModelShape(layers=64, hidden=5120, intermediate=27648, vocab=152064, parameters=32_763_876_352,
+                     dtype_bytes=2)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "step_tokens, expected_rows, expected_peak",
+    [
+        (0, 16384, "about 45 GiB"),  # share unknown: the longest rows (the 32B run planned this)
+        (2300, 4096, "about 28 GiB"),  # the reference batch on 4 GPUs: ~2,300 tokens a rank, one row of 4,096
+        (5000, 8192, "about 34 GiB"),
+        (40000, 16384, "about 45 GiB"),  # a share longer than any row: as without it
+    ],
+)
+def test_rows_are_planned_from_a_ranks_share_of_a_step(step_tokens, expected_rows, expected_peak):
+    plan = plan_memory(QWEN32B, H100, True, 4, 1024, 0, None, step_tokens=step_tokens)
+    assert plan.pack_tokens == expected_rows and plan.gradient_checkpointing  # 32B activations need recompute here
+    assert expected_peak in plan.lines[0]
