@@ -19,6 +19,7 @@ the plain path.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from typing import Any
 
@@ -29,8 +30,16 @@ from lorakit.errors import LorakitError
 INSTALL = "pip install 'lorakit[kernels]' (liger-kernel)"
 
 
+def quiet_backend_discovery() -> None:
+    """liger-kernel tries every backend it ships for each op (CUDA, ROCm, Ascend, ...) and logs a warning per
+    backend that does not import: six lines per rank on a CUDA host, about kernels lorakit never uses. The line
+    that matters is lorakit's own (which kernels are on); real failures are raised, not logged."""
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
+
+
 def liger_unavailable(model_type: str) -> str | None:
     """Why Liger's kernels cannot run here, or None when they can."""
+    quiet_backend_discovery()
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (its kernels are Triton)"
     if importlib.util.find_spec("liger_kernel") is None:
@@ -64,6 +73,7 @@ def use_liger_kernel(requested: bool | None, model_type: str) -> tuple[bool, lis
 
 def apply_liger_kernel(model: Any) -> list[str]:
     """Patch `model` (the base causal LM, before LoRA is attached) in place; returns the log line."""
+    quiet_backend_discovery()
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     family = sys.modules[type(model).__module__]  # e.g. transformers.models.qwen2.modeling_qwen2
