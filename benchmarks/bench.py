@@ -200,6 +200,26 @@ def baseline_run(gpus: int, args: argparse.Namespace, work: Path, tokens: float)
     return result
 
 
+RESULT_FIELDS = ("run", "stage", "gpus", "card", "date", "commit", "global_batch", "tokens_per_second_per_gpu",
+                 "seconds_per_step", "train_runtime", "total_steps", "mfu", "peak_gpu_memory_gib",
+                 "same_lease")  # fmt: skip
+
+
+def results_line(result: dict, args: argparse.Namespace) -> dict:
+    """One line of benchmarks/results.jsonl: the fields a program reads, for every measured run."""
+    import torch
+
+    name = result["run"].partition("@")[0]
+    flags = [] if name == "baseline" else RUNS.get(name.removeprefix("profile-"), [])
+    stage = int(flags[flags.index("--zero_stage") + 1]) if "--zero_stage" in flags else 3
+    line = {**result, "stage": stage, "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+            "commit": args.commit, "same_lease": args.same_lease}  # fmt: skip
+    line.setdefault("global_batch", args.global_batch or 4 * 4 * result["gpus"])
+    if not name.startswith("full-"):  # train_runtime and total_steps describe whole jobs only
+        line["train_runtime"] = line["total_steps"] = None
+    return {key: line.get(key) for key in RESULT_FIELDS} | {"exit": result.get("exit")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model_dir", type=Path, default=Path("/tmp/qwen25-7b-random"))
@@ -216,6 +236,9 @@ def main() -> None:
     parser.add_argument("--baseline_steps", type=int, default=4)
     parser.add_argument("--timeout", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("bench_results.json"))
+    parser.add_argument("--jsonl", type=Path, help="also append each run's results.jsonl line here")
+    parser.add_argument("--commit", default="", help="the lorakit commit measured, for results.jsonl")
+    parser.add_argument("--same_lease", default="", help="an id shared by the runs of one lease")
     args = parser.parse_args()
     from benchmarks.qwen7b import QWEN25_7B, make_data, make_model
     from lorakit.data import encode_dataset, load_conversations, resolve_datasets
@@ -248,6 +271,9 @@ def main() -> None:
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "log"}), flush=True)
         args.out.write_text(json.dumps(results, indent=1))
+        if args.jsonl:
+            with open(args.jsonl, "a") as handle:
+                handle.write(json.dumps(results_line(result, args)) + "\n")
     print(f"data: {len(data)} examples, {int(tokens)} tokens an epoch; {flops / tokens / 1e9:.2f} GFLOP a token")
 
 
