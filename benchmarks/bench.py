@@ -45,6 +45,7 @@ RUNS = {
     "zero3-persist": ["--deepspeed", "{persist}", "--enable_liger_kernel", "false"],  # frozen weights resident
     "zero3-bigfetch": ["--deepspeed", "{bigfetch}", "--enable_liger_kernel", "false"],
     "zero3-hfpersist": ["--deepspeed", "{hfpersist}", "--enable_liger_kernel", "false"],
+    "zero3-hfprefetch": ["--deepspeed", "{hfprefetch}"],  # lorakit's defaults but HF's prefetch bucket
     "zero2": ["--zero_stage", "2"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
@@ -66,6 +67,7 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     "per_module": {"stage3_module_granularity_threshold": 0},
     "persist": {"stage3_param_persistence_threshold": 10**12},
     "hfpersist": {"stage3_param_persistence_threshold": 35840},  # HF's 10 x hidden: MLP LoRA matrices gathered
+    "hfprefetch": {"stage3_prefetch_bucket_size": int(0.9 * 3584**2)},  # HF's auto: a twentieth of a layer
     # larger prefetch and live-parameter budgets, so NCCL moves large messages
     "bigfetch": {
         "stage3_prefetch_bucket_size": 5 * 10**8,
