@@ -82,16 +82,6 @@ def largest_lora_matrix(config: Config, hf_config: Any) -> int:
     return config.lora.lora_rank * max(hf_config.hidden_size, getattr(hf_config, "intermediate_size", 0))
 
 
-def decoder_layer_weights(hf_config: Any) -> int:
-    """Elements of one decoder layer's weight matrices (attention and a gated MLP), the unit ZeRO-3 gathers whole;
-    norms and biases are resident (below the persistence threshold) and not counted."""
-    hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    intermediate = getattr(hf_config, "intermediate_size", None) or 4 * hidden
-    return 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate
-
-
 def compute_dtype(config: Config) -> torch.dtype:
     return torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else torch.float32
 
@@ -103,8 +93,7 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
     on_gpu = dist.device.type == "cuda"
     ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu,
-                                                largest_lora_matrix(config, hf_config),
-                                                decoder_layer_weights(hf_config))  # fmt: skip
+                                                largest_lora_matrix(config, hf_config))  # fmt: skip
     notes += settle_cuda_arch_list()  # before deepspeed.initialize, which may build an op
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)

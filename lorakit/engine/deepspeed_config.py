@@ -9,10 +9,7 @@ Rules, so nothing is silently decided against the user:
 - Any "auto" lorakit does not know how to fill is an error naming its key, not a value passed through.
 - Under stage 3, `stage3_module_granularity_threshold` absent or "auto" means lorakit's rule: every decoder layer
   is one ZeRO-3 unit (see lorakit.engine.gather_whole_layers); a number in the file hands the choice to DeepSpeed
-  (0: DeepSpeed's per-module gathering). With lorakit's rule an "auto" `stage3_prefetch_bucket_size` is one
-  decoder layer's weights, so the next layer is gathered while this one computes: HF's value (0.9 x hidden^2,
-  11.6 M elements for Qwen2.5-7B) is a twentieth of a 233 M-element layer, so the prefetch took the next layer's
-  first matrix and the rest of it was gathered, unoverlapped, when the layer began (benchmarks/RESULTS.md).
+  (0: DeepSpeed's per-module gathering).
 """
 
 from __future__ import annotations
@@ -77,10 +74,9 @@ def _settle(section: dict[str, Any], key: str, wanted: Any, flag: str, source: s
 
 
 def resolve_deepspeed_config(
-    config: Config, world_size: int, hidden_size: int, on_gpu: bool, largest_lora: int = 0, layer_weights: int = 0
+    config: Config, world_size: int, hidden_size: int, on_gpu: bool, largest_lora: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
-    """The resolved config and the log lines that explain what lorakit changed. `largest_lora`: elements of the
-    largest LoRA matrix; `layer_weights`: of one decoder layer's weight matrices (0: unknown, HF's sizes)."""
+    """The resolved config and the log lines that explain what lorakit changed."""
     source = f"DeepSpeed file {config.train.deepspeed}" if config.train.deepspeed else "lorakit's default config"
     ds = copy.deepcopy(
         read_deepspeed_file(config.train.deepspeed) if config.train.deepspeed else default_deepspeed_config()
@@ -104,7 +100,7 @@ def resolve_deepspeed_config(
     if train.zero_stage is not None and zero.get("stage", 0) != train.zero_stage:
         notes.append(f"{source}: ZeRO stage {zero.get('stage', 0)} replaced by --zero_stage {train.zero_stage}")
         zero["stage"] = train.zero_stage
-    _resolve_zero(zero, hidden_size, largest_lora, layer_weights)
+    _resolve_zero(zero, hidden_size, largest_lora)
     ds.setdefault("steps_per_print", 10**9)  # lorakit prints its own progress
     _reject_leftover_auto(ds, source)
     return ds, notes
@@ -138,8 +134,11 @@ def lorakit_chooses_units(ds_config: dict[str, Any]) -> bool:
     return zero.get("stage") == 3 and GRANULARITY not in zero
 
 
-def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int, layer_weights: int) -> None:
-    # HF's choices for the buckets (one hidden x hidden matrix). Parameters below the persistence threshold are
+def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> None:
+    # HF's choices for the buckets (one hidden x hidden matrix). A prefetch bucket of one whole decoder layer
+    # (so the next layer is gathered while this one computes) was measured 12 % slower a step on 4 H100s: the
+    # step is bound by the CPU, and the larger in-flight gathers stall it (benchmarks/RESULTS.md, session 3).
+    # Parameters below the persistence threshold are
     # never partitioned: HF's ten hidden vectors cover norms and biases; lorakit raises it past the largest LoRA
     # matrix (r x intermediate for the MLP projections, 151,552 for Qwen2.5-7B at r=8), so the adapter stays
     # resident instead of being gathered for every use. No frozen weight matrix is that small.
@@ -148,8 +147,6 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int, lay
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "stage3_param_persistence_threshold": max(10 * hidden_size, largest_lora + 1),
     }
-    if layer_weights and zero.get("stage") == 3 and zero.get(GRANULARITY, "auto") == "auto":  # whole layers
-        automatic["stage3_prefetch_bucket_size"] = layer_weights
     for key, value in automatic.items():
         if zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3):
             zero[key] = value

@@ -124,33 +124,3 @@ def test_gathering_unit_is_lorakits_unless_the_file_sets_a_granularity(
     ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
     assert lorakit_chooses_units(ds) is lorakit_units
     assert ds["zero_optimization"].get("stage3_module_granularity_threshold") == kept
-
-
-@pytest.mark.parametrize(
-    "zero_settings, expected_prefetch",
-    [
-        ({}, 233_046_016),  # lorakit gathers whole layers: the next layer is prefetched whole
-        ({"stage3_module_granularity_threshold": 0}, int(0.9 * 3584**2)),  # DeepSpeed's units: HF's value
-        ({"stage3_prefetch_bucket_size": 5_000_000}, 5_000_000),  # the user's number is kept
-    ],
-)
-def test_auto_prefetch_is_one_decoder_layer_when_lorakit_gathers_whole_layers(tmp_path, zero_settings,
-                                                                              expected_prefetch):  # fmt: skip
-    reference = json.loads(REFERENCE.read_text())
-    reference["zero_optimization"].update(zero_settings)
-    (tmp_path / "ds.json").write_text(json.dumps(reference))
-    ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 4, 3584, on_gpu=True,
-                                     largest_lora=8 * 18944, layer_weights=233_046_016)  # fmt: skip
-    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == expected_prefetch
-
-
-def test_decoder_layer_weights_count_what_zero3_gathers(tiny_model):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lorakit.engine import decoder_layer_weights
-
-    hf_config = AutoConfig.from_pretrained(tiny_model)
-    with torch.device("meta"):
-        layer = AutoModelForCausalLM.from_config(hf_config).model.layers[0]
-    assert decoder_layer_weights(hf_config) == sum(p.numel() for p in layer.parameters() if p.dim() == 2)
