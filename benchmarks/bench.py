@@ -46,6 +46,7 @@ RUNS = {
     "zero3-bigfetch": ["--deepspeed", "{bigfetch}", "--enable_liger_kernel", "false"],
     "zero3-hfpersist": ["--deepspeed", "{hfpersist}", "--enable_liger_kernel", "false"],
     "zero3-hfprefetch": ["--deepspeed", "{hfprefetch}"],  # lorakit's defaults but HF's prefetch bucket
+    "zero3-persist-liger": ["--deepspeed", "{persist}"],  # lorakit's defaults, every frozen weight resident
     "zero2": ["--zero_stage", "2"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
