@@ -29,6 +29,7 @@ def counted_all_gather(*args, **kwargs):
 
 
 torch.distributed.all_gather_into_tensor = counted_all_gather
+TORCH_LINEAR = torch.nn.functional.linear  # DeepSpeed's zero.Init may replace it process-wide
 
 workdir, model, data = (Path(p) for p in sys.argv[1:4])
 common = {
@@ -73,6 +74,7 @@ for name, micro, accumulation in runs:
     results[name] = result.metrics | {
         "recomputes": result.engine.module.get_base_model().is_gradient_checkpointing,
         "all_gathers": all_gathers[0] - gathers_before,
+        "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,
     }
     if name == "wide":
         probe = torch.arange(3, 40).reshape(1, -1)

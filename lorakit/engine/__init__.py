@@ -96,6 +96,7 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
                                                 largest_lora_matrix(config, hf_config))  # fmt: skip
     notes += settle_cuda_arch_list()  # before deepspeed.initialize, which may build an op
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
+    whole_layers = zero3 and lorakit_chooses_units(ds_config)
     model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,7 +105,7 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     model = attach_lora(model, config.lora, config.train.seed)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)
-    if zero3 and lorakit_chooses_units(ds_config):
+    if whole_layers:
         notes += gather_whole_layers(model)
     trainable, total = parameter_counts(model)
     if zero3 and on_gpu:  # counted from the loaded model: no second skeleton

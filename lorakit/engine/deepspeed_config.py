@@ -9,7 +9,8 @@ Rules, so nothing is silently decided against the user:
 - Any "auto" lorakit does not know how to fill is an error naming its key, not a value passed through.
 - Under stage 3, `stage3_module_granularity_threshold` absent or "auto" means lorakit's rule: every decoder layer
   is one ZeRO-3 unit (see lorakit.engine.gather_whole_layers); a number in the file hands the choice to DeepSpeed
-  (0: DeepSpeed's per-module gathering).
+  (0: DeepSpeed's per-module gathering). With lorakit's rule, `memory_efficient_linear` defaults to false (why:
+  `_resolve_zero`); a value in the file is kept.
 """
 
 from __future__ import annotations
@@ -152,6 +153,13 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> 
             zero[key] = value
     if zero.get(GRANULARITY) == "auto":  # lorakit's rule (whole decoder layers) is the absence of the key
         zero.pop(GRANULARITY)
+    if zero.get("stage") == 3 and GRANULARITY not in zero:
+        # DeepSpeed's memory-efficient linear replaces torch's F.linear, process-wide, with a Python autograd
+        # function that saves every linear's input and re-fetches its weight in backward, so a partitioned weight
+        # may be released between a module's forward and backward. lorakit gathers a whole layer before its
+        # backward begins, so torch's own linear is correct, and it saves ~600 Python autograd calls a step
+        # (LoRA's linears included) and the saved inputs (benchmarks/RESULTS.md, session 3).
+        zero.setdefault("memory_efficient_linear", False)
     if zero.get("stage") != 3:  # stage-3-only keys would make DeepSpeed warn about settings it ignores
         for key in [k for k in zero if k.startswith("stage3_")]:
             zero.pop(key)

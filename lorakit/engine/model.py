@@ -47,7 +47,8 @@ def weight_index(path: str) -> dict[str, Path]:
 
 
 def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool, rank: int) -> Any:
-    """The causal LM from `path`; partitioned from birth under ZeRO-3."""
+    """The causal LM from `path`; partitioned from birth under ZeRO-3 (with torch's own F.linear where the
+    DeepSpeed config turns DeepSpeed's memory-efficient linear off: lorakit.engine.deepspeed_config)."""
     if not zero3:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     import deepspeed
@@ -57,12 +58,23 @@ def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], ze
     # that zero.Init has already partitioned to empty tensors), and keep RoPE's fp32 buffers fp32. zero.Init takes
     # its dtype from the config's bf16/fp16 sections: an explicit `dtype=` is ignored on accelerators without fp16
     # (DeepSpeed 0.19 `_set_dtype` precedence), which silently made a CPU run bf16.
+    if ds_config["zero_optimization"].get("memory_efficient_linear", True) is False:
+        _restore_torch_linear()
     with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.tie_weights()  # skipped with the initialisation; tied heads (SmolLM2) must share the embedding
     _load_partitioned_weights(model, path, rank)
     model.name_or_path = model.config._name_or_path = path
     return model
+
+
+def _restore_torch_linear() -> None:
+    """Undo an earlier zero.Init's process-wide `F.linear` replacement (a previous run in this process)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Patcher
+
+    original = getattr(Patcher, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
 
 
 def _no_init_weights() -> Any:
@@ -137,7 +149,11 @@ def attach_lora(model: Any, settings: LoraSettings, seed: int) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    # PEFT's default upcasts the adapter to fp32 when the base is bf16/fp16. DeepSpeed casts it back to bf16 under
+    # ZeRO-2 (its optimizer keeps the fp32 master), but not under ZeRO-3, where every LoRA call then cast its
+    # input to fp32 and its output back (1,400 casts a step on Qwen2.5-7B, 41 ms of GPU time: RESULTS.md). The
+    # adapter in the base's precision, with DeepSpeed's fp32 master, is what ZeRO-2 trains in both stages.
+    return get_peft_model(model, lora, autocast_adapter_dtype=False)
 
 
 def add_neftune_noise(model: Any, alpha: float) -> None:

@@ -124,3 +124,20 @@ def test_gathering_unit_is_lorakits_unless_the_file_sets_a_granularity(
     ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
     assert lorakit_chooses_units(ds) is lorakit_units
     assert ds["zero_optimization"].get("stage3_module_granularity_threshold") == kept
+
+
+@pytest.mark.parametrize(
+    "zero_settings, expected",
+    [
+        ({}, False),  # lorakit gathers whole layers: torch's own linear
+        ({"stage3_module_granularity_threshold": 0}, None),  # DeepSpeed's units: DeepSpeed's default (its linear)
+        ({"memory_efficient_linear": True}, True),  # the file's value is kept
+        ({"stage": 2}, None),
+    ],
+)
+def test_memory_efficient_linear_is_off_where_lorakit_gathers_whole_layers(tmp_path, zero_settings, expected):
+    reference = json.loads(REFERENCE.read_text())
+    reference["zero_optimization"].update(zero_settings)
+    (tmp_path / "ds.json").write_text(json.dumps(reference))
+    ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
+    assert ds["zero_optimization"].get("memory_efficient_linear") == expected

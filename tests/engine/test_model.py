@@ -45,3 +45,12 @@ def test_parameter_counts(tiny_model: Path):
     model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     trainable, total = parameter_counts(model)
     assert trainable == 2 * 2 * (64 + 64) and total == total_before + trainable
+
+
+def test_the_adapter_trains_in_the_base_models_precision(tiny_model: Path):
+    """PEFT would upcast a bf16 model's adapter to fp32; ZeRO-3 would then cast every LoRA input and output."""
+    from lorakit.engine.model import attach_lora
+
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16), LoraSettings(), 0)
+    adapter = {p.dtype for name, p in model.named_parameters() if "lora_" in name}
+    assert adapter == {torch.bfloat16}
