@@ -2,13 +2,11 @@
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from launch import REPO
 
 from lorakit.config import flat_fields
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_documents_every_flag():
