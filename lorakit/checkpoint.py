@@ -22,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +32,13 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.config import Config
 from lorakit.distributed import DistInfo
+from lorakit.steps import Position
 
 CONFIG_FILE = "lorakit_config.json"
 STATE_FILE = "lorakit_state.json"
 TRAINER_STATE = "trainer_state.safetensors"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where training stands after `step` optimizer steps: `offset` examples of epoch `epoch`'s order are done."""
-
-    step: int
-    epoch: int
-    offset: int
-
-    def epochs_done(self, num_examples: int) -> float:
-        return self.epoch + self.offset / num_examples
 
 
 def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.checkpoint import CHECKPOINT_NAME, CONFIG_FILE, Position, checkpoint_folders, is_complete, read_state
+from lorakit.checkpoint import CHECKPOINT_NAME, CONFIG_FILE, checkpoint_folders, is_complete, read_state
 from lorakit.config import Config
 from lorakit.engine.model import weight_index
 from lorakit.errors import LorakitError
+from lorakit.steps import Position
 
 HYPERPARAMETERS = (
     "learning_rate",

@@ -1,6 +1,6 @@
 """The training loop: batch -> forward -> backward -> step -> log -> save, in one function read top to bottom.
 
-Step math (see lorakit.data.batching): an optimizer step takes micro x accumulation x world examples; the loss
+Step math (see lorakit.steps): an optimizer step takes micro x accumulation x world examples; the loss
 of a step is the sum of token cross-entropies over every target token of the step, on every rank, divided by
 that step's number of target tokens. The count is known before the step (every rank holds the whole plan),
 so no collective is needed for it. DeepSpeed averages gradients over ranks, so each rank's loss is scaled by
@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from lorakit.checkpoint import (
-    Position,
     checkpoint_folders,
     load_checkpoint,
     prune_checkpoints,
@@ -34,16 +33,17 @@ from lorakit.checkpoint import (
     save_run_files,
 )
 from lorakit.config import Config, pack_tokens_for
-from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, prepare_data, steps_per_epoch
+from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, prepare_data
 from lorakit.distributed import DistInfo, init_distributed
 from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
 from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.evaluate import eval_data, evaluate
 from lorakit.loss import model_loss_sum
 from lorakit.preview import example_record
-from lorakit.reporting import Reporter, StepMath, say
-from lorakit.schedule import learning_rate_at, warmup_steps_for
+from lorakit.reporting import Reporter, say
+from lorakit.schedule import learning_rate_at
 from lorakit.signals import StopSignals
+from lorakit.steps import Position, StepMath, advance, due, step_math
 from lorakit.validate import Checked, validate
 
 
@@ -52,21 +52,6 @@ class TrainResult:
     metrics: dict[str, float]  # train_runtime, train_samples_per_second, ..., train_loss, epoch
     engine: Any  # the DeepSpeed engine, still live: research code may evaluate engine.module
     output_dir: Path
-
-
-def step_math(config: Config, num_examples: int, world_size: int, start: Position) -> StepMath:
-    """The run's step counts; a resumed run finishes its current epoch's order, then whole epochs."""
-    train = config.train
-    global_batch = world_size * train.per_device_train_batch_size * train.gradient_accumulation_steps
-    per_epoch = steps_per_epoch(num_examples, world_size, train.per_device_train_batch_size,
-                                train.gradient_accumulation_steps)  # fmt: skip
-    remaining_epochs = max(0, train.num_train_epochs - start.epoch - 1)
-    total = start.step + math.ceil((num_examples - start.offset) / global_batch) + remaining_epochs * per_epoch
-    total = min(total, train.max_steps) if train.max_steps > 0 else total
-    warmup = warmup_steps_for(total, train.warmup_steps, train.warmup_ratio)
-    return StepMath(num_examples, train.num_train_epochs, train.per_device_train_batch_size,
-                    train.gradient_accumulation_steps, world_size, per_epoch, total, warmup,
-                    pack_tokens_for(config))  # fmt: skip
 
 
 def row_multiple(dist: DistInfo) -> int:
@@ -162,26 +147,13 @@ def step_plans(run: Run) -> Iterator[StepPlan]:
     """The plan of every remaining optimizer step, in order, from the run's start position."""
     train, start, steps = run.config.train, run.start, run.start.step
     for epoch in range(start.epoch, train.num_train_epochs):
-        skip = start.offset if epoch == start.epoch else 0
         for plan in plan_epoch(run.data.lengths, epoch, train.seed, run.dist.world_size,
-                               train.per_device_train_batch_size, train.gradient_accumulation_steps, skip,
+                               train.per_device_train_batch_size, train.gradient_accumulation_steps, start.skip(epoch),
                                pack_tokens_for(run.config)):  # fmt: skip
             if steps == run.counts.total_steps:
                 return
             steps += 1
             yield plan
-
-
-def advance(position: Position, plan: StepPlan, num_examples: int) -> Position:
-    offset = position.offset + len(plan.examples())
-    if offset >= num_examples:
-        return Position(position.step + 1, position.epoch + 1, 0)
-    return Position(position.step + 1, position.epoch, offset)
-
-
-def due(step: int, every: int) -> bool:
-    """Whether an every-N-steps action (log, eval, save) falls on `step`; every = 0 means never."""
-    return every > 0 and step % every == 0
 
 
 def check_finite(step: int, diverged: bool, loss: float, grad_norm: Any, output_dir: Path) -> None:

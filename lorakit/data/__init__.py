@@ -8,7 +8,7 @@ from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data import cache
-from lorakit.data.batching import StepPlan, collate, pack, plan_epoch, steps_per_epoch
+from lorakit.data.batching import StepPlan, collate, pack, plan_epoch
 from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
@@ -66,7 +66,6 @@ __all__ = [
     "prepare_data",
     "read_records",
     "resolve_datasets",
-    "steps_per_epoch",
     "system_template",
     "with_system",
 ]
