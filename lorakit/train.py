@@ -39,12 +39,13 @@ from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
 from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.evaluate import eval_data, evaluate
 from lorakit.loss import model_loss_sum
+from lorakit.plan import RunPlan
 from lorakit.preview import example_record
 from lorakit.reporting import Reporter, say
 from lorakit.schedule import learning_rate_at
 from lorakit.signals import StopSignals
 from lorakit.steps import Position, StepMath, advance, due, step_math
-from lorakit.validate import Checked, validate
+from lorakit.validate import validate
 
 
 @dataclass
@@ -95,8 +96,8 @@ def quiet_library_warnings() -> None:
 class Run:
     """Everything `train` sets up before its first step."""
 
-    config: Config
-    checked: Checked
+    config: Config  # the plan's, with the memory plan's rows and checkpointing settled
+    checked: RunPlan
     dist: DistInfo
     data: TokenizedData
     eval_data: TokenizedData | None
@@ -106,18 +107,19 @@ class Run:
     output_dir: Path
 
 
-def set_up(config: Config, checked: Checked) -> Run:
-    """Process group, data (cached), engine, the resumed state; then the output folder and the opening log."""
+def set_up(checked: RunPlan) -> Run:
+    """Process group, data (cached), engine, the resumed state; then the output folder and the opening log. All
+    from the plan: only the free GPU memory (hence the rows and checkpointing) is new here."""
     dist = init_distributed()
-    config, memory_lines = plan_run_memory(config, dist)  # rows and checkpointing, from free GPU memory
+    config, memory_lines = plan_run_memory(checked.config, dist, checked.engine)  # rows and checkpointing
     output_dir, tokenizer = Path(config.train.output_dir), checked.tokenizer
     if dist.is_main and config.train.overwrite_output_dir:
         for old in checkpoint_folders(output_dir):
             shutil.rmtree(old)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
-                                                dist.all_ok, checked.data_key)  # fmt: skip
-    data, held_out = eval_data(config, tokenizer, checked.template, dist, data)
-    built = build_engine(config, dist)
+                                                dist.all_ok, checked.train_data)  # fmt: skip
+    data, held_out = eval_data(checked, data, dist.local_rank == 0, dist.all_ok)
+    built = build_engine(config, dist, checked.engine)
     start = Position(0, 0, 0)
     if checked.resume is not None:
         load_checkpoint(built.engine, checked.resume.checkpoint, dist)
@@ -169,7 +171,7 @@ def check_finite(step: int, diverged: bool, loss: float, grad_norm: Any, output_
 def train(config: Config) -> TrainResult:
     quiet_library_warnings()
     checked = validate(config)  # every bad-input error happens here, before anything is loaded or written
-    run = set_up(config, checked)
+    run = set_up(checked)
     config = run.config  # with the memory plan's rows and checkpointing settled
     engine, dist, counts, train_config = run.built.engine, run.dist, run.counts, config.train
     pad_id, position = checked.tokenizer.pad_token_id, run.start
