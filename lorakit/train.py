@@ -30,18 +30,17 @@ from lorakit.checkpoint import (
     prune_checkpoints,
     save_adapter,
     save_checkpoint,
-    save_run_files,
 )
 from lorakit.config import Config, pack_tokens_for
-from lorakit.data import StepPlan, TokenizedData, collate, pack, plan_epoch, prepare_data
+from lorakit.data import StepPlan, TokenizedData, collate, example_record, pack, plan_epoch, prepare_data
 from lorakit.distributed import DistInfo, init_distributed
 from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
 from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.evaluate import eval_data, evaluate
 from lorakit.loss import model_loss_sum
 from lorakit.plan import RunPlan
-from lorakit.preview import example_record
 from lorakit.reporting import Reporter, say
+from lorakit.run_record import save_run_files
 from lorakit.schedule import learning_rate_at
 from lorakit.signals import StopSignals
 from lorakit.steps import Position, StepMath, advance, due, step_math

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from lorakit.config import Config, DataConfig
 from lorakit.data import DataSource
@@ -22,7 +20,7 @@ from lorakit.data.records import DatasetSpec, load_conversations, resolve_datase
 from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_world_size
 from lorakit.engine.kernels import check_liger_kernel
-from lorakit.engine.model import load_tokenizer
+from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.engine.plan import plan_engine
 from lorakit.errors import LorakitError
 from lorakit.evaluate import held_out_count
@@ -37,7 +35,7 @@ def validate(config: Config) -> RunPlan:
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
     check_output_dir(config)
-    hf_config = validate_model_path(config.model.model_name_or_path)
+    hf_config = model_config(config.model.model_name_or_path)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
     train_records, eval_records = read_records(config)
@@ -89,17 +87,6 @@ def data_source(records: Records, config: DataConfig, template: Template, tokeni
     """The records with their tokenised-data cache key (computed once here: it hashes every data file)."""
     specs, conversations = records
     return DataSource(tuple(specs), tuple(conversations), cache_key(specs, config, template, tokenizer))
-
-
-def validate_model_path(path: str) -> AutoConfig:
-    if not path:
-        raise LorakitError("--model_name_or_path is required: a local folder with config.json and safetensors weights")
-    if not (Path(path) / "config.json").is_file():
-        raise LorakitError(
-            f"--model_name_or_path {path}: no such model folder (config.json not found); lorakit loads local "
-            "folders only and never downloads"
-        )
-    return AutoConfig.from_pretrained(path)
 
 
 def validate_precision(config: Config) -> None:

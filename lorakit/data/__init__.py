@@ -10,7 +10,14 @@ from typing import Any
 from lorakit.config import DataConfig
 from lorakit.data import cache
 from lorakit.data.batching import StepPlan, collate, pack, plan_epoch
-from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
+from lorakit.data.encode import (
+    IGNORE_INDEX,
+    EncodedExample,
+    TokenizedData,
+    encode_conversation,
+    encode_dataset,
+    example_record,
+)
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
 from lorakit.errors import LorakitError
@@ -77,6 +84,7 @@ __all__ = [
     "pack",
     "encode_conversation",
     "encode_dataset",
+    "example_record",
     "load_conversations",
     "plan_epoch",
     "prepare_data",

@@ -17,10 +17,22 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.config import LoraSettings
 from lorakit.errors import LorakitError
+
+
+def model_config(path: str) -> Any:
+    """The config.json of the local model folder `path`; a LorakitError when `path` is not one."""
+    if not path:
+        raise LorakitError("--model_name_or_path is required: a local folder with config.json and safetensors weights")
+    if not (Path(path) / "config.json").is_file():
+        raise LorakitError(
+            f"--model_name_or_path {path}: no such model folder (config.json not found); lorakit loads local "
+            "folders only and never downloads"
+        )
+    return AutoConfig.from_pretrained(path)
 
 
 def load_tokenizer(path: str, hf_config: Any = None) -> Any:
