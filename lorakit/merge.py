@@ -77,8 +77,6 @@ def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str
 
 def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
     """Write the merged model to `out` (atomically: a temporary folder renamed when complete)."""
-    from lorakit.export import chat_template_jinja
-
     destination, adapter_dir = Path(out), Path(adapter)
     if destination.exists() and not overwrite:
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
@@ -101,7 +99,7 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
         shutil.copy(Path(base) / "model.safetensors.index.json", temporary)
     base_config.save_pretrained(temporary)
     if template is not None:
-        tokenizer.chat_template = chat_template_jinja(template)
+        tokenizer.chat_template = template.chat_template_jinja()
         shutil.copy(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)
     tokenizer.save_pretrained(temporary)
     write_generation_config(base, temporary, tokenizer, template)

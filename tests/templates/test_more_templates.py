@@ -11,6 +11,7 @@ apply_chat_template on Qwen's tokenizer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -204,3 +205,13 @@ def test_check_against_tokenizer_reports_a_template_that_cannot_render_the_probe
     )
     message = check_against_tokenizer(get_template("chatml", tokenizer), tokenizer)
     assert message is not None and "the chat_template failed" in message and "no system role" in message
+
+
+def test_the_chatml_family_is_one_class_and_qwen3_an_option_of_it(qwen_tokenizer):
+    qwen3, chatml = get_template("qwen3", qwen_tokenizer), get_template("chatml", qwen_tokenizer)
+    assert type(qwen3) is type(chatml) is type(get_template("qwen", qwen_tokenizer))
+    without_think = dataclasses.replace(qwen3, empty_think=False)
+    for messages in CONVERSATIONS.values():
+        if not any("</think>" in m.content for m in messages):
+            assert without_think.render(messages) == chatml.render(messages)
+    assert without_think.chat_template_jinja() == chatml.chat_template_jinja()
