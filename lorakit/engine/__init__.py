@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from lorakit.config import Config
 from lorakit.distributed import DistInfo
@@ -24,6 +23,7 @@ from lorakit.engine.model import (
     linear_module_names,
     load_base_model,
     load_tokenizer,
+    model_config,
     parameter_counts,
 )
 from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
@@ -72,8 +72,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
 
     on_gpu = dist.device.type == "cuda"
     if plan is None:
-        hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
-        plan = plan_engine(config, hf_config, dist.world_size, on_gpu)
+        plan = plan_engine(config, model_config(config.model.model_name_or_path), dist.world_size, on_gpu)
     hf_config, ds_config, zero3, notes = plan.hf_config, plan.ds_config, plan.zero3, list(plan.ds_notes)
     model = load_base_model(config.model.model_name_or_path, hf_config, compute_dtype(config), ds_config, zero3,
                             dist.rank)  # fmt: skip
@@ -107,6 +106,7 @@ __all__ = [
     "linear_module_names",
     "load_base_model",
     "load_tokenizer",
+    "model_config",
     "parameter_counts",
     "plan_engine",
     "plan_run_memory",
