@@ -21,7 +21,7 @@ from lorakit.train import run_step, set_learning_rate, set_up, step_plans
 from lorakit.validate import validate
 
 out, config = sys.argv[1], parse_config(sys.argv[2:])
-run = set_up(config, checked := validate(config))
+run = set_up(checked := validate(config))
 engine, dist = run.built.engine, run.dist
 COMPILE_MODE = os.environ.get("LORAKIT_BENCH_COMPILE", "")  # an experiment: decoder layers through torch.compile
 if COMPILE_MODE:  # "default", or "reduce-overhead" (CUDA graphs, one per row shape: rows are multiples of 128)

@@ -39,10 +39,10 @@ def _preview(argv: list[str]) -> None:
 
 
 def _merge(argv: list[str]) -> None:
-    from lorakit.checkpoint import CONFIG_FILE
     from lorakit.engine.model import load_tokenizer
     from lorakit.export import write_export
-    from lorakit.merge import merge, training_template
+    from lorakit.merge import merge
+    from lorakit.run_record import CONFIG_FILE, training_template
 
     parser = _Parser(prog="lorakit merge", description="Merge a LoRA adapter into its base model.")
     parser.add_argument("--base", required=True, help="the base model folder the adapter was trained on")

@@ -14,16 +14,15 @@ from typing import Any, TextIO
 
 from transformers import AutoModelForCausalLM, TextStreamer
 
-from lorakit.engine.model import load_tokenizer
+from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
 from lorakit.generation import generate_reply
-from lorakit.merge import training_template
+from lorakit.run_record import training_template
 from lorakit.templates import Message, Template, get_template
-from lorakit.validate import validate_model_path
 
 
 def load_chat_model(model_dir: str, adapter_dir: str | None = None) -> tuple[Any, Any, Template]:
-    validate_model_path(model_dir)
+    model_config(model_dir)  # a clear error for a folder that is not a model
     if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise LorakitError(f"--adapter {adapter_dir} has no adapter_config.json")
     source = Path(adapter_dir or model_dir)

@@ -22,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +30,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit.config import Config
 from lorakit.distributed import DistInfo
+from lorakit.run_record import CONFIG_FILE
+from lorakit.steps import Position
 
-CONFIG_FILE = "lorakit_config.json"
 STATE_FILE = "lorakit_state.json"
 TRAINER_STATE = "trainer_state.safetensors"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where training stands after `step` optimizer steps: `offset` examples of epoch `epoch`'s order are done."""
-
-    step: int
-    epoch: int
-    offset: int
-
-    def epochs_done(self, num_examples: int) -> float:
-        return self.epoch + self.offset / num_examples
 
 
 def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
@@ -70,14 +58,6 @@ def save_adapter(model: Any, directory: Path, is_main: bool) -> None:
     state = gather_adapter_state(model, is_main)
     if is_main:
         model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-
-
-def save_run_files(directory: Path, tokenizer: Any, config: Config, ds_config: dict[str, Any]) -> None:
-    """The tokenizer (so the output folder is self-contained) and the resolved configuration."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(directory)
-    resolved = {"lorakit": config.to_flat(), "deepspeed": ds_config}
-    (directory / CONFIG_FILE).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
 
 def _full_shape(param: torch.nn.Parameter) -> torch.Size:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +21,9 @@ from lorakit.data import TokenizedData, collate, pack, plan_epoch, prepare_data
 from lorakit.distributed import DistInfo, to_device
 from lorakit.errors import LorakitError
 from lorakit.loss import model_loss_sum
-from lorakit.templates import Template
+
+if TYPE_CHECKING:  # lorakit.validate, which makes the plan, asks this module for held_out_count
+    from lorakit.plan import RunPlan
 
 
 def held_out_count(val_size: float, num_examples: int) -> int:
@@ -38,13 +41,15 @@ def split_train_eval(data: TokenizedData, val_size: float, seed: int) -> tuple[T
     return data.subset(np.sort(order[count:])), data.subset(np.sort(order[:count]))
 
 
-def eval_data(config: Config, tokenizer: Any, template: Template, dist: DistInfo,
-              train: TokenizedData) -> tuple[TokenizedData, TokenizedData | None]:  # fmt: skip
-    """(training data, evaluation data or None) from --val_size or --eval_dataset."""
-    if not config.data.eval_dataset:
-        return split_train_eval(train, config.data.val_size, config.train.seed)
-    eval_config = dataclasses.replace(config.data, dataset=config.data.eval_dataset)
-    held_out, _, _ = prepare_data(eval_config, tokenizer, template, dist.local_rank == 0, dist.all_ok)
+def eval_data(plan: RunPlan, train: TokenizedData, builds: bool,
+              all_ok: Callable[[bool], bool]) -> tuple[TokenizedData, TokenizedData | None]:  # fmt: skip
+    """(training data, evaluation data or None) from --val_size or --eval_dataset (tokenised as prepare_data
+    does: `builds` and `all_ok` are its arguments)."""
+    data = plan.config.data
+    if plan.eval_data is None:
+        return split_train_eval(train, data.val_size, plan.config.train.seed)
+    eval_config = dataclasses.replace(data, dataset=data.eval_dataset)
+    held_out, _, _ = prepare_data(eval_config, plan.tokenizer, plan.template, builds, all_ok, plan.eval_data)
     return train, held_out
 
 

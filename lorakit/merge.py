@@ -25,15 +25,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, GenerationConfig
+from transformers import GenerationConfig
 
-from lorakit.checkpoint import CONFIG_FILE
-from lorakit.data.system_prompt import system_template
-from lorakit.engine.model import load_tokenizer, weight_index
+from lorakit.engine.model import load_tokenizer, model_config, weight_index
 from lorakit.errors import LorakitError
 from lorakit.generation import stop_token_ids
-from lorakit.templates import Template, get_template
-from lorakit.validate import validate_model_path
+from lorakit.run_record import CONFIG_FILE, training_template
+from lorakit.templates import Template
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -77,24 +75,12 @@ def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str
     return index
 
 
-def training_template(adapter_dir: Path, tokenizer: Any) -> Template | None:
-    """The template the adapter was trained with, as lorakit recorded it (None for a foreign adapter)."""
-    config_file = adapter_dir / CONFIG_FILE
-    if not config_file.is_file():
-        return None
-    flags = json.loads(config_file.read_text())["lorakit"]
-    template = get_template(flags["template"], tokenizer)
-    return system_template(template, flags.get("system"), flags.get("default_system"))
-
-
 def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
     """Write the merged model to `out` (atomically: a temporary folder renamed when complete)."""
-    from lorakit.export import chat_template_jinja
-
     destination, adapter_dir = Path(out), Path(adapter)
     if destination.exists() and not overwrite:
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
-    validate_model_path(base)
+    base_config = model_config(base)
     pairs, scale = lora_deltas(adapter_dir)
     index = check_belongs(pairs, base)
     tokenizer = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base)
@@ -111,9 +97,9 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
         save_file(tensors, temporary / shard.name, metadata={"format": "pt"})
     if (Path(base) / "model.safetensors.index.json").is_file():
         shutil.copy(Path(base) / "model.safetensors.index.json", temporary)
-    AutoConfig.from_pretrained(base).save_pretrained(temporary)
+    base_config.save_pretrained(temporary)
     if template is not None:
-        tokenizer.chat_template = chat_template_jinja(template)
+        tokenizer.chat_template = template.chat_template_jinja()
         shutil.copy(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)
     tokenizer.save_pretrained(temporary)
     write_generation_config(base, temporary, tokenizer, template)

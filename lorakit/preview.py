@@ -8,32 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from lorakit.config import Config
-from lorakit.data.encode import IGNORE_INDEX, encode_conversation
+from lorakit.data.encode import encode_conversation, example_record
 from lorakit.data.records import load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
-from lorakit.engine.model import load_tokenizer
+from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.templates import get_template
-from lorakit.validate import validate_model_path
-
-
-def example_record(input_ids: Any, labels: Any, tokenizer: Any, index: int) -> dict[str, Any]:
-    input_ids, labels = np.asarray(input_ids), np.asarray(labels)
-    return {
-        "index": index,
-        "input_ids": input_ids.tolist(),
-        "labels": labels.tolist(),
-        "text": tokenizer.decode(input_ids),
-        "trained_text": tokenizer.decode(input_ids[labels != IGNORE_INDEX]),
-    }
 
 
 def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     """The first `num_examples` examples as the training run would encode them (no cache, no model weights)."""
-    validate_model_path(config.model.model_name_or_path)
-    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(config.model.model_name_or_path, model_config(config.model.model_name_or_path))
     data = config.data
     template = system_template(get_template(config.model.template, tokenizer), data.system, data.default_system)
     specs = resolve_datasets(data.dataset_dir, data.dataset)

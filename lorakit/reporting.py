@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.distributed import DistInfo
-
-
-@dataclass(frozen=True)
-class StepMath:
-    num_examples: int
-    num_epochs: int
-    micro_batch: int
-    accumulation: int
-    world_size: int
-    steps_per_epoch: int
-    total_steps: int  # after --max_steps
-    warmup_steps: int
-    pack_tokens: int = 0  # 0: padded micro-batches of micro_batch examples
-
-    def grouping(self) -> str:
-        if not self.pack_tokens:
-            return f"padded micro-batches of {self.micro_batch} examples, {self.accumulation} per rank per step"
-        return (f"packed: each rank's {self.micro_batch * self.accumulation} examples of a step (dealt by tokens) "
-                f"in rows of at most {self.pack_tokens:,} tokens, one row per forward pass")  # fmt: skip
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.accumulation * self.world_size
-
-    @property
-    def last_step_examples(self) -> int:
-        return self.num_examples - (self.steps_per_epoch - 1) * self.global_batch
-
-    def lines(self, trainable: int, total: int) -> list[str]:
-        return [
-            "***** Running training *****",
-            f"  Num examples = {self.num_examples:,}",
-            f"  Num Epochs = {self.num_epochs:,}",
-            f"  Instantaneous batch size per device = {self.micro_batch:,}",
-            f"  Total train batch size (w. parallel, distributed & accumulation) = {self.global_batch:,}",
-            f"  Gradient Accumulation steps = {self.accumulation:,}",
-            f"  Total optimization steps = {self.total_steps:,} ({self.steps_per_epoch} per epoch; the last step of "
-            f"an epoch takes the {self.last_step_examples} remaining examples)",
-            f"  Warmup steps = {self.warmup_steps:,}",
-            f"  Micro-batches = {self.grouping()}",
-            f"  Number of trainable parameters = {trainable:,} ({100 * trainable / max(total, 1):.4f}% of {total:,})",
-        ]
+from lorakit.steps import StepMath
 
 
 def say(message: str, is_main: bool = True) -> None:

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.checkpoint import CHECKPOINT_NAME, CONFIG_FILE, Position, checkpoint_folders, is_complete, read_state
+from lorakit.checkpoint import CHECKPOINT_NAME, checkpoint_folders, is_complete, read_state
 from lorakit.config import Config
 from lorakit.engine.model import weight_index
 from lorakit.errors import LorakitError
+from lorakit.run_record import read_run_flags
+from lorakit.steps import Position
 
 HYPERPARAMETERS = (
     "learning_rate",
@@ -130,7 +132,7 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
             f"cannot resume {checkpoint}: {what} changed since the run that wrote it{detail}; resume with the same "
             "inputs, or start afresh with --overwrite_output_dir or a new --output_dir"
         )
-    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["lorakit"]
+    saved = read_run_flags(checkpoint)
     now = config.to_flat()
     changed = [f"{k} {saved[k]} -> {now[k]}" for k in HYPERPARAMETERS if k in saved and saved[k] != now[k]]
     if changed:

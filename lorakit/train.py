@@ -1,6 +1,6 @@
 """The training loop: batch -> forward -> backward -> step -> log -> save, in one function read top to bottom.
 
-Step math (see lorakit.data.batching): an optimizer step takes micro x accumulation x world examples; the loss
+Step math (see lorakit.steps): an optimizer step takes micro x accumulation x world examples; the loss
 of a step is the sum of token cross-entropies over every target token of the step, on every rank, divided by
 that step's number of target tokens. The count is known before the step (every rank holds the whole plan),
 so no collective is needed for it. DeepSpeed averages gradients over ranks, so each rank's loss is scaled by
@@ -15,7 +15,6 @@ checkpoint stays the newest. Nothing in a step that neither logs nor saves makes
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -27,35 +26,35 @@ import torch
 
 from lorakit.agreement import StepFlags, settle
 from lorakit.checkpoint import (
-    Position,
     checkpoint_folders,
     load_checkpoint,
     prune_checkpoints,
     save_adapter,
     save_checkpoint,
-    save_run_files,
 )
 from lorakit.config import Config, pack_tokens_for
 from lorakit.data import (
     StepPlan,
     TokenizedData,
     collate,
+    example_record,
     largest_rank_share,
     pack,
     plan_epoch,
     prepare_data,
-    steps_per_epoch,
 )
 from lorakit.distributed import DistInfo, init_distributed, to_device
 from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
 from lorakit.errors import TrainingInterrupted
 from lorakit.evaluate import eval_data, evaluate
 from lorakit.loss import model_loss_sum
-from lorakit.preview import example_record
-from lorakit.reporting import Reporter, StepMath, say
-from lorakit.schedule import learning_rate_at, warmup_steps_for
+from lorakit.plan import RunPlan
+from lorakit.reporting import Reporter, say
+from lorakit.run_record import save_run_files
+from lorakit.schedule import learning_rate_at
 from lorakit.signals import StopSignals
-from lorakit.validate import Checked, validate
+from lorakit.steps import Position, StepMath, advance, due, step_math
+from lorakit.validate import validate
 
 
 @dataclass
@@ -63,21 +62,6 @@ class TrainResult:
     metrics: dict[str, float]  # train_runtime, train_samples_per_second, ..., train_loss, epoch
     engine: Any  # the DeepSpeed engine, still live: research code may evaluate engine.module
     output_dir: Path
-
-
-def step_math(config: Config, num_examples: int, world_size: int, start: Position) -> StepMath:
-    """The run's step counts; a resumed run finishes its current epoch's order, then whole epochs."""
-    train = config.train
-    global_batch = world_size * train.per_device_train_batch_size * train.gradient_accumulation_steps
-    per_epoch = steps_per_epoch(num_examples, world_size, train.per_device_train_batch_size,
-                                train.gradient_accumulation_steps)  # fmt: skip
-    remaining_epochs = max(0, train.num_train_epochs - start.epoch - 1)
-    total = start.step + math.ceil((num_examples - start.offset) / global_batch) + remaining_epochs * per_epoch
-    total = min(total, train.max_steps) if train.max_steps > 0 else total
-    warmup = warmup_steps_for(total, train.warmup_steps, train.warmup_ratio)
-    return StepMath(num_examples, train.num_train_epochs, train.per_device_train_batch_size,
-                    train.gradient_accumulation_steps, world_size, per_epoch, total, warmup,
-                    pack_tokens_for(config))  # fmt: skip
 
 
 def row_multiple(dist: DistInfo) -> int:
@@ -121,8 +105,8 @@ def quiet_library_warnings() -> None:
 class Run:
     """Everything `train` sets up before its first step."""
 
-    config: Config
-    checked: Checked
+    config: Config  # the plan's, with the memory plan's rows and checkpointing settled
+    checked: RunPlan
     dist: DistInfo
     data: TokenizedData
     eval_data: TokenizedData | None
@@ -132,21 +116,24 @@ class Run:
     output_dir: Path
 
 
-def set_up(config: Config, checked: Checked) -> Run:
-    """Process group, data (cached), engine, the resumed state; then the output folder and the opening log."""
+def set_up(checked: RunPlan) -> Run:
+    """Process group, data (cached), engine, the resumed state; then the output folder and the opening log. All
+    from the plan: only the free GPU memory (hence the rows and checkpointing) is new here. The data is tokenised
+    before the memory plan, which plans no row longer than a rank's largest share of a step."""
     dist = init_distributed()
+    config = checked.config  # the flags; the memory plan settles rows and checkpointing below
     output_dir, tokenizer = Path(config.train.output_dir), checked.tokenizer
     if dist.is_main and config.train.overwrite_output_dir:
         for old in checkpoint_folders(output_dir):
             shutil.rmtree(old)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
-                                                dist.all_ok, checked.data_key)  # fmt: skip
-    data, held_out = eval_data(config, tokenizer, checked.template, dist, data)
+                                                dist.all_ok, checked.train_data)  # fmt: skip
+    data, held_out = eval_data(checked, data, dist.local_rank == 0, dist.all_ok)
     train = config.train
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
-    config, memory_lines = plan_run_memory(config, dist, share)  # rows and checkpointing, from free GPU memory
-    built = build_engine(config, dist)
+    config, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows and checkpointing
+    built = build_engine(config, dist, checked.engine)
     start = Position(0, 0, 0)
     if checked.resume is not None:
         load_checkpoint(built.engine, checked.resume.checkpoint, dist)
@@ -176,9 +163,8 @@ def step_plans(run: Run) -> Iterator[StepPlan]:
     """The plan of every remaining optimizer step, in order, from the run's start position."""
     train, start, steps = run.config.train, run.start, run.start.step
     for epoch in range(start.epoch, train.num_train_epochs):
-        skip = start.offset if epoch == start.epoch else 0
         for plan in plan_epoch(run.data.lengths, epoch, train.seed, run.dist.world_size,
-                               train.per_device_train_batch_size, train.gradient_accumulation_steps, skip,
+                               train.per_device_train_batch_size, train.gradient_accumulation_steps, start.skip(epoch),
                                pack_tokens_for(run.config)):  # fmt: skip
             if steps == run.counts.total_steps:
                 return
@@ -186,22 +172,10 @@ def step_plans(run: Run) -> Iterator[StepPlan]:
             yield plan
 
 
-def advance(position: Position, plan: StepPlan, num_examples: int) -> Position:
-    offset = position.offset + len(plan.examples())
-    if offset >= num_examples:
-        return Position(position.step + 1, position.epoch + 1, 0)
-    return Position(position.step + 1, position.epoch, offset)
-
-
-def due(step: int, every: int) -> bool:
-    """Whether an every-N-steps action (log, eval, save) falls on `step`; every = 0 means never."""
-    return every > 0 and step % every == 0
-
-
 def train(config: Config) -> TrainResult:
     quiet_library_warnings()
     checked = validate(config)  # every bad-input error happens here, before anything is loaded or written
-    run = set_up(config, checked)
+    run = set_up(checked)
     config = run.config  # with the memory plan's rows and checkpointing settled
     engine, dist, counts, train_config = run.built.engine, run.dist, run.counts, config.train
     pad_id, position = checked.tokenizer.pad_token_id, run.start

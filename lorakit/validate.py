@@ -1,56 +1,44 @@
 """Every check that can fail on bad input, run before a process group, a model or an output file exists.
 
 Each failure is a one-line `LorakitError` saying what is wrong and how to fix it (see README, "Bad input").
-What the checks had to work out (tokenizer, template, LoRA targets, the resume plan) is handed on to training.
+What the checks read and work out (the model's config and shape, the records, the DeepSpeed config, tokenizer,
+template, resume decision) is handed on to training as one `RunPlan` (lorakit.plan), so nothing is read twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from lorakit.config import Config
+from lorakit.config import Config, DataConfig
+from lorakit.data import DataSource
 from lorakit.data.cache import cache_key
-from lorakit.data.records import load_conversations, resolve_datasets
+from lorakit.data.records import DatasetSpec, load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_world_size
-from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.kernels import check_liger_kernel
-from lorakit.engine.model import load_tokenizer, lora_targets
+from lorakit.engine.model import load_tokenizer, model_config
+from lorakit.engine.plan import plan_engine
 from lorakit.errors import LorakitError
 from lorakit.evaluate import held_out_count
-from lorakit.resume import ResumePlan, check_output_dir, plan_resume, run_fingerprint
-from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer, get_template
+from lorakit.plan import RunPlan
+from lorakit.resume import check_output_dir, plan_resume, run_fingerprint
+from lorakit.templates import TEMPLATE_NAMES, Message, Template, check_against_tokenizer, get_template
+
+Records = tuple[list[DatasetSpec], list[list[Message]]]
 
 
-@dataclass(frozen=True)
-class Checked:
-    tokenizer: Any
-    data_key: str  # the tokenised-data cache key, computed once here (it hashes every data file)
-    template: Template
-    fingerprint: dict[str, Any]  # data + model + LoRA + seed, stored in every checkpoint
-    resume: ResumePlan | None
-    notes: list[str]  # resume decisions, for the log
-
-
-def validate(config: Config) -> Checked:
+def validate(config: Config) -> RunPlan:
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
     check_output_dir(config)
-    hf_config = validate_model_path(config.model.model_name_or_path)
+    hf_config = model_config(config.model.model_name_or_path)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
-    specs = resolve_datasets(config.data.dataset_dir, config.data.dataset)
-    # Reading every record here (cheap next to tokenising) puts a bad record's error before any process group.
-    conversations = load_conversations(specs, config.data.max_samples)
-    held_out_count(config.data.val_size, len(conversations))
-    if config.data.eval_dataset:
-        load_conversations(resolve_datasets(config.data.dataset_dir, config.data.eval_dataset), config.data.max_samples)
+    train_records, eval_records = read_records(config)
     validate_precision(config)
     if config.model.enable_liger_kernel:  # explicitly asked for: must be able to run
         check_liger_kernel(hf_config.model_type)
@@ -59,12 +47,10 @@ def validate(config: Config) -> Checked:
             f"--pack_tokens {config.train.pack_tokens} is below --cutoff_len {config.data.cutoff_len}: the longest "
             "example would not fit in a row; raise --pack_tokens or lower --cutoff_len"
         )
-    resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, torch.cuda.is_available())  # checks
-    with torch.device("meta"):  # the module tree without allocating a single weight
-        targets = lora_targets(AutoModelForCausalLM.from_config(hf_config), config.lora)
+    engine = plan_engine(config, hf_config, launch_world_size(), torch.cuda.is_available())
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
-    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(config.model.model_name_or_path, hf_config)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
     mismatch = check_against_tokenizer(template, tokenizer)
@@ -73,23 +59,34 @@ def validate(config: Config) -> Checked:
             f"--template {template.name} renders conversations differently from the tokenizer's own chat_template "
             "(--strict_template); drop --strict_template to see both renderings, or use --template auto"
         )
-    data_key = cache_key(specs, config.data, template, tokenizer)
-    fingerprint = run_fingerprint(config, f"{data_key}:val_size={config.data.val_size}", targets)
+    train_data = data_source(train_records, config.data, template, tokenizer)
+    eval_config = dataclasses.replace(config.data, dataset=config.data.eval_dataset)
+    eval_data = data_source(eval_records, eval_config, template, tokenizer) if eval_records else None
+    targets = list(engine.lora_targets)
+    fingerprint = run_fingerprint(config, f"{train_data.key}:val_size={config.data.val_size}", targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
     warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "
                "will learn this format (--strict_template makes this an error)"] if mismatch else []  # fmt: skip
-    return Checked(tokenizer, data_key, template, fingerprint, resume, warning + notes)
+    return RunPlan(config, engine, tokenizer, template, train_data, eval_data, fingerprint, resume, warning + notes)
 
 
-def validate_model_path(path: str) -> AutoConfig:
-    if not path:
-        raise LorakitError("--model_name_or_path is required: a local folder with config.json and safetensors weights")
-    if not (Path(path) / "config.json").is_file():
-        raise LorakitError(
-            f"--model_name_or_path {path}: no such model folder (config.json not found); lorakit loads local "
-            "folders only and never downloads"
-        )
-    return AutoConfig.from_pretrained(path)
+def read_records(config: Config) -> tuple[Records, Records | None]:
+    """Every record of --dataset and --eval_dataset, read here (cheap next to tokenising) so that a bad record's
+    error comes before any process group; the training set leaves examples to train on after --val_size."""
+    data = config.data
+    specs = resolve_datasets(data.dataset_dir, data.dataset)
+    conversations = load_conversations(specs, data.max_samples)
+    held_out_count(data.val_size, len(conversations))
+    if not data.eval_dataset:
+        return (specs, conversations), None
+    eval_specs = resolve_datasets(data.dataset_dir, data.eval_dataset)
+    return (specs, conversations), (eval_specs, load_conversations(eval_specs, data.max_samples))
+
+
+def data_source(records: Records, config: DataConfig, template: Template, tokenizer: Any) -> DataSource:
+    """The records with their tokenised-data cache key (computed once here: it hashes every data file)."""
+    specs, conversations = records
+    return DataSource(tuple(specs), tuple(conversations), cache_key(specs, config, template, tokenizer))
 
 
 def validate_precision(config: Config) -> None:

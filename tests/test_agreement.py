@@ -6,11 +6,11 @@ which the run stops and why, or that it ran through."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as torch_dist
+from launch import free_port
 
 from lorakit.agreement import StepFlags, settle
 from lorakit.errors import LorakitError
@@ -18,10 +18,15 @@ from lorakit.errors import LorakitError
 
 @pytest.fixture(scope="module", autouse=True)
 def one_rank_group():
-    if not torch_dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-        torch_dist.init_process_group("gloo", rank=0, world_size=1)
+    """A gloo group of this process alone, gone after this module. Its address is given to the group, not put in
+    os.environ: a MASTER_PORT left there would be inherited by the ranks later tests launch, whose own group
+    would then find this group's port taken (EADDRINUSE)."""
+    if torch_dist.is_initialized():
+        yield
+        return
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    torch_dist.destroy_process_group()
 
 
 NAN = math.nan

@@ -1,4 +1,4 @@
-"""lorakit.export: the Jinja chat_template and the ollama Modelfile write what the lorakit template writes.
+"""Each template's Jinja chat_template and lorakit.export's ollama Modelfile write what the template writes.
 
 Jinja is rendered by transformers' apply_chat_template on Qwen's tokenizer (the engine the merged model's users
 run). Ollama is not installed here, so its Go templates are rendered by `go_render` below, a tiny interpreter for
@@ -17,8 +17,8 @@ import pytest
 from conversations import COMMON_CONVERSATIONS
 
 from lorakit.errors import LorakitError
-from lorakit.export import chat_template_jinja, ollama_modelfile, write_export
-from lorakit.templates import Message, get_template
+from lorakit.export import ollama_modelfile, write_export
+from lorakit.templates import Message, OllamaFormat, get_template
 from lorakit.templates.base import as_chat
 from lorakit.templates.chatml import QWEN25_DEFAULT_SYSTEM
 
@@ -57,7 +57,7 @@ def _prompts(messages: list[Message]) -> list[list[Message]]:
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_jinja_renders_as_the_template(qwen_tokenizer, variant, name):
     template = VARIANTS[variant](qwen_tokenizer)
-    jinja, messages = chat_template_jinja(template), CONVERSATIONS[name]
+    jinja, messages = template.chat_template_jinja(), CONVERSATIONS[name]
     text = qwen_tokenizer.apply_chat_template(as_chat(messages), chat_template=jinja, tokenize=False)
     assert text == "".join(s.text for s in template.render(messages))
     for prompt in _prompts(messages):
@@ -68,16 +68,16 @@ def test_jinja_renders_as_the_template(qwen_tokenizer, variant, name):
 
 
 def test_qwen_jinja_is_qwen25s_own_and_keeps_its_tools(qwen_tokenizer):
-    assert chat_template_jinja(get_template("qwen", qwen_tokenizer)) == QWEN25_JINJA
+    assert get_template("qwen", qwen_tokenizer).chat_template_jinja() == QWEN25_JINJA
     tools = [{"type": "function", "function": {"name": "now", "parameters": {}}}]
     chat = as_chat(CONVERSATIONS["multi-turn"][:1])
-    no_default = chat_template_jinja(dataclasses.replace(get_template("qwen", qwen_tokenizer), default_system=None))
+    no_default = dataclasses.replace(get_template("qwen", qwen_tokenizer), default_system=None).chat_template_jinja()
     text = qwen_tokenizer.apply_chat_template(chat, chat_template=no_default, tools=tools, tokenize=False)
     assert text.startswith("<|im_start|>system\n# Tools\n\n") and '"name": "now"' in text
 
 
 def test_qwen3_jinja_honours_enable_thinking_false(qwen_tokenizer):
-    jinja, chat = chat_template_jinja(get_template("qwen3", qwen_tokenizer)), as_chat(CONVERSATIONS["single turn"][:1])
+    jinja, chat = get_template("qwen3", qwen_tokenizer).chat_template_jinja(), as_chat(CONVERSATIONS["single turn"][:1])
     text = qwen_tokenizer.apply_chat_template(
         chat, chat_template=jinja, tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
@@ -88,7 +88,7 @@ def test_qwen3_jinja_honours_enable_thinking_false(qwen_tokenizer):
 
 
 def test_auto_jinja_is_the_tokenizers_own(qwen_tokenizer):
-    assert chat_template_jinja(get_template("auto", qwen_tokenizer)) == qwen_tokenizer.chat_template
+    assert get_template("auto", qwen_tokenizer).chat_template_jinja() == qwen_tokenizer.chat_template
 
 
 # --- ollama -------------------------------------------------------------------------------------------------
@@ -266,3 +266,16 @@ def test_write_export(tmp_path, qwen_tokenizer):
         _modelfile_parts(write_export(tmp_path, get_template("llama3", qwen_tokenizer), "q.gguf").read_text())["from"]
         == "./q.gguf"
     )
+
+
+def test_the_modelfile_comes_from_the_template_whatever_its_class(qwen_tokenizer):
+    """export switches on no class: a template lorakit does not know is written from its own ollama_format."""
+
+    class Custom:
+        name = "custom"
+
+        def ollama_format(self) -> OllamaFormat:
+            return OllamaFormat("{{ .Prompt }}", ("<end>", "<end>", "<next>"), "Be custom.")
+
+    parts = _modelfile_parts(ollama_modelfile(Custom(), "m.gguf"))  # type: ignore[arg-type]
+    assert (parts["template"], parts["stops"], parts["system"]) == ("{{ .Prompt }}", ["<end>", "<next>"], "Be custom.")

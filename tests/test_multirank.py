@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import REPO, launch, torchrun
 from safetensors.torch import load_file
 
 from lorakit.data import encode_dataset, load_conversations, plan_epoch, resolve_datasets
@@ -28,44 +26,21 @@ from lorakit.schedule import learning_rate_at
 from lorakit.templates import get_template
 
 pytestmark = pytest.mark.multirank
-REPO = Path(__file__).resolve().parents[1]
 DS_FILE = REPO / "examples" / "ds_config_zero3.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _launch(command: list[str], log: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
-    )
-    log.write_text(done.stdout)
-    assert done.returncode == 0, f"launch failed ({done.returncode}); last lines:\n{done.stdout[-3000:]}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
 def driver_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
     workdir = tmp_path_factory.mktemp("driver")
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29531",
+        *torchrun(2, port=29531),
         str(REPO / "tests" / "multirank_driver.py"),
         str(workdir),
         str(tiny_model),
         str(tiny_data),
         str(DS_FILE),
     ]
-    _launch(command, workdir / "driver.log")
+    launch(command, workdir / "driver.log")
     return workdir
 
 
@@ -257,7 +232,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_dat
         "--seed",
         "3",
     ]
-    return workdir / "out", _launch(command, workdir / "cli.log")
+    return workdir / "out", launch(command, workdir / "cli.log")
 
 
 def test_cli_run_logs_the_step_math_and_replaces_the_file_scheduler(cli_run: tuple[Path, str]):

@@ -1,14 +1,14 @@
-"""The project's own promises: ruff-clean at 120 columns, and a README that documents every flag."""
+"""The project's own promises: ruff-clean at 120 columns, a README that documents every flag, commands that import
+downward."""
 
+import ast
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from launch import REPO
 
 from lorakit.config import flat_fields
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_documents_every_flag():
@@ -28,3 +28,23 @@ def test_ruff_is_clean():
         ["ruff", "check", "lorakit", "tests", "examples", "benchmarks"], cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout
+
+
+COMMANDS = ("train", "preview", "merge", "chat")
+
+
+def _lorakit_imports(module: str) -> set[str]:
+    tree = ast.parse((REPO / "lorakit" / f"{module}.py").read_text())
+    found = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    found |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return {name for name in found if name.startswith("lorakit.")}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_commands_import_downward(command: str):
+    """A command imports the modules it uses, never another command; only training runs the validation stack
+    (merge and chat find the model folder through lorakit.engine and the trained template through the run
+    record)."""
+    imports = _lorakit_imports(command)
+    assert not imports & {f"lorakit.{other}" for other in COMMANDS if other != command}
+    assert ("lorakit.validate" in imports) == (command == "train")

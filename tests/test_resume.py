@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import REPO, free_port, launch, start, torchrun
 from safetensors.torch import load_file
-from test_multirank import REPO, _free_port, _launch
 
 from lorakit.cli import main, parse_config
 from lorakit.errors import LorakitError
@@ -39,16 +39,11 @@ def _args(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def _torchrun(nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(_free_port())]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
     workdir = tmp_path_factory.mktemp("resume")
-    command = [*_torchrun(), str(REPO / "tests" / "resume_driver.py"), str(workdir), str(tiny_model), str(tiny_data)]
-    _launch(command, workdir / "driver.log")
+    command = [*torchrun(), str(REPO / "tests" / "resume_driver.py"), str(workdir), str(tiny_model), str(tiny_data)]
+    launch(command, workdir / "driver.log")
     return workdir
 
 
@@ -93,11 +88,6 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(runs
     assert [p.name for p in (runs / "diverge").glob("checkpoint-*")] == ["checkpoint-1"]
 
 
-def _start(command: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -114,17 +104,17 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
 def test_kill_9_then_resume_auto_finishes_like_an_uninterrupted_run(runs: Path, tiny_model: Path, tiny_data: Path,
                                                                     tmp_path: Path):  # fmt: skip
     output = tmp_path / "killed"
-    run = _start([*_torchrun(), "examples/sft.py", *_args(tiny_model, tiny_data, output)], tmp_path / "killed.log")
+    run = start([*torchrun(), "examples/sft.py", *_args(tiny_model, tiny_data, output)], tmp_path / "killed.log")
     _wait_for(output / "checkpoint-5", run)
     os.kill(_rank_pids(run)[-1], signal.SIGKILL)
     assert run.wait(timeout=120) != 0
     assert not (output / f"checkpoint-{STEPS}").exists()
     resume = [
-        *_torchrun(),
+        *torchrun(),
         "examples/sft.py",
         *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint", "auto"),
     ]
-    log = _launch(resume, tmp_path / "resumed.log")
+    log = launch(resume, tmp_path / "resumed.log")
     assert "resuming from" in log
     _assert_same_adapter(runs / "full", output)
 
@@ -132,7 +122,7 @@ def test_kill_9_then_resume_auto_finishes_like_an_uninterrupted_run(runs: Path, 
 def test_sigterm_on_one_rank_checkpoints_and_the_resumed_run_completes(runs: Path, tiny_model: Path, tiny_data: Path,
                                                                         tmp_path: Path):  # fmt: skip
     output = tmp_path / "stopped"
-    run = _start([*_torchrun(), "examples/sft.py", *_args(tiny_model, tiny_data, output)], tmp_path / "stopped.log")
+    run = start([*torchrun(), "examples/sft.py", *_args(tiny_model, tiny_data, output)], tmp_path / "stopped.log")
     _wait_for(output / "checkpoint-3", run)
     os.kill(_rank_pids(run)[-1], signal.SIGTERM)  # one rank only: the other learns of it at the step's end
     assert run.wait(timeout=120) != 0
@@ -142,11 +132,11 @@ def test_sigterm_on_one_rank_checkpoints_and_the_resumed_run_completes(runs: Pat
     assert 3 <= step < STEPS and "--resume_from_checkpoint auto" in line
     assert json.loads((output / f"checkpoint-{step}" / "lorakit_state.json").read_text())["position"]["step"] == step
     resume = [
-        *_torchrun(),
+        *torchrun(),
         "examples/sft.py",
         *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint", "auto"),
     ]
-    _launch(resume, tmp_path / "resumed.log")
+    launch(resume, tmp_path / "resumed.log")
     _assert_same_adapter(runs / "full", output)
 
 
@@ -155,7 +145,7 @@ def test_resume_on_a_different_number_of_ranks_works(runs: Path, tiny_model: Pat
     output = tmp_path / "single"
     command = [sys.executable, "examples/sft.py", *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint",
                str(runs / "full" / "checkpoint-4"))]  # fmt: skip
-    log = _launch(command, tmp_path / "single.log")
+    log = launch(command, tmp_path / "single.log")
     assert "written by 2 ranks) on 1" in log
     records = _records(output)
     assert min(records) == 5 and max(records) == 4 + 4 + 4 * 6  # rest of epoch 1: 32 examples; epochs 2-5: 6 each
@@ -163,9 +153,9 @@ def test_resume_on_a_different_number_of_ranks_works(runs: Path, tiny_model: Pat
 
 
 def test_two_nodes_of_one_rank_each(tiny_model: Path, tiny_data: Path, tmp_path: Path):
-    port, output = str(_free_port()), tmp_path / "two-nodes"
+    port, output = str(free_port()), tmp_path / "two-nodes"
     nodes = [
-        _start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+        start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                 "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "examples/sft.py",
                 *_args(tiny_model, tiny_data, output, "--num_train_epochs", "1")], tmp_path / f"node{rank}.log")
         for rank in (0, 1)

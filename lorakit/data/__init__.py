@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data import cache
-from lorakit.data.batching import StepPlan, collate, largest_rank_share, pack, plan_epoch, steps_per_epoch
-from lorakit.data.encode import IGNORE_INDEX, EncodedExample, TokenizedData, encode_conversation, encode_dataset
+from lorakit.data.batching import StepPlan, collate, largest_rank_share, pack, plan_epoch
+from lorakit.data.encode import (
+    IGNORE_INDEX,
+    EncodedExample,
+    TokenizedData,
+    encode_conversation,
+    encode_dataset,
+    example_record,
+)
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
 from lorakit.errors import LorakitError
-from lorakit.templates import Template
+from lorakit.templates import Message, Template
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Datasets as lorakit.validate read them; tokenising starts from these records, never from the files again."""
+
+    specs: tuple[DatasetSpec, ...]  # the dataset_info.json entries, resolved against --dataset_dir
+    conversations: tuple[list[Message], ...]  # every record (at most --max_samples of each dataset), in order
+    key: str  # the tokenised-data cache key (lorakit.data.cache: it hashes every data file)
+
+
+def read_source(config: DataConfig, names: tuple[str, ...], template: Template, tokenizer: Any) -> DataSource:
+    """The datasets `names` (--dataset or --eval_dataset) read from disk, for tokenising with `template`."""
+    specs = resolve_datasets(config.dataset_dir, names)
+    conversations = load_conversations(specs, config.max_samples)
+    return DataSource(tuple(specs), tuple(conversations), cache.cache_key(specs, config, template, tokenizer))
 
 
 def prepare_data(
@@ -22,24 +46,22 @@ def prepare_data(
     template: Template,
     builds: bool,
     all_ok: Callable[[bool], bool],
-    key: str | None = None,
+    source: DataSource | None = None,
 ) -> tuple[TokenizedData, Path, bool]:
-    """Tokenised data from the cache, building it first if needed.
+    """Tokenised data from the cache, building it first if needed from `source` (by default: --dataset read now).
 
     One process per node (`builds`) tokenises while the others wait in `all_ok` (a collective that is True when
     every rank passes True), then everyone loads the same file. A bad record raises on the builder and a short
     pointer to it on the others, instead of leaving them waiting. Returns the data, the cache file and whether
     it was already cached.
     """
-    specs = resolve_datasets(config.dataset_dir, config.dataset)
-    key = key or cache.cache_key(specs, config, template, tokenizer)  # validate() may have computed it
-    path = Path(config.data_cache_dir or cache.default_cache_dir()) / f"{key}.npz"
+    source = source or read_source(config, config.dataset, template, tokenizer)
+    path = Path(config.data_cache_dir or cache.default_cache_dir()) / f"{source.key}.npz"
     was_cached = path.is_file() and not config.overwrite_cache
     error = None
     if builds and not was_cached:
         try:
-            conversations = [with_system(c, config.system, config.default_system)
-                             for c in load_conversations(specs, config.max_samples)]  # fmt: skip
+            conversations = [with_system(c, config.system, config.default_system) for c in source.conversations]
             data = encode_dataset(conversations, template, tokenizer, config.cutoff_len, config.train_on_prompt,
                                   config.mask_history)  # fmt: skip
             cache.save(data, path)
@@ -52,6 +74,7 @@ def prepare_data(
 
 __all__ = [
     "IGNORE_INDEX",
+    "DataSource",
     "DatasetSpec",
     "EncodedExample",
     "StepPlan",
@@ -61,13 +84,14 @@ __all__ = [
     "pack",
     "encode_conversation",
     "encode_dataset",
+    "example_record",
     "load_conversations",
     "largest_rank_share",
     "plan_epoch",
     "prepare_data",
+    "read_source",
     "read_records",
     "resolve_datasets",
-    "steps_per_epoch",
     "system_template",
     "with_system",
 ]

@@ -1,10 +1,8 @@
 """Which examples go where: optimizer steps, ranks and micro-batches.
 
-An optimizer step takes `per_device_train_batch_size x gradient_accumulation_steps x world_size` examples, as in
-the reference run. Every example is used exactly once per epoch: the epoch's shuffled order (seeded by seed and
-epoch, the same on every rank) is cut into steps, and the last step of an epoch takes what is left, so it may be
-short. Steps per epoch = ceil(examples / global batch). (HF Trainer instead pads each rank's share and drops the
-last partial accumulation window: 280 steps for the reference's 3,630 examples on 8 ranks; lorakit runs 290.)
+How many examples a step takes and how many steps an epoch has is lorakit.steps' arithmetic. Here: the epoch's
+shuffled order (seeded by seed and epoch, the same on every rank) is cut into steps of a global batch each, and
+the last step of an epoch takes what is left, so it may be short.
 
 Inside a step, examples are sorted by length and dealt round-robin to the ranks, which evens out tokens across
 ranks, and each rank cuts its share into micro-batches of similar length, which keeps padding small. Grouping
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from lorakit.data.encode import IGNORE_INDEX, TokenizedData
+from lorakit.steps import global_batch
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,6 @@ class StepPlan:
 
     def examples(self) -> list[int]:
         return [i for rank in self.micro_batches for micro in rank for i in micro]
-
-
-def steps_per_epoch(num_examples: int, world_size: int, micro_batch: int, accumulation: int) -> int:
-    return math.ceil(num_examples / (world_size * micro_batch * accumulation))
 
 
 def plan_epoch(
@@ -59,10 +54,10 @@ def plan_epoch(
     row of at most `pack_tokens` tokens holding whole examples (see `pack_share`).
     """
     order = np.random.default_rng([seed, epoch]).permutation(len(lengths))[skip:]
-    global_batch = world_size * micro_batch * accumulation
+    per_step = global_batch(world_size, micro_batch, accumulation)
     plans = []
-    for start in range(0, len(order), global_batch):
-        chunk = order[start : start + global_batch]
+    for start in range(0, len(order), per_step):
+        chunk = order[start : start + per_step]
         by_length = chunk[np.argsort(-lengths[chunk], kind="stable")]
         if pack_tokens:
             shares = balance_tokens(by_length, lengths, world_size)

@@ -148,3 +148,16 @@ def encode_dataset(
         num_truncated,
         num_dropped,
     )
+
+
+def example_record(input_ids: Any, labels: Any, tokenizer: Any, index: int) -> dict[str, Any]:
+    """One example as a person checks it: ids, labels, the decoded text and the decoded trained part (the
+    training log's first example and `lorakit preview`)."""
+    input_ids, labels = np.asarray(input_ids), np.asarray(labels)
+    return {
+        "index": index,
+        "input_ids": input_ids.tolist(),
+        "labels": labels.tolist(),
+        "text": tokenizer.decode(input_ids),
+        "trained_text": tokenizer.decode(input_ids[labels != IGNORE_INDEX]),
+    }

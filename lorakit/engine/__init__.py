@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from lorakit.config import Config
 from lorakit.distributed import DistInfo
@@ -18,15 +17,17 @@ from lorakit.engine.deepspeed_config import (
 )
 from lorakit.engine.jit import settle_cuda_arch_list
 from lorakit.engine.kernels import apply_liger_kernel, use_liger_kernel
-from lorakit.engine.memory import ModelShape, plan_memory
+from lorakit.engine.memory import plan_memory
 from lorakit.engine.model import (
     add_neftune_noise,
     attach_lora,
     linear_module_names,
     load_base_model,
     load_tokenizer,
+    model_config,
     parameter_counts,
 )
+from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
 from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers
 
 
@@ -39,28 +40,19 @@ class BuiltEngine:
     total_parameters: int
 
 
-def meta_parameter_count(hf_config: Any) -> int:
-    """The model's parameters, counted on the meta device (nothing allocated)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
-
-
-def plan_run_memory(config: Config, dist: DistInfo, step_tokens: int = 0) -> tuple[Config, list[str]]:
+def plan_run_memory(
+    config: Config, dist: DistInfo, engine: EnginePlan, step_tokens: int = 0
+) -> tuple[Config, list[str]]:
     """The config with --pack_tokens 0 and --gradient_checkpointing unset settled from the smallest free GPU
-    memory of any rank (lorakit.engine.memory), and the plan's log lines. `step_tokens`: the most tokens a rank
-    gets in one step (0: unknown)."""
-    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
+    memory of any rank (lorakit.engine.memory), and the plan's log lines. The only fact it adds to the engine
+    plan is the free memory, which needs the ranks. `step_tokens`: the most tokens a rank gets in one step
+    (0: unknown)."""
     free = None
     if dist.device.type == "cuda":  # every rank is on a GPU, so every rank joins this collective
         free = int(-dist.max([-float(torch.cuda.mem_get_info(dist.device)[0])])[0])
-    ds_config, _ = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, free is not None)
-    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
-    shape = ModelShape.of(hf_config, meta_parameter_count(hf_config), compute_dtype(config).itemsize)
     train = config.train
     batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
-    plan = plan_memory(shape, free, zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
+    plan = plan_memory(engine.shape, free, engine.zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
                        train.gradient_checkpointing, batch_tokens, step_tokens)  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     return dataclasses.replace(config, train=train), plan.lines
@@ -77,27 +69,19 @@ def stage2_hint(frozen_parameters: int, device: torch.device) -> list[str]:
             "(2.1x the tokens/s at the reference's batch on 2 H200s: benchmarks/RESULTS.md)"]  # fmt: skip
 
 
-def largest_lora_matrix(config: Config, hf_config: Any) -> int:
-    """Elements of the largest LoRA matrix: rank x the widest side an adapted linear layer can have."""
-    return config.lora.lora_rank * max(hf_config.hidden_size, getattr(hf_config, "intermediate_size", 0))
-
-
-def compute_dtype(config: Config) -> torch.dtype:
-    return torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else torch.float32
-
-
-def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
-    """Resolve the DeepSpeed config, load the model, attach LoRA and hand both to DeepSpeed."""
+def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None) -> BuiltEngine:
+    """Load the model, attach LoRA and hand both to DeepSpeed, as `plan` (from lorakit.validate) says; on its
+    own (no plan) it reads the model's config and resolves the DeepSpeed config first."""
     import deepspeed
 
-    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
     on_gpu = dist.device.type == "cuda"
-    ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu,
-                                                largest_lora_matrix(config, hf_config))  # fmt: skip
+    if plan is None:
+        plan = plan_engine(config, model_config(config.model.model_name_or_path), dist.world_size, on_gpu)
+    hf_config, ds_config, zero3, notes = plan.hf_config, plan.ds_config, plan.zero3, list(plan.ds_notes)
     notes += settle_cuda_arch_list()  # before deepspeed.initialize, which may build an op
-    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
     whole_layers = zero3 and lorakit_chooses_units(ds_config)
-    model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
+    model = load_base_model(config.model.model_name_or_path, hf_config, compute_dtype(config), ds_config, zero3,
+                            dist.rank)  # fmt: skip
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)
@@ -119,6 +103,7 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
 
 __all__ = [
     "BuiltEngine",
+    "EnginePlan",
     "add_neftune_noise",
     "attach_lora",
     "build_engine",
@@ -127,7 +112,9 @@ __all__ = [
     "linear_module_names",
     "load_base_model",
     "load_tokenizer",
+    "model_config",
     "parameter_counts",
+    "plan_engine",
     "plan_run_memory",
     "resolve_deepspeed_config",
 ]

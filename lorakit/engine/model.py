@@ -9,6 +9,7 @@ integration, which needs accelerate and a process-global config object.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,22 @@ from lorakit.config import LoraSettings
 from lorakit.errors import LorakitError
 
 
-def load_tokenizer(path: str) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def model_config(path: str) -> Any:
+    """The config.json of the local model folder `path`; a LorakitError when `path` is not one."""
+    if not path:
+        raise LorakitError("--model_name_or_path is required: a local folder with config.json and safetensors weights")
+    if not (Path(path) / "config.json").is_file():
+        raise LorakitError(
+            f"--model_name_or_path {path}: no such model folder (config.json not found); lorakit loads local "
+            "folders only and never downloads"
+        )
+    return AutoConfig.from_pretrained(path)
+
+
+def load_tokenizer(path: str, hf_config: Any = None) -> Any:
+    """The tokenizer of the model folder `path`; `hf_config`, its config.json when already read, spares
+    transformers reading it again to find the tokenizer's class."""
+    tokenizer = AutoTokenizer.from_pretrained(path, config=hf_config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
     return tokenizer
@@ -46,14 +61,15 @@ def weight_index(path: str) -> dict[str, Path]:
     return index
 
 
-def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool, rank: int) -> Any:
-    """The causal LM from `path`; partitioned from birth under ZeRO-3 (with torch's own F.linear where the
-    DeepSpeed config turns DeepSpeed's memory-efficient linear off: lorakit.engine.deepspeed_config)."""
+def load_base_model(path: str, hf_config: Any, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool,
+                    rank: int) -> Any:  # fmt: skip
+    """The causal LM from `path` (whose config.json `hf_config` is: not read again); partitioned from birth under
+    ZeRO-3 (with torch's own F.linear where the DeepSpeed config turns DeepSpeed's memory-efficient linear off:
+    lorakit.engine.deepspeed_config)."""
     if not zero3:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype)
     import deepspeed
 
-    hf_config = AutoConfig.from_pretrained(path)
     # Skip random initialisation (every weight is loaded next; and transformers' init code indexes into weights
     # that zero.Init has already partitioned to empty tensors), and keep RoPE's fp32 buffers fp32. zero.Init takes
     # its dtype from the config's bf16/fp16 sections: an explicit `dtype=` is ignored on accelerators without fp16
@@ -61,7 +77,7 @@ def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], ze
     if ds_config["zero_optimization"].get("memory_efficient_linear", True) is False:
         _restore_torch_linear()
     with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)  # the model's own, as read
     model.tie_weights()  # skipped with the initialisation; tied heads (SmolLM2) must share the embedding
     _load_partitioned_weights(model, path, rank)
     model.name_or_path = model.config._name_or_path = path

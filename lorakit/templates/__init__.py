@@ -1,4 +1,6 @@
-"""Chat formats: one small class per format, looked up by the `--template` name."""
+"""Chat formats, looked up by the `--template` name. Each class renders its format for training and writes the
+same format for other runtimes (a Jinja chat_template, an ollama TEMPLATE); the ChatML family (qwen, qwen3,
+chatml) is one class with options."""
 
 from __future__ import annotations
 
@@ -6,12 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.templates.base import Message, Segment, Template
-from lorakit.templates.chatml import CHATML, QWEN, ChatMLTemplate
+from lorakit.templates.base import Message, OllamaFormat, Segment, Template
+from lorakit.templates.chatml import CHATML, QWEN, QWEN3, ChatMLTemplate
 from lorakit.templates.llama3 import LLAMA3, Llama3Template
 from lorakit.templates.plain import PlainTemplate, plain_template
 from lorakit.templates.probe import check_against_tokenizer
-from lorakit.templates.qwen3 import QWEN3, Qwen3Template
 from lorakit.templates.tokenizer_template import TokenizerTemplate
 
 # Each name maps to a factory given the tokenizer: most formats are fixed, `default` needs its eos_token.
@@ -38,8 +39,8 @@ __all__ = [
     "ChatMLTemplate",
     "Llama3Template",
     "Message",
+    "OllamaFormat",
     "PlainTemplate",
-    "Qwen3Template",
     "Segment",
     "Template",
     "TokenizerTemplate",

@@ -1,4 +1,6 @@
-"""What a chat template is to lorakit: a conversation in, text segments out, each marked trained or not.
+"""What a chat template is to lorakit: a conversation in, text segments out, each marked trained or not; and the
+same format for other runtimes (a Jinja chat_template, an ollama TEMPLATE), so a merged model is prompted as it
+was trained.
 
 Templates render text, never ids. `lorakit.data.encode` tokenises the joined text in one call and labels
 tokens by character offsets, so the ids are exactly what the tokenizer makes of the rendered conversation
@@ -25,6 +27,21 @@ def as_chat(messages: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
+def jinja_literal(text: str) -> str:
+    """`text` as a Jinja string literal: Jinja unescapes literals like Python's unicode-escape codec, so any text
+    (quotes, backslashes, newlines, non-ASCII) round-trips exactly."""
+    return "'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+
+@dataclass(frozen=True)
+class OllamaFormat:
+    """A template as ollama writes it (lorakit.export puts it into a Modelfile)."""
+
+    template: str  # the Go TEMPLATE: the prompt for the next reply, from .System and .Messages
+    stops: tuple[str, ...]  # `PARAMETER stop` lines: end-of-turn markers, then what must never follow a reply
+    system: str | None  # the default system prompt (`SYSTEM`), used when a chat brings none
+
+
 @dataclass(frozen=True)
 class Segment:
     text: str
@@ -45,6 +62,15 @@ class Template(Protocol):
     @property
     def stop_strings(self) -> tuple[str, ...]:
         """Text that ends an assistant turn; generation stops there."""
+        ...
+
+    def chat_template_jinja(self) -> str:
+        """Hugging Face Jinja that renders a conversation exactly as `render` (segments joined) and, with
+        `add_generation_prompt=True`, as `generation_prompt`: the merged tokenizer's `chat_template`."""
+        ...
+
+    def ollama_format(self) -> OllamaFormat:
+        """The same prompt in ollama's Go template syntax, its stop lines and default system prompt."""
         ...
 
 

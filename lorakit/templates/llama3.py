@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lorakit.templates.base import Message, Segment, check_alternation
+from lorakit.templates.base import Message, OllamaFormat, Segment, check_alternation
 
 BEGIN = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
@@ -46,5 +46,37 @@ class Llama3Template:
     def stop_strings(self) -> tuple[str, ...]:
         return (EOT,)
 
+    def chat_template_jinja(self) -> str:
+        return _LLAMA3
+
+    def ollama_format(self) -> OllamaFormat:
+        # the headers are stops too: a reply must never run into the next turn
+        return OllamaFormat(_OLLAMA_LLAMA3, (EOT, "<|start_header_id|>", "<|end_header_id|>"), None)
+
 
 LLAMA3 = Llama3Template()
+
+# Meta's Llama 3 template, with <|begin_of_text|> written literally (lorakit's text includes it; tokenizing it
+# again must not add another: apply_chat_template(tokenize=True) adds no special tokens).
+_LLAMA3 = r"""{{- '<|begin_of_text|>' }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+# No <|begin_of_text|>: llama.cpp adds the bos token itself for Llama 3 GGUF files. Go templates cannot trim, so
+# messages are written as sent (Meta's template trims them).
+_OLLAMA_LLAMA3 = """{{- if .System }}<|start_header_id|>system<|end_header_id|>
+
+{{ .System }}<|eot_id|>
+{{- end }}
+{{- range .Messages }}
+{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- end }}
+{{- end }}<|start_header_id|>assistant<|end_header_id|>
+
+"""

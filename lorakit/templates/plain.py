@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.templates.base import Message, Segment, check_alternation
+from lorakit.templates.base import Message, OllamaFormat, Segment, check_alternation, jinja_literal
 
 LABELS = {"system": "System", "user": "Human", "assistant": "Assistant"}
 
@@ -52,6 +52,13 @@ class PlainTemplate:
     def stop_strings(self) -> tuple[str, ...]:
         return (self.eos_token,)
 
+    def chat_template_jinja(self) -> str:
+        return _PLAIN.replace("@EOS@", jinja_literal(self.eos_token))
+
+    def ollama_format(self) -> OllamaFormat:
+        # a base model that misses its eos token goes on to write the next turn: "Human:" stops it
+        return OllamaFormat(_OLLAMA_PLAIN.replace("@EOS@", self.eos_token), (self.eos_token, "Human:"), None)
+
 
 def plain_template(tokenizer: Any) -> PlainTemplate:
     """The default template for this tokenizer: it needs its eos_token."""
@@ -61,3 +68,26 @@ def plain_template(tokenizer: Any) -> PlainTemplate:
             "has none; set one on the tokenizer or pick another --template"
         )
     return PlainTemplate(name="default", eos_token=tokenizer.eos_token)
+
+
+_PLAIN = r"""{%- set labels = {'system': 'System', 'user': 'Human', 'assistant': 'Assistant'} %}
+{%- for message in messages %}
+    {{- labels[message['role']] + ': ' + message['content'] }}
+    {%- if message['role'] == 'assistant' %}
+        {{- @EOS@ }}
+    {%- endif %}
+    {%- if not loop.last or add_generation_prompt %}
+        {{- '\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- 'Assistant:' }}
+{%- endif %}
+"""
+_OLLAMA_PLAIN = """{{- if .System }}System: {{ .System }}
+{{ end }}
+{{- range .Messages }}
+{{- if eq .Role "user" }}Human: {{ .Content }}
+{{ else if eq .Role "assistant" }}Assistant: {{ .Content }}@EOS@
+{{ end }}
+{{- end }}Assistant:"""

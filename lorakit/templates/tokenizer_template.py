@@ -4,6 +4,9 @@ The split renders prefixes: for the assistant message i, the rendering of messag
 prompt must be a prefix of the whole conversation's rendering; what follows it up to the end of the reply's
 end-of-turn marker is trained. A template that rewrites earlier turns (so prefixes do not line up) cannot be
 trained this way and is reported as such rather than guessed at.
+
+Its Jinja is the tokenizer's own; for ollama it writes the named template that renders exactly as the tokenizer's
+chat_template does (checked on the start-of-run probe conversations), and none is an error.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.templates.base import Message, Segment, as_chat, check_alternation
+from lorakit.templates.base import Message, OllamaFormat, Segment, Template, as_chat, check_alternation
+from lorakit.templates.chatml import CHATML, QWEN3, ChatMLTemplate
+from lorakit.templates.llama3 import LLAMA3
+from lorakit.templates.plain import PlainTemplate
+
+NAMED = "qwen, qwen3, chatml, llama3, default"
 
 
 class TokenizerTemplate:
@@ -76,3 +84,34 @@ class TokenizerTemplate:
         marker = next((t for t in self._special if reply.endswith(t)), None)
         eos = self.tokenizer.eos_token
         return tuple(dict.fromkeys(s for s in (marker, eos) if s))
+
+    def chat_template_jinja(self) -> str:
+        return self.tokenizer.chat_template
+
+    def ollama_format(self) -> OllamaFormat:
+        return self.named_equivalent().ollama_format()
+
+    def named_equivalent(self) -> Template:
+        """The named template that writes exactly what the tokenizer's chat_template writes (checked on the
+        start-of-run probe conversations), chosen among those sharing its end-of-turn marker."""
+        from lorakit.templates.probe import check_against_tokenizer  # the probe imports this module
+
+        tokenizer, stops = self.tokenizer, self.stop_strings
+        candidates: list[Template] = []
+        if "<|im_end|>" in stops:
+            prompt = self.generation_prompt([Message("user", "Hi")])
+            header = "<|im_start|>system\n"
+            default = prompt[len(header) : prompt.find("<|im_end|>")] if prompt.startswith(header) else None
+            candidates += [ChatMLTemplate(name=CHATML.name, default_system=default), QWEN3]
+        if "<|eot_id|>" in stops:
+            candidates.append(LLAMA3)
+        if getattr(tokenizer, "eos_token", None):
+            candidates.append(PlainTemplate(name="default", eos_token=tokenizer.eos_token))
+        for candidate in candidates:
+            if check_against_tokenizer(candidate, tokenizer) is None:
+                return candidate
+        raise LorakitError(
+            f"ollama export needs a named template ({NAMED}): the chat_template of "
+            f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')} is none of them; "
+            "train with --template NAME to export for ollama"
+        )

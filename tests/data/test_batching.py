@@ -1,20 +1,9 @@
 import numpy as np
 import pytest
 
-from lorakit.data.batching import collate, plan_epoch, steps_per_epoch
+from lorakit.data.batching import collate, plan_epoch
 from lorakit.data.encode import IGNORE_INDEX, TokenizedData
-from lorakit.reporting import StepMath
-
-
-def test_reference_step_math():
-    """3,630 examples, 8 ranks, micro-batch 4, accumulation 4, 10 epochs: 29 steps an epoch, 290 in all
-    (HF Trainer reports 280 and stops at epoch 9.82 because it drops each epoch's partial window)."""
-    per_epoch = steps_per_epoch(3630, world_size=8, micro_batch=4, accumulation=4)
-    math = StepMath(3630, 10, 4, 4, 8, per_epoch, per_epoch * 10, 0)
-    assert (per_epoch, math.total_steps, math.global_batch, math.last_step_examples) == (29, 290, 128, 46)
-    lines = "\n".join(math.lines(trainable=20_185_088, total=7_635_801_600))
-    assert "Total optimization steps = 290" in lines and "Total train batch size" in lines and "= 128" in lines
-    assert "Micro-batches = padded micro-batches of 4 examples, 4 per rank per step" in lines
+from lorakit.steps import steps_per_epoch
 
 
 @pytest.mark.parametrize(

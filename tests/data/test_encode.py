@@ -1,4 +1,5 @@
 import pytest
+from conversations import trained_text
 
 from lorakit.data.encode import IGNORE_INDEX, encode_conversation, encode_dataset
 from lorakit.errors import LorakitError
@@ -12,23 +13,9 @@ TWO_TURNS = [
 ]
 
 
-def _trained_text(tokenizer, example) -> list[str]:
-    """The decoded runs of consecutive trained tokens."""
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(tokenizer.decode(current))
-            current = []
-        else:
-            assert label == token
-            current.append(token)
-    return runs + ([tokenizer.decode(current)] if current else [])
-
-
 def test_only_assistant_replies_and_their_end_of_turn_are_trained(qwen_tokenizer):
     example = encode_conversation(TWO_TURNS, get_template("qwen", qwen_tokenizer), qwen_tokenizer, cutoff_len=1024)
-    assert _trained_text(qwen_tokenizer, example) == [
+    assert trained_text(qwen_tokenizer, example) == [
         "Hi! How can I help?<|im_end|>",
         "Why did the chicken cross the road?<|im_end|>",
     ]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet
 import pytest
+from conversations import trained_text
 
-from lorakit.data.encode import IGNORE_INDEX, encode_conversation
+from lorakit.data.encode import encode_conversation
 from lorakit.data.records import load_conversations, resolve_datasets
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, get_template
@@ -97,22 +98,11 @@ def test_system_column_is_optional_and_a_first_system_message_wins(tmp_path: Pat
     assert third == EXPECTED
 
 
-def _trained_text(tokenizer, example) -> list[str]:
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels):
-        if label == IGNORE_INDEX:
-            runs += [tokenizer.decode(current)] if current else []
-            current = []
-        else:
-            current.append(token)
-    return runs + ([tokenizer.decode(current)] if current else [])
-
-
 @pytest.mark.parametrize("record", [SHAREGPT_RECORD, OPENAI_RECORD], ids=["sharegpt", "openai"])
 def test_only_assistant_replies_are_trained_with_qwen(tmp_path: Path, qwen_tokenizer, record: dict):
     (conversation,) = load_conversations(_dataset(tmp_path, {"d.json": [record]}, {"formatting": "sharegpt"}), None)
     example = encode_conversation(conversation, get_template("qwen", qwen_tokenizer), qwen_tokenizer, 1024)
-    assert _trained_text(qwen_tokenizer, example) == [
+    assert trained_text(qwen_tokenizer, example) == [
         "Hi! How can I help?<|im_end|>",
         "Why did the chicken cross the road?<|im_end|>",
     ]

@@ -89,9 +89,10 @@ class _TwoGpuRanks:
 
 def test_every_rank_plans_from_the_smallest_free_memory(tiny_model, monkeypatch):
     import torch
+    from transformers import AutoConfig
 
     from lorakit.config import Config
-    from lorakit.engine import plan_run_memory
+    from lorakit.engine import plan_engine, plan_run_memory
 
     # the tiny model in fp32: rank 0's 1 GiB would take rows of 16,384 tokens as they are; rank 1's 60 MiB fit rows
     # of 4,096 only with recomputation, and rank 1 decides for both
@@ -99,7 +100,8 @@ def test_every_rank_plans_from_the_smallest_free_memory(tiny_model, monkeypatch)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free[0]), 80 * GiB))
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
                                "cutoff_len": 256})  # fmt: skip
-    planned, lines = plan_run_memory(config, _TwoGpuRanks(free))
+    engine = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
+    planned, lines = plan_run_memory(config, _TwoGpuRanks(free), engine)
     assert (planned.train.pack_tokens, planned.train.gradient_checkpointing) == (4096, True)
     assert lines[0].startswith("memory plan: 0 GiB free on the smallest GPU; rows of 4,096 tokens, gradient ")
     assert planned.data == config.data and planned.lora == config.lora  # nothing else changes

@@ -11,6 +11,7 @@ apply_chat_template on Qwen's tokenizer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conversations import COMMON_CONVERSATIONS
+from conversations import COMMON_CONVERSATIONS, trained_text
 
-from lorakit.data.encode import IGNORE_INDEX, encode_conversation
+from lorakit.data.encode import encode_conversation
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, check_against_tokenizer, get_template
 from lorakit.templates.base import as_chat
@@ -88,19 +89,6 @@ def _reference_text(reference: Reference, tokenizer, messages, add_generation_pr
     )
 
 
-def _trained_runs(example) -> list[list[int]]:
-    """The trained ids, split into contiguous runs (one per assistant reply)."""
-    runs, previous = [], False
-    for token, label in zip(example.input_ids, example.labels):
-        trained = label != IGNORE_INDEX
-        if trained and not previous:
-            runs.append([])
-        if trained:
-            runs[-1].append(token)
-        previous = trained
-    return runs
-
-
 def _expected_trained(template: str, messages, eos: str) -> list[str]:
     replies = [m.content for m in messages if m.role == "assistant"]
     if template == "qwen3":
@@ -151,8 +139,7 @@ def test_trained_text_is_the_replies_and_their_end_of_turn_markers(qwen_tokenize
             reply_at = max(i for i, s in enumerate(segments) if s.trained)
             assert "".join(s.text for s in segments[:reply_at]) == template.generation_prompt(messages[:index])
     if template_name != "llama3" and name in CLEAN:  # Qwen's vocabulary has no <|eot_id|>: llama3 is text-only
-        runs = _trained_runs(encode_conversation(messages, template, qwen_tokenizer, 4096))
-        assert [qwen_tokenizer.decode(run) for run in runs] == expected
+        assert trained_text(qwen_tokenizer, encode_conversation(messages, template, qwen_tokenizer, 4096)) == expected
 
 
 def test_default_template_format(qwen_tokenizer):
@@ -218,3 +205,13 @@ def test_check_against_tokenizer_reports_a_template_that_cannot_render_the_probe
     )
     message = check_against_tokenizer(get_template("chatml", tokenizer), tokenizer)
     assert message is not None and "the chat_template failed" in message and "no system role" in message
+
+
+def test_the_chatml_family_is_one_class_and_qwen3_an_option_of_it(qwen_tokenizer):
+    qwen3, chatml = get_template("qwen3", qwen_tokenizer), get_template("chatml", qwen_tokenizer)
+    assert type(qwen3) is type(chatml) is type(get_template("qwen", qwen_tokenizer))
+    without_think = dataclasses.replace(qwen3, empty_think=False)
+    for messages in CONVERSATIONS.values():
+        if not any("</think>" in m.content for m in messages):
+            assert without_think.render(messages) == chatml.render(messages)
+    assert without_think.chat_template_jinja() == chatml.chat_template_jinja()

@@ -1,0 +1,57 @@
+"""What the engine is built from, worked out once, before any process group: the model's config and shape, the
+modules LoRA adapts, and the final DeepSpeed config.
+
+`lorakit.validate` makes it (its errors are bad input); set-up plans memory from it and `build_engine` builds
+from it, so the model's config.json is read once and the DeepSpeed config resolved once per run, and the memory
+plan sees the same DeepSpeed config as the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorakit.config import Config
+from lorakit.engine.deepspeed_config import resolve_deepspeed_config
+from lorakit.engine.memory import ModelShape
+from lorakit.engine.model import lora_targets
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    hf_config: Any  # the model's config.json as transformers reads it
+    shape: ModelShape  # layers, widths, vocabulary, parameter count (of the meta-device model), bytes per weight
+    lora_targets: tuple[str, ...]  # the module names LoRA adapts, `all` resolved against the model
+    ds_config: dict[str, Any]  # the resolved DeepSpeed config, final (the persistence threshold covers the LoRA)
+    ds_notes: tuple[str, ...]  # what lorakit changed in the DeepSpeed config, for the log
+
+    @property
+    def zero3(self) -> bool:
+        """Only stage 3 partitions the frozen weights."""
+        return self.ds_config["zero_optimization"].get("stage", 0) == 3
+
+
+def compute_dtype(config: Config) -> torch.dtype:
+    return torch.bfloat16 if config.model.bf16 else torch.float16 if config.model.fp16 else torch.float32
+
+
+def largest_lora_matrix(config: Config, hf_config: Any) -> int:
+    """Elements of the largest LoRA matrix: rank x the widest side an adapted linear layer can have."""
+    return config.lora.lora_rank * max(hf_config.hidden_size, getattr(hf_config, "intermediate_size", 0))
+
+
+def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -> EnginePlan:
+    """Resolve the DeepSpeed config and look at the model's module tree (on the meta device: nothing allocated);
+    a contradiction in the DeepSpeed file or an unknown LoRA target is a LorakitError."""
+    ds_config, notes = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu,
+                                                largest_lora_matrix(config, hf_config))  # fmt: skip
+    with torch.device("meta"):  # a copy: transformers writes its dtype and attention choice into the config
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
+    targets = lora_targets(skeleton, config.lora)
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize)
+    return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes))
