@@ -132,8 +132,8 @@ def set_up(checked: RunPlan) -> Run:
     train = config.train
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
-    config, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows and checkpointing
-    built = build_engine(config, dist, checked.engine)
+    config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
+    built = build_engine(config, dist, engine_plan)
     start = Position(0, 0, 0)
     if checked.resume is not None:
         load_checkpoint(built.engine, checked.resume.checkpoint, dist)

@@ -4,7 +4,8 @@ Three ZeRO-3 runs in one process group on the same data and global batch: `wide`
 and `deep` (micro-batch 1 x accumulation 4), both with lorakit's whole-layer gathering, and `per_module` (`wide`
 with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the DeepSpeed file), and
 `checkpointed` (`wide` with gradient checkpointing: layers recomputed, and re-gathered, in backward), and
-`zero2` (`wide` under ZeRO-2: nothing partitioned, the reference for ZeRO-3's machinery over many steps).
+`zero2` (`wide` under ZeRO-2: nothing partitioned, the reference for ZeRO-3's machinery over many steps), and
+`resident` (`wide` with every frozen weight kept whole: a persistence threshold above every parameter).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs.
 Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
@@ -55,8 +56,12 @@ common = {
 per_module = json.loads(Path(sys.argv[4]).read_text())
 per_module["zero_optimization"]["stage3_module_granularity_threshold"] = 0
 (workdir / "ds_per_module.json").write_text(json.dumps(per_module))
+resident = json.loads(Path(sys.argv[4]).read_text())  # every frozen weight kept whole, as the memory plan may choose
+resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
+(workdir / "ds_resident.json").write_text(json.dumps(resident))
 results = {}
-runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1))
+runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1),
+        ("resident", 4, 1))  # fmt: skip
 for name, micro, accumulation in runs:
     config = lorakit.Config.from_flat(
         {
@@ -65,6 +70,7 @@ for name, micro, accumulation in runs:
             "per_device_train_batch_size": micro,
             "gradient_accumulation_steps": accumulation,
             **({"deepspeed": str(workdir / "ds_per_module.json")} if name == "per_module" else {}),
+            **({"deepspeed": str(workdir / "ds_resident.json")} if name == "resident" else {}),
             **({"gradient_checkpointing": True} if name == "checkpointed" else {}),
             **({"zero_stage": 2} if name == "zero2" else {}),
         }

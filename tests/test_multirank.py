@@ -85,7 +85,7 @@ def test_whole_layers_train_through_torchs_own_linear(driver_run: Path):
     lorakit gathers whole layers, and kept where DeepSpeed gathers per module; the updates are the same (above)."""
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert {name: m["torch_linear"] for name, m in metrics.items() if name != "zero2"} == {
-        "wide": True, "deep": True, "per_module": False, "checkpointed": True}  # fmt: skip
+        "wide": True, "deep": True, "per_module": False, "checkpointed": True, "resident": True}  # fmt: skip
 
 
 def test_zero3_trains_as_zero2_does_over_every_step(driver_run: Path):
@@ -94,6 +94,18 @@ def test_zero3_trains_as_zero2_does_over_every_step(driver_run: Path):
     for a, b in zip(zero3, zero2):  # partitioned weights, whole-layer gathers, the adapter re-gathered after steps
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_does(driver_run: Path):
+    """What the memory plan chooses when the weights fit: the same updates, and no gather of a frozen weight."""
+    partitioned, resident = (_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "resident"))
+    assert len(resident) == 12
+    for a, b in zip(partitioned, resident):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    metrics = json.loads((driver_run / "metrics.json").read_text())
+    saved = metrics["wide"]["all_gathers"] - metrics["resident"]["all_gathers"]
+    assert saved >= 12 * 2 * 2  # at least both decoder layers in forward and backward of every step
 
 
 def test_zero3_regathers_the_updated_adapter_in_one_collective(driver_run: Path):

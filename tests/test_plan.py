@@ -78,7 +78,7 @@ def test_one_run_reads_the_model_config_once_resolves_deepspeed_once_and_loads_t
                                    plan.train_data)  # fmt: skip
     train, held_out = eval_data(plan, data, True, lambda ok: ok)
     share = largest_rank_share(train.lengths, 0, 1, 1, 1)  # as set-up does: the data before the memory plan
-    settled, _ = plan_run_memory(plan.config, dist, plan.engine, share)
+    settled, _, _ = plan_run_memory(plan.config, dist, plan.engine, share)
     assert settled.data == plan.config.data  # the memory plan settles rows, not the data tokenised before it
     engine = plan.engine
     model = load_base_model(str(tiny_model), engine.hf_config, torch.float32, engine.ds_config, False, 0)

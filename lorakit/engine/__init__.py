@@ -12,6 +12,7 @@ from lorakit.config import Config
 from lorakit.distributed import DistInfo
 from lorakit.engine.deepspeed_config import (
     default_deepspeed_config,
+    keep_frozen_weights_resident,
     lorakit_chooses_units,
     resolve_deepspeed_config,
 )
@@ -42,9 +43,10 @@ class BuiltEngine:
 
 def plan_run_memory(
     config: Config, dist: DistInfo, engine: EnginePlan, step_tokens: int = 0
-) -> tuple[Config, list[str]]:
+) -> tuple[Config, EnginePlan, list[str]]:
     """The config with --pack_tokens 0 and --gradient_checkpointing unset settled from the smallest free GPU
-    memory of any rank (lorakit.engine.memory), and the plan's log lines. The only fact it adds to the engine
+    memory of any rank (lorakit.engine.memory), the engine plan (under ZeRO-3 with frozen weights that fit, a
+    persistence threshold that keeps them whole), and the plan's log lines. The only fact it adds to the engine
     plan is the free memory, which needs the ranks. `step_tokens`: the most tokens a rank gets in one step
     (0: unknown)."""
     free = None
@@ -53,20 +55,25 @@ def plan_run_memory(
     train = config.train
     batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
     plan = plan_memory(engine.shape, free, engine.zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
-                       train.gradient_checkpointing, batch_tokens, step_tokens)  # fmt: skip
+                       train.gradient_checkpointing, batch_tokens, step_tokens,
+                       engine.automatic_persistence)  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
-    return dataclasses.replace(config, train=train), plan.lines
+    if plan.keep_frozen:
+        ds_config = keep_frozen_weights_resident(engine.ds_config, engine.shape.parameters)
+        engine = dataclasses.replace(engine, ds_config=ds_config, automatic_persistence=False)
+    return dataclasses.replace(config, train=train), engine, plan.lines
 
 
-def stage2_hint(frozen_parameters: int, device: torch.device) -> list[str]:
+def stage2_hint(frozen_parameters: int, device: torch.device, kept_whole: bool) -> list[str]:
     """One line when the frozen model would fit whole on each GPU: stage 3 stays (the user asked for it), but
-    stage 2 would skip ZeRO-3's gathers and hooks (see benchmarks/RESULTS.md for what it gains)."""
+    stage 2 would skip ZeRO-3's hooks, and its gathers where the weights are partitioned (RESULTS.md)."""
     model_gib, free_gib = frozen_parameters * 2 / 2**30, torch.cuda.mem_get_info(device)[0] / 2**30
     if model_gib > 0.5 * free_gib:
         return []
+    skipped = "ZeRO-3's hooks" if kept_whole else "ZeRO-3's gathers and hooks"
     return [f"ZeRO-3 as asked; the frozen model ({model_gib:.1f} GiB in 16 bits) fits on each GPU ({free_gib:.0f} GiB "
-            "free): --zero_stage 2 would keep it whole on every GPU and skip ZeRO-3's gathers and hooks "
-            "(2.1x the tokens/s at the reference's batch on 2 H200s: benchmarks/RESULTS.md)"]  # fmt: skip
+            f"free): --zero_stage 2 would skip {skipped} (1.9x the tokens/s of ZeRO-3 with the weights kept whole, "
+            "on 4 H200s at the reference's global batch: benchmarks/RESULTS.md)"]  # fmt: skip
 
 
 def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None) -> BuiltEngine:
@@ -93,7 +100,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         notes += gather_whole_layers(model)
     trainable, total = parameter_counts(model)
     if zero3 and on_gpu:  # counted from the loaded model: no second skeleton
-        notes += stage2_hint(total - trainable, dist.device)
+        kept_whole = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 0) > total - trainable
+        notes += stage2_hint(total - trainable, dist.device, kept_whole)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:

@@ -135,6 +135,20 @@ def lorakit_chooses_units(ds_config: dict[str, Any]) -> bool:
     return zero.get("stage") == 3 and GRANULARITY not in zero
 
 
+def automatic_persistence_threshold(hidden_size: int, largest_lora: int) -> int:
+    """lorakit's "auto" persistence threshold: norms, biases and the whole adapter stay resident (see below).
+    The memory plan may raise it to keep every frozen weight resident (lorakit.engine.memory)."""
+    return max(10 * hidden_size, largest_lora + 1)
+
+
+def keep_frozen_weights_resident(ds_config: dict[str, Any], parameters: int) -> dict[str, Any]:
+    """The config with a persistence threshold above every parameter: ZeRO-3 gathers each weight once and keeps it,
+    while the adapter's optimizer state and gradients stay partitioned."""
+    resident = copy.deepcopy(ds_config)
+    resident["zero_optimization"]["stage3_param_persistence_threshold"] = parameters + 1
+    return resident
+
+
 def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> None:
     # HF's choices for the buckets (one hidden x hidden matrix). A prefetch bucket of one whole decoder layer
     # (so the next layer is gathered while this one computes) was measured 12 % slower a step on 4 H100s: the
@@ -146,7 +160,7 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> 
     automatic = {
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": max(10 * hidden_size, largest_lora + 1),
+        "stage3_param_persistence_threshold": automatic_persistence_threshold(hidden_size, largest_lora),
     }
     for key, value in automatic.items():
         if zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3):

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import Config
-from lorakit.engine.deepspeed_config import resolve_deepspeed_config
+from lorakit.engine.deepspeed_config import automatic_persistence_threshold, resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import lora_targets
 
@@ -28,6 +28,7 @@ class EnginePlan:
     lora_targets: tuple[str, ...]  # the module names LoRA adapts, `all` resolved against the model
     ds_config: dict[str, Any]  # the resolved DeepSpeed config, final (the persistence threshold covers the LoRA)
     ds_notes: tuple[str, ...]  # what lorakit changed in the DeepSpeed config, for the log
+    automatic_persistence: bool = False  # the threshold is lorakit's "auto" (the memory plan may raise it)
 
     @property
     def zero3(self) -> bool:
@@ -47,11 +48,14 @@ def largest_lora_matrix(config: Config, hf_config: Any) -> int:
 def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -> EnginePlan:
     """Resolve the DeepSpeed config and look at the model's module tree (on the meta device: nothing allocated);
     a contradiction in the DeepSpeed file or an unknown LoRA target is a LorakitError."""
-    ds_config, notes = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu,
-                                                largest_lora_matrix(config, hf_config))  # fmt: skip
+    largest_lora = largest_lora_matrix(config, hf_config)
+    ds_config, notes = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu, largest_lora)
     with torch.device("meta"):  # a copy: transformers writes its dtype and attention choice into the config
         skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
     targets = lora_targets(skeleton, config.lora)
     parameters = sum(p.numel() for p in skeleton.parameters())
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize)
-    return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes))
+    # lorakit's own number, from an "auto" or absent key (a file holding exactly this number is taken as lorakit's)
+    threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold")
+    automatic = threshold == automatic_persistence_threshold(hf_config.hidden_size, largest_lora)
+    return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes), automatic)

@@ -11,6 +11,8 @@ import pytest
 from lorakit.engine.memory import HEADROOM, GiB, ModelShape, plan_memory, row_candidates
 
 QWEN7B = ModelShape(layers=28, hidden=3584, intermediate=18944, vocab=152064, parameters=7_615_616_512, dtype_bytes=2)
+QWEN32B = ModelShape(layers=64, hidden=5120, intermediate=27648, vocab=152064, parameters=32_763_876_352,
+                     dtype_bytes=2)  # fmt: skip
 H200, H100, A100_40 = 139 * GiB, 79 * GiB, 39 * GiB
 
 
@@ -101,10 +103,34 @@ def test_every_rank_plans_from_the_smallest_free_memory(tiny_model, monkeypatch)
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
                                "cutoff_len": 256})  # fmt: skip
     engine = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
-    planned, lines = plan_run_memory(config, _TwoGpuRanks(free), engine)
+    planned, planned_engine, lines = plan_run_memory(config, _TwoGpuRanks(free), engine)
     assert (planned.train.pack_tokens, planned.train.gradient_checkpointing) == (4096, True)
     assert lines[0].startswith("memory plan: 0 GiB free on the smallest GPU; rows of 4,096 tokens, gradient ")
     assert planned.data == config.data and planned.lora == config.lora  # nothing else changes
+    # the tiny model's weights are a sliver of 60 MiB: ZeRO-3 keeps them whole, and the engine plan says so
+    zero = planned_engine.ds_config["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == engine.shape.parameters + 1 and "kept whole" in lines[-1]
+    assert engine.ds_config["zero_optimization"]["stage3_param_persistence_threshold"] < engine.shape.parameters
+
+
+@pytest.mark.parametrize(
+    "shape, free, zero3, may_keep, expected",
+    [
+        (QWEN7B, H100, True, True, True),  # 14 GiB of weights on an 80 GB card: kept whole
+        (QWEN7B, H100, True, False, False),  # the DeepSpeed file set its own threshold
+        (QWEN7B, A100_40, True, True, False),  # over a quarter of a 40 GB card: partitioned
+        (QWEN32B, H100, True, True, False),  # 61 GiB: partitioned
+        (QWEN7B, H100, False, True, False),  # ZeRO-2 keeps every weight anyway
+        (QWEN7B, None, True, True, False),  # the CPU: nothing planned
+    ],
+)
+def test_frozen_weights_stay_whole_under_zero3_when_they_fit(shape, free, zero3, may_keep, expected):
+    plan = plan_memory(shape, free, zero3, 4, 1024, 0, None, step_tokens=2300, may_keep_frozen=may_keep)
+    assert plan.keep_frozen == expected
+    if expected:  # the rows and checkpointing of the partitioned plan, never longer or riskier ones
+        partitioned = plan_memory(shape, free, zero3, 4, 1024, 0, None, step_tokens=2300)
+        assert (plan.pack_tokens, plan.gradient_checkpointing) == (partitioned.pack_tokens,
+                                                                   partitioned.gradient_checkpointing)  # fmt: skip
 
 
 def test_a_70b_model_under_zero3_plans_checkpointed_rows_not_a_false_alarm():
@@ -114,10 +140,6 @@ def test_a_70b_model_under_zero3_plans_checkpointed_rows_not_a_false_alarm():
         plan = plan_memory(llama70b, H100, True, gpus, 1024, 0, None)
         assert (plan.pack_tokens, plan.gradient_checkpointing, len(plan.lines)) == (8192, True, 1)
     assert plan_memory(llama70b, H100, False, 8, 1024, 0, None).lines[1].startswith("WARNING")  # ZeRO-2: no room
-
-
-QWEN32B = ModelShape(layers=64, hidden=5120, intermediate=27648, vocab=152064, parameters=32_763_876_352,
-                     dtype_bytes=2)  # fmt: skip
 
 
 @pytest.mark.parametrize(
