@@ -164,6 +164,14 @@ class TrainConfig:
     overwrite_output_dir: bool = field(
         default=False, metadata=_doc("Start afresh in an output_dir that holds checkpoints (they are deleted).")
     )
+    unpickle_legacy_checkpoint: bool = field(
+        default=False,
+        metadata=_doc(
+            "Resume a checkpoint of lorakit's earlier layout, whose RNG files are pickles: unpickling can run code "
+            "hidden in a file (torch's restricted loader is used), and its files cannot be verified. Only for "
+            "checkpoints you wrote yourself."
+        ),
+    )
     packing: bool = field(
         default=True,
         metadata=_doc("Pack examples into long rows (attention never crosses examples); false: padded micro-batches."),
@@ -202,6 +210,10 @@ class TrainConfig:
             raise LorakitError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise LorakitError("--resume_from_checkpoint and --overwrite_output_dir contradict each other; choose one")
+        if self.unpickle_legacy_checkpoint and not self.resume_from_checkpoint:
+            raise LorakitError(
+                "--unpickle_legacy_checkpoint applies only to a resume; add --resume_from_checkpoint or drop it"
+            )
         if self.pack_tokens and self.pack_tokens < 8:
             raise LorakitError(f"--pack_tokens {self.pack_tokens} is too small")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
