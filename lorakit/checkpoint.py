@@ -133,7 +133,7 @@ def save_checkpoint(engine: Any, output_dir: Path, position: Position, extra: di
         engine.module.save_pretrained(incomplete, state_dict=adapter, safe_serialization=True)
         follow_umask(incomplete / ADAPTER_WEIGHTS)
         save_safetensors(trainer_state, incomplete / TRAINER_STATE)
-        shutil.copy(output_dir / CONFIG_FILE, incomplete / CONFIG_FILE)
+        shutil.copyfile(output_dir / CONFIG_FILE, incomplete / CONFIG_FILE)
         state = {"position": asdict(position), "world_size": dist.world_size,
                  "optimizer_steps": optimizer_step_counters(engine), **extra,
                  "files": file_list(incomplete)}  # fmt: skip

@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, GenerationConfig
 
 from lorakit.checkpoint import CONFIG_FILE
 from lorakit.data.system_prompt import system_template
 from lorakit.engine.model import load_tokenizer, weight_index
 from lorakit.errors import LorakitError
+from lorakit.files import save_safetensors
 from lorakit.generation import stop_token_ids
 from lorakit.templates import Template, get_template
 from lorakit.validate import validate_model_path
@@ -108,13 +109,13 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
             if name in pairs:
                 a, b = pairs[name]
                 tensors[name] = (tensor.float() + scale * (b.float() @ a.float())).to(tensor.dtype)
-        save_file(tensors, temporary / shard.name, metadata={"format": "pt"})
+        save_safetensors(tensors, temporary / shard.name, metadata={"format": "pt"})
     if (Path(base) / "model.safetensors.index.json").is_file():
-        shutil.copy(Path(base) / "model.safetensors.index.json", temporary)
+        shutil.copyfile(Path(base) / "model.safetensors.index.json", temporary / "model.safetensors.index.json")
     AutoConfig.from_pretrained(base).save_pretrained(temporary)
     if template is not None:
         tokenizer.chat_template = chat_template_jinja(template)
-        shutil.copy(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)
+        shutil.copyfile(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)  # copy() would keep its mode
     tokenizer.save_pretrained(temporary)
     write_generation_config(base, temporary, tokenizer, template)
     shutil.rmtree(destination, ignore_errors=True)
