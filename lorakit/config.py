@@ -39,6 +39,13 @@ class ModelConfig:
     )
     bf16: bool = field(default=False, metadata=_doc("Train in bfloat16 (needs a GPU that supports it)."))
     fp16: bool = field(default=False, metadata=_doc("Train in float16 with loss scaling (GPU only)."))
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_doc(
+            "Run the Python code a model folder ships (auto_map in its config) to load it; without this, such a "
+            "model is refused. Read that code first: it runs in every process of the job."
+        ),
+    )
     enable_liger_kernel: bool | None = field(
         default=None,
         metadata=_doc(

@@ -88,17 +88,18 @@ def training_template(adapter_dir: Path, tokenizer: Any) -> Template | None:
     return system_template(template, flags.get("system"), flags.get("default_system"))
 
 
-def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
+def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the merged model to `out` (atomically: a temporary folder renamed when complete)."""
     from lorakit.export import chat_template_jinja
 
     destination, adapter_dir = Path(out), Path(adapter)
     if destination.exists() and not overwrite:
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
-    validate_model_path(base)
+    validate_model_path(base, trust_remote_code)
     pairs, scale = lora_deltas(adapter_dir)
     index = check_belongs(pairs, base)
-    tokenizer = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base)
+    tokenizer_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
     template = training_template(adapter_dir, tokenizer)
     temporary = destination.with_name(f".{destination.name}.{os.getpid()}.incomplete")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -112,7 +113,7 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
         save_safetensors(tensors, temporary / shard.name, metadata={"format": "pt"})
     if (Path(base) / "model.safetensors.index.json").is_file():
         shutil.copyfile(Path(base) / "model.safetensors.index.json", temporary / "model.safetensors.index.json")
-    AutoConfig.from_pretrained(base).save_pretrained(temporary)
+    AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(temporary)
     if template is not None:
         tokenizer.chat_template = chat_template_jinja(template)
         shutil.copyfile(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)  # copy() would keep its mode

@@ -32,8 +32,9 @@ def example_record(input_ids: Any, labels: Any, tokenizer: Any, index: int) -> d
 
 def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     """The first `num_examples` examples as the training run would encode them (no cache, no model weights)."""
-    validate_model_path(config.model.model_name_or_path)
-    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
+    validate_model_path(model_path, trust)
+    tokenizer = load_tokenizer(model_path, trust)
     data = config.data
     template = system_template(get_template(config.model.template, tokenizer), data.system, data.default_system)
     specs = resolve_datasets(data.dataset_dir, data.dataset)

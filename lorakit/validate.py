@@ -18,12 +18,13 @@ from lorakit.config import Config
 from lorakit.data.cache import cache_key
 from lorakit.data.records import load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template
-from lorakit.distributed import launch_world_size
+from lorakit.distributed import launch_rank, launch_world_size
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.kernels import check_liger_kernel
-from lorakit.engine.model import load_tokenizer, lora_targets
+from lorakit.engine.model import load_tokenizer, lora_targets, refusing_remote_code, remote_code_note
 from lorakit.errors import LorakitError
 from lorakit.evaluate import held_out_count
+from lorakit.reporting import say
 from lorakit.resume import ResumePlan, check_output_dir, plan_resume, run_fingerprint
 from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer, get_template
 
@@ -42,7 +43,10 @@ def validate(config: Config) -> Checked:
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
     check_output_dir(config)
-    hf_config = validate_model_path(config.model.model_name_or_path)
+    model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
+    if trust:  # said before the first load, which may run the folder's code
+        say(remote_code_note(model_path), launch_rank() == 0)
+    hf_config = validate_model_path(model_path, trust)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
     specs = resolve_datasets(config.data.dataset_dir, config.data.dataset)
@@ -61,10 +65,10 @@ def validate(config: Config) -> Checked:
         )
     resolve_deepspeed_config(config, launch_world_size(), hf_config.hidden_size, torch.cuda.is_available())  # checks
     with torch.device("meta"):  # the module tree without allocating a single weight
-        targets = lora_targets(AutoModelForCausalLM.from_config(hf_config), config.lora)
+        targets = lora_targets(AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust), config.lora)
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
-    tokenizer = load_tokenizer(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, trust)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
     mismatch = check_against_tokenizer(template, tokenizer)
@@ -81,7 +85,7 @@ def validate(config: Config) -> Checked:
     return Checked(tokenizer, data_key, template, fingerprint, resume, warning + notes)
 
 
-def validate_model_path(path: str) -> AutoConfig:
+def validate_model_path(path: str, trust_remote_code: bool = False) -> AutoConfig:
     if not path:
         raise LorakitError("--model_name_or_path is required: a local folder with config.json and safetensors weights")
     if not (Path(path) / "config.json").is_file():
@@ -89,7 +93,8 @@ def validate_model_path(path: str) -> AutoConfig:
             f"--model_name_or_path {path}: no such model folder (config.json not found); lorakit loads local "
             "folders only and never downloads"
         )
-    return AutoConfig.from_pretrained(path)
+    with refusing_remote_code(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def validate_precision(config: Config) -> None:

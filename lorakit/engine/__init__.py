@@ -38,24 +38,26 @@ class BuiltEngine:
     total_parameters: int
 
 
-def meta_parameter_count(hf_config: Any) -> int:
+def meta_parameter_count(hf_config: Any, trust_remote_code: bool = False) -> int:
     """The model's parameters, counted on the meta device (nothing allocated)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_config).parameters())
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        return sum(p.numel() for p in model.parameters())
 
 
 def plan_run_memory(config: Config, dist: DistInfo) -> tuple[Config, list[str]]:
     """The config with --pack_tokens 0 and --gradient_checkpointing unset settled from the smallest free GPU
     memory of any rank (lorakit.engine.memory), and the plan's log lines."""
-    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
+    trust = config.model.trust_remote_code
+    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path, trust_remote_code=trust)
     free = None
     if dist.device.type == "cuda":  # every rank is on a GPU, so every rank joins this collective
         free = int(-dist.max([-float(torch.cuda.mem_get_info(dist.device)[0])])[0])
     ds_config, _ = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, free is not None)
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
-    shape = ModelShape.of(hf_config, meta_parameter_count(hf_config), compute_dtype(config).itemsize)
+    shape = ModelShape.of(hf_config, meta_parameter_count(hf_config, trust), compute_dtype(config).itemsize)
     train = config.train
     batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
     plan = plan_memory(shape, free, zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
@@ -88,12 +90,13 @@ def build_engine(config: Config, dist: DistInfo) -> BuiltEngine:
     """Resolve the DeepSpeed config, load the model, attach LoRA and hand both to DeepSpeed."""
     import deepspeed
 
-    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path)
+    trust = config.model.trust_remote_code
+    hf_config = AutoConfig.from_pretrained(config.model.model_name_or_path, trust_remote_code=trust)
     on_gpu = dist.device.type == "cuda"
     ds_config, notes = resolve_deepspeed_config(config, dist.world_size, hf_config.hidden_size, on_gpu,
                                                 largest_lora_matrix(config, hf_config))  # fmt: skip
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3  # only stage 3 partitions the frozen weights
-    model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank)
+    model = load_base_model(config.model.model_name_or_path, compute_dtype(config), ds_config, zero3, dist.rank, trust)
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)

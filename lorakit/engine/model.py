@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,28 @@ from lorakit.config import LoraSettings
 from lorakit.errors import LorakitError
 
 
-def load_tokenizer(path: str) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def remote_code_note(path: str) -> str:
+    """The one line a run with --trust_remote_code starts with."""
+    return f"--trust_remote_code: Python code shipped in {path} (auto_map in its config) may run, in every process"
+
+
+@contextlib.contextmanager
+def refusing_remote_code(path: str) -> Iterator[None]:
+    """transformers' refusal of a folder's own code (trust_remote_code=False) as one line saying what to do."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise LorakitError(
+            f"the model folder {path} ships its own Python code (auto_map in its config), which lorakit runs only "
+            "when asked: read that code, then pass --trust_remote_code, or use a model transformers supports itself"
+        ) from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    with refusing_remote_code(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
     return tokenizer
@@ -46,19 +67,20 @@ def weight_index(path: str) -> dict[str, Path]:
     return index
 
 
-def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool, rank: int) -> Any:
+def load_base_model(path: str, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool, rank: int,
+                    trust_remote_code: bool = False) -> Any:  # fmt: skip
     """The causal LM from `path`; partitioned from birth under ZeRO-3."""
     if not zero3:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     import deepspeed
 
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     # Skip random initialisation (every weight is loaded next; and transformers' init code indexes into weights
     # that zero.Init has already partitioned to empty tensors), and keep RoPE's fp32 buffers fp32. zero.Init takes
     # its dtype from the config's bf16/fp16 sections: an explicit `dtype=` is ignored on accelerators without fp16
     # (DeepSpeed 0.19 `_set_dtype` precedence), which silently made a CPU run bf16.
     with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # skipped with the initialisation; tied heads (SmolLM2) must share the embedding
     _load_partitioned_weights(model, path, rank)
     model.name_or_path = model.config._name_or_path = path
