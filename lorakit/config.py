@@ -166,7 +166,10 @@ class TrainConfig:
     save_total_limit: int = field(default=0, metadata=_doc("Keep only the newest K checkpoints (0: keep all)."))
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata=_doc("A checkpoint folder to continue from, or `auto` for the newest complete one in output_dir."),
+        metadata=_doc(
+            "A checkpoint folder to continue from, or `auto` for the newest complete one in output_dir whose files "
+            "verify."
+        ),
     )
     overwrite_output_dir: bool = field(
         default=False, metadata=_doc("Start afresh in an output_dir that holds checkpoints (they are deleted).")
