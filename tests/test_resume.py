@@ -70,7 +70,7 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
         torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("resumed, from_step", [("mid", 4), ("boundary", 3)])
+@pytest.mark.parametrize("resumed, from_step", [("mid", 4), ("boundary", 3), ("legacy", 4)])
 def test_resumed_run_equals_the_uninterrupted_run(runs: Path, resumed: str, from_step: int):
     full, again = _records(runs / "full"), _records(runs / resumed)
     assert sorted(again) == list(range(from_step + 1, STEPS + 1))
