@@ -122,8 +122,8 @@ def checkpoint_problem(checkpoint: Path, unpickle_legacy: bool) -> str | None:
         state = read_state(checkpoint)
         if not is_legacy(state):
             return first_difference(checkpoint, state)
-    except OSError as err:
-        return f"{STATE_FILE} cannot be read ({err.strerror})"
+    except OSError as err:  # the state file or a listed one (permissions, a vanished mount)
+        return f"{Path(err.filename or STATE_FILE).name} cannot be read ({err.strerror})"
     except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not the JSON lorakit writes
         return f"{STATE_FILE} is not the JSON lorakit wrote"
     if not unpickle_legacy:

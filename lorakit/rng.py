@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def load_rng_state(path: Path) -> None:
     set_rng_state(tensors, scalars)
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch"])
     kind, position, has_gauss, cached_gauss = scalars["numpy"]
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, cached_gauss))
