@@ -24,6 +24,17 @@ class _Parser(argparse.ArgumentParser):
         raise LorakitError(f"{message}; run with --help")
 
 
+REMOTE_CODE_HELP = "run the Python code a model folder ships (auto_map in its config); off: such a model is refused"
+
+
+def _say_remote_code(trust_remote_code: bool, path: str) -> None:
+    """The one line that starts a command run with --trust_remote_code (stderr: stdout may be JSON or a reply)."""
+    from lorakit.engine.model import remote_code_note
+
+    if trust_remote_code:
+        print(remote_code_note(path), file=sys.stderr, flush=True)
+
+
 def _preview(argv: list[str]) -> None:
     from lorakit.preview import preview
 
@@ -34,7 +45,9 @@ def _preview(argv: list[str]) -> None:
             raise LorakitError("--num_examples needs a whole number")
         count = int(argv[at + 1])
         argv = argv[:at] + argv[at + 2 :]
-    for record in preview(parse_config(argv, "lorakit preview"), count):
+    config = parse_config(argv, "lorakit preview")
+    _say_remote_code(config.model.trust_remote_code, config.model.model_name_or_path)
+    for record in preview(config, count):
         print(json.dumps(record, ensure_ascii=False))
 
 
@@ -50,15 +63,18 @@ def _merge(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="where the merged model goes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--export", choices=["ollama"], help="also write an ollama Modelfile next to the model")
+    parser.add_argument("--trust_remote_code", action="store_true", help=REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
     if args.export and not (Path(args.adapter) / CONFIG_FILE).is_file():
         raise LorakitError(
             f"--export ollama needs {args.adapter}/{CONFIG_FILE} (lorakit's record of the chat template)"
         )
-    out = merge(args.base, args.adapter, args.out, args.overwrite)
+    _say_remote_code(args.trust_remote_code, args.base)
+    out = merge(args.base, args.adapter, args.out, args.overwrite, args.trust_remote_code)
     print(f"merged model written to {out}")
     if args.export:
-        modelfile = write_export(out, training_template(out, load_tokenizer(str(out))))
+        tokenizer = load_tokenizer(str(out), trust_remote_code=args.trust_remote_code)
+        modelfile = write_export(out, training_template(out, tokenizer))
         print(f"ollama Modelfile written to {modelfile}; convert the model to GGUF first (see README)")
 
 
@@ -73,8 +89,10 @@ def _chat(argv: list[str]) -> None:
     parser.add_argument("--prompt", help="one-shot: print the reply to this prompt and exit")
     parser.add_argument("--system", help="a system prompt for the conversation")
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--trust_remote_code", action="store_true", help=REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
-    model, tokenizer, template = load_chat_model(args.model, args.adapter)
+    _say_remote_code(args.trust_remote_code, args.model)
+    model, tokenizer, template = load_chat_model(args.model, args.adapter, args.trust_remote_code)
     if args.prompt is None:
         chat_loop(model, tokenizer, template, args.system, args.max_new_tokens)
         return

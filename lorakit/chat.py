@@ -21,13 +21,15 @@ from lorakit.run_record import training_template
 from lorakit.templates import Message, Template, get_template
 
 
-def load_chat_model(model_dir: str, adapter_dir: str | None = None) -> tuple[Any, Any, Template]:
-    model_config(model_dir)  # a clear error for a folder that is not a model
+def load_chat_model(model_dir: str, adapter_dir: str | None = None,
+                    trust_remote_code: bool = False) -> tuple[Any, Any, Template]:  # fmt: skip
+    model_config(model_dir, trust_remote_code)  # a clear error for a folder that is not a model, or ships code
     if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise LorakitError(f"--adapter {adapter_dir} has no adapter_config.json")
     source = Path(adapter_dir or model_dir)
-    tokenizer = load_tokenizer(str(source) if (source / "tokenizer_config.json").is_file() else model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(str(source) if (source / "tokenizer_config.json").is_file() else model_dir,
+                               trust_remote_code=trust_remote_code)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if adapter_dir is not None:
         from peft import PeftModel
 

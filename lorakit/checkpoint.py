@@ -8,34 +8,42 @@ A checkpoint `output_dir/checkpoint-N/` holds
 - `adapter_model.safetensors` + `adapter_config.json`: the adapter, usable on its own;
 - `trainer_state.safetensors`: per LoRA tensor, the fp32 master weight and AdamW's exp_avg / exp_avg_sq,
   unpartitioned, so a checkpoint made on one number of ranks resumes on any other;
-- `rng_state_rank{R}.pt`: every rank's torch / CUDA / numpy / python RNG states (dropout, NEFTune);
+- `rng_state_rank{R}.safetensors`: every rank's torch / CUDA / numpy / python RNG states (dropout, NEFTune), as
+  tensors and JSON (lorakit.rng): nothing in a checkpoint is pickled, so loading one runs no code from it;
 - `lorakit_config.json`: the resolved configuration;
 - `lorakit_state.json`: step, data position (epoch and examples of its order consumed), the optimizer step
-  counters, the fingerprint of data + model + LoRA, and the running loss. It is written last, inside a folder
-  named `.checkpoint-N.incomplete` that is renamed only when complete: a folder without it is never resumed.
+  counters, the fingerprint of data + model + LoRA, the running loss, and `files`: every other file of the
+  checkpoint with its size and sha256, checked before a resume reads anything else (a copy that arrived
+  truncated or altered is named, not loaded). It is written last, inside a folder named
+  `.checkpoint-N.incomplete` that is renamed only when complete: a folder without it is never resumed.
+
+Checkpoints written before this layout (pickled `rng_state_rank{R}.pt`, no `files`) are refused unless the user
+passes --unpickle_legacy_checkpoint (lorakit.resume).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorakit.distributed import DistInfo
+from lorakit.files import file_record, follow_umask, save_safetensors
+from lorakit.rng import legacy_rng_file, load_legacy_rng_state, load_rng_state, rng_file, save_rng_state
 from lorakit.run_record import CONFIG_FILE
 from lorakit.steps import Position
 
 STATE_FILE = "lorakit_state.json"
 TRAINER_STATE = "trainer_state.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for a default adapter's weights
+REQUIRED = (ADAPTER_WEIGHTS, TRAINER_STATE, CONFIG_FILE)  # a file list without one of these is not lorakit's
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -58,6 +66,7 @@ def save_adapter(model: Any, directory: Path, is_main: bool) -> None:
     state = gather_adapter_state(model, is_main)
     if is_main:
         model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        follow_umask(directory / ADAPTER_WEIGHTS)  # written by safetensors: 0600 otherwise (lorakit.files)
 
 
 def _full_shape(param: torch.nn.Parameter) -> torch.Size:
@@ -88,13 +97,6 @@ def optimizer_step_counters(engine: Any) -> list[float]:
     return counters + [float(s["step"]) for s in optimizer.state.values() if "step" in s]
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def save_checkpoint(engine: Any, output_dir: Path, position: Position, extra: dict[str, Any], dist: DistInfo) -> Path:
     """Write checkpoint-<step> atomically (every rank must call this); returns its path."""
     final = output_dir / f"checkpoint-{position.step}"
@@ -103,16 +105,18 @@ def save_checkpoint(engine: Any, output_dir: Path, position: Position, extra: di
         shutil.rmtree(incomplete, ignore_errors=True)
         incomplete.mkdir(parents=True)
     dist.barrier()
-    torch.save(_rng_state(), incomplete / f"rng_state_rank{dist.rank}.pt")
+    save_rng_state(incomplete / rng_file(dist.rank))
     dist.barrier()  # every rank's file is in before rank 0 may rename the folder
     trainer_state = gather_trainer_state(engine)
     adapter = gather_adapter_state(engine.module, dist.is_main)
     if dist.is_main:
         engine.module.save_pretrained(incomplete, state_dict=adapter, safe_serialization=True)
-        save_file(trainer_state, incomplete / TRAINER_STATE)
-        shutil.copy(output_dir / CONFIG_FILE, incomplete / CONFIG_FILE)
+        follow_umask(incomplete / ADAPTER_WEIGHTS)
+        save_safetensors(trainer_state, incomplete / TRAINER_STATE)
+        shutil.copyfile(output_dir / CONFIG_FILE, incomplete / CONFIG_FILE)
         state = {"position": asdict(position), "world_size": dist.world_size,
-                 "optimizer_steps": optimizer_step_counters(engine), **extra}  # fmt: skip
+                 "optimizer_steps": optimizer_step_counters(engine), **extra,
+                 "files": file_list(incomplete)}  # fmt: skip
         (incomplete / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(incomplete, final)
@@ -124,8 +128,39 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def load_checkpoint(engine: Any, checkpoint: Path, dist: DistInfo) -> None:
-    """Put a checkpoint's weights, optimizer moments, step counters and (same world size) RNG states back."""
+def file_list(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a checkpoint folder but lorakit_state.json (which holds this list), with size and sha256."""
+    files = sorted(p for p in checkpoint.iterdir() if p.is_file() and p.name != STATE_FILE)
+    return {p.name: file_record(p) for p in files}
+
+
+def is_legacy(state: dict[str, Any]) -> bool:
+    """Written before checkpoints listed their files (and pickled their RNG states)."""
+    return "files" not in state
+
+
+def first_difference(checkpoint: Path, state: dict[str, Any]) -> str | None:
+    """None when every file the checkpoint lists is there as written; else what differs about the first, in
+    name order, that is not."""
+    files = state["files"]
+    unlisted = [name for name in REQUIRED if name not in files]
+    if unlisted:
+        return f"{unlisted[0]} is not in the file list of {STATE_FILE}"
+    for name, expected in sorted(files.items()):
+        path = checkpoint / name
+        if Path(name).name != name or not path.is_file():  # the list names files of this folder only
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['size']} when it was written"
+        if file_record(path)["sha256"] != expected["sha256"]:
+            return f"{name} differs from the file that was written (sha256)"
+    return None
+
+
+def load_checkpoint(engine: Any, checkpoint: Path, dist: DistInfo, unpickle_legacy: bool = False) -> None:
+    """Put a checkpoint's weights, optimizer moments, step counters and (same world size) RNG states back.
+    The checkpoint has been verified (lorakit.resume); a legacy one's pickled RNG files are read only when
+    `unpickle_legacy` (--unpickle_legacy_checkpoint) says so."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -146,14 +181,12 @@ def load_checkpoint(engine: Any, checkpoint: Path, dist: DistInfo) -> None:
                 engine.optimizer.state[param][key].copy_(saved[f"{name}::{key}"].to(param.device))
     state = read_state(checkpoint)
     _set_step_counters(engine, state["optimizer_steps"])
-    rng_file = checkpoint / f"rng_state_rank{dist.rank}.pt"
-    if state["world_size"] == dist.world_size and rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+    if state["world_size"] != dist.world_size:
+        return  # other ranks, other streams: dropout starts anew (resume.plan_resume says so)
+    if not is_legacy(state) and rng_file(dist.rank) in state["files"]:
+        load_rng_state(checkpoint / rng_file(dist.rank))
+    elif is_legacy(state) and unpickle_legacy and (checkpoint / legacy_rng_file(dist.rank)).is_file():
+        load_legacy_rng_state(checkpoint / legacy_rng_file(dist.rank))
 
 
 def _create_optimizer_state(zero_optimizer: Any) -> None:

@@ -39,6 +39,13 @@ class ModelConfig:
     )
     bf16: bool = field(default=False, metadata=_doc("Train in bfloat16 (needs a GPU that supports it)."))
     fp16: bool = field(default=False, metadata=_doc("Train in float16 with loss scaling (GPU only)."))
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_doc(
+            "Run the Python code a model folder ships (auto_map in its config) to load it; without this, such a "
+            "model is refused. Read that code first: it runs in every process of the job."
+        ),
+    )
     enable_liger_kernel: bool | None = field(
         default=None,
         metadata=_doc(
@@ -159,10 +166,21 @@ class TrainConfig:
     save_total_limit: int = field(default=0, metadata=_doc("Keep only the newest K checkpoints (0: keep all)."))
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata=_doc("A checkpoint folder to continue from, or `auto` for the newest complete one in output_dir."),
+        metadata=_doc(
+            "A checkpoint folder to continue from, or `auto` for the newest complete one in output_dir whose files "
+            "verify."
+        ),
     )
     overwrite_output_dir: bool = field(
         default=False, metadata=_doc("Start afresh in an output_dir that holds checkpoints (they are deleted).")
+    )
+    unpickle_legacy_checkpoint: bool = field(
+        default=False,
+        metadata=_doc(
+            "Resume a checkpoint of lorakit's earlier layout, whose RNG files are pickles: unpickling can run code "
+            "hidden in a file (torch's restricted loader is used), and its files cannot be verified. Only for "
+            "checkpoints you wrote yourself."
+        ),
     )
     packing: bool = field(
         default=True,
@@ -202,6 +220,10 @@ class TrainConfig:
             raise LorakitError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise LorakitError("--resume_from_checkpoint and --overwrite_output_dir contradict each other; choose one")
+        if self.unpickle_legacy_checkpoint and not self.resume_from_checkpoint:
+            raise LorakitError(
+                "--unpickle_legacy_checkpoint applies only to a resume; add --resume_from_checkpoint or drop it"
+            )
         if self.pack_tokens and self.pack_tokens < 8:
             raise LorakitError(f"--pack_tokens {self.pack_tokens} is too small")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):

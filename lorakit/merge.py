@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from lorakit.engine.model import load_tokenizer, model_config, weight_index
 from lorakit.errors import LorakitError
+from lorakit.files import save_safetensors
 from lorakit.generation import stop_token_ids
 from lorakit.run_record import CONFIG_FILE, training_template
 from lorakit.templates import Template
@@ -75,15 +76,16 @@ def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str
     return index
 
 
-def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
+def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the merged model to `out` (atomically: a temporary folder renamed when complete)."""
     destination, adapter_dir = Path(out), Path(adapter)
     if destination.exists() and not overwrite:
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
-    base_config = model_config(base)
+    base_config = model_config(base, trust_remote_code)
     pairs, scale = lora_deltas(adapter_dir)
     index = check_belongs(pairs, base)
-    tokenizer = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base)
+    tokenizer_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     template = training_template(adapter_dir, tokenizer)
     temporary = destination.with_name(f".{destination.name}.{os.getpid()}.incomplete")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -94,13 +96,13 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False) -> Path:
             if name in pairs:
                 a, b = pairs[name]
                 tensors[name] = (tensor.float() + scale * (b.float() @ a.float())).to(tensor.dtype)
-        save_file(tensors, temporary / shard.name, metadata={"format": "pt"})
+        save_safetensors(tensors, temporary / shard.name, metadata={"format": "pt"})
     if (Path(base) / "model.safetensors.index.json").is_file():
-        shutil.copy(Path(base) / "model.safetensors.index.json", temporary)
+        shutil.copyfile(Path(base) / "model.safetensors.index.json", temporary / "model.safetensors.index.json")
     base_config.save_pretrained(temporary)
     if template is not None:
         tokenizer.chat_template = template.chat_template_jinja()
-        shutil.copy(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)
+        shutil.copyfile(adapter_dir / CONFIG_FILE, temporary / CONFIG_FILE)  # copy() would keep its mode
     tokenizer.save_pretrained(temporary)
     write_generation_config(base, temporary, tokenizer, template)
     shutil.rmtree(destination, ignore_errors=True)

@@ -18,7 +18,8 @@ from lorakit.templates import get_template
 
 def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     """The first `num_examples` examples as the training run would encode them (no cache, no model weights)."""
-    tokenizer = load_tokenizer(config.model.model_name_or_path, model_config(config.model.model_name_or_path))
+    model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
+    tokenizer = load_tokenizer(model_path, model_config(model_path, trust), trust_remote_code=trust)
     data = config.data
     template = system_template(get_template(config.model.template, tokenizer), data.system, data.default_system)
     specs = resolve_datasets(data.dataset_dir, data.dataset)

@@ -4,6 +4,11 @@
   --resume_from_checkpoint or --overwrite_output_dir says what to do.
 - `--resume_from_checkpoint auto` takes the newest complete checkpoint in output_dir (incomplete ones are
   skipped with a warning; none at all starts afresh, so a preempted job can be relaunched with the same command).
+- Before anything of a checkpoint is read, every file its lorakit_state.json lists is checked against its size
+  and sha256: a checkpoint asked for by name must verify (the error names the first file that differs); `auto`
+  falls back to the newest one that does, with a warning for each it passed over.
+- A checkpoint of the earlier layout (pickled RNG files, no file list) is refused unless
+  --unpickle_legacy_checkpoint: a checkpoint may come from anyone, and unpickling can run code.
 - A checkpoint whose fingerprint (data, base model, LoRA settings, data-order seed) differs from this run is an
   error naming what differs; changed optimisation settings (learning rate, epochs, batch sizes, world size) are
   allowed and listed in a warning. The data position carries over in examples, so a different global batch
@@ -18,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.checkpoint import CHECKPOINT_NAME, checkpoint_folders, is_complete, read_state
+from lorakit.checkpoint import (
+    CHECKPOINT_NAME,
+    STATE_FILE,
+    checkpoint_folders,
+    first_difference,
+    is_complete,
+    is_legacy,
+    read_state,
+)
 from lorakit.config import Config
 from lorakit.engine.model import weight_index
 from lorakit.errors import LorakitError
@@ -93,29 +106,72 @@ def check_output_dir(config: Config) -> None:
         )
 
 
+def legacy_error(checkpoint: Path) -> LorakitError:
+    return LorakitError(
+        f"cannot resume {checkpoint}: it has lorakit's earlier checkpoint layout (pickled rng_state_rank*.pt files, "
+        "no file list to verify), which lorakit no longer loads because unpickling a file can run any code hidden in "
+        "it; if you wrote this checkpoint yourself, continue it with --unpickle_legacy_checkpoint, otherwise start "
+        "afresh with --overwrite_output_dir or a new --output_dir"
+    )
+
+
+def checkpoint_problem(checkpoint: Path, unpickle_legacy: bool) -> str | None:
+    """What differs in a complete checkpoint's files since they were written (None: nothing). A checkpoint of
+    the earlier layout is an error, unless --unpickle_legacy_checkpoint lets it through unverified."""
+    try:
+        state = read_state(checkpoint)
+        if not is_legacy(state):
+            return first_difference(checkpoint, state)
+    except OSError as err:  # the state file or a listed one (permissions, a vanished mount)
+        return f"{Path(err.filename or STATE_FILE).name} cannot be read ({err.strerror})"
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not the JSON lorakit writes
+        return f"{STATE_FILE} is not the JSON lorakit wrote"
+    if not unpickle_legacy:
+        raise legacy_error(checkpoint)
+    return None
+
+
 def find_checkpoint(config: Config) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from (None: start afresh) and warnings about skipped incomplete ones."""
+    """The checkpoint to resume from (None: start afresh), verified, and warnings about those passed over."""
     requested = config.train.resume_from_checkpoint
     if not requested:
         return None, []
-    if requested != "auto":
-        path = Path(requested)
-        if not is_complete(path):
-            raise LorakitError(
-                f"--resume_from_checkpoint {requested} is not a complete lorakit checkpoint (no lorakit_state.json "
-                "or trainer_state.safetensors); pass another checkpoint folder or `auto`"
-            )
-        return path, []
-    folders = checkpoint_folders(Path(config.train.output_dir))
+    if requested == "auto":
+        return _newest_verified(Path(config.train.output_dir), config.train.unpickle_legacy_checkpoint)
+    path = Path(requested)
+    if not is_complete(path):
+        raise LorakitError(
+            f"--resume_from_checkpoint {requested} is not a complete lorakit checkpoint (no lorakit_state.json "
+            "or trainer_state.safetensors); pass another checkpoint folder or `auto`"
+        )
+    problem = checkpoint_problem(path, config.train.unpickle_legacy_checkpoint)
+    if problem:
+        raise LorakitError(
+            f"cannot resume {requested}: {problem} (an interrupted or altered copy?); nothing was loaded; copy "
+            "the checkpoint again, or pass another checkpoint folder or `auto`"
+        )
+    return path, []
+
+
+def _newest_verified(output_dir: Path, unpickle_legacy: bool) -> tuple[Path | None, list[str]]:
+    folders = checkpoint_folders(output_dir)
     complete = [p for p in folders if is_complete(p)]
     newest = int(CHECKPOINT_NAME.match(complete[-1].name).group(1)) if complete else -1
     skipped = [p for p in folders if not is_complete(p) and int(CHECKPOINT_NAME.match(p.name).group(1)) > newest]
     notes = [f"skipped incomplete checkpoint {p} (a save was interrupted); it is ignored" for p in skipped]
     if not complete:
-        return None, notes + [
-            f"--resume_from_checkpoint auto: no checkpoint in {config.train.output_dir}; starting afresh"
-        ]
-    return complete[-1], notes
+        return None, notes + [f"--resume_from_checkpoint auto: no checkpoint in {output_dir}; starting afresh"]
+    problems = []
+    for checkpoint in reversed(complete):
+        problem = checkpoint_problem(checkpoint, unpickle_legacy)
+        if problem is None:
+            return checkpoint, notes
+        problems.append(problem)
+        notes.append(f"warning: {checkpoint} does not verify: {problem}; trying the next older checkpoint")
+    raise LorakitError(
+        f"--resume_from_checkpoint auto: no checkpoint in {output_dir} verifies (the newest, {complete[-1].name}: "
+        f"{problems[0]}); copy them again, or start afresh with --overwrite_output_dir or a new --output_dir"
+    )
 
 
 def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) -> tuple[ResumePlan | None, list[str]]:
@@ -124,6 +180,9 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
     if checkpoint is None:
         return None, notes
     state = read_state(checkpoint)
+    if is_legacy(state):
+        notes.append(f"warning: resuming {checkpoint.name} of lorakit's earlier layout (--unpickle_legacy_checkpoint): "
+                     "its files are not verified and its RNG files are unpickled")  # fmt: skip
     differs = [key for key in WHAT if state["fingerprint"].get(key) != fingerprint[key]]
     if differs:
         what = "; ".join(WHAT[key] for key in differs)

@@ -136,7 +136,7 @@ def set_up(checked: RunPlan) -> Run:
     built = build_engine(config, dist, engine_plan)
     start = Position(0, 0, 0)
     if checked.resume is not None:
-        load_checkpoint(built.engine, checked.resume.checkpoint, dist)
+        load_checkpoint(built.engine, checked.resume.checkpoint, dist, config.train.unpickle_legacy_checkpoint)
         start = checked.resume.position
     counts = step_math(config, len(data), dist.world_size, start)
     if dist.is_main:

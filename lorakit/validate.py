@@ -18,13 +18,14 @@ from lorakit.data import DataSource
 from lorakit.data.cache import cache_key
 from lorakit.data.records import DatasetSpec, load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template
-from lorakit.distributed import launch_world_size
+from lorakit.distributed import launch_rank, launch_world_size
 from lorakit.engine.kernels import check_liger_kernel
-from lorakit.engine.model import load_tokenizer, model_config
+from lorakit.engine.model import load_tokenizer, model_config, remote_code_note
 from lorakit.engine.plan import plan_engine
 from lorakit.errors import LorakitError
 from lorakit.evaluate import held_out_count
 from lorakit.plan import RunPlan
+from lorakit.reporting import say
 from lorakit.resume import check_output_dir, plan_resume, run_fingerprint
 from lorakit.templates import TEMPLATE_NAMES, Message, Template, check_against_tokenizer, get_template
 
@@ -35,7 +36,10 @@ def validate(config: Config) -> RunPlan:
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
     check_output_dir(config)
-    hf_config = model_config(config.model.model_name_or_path)
+    model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
+    if trust:  # said before the first load, which may run the folder's code
+        say(remote_code_note(model_path), launch_rank() == 0)
+    hf_config = model_config(model_path, trust)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
     train_records, eval_records = read_records(config)
@@ -50,7 +54,7 @@ def validate(config: Config) -> RunPlan:
     engine = plan_engine(config, hf_config, launch_world_size(), torch.cuda.is_available())
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
-    tokenizer = load_tokenizer(config.model.model_name_or_path, hf_config)
+    tokenizer = load_tokenizer(model_path, hf_config, trust_remote_code=trust)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
     mismatch = check_against_tokenizer(template, tokenizer)

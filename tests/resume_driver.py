@@ -2,16 +2,37 @@
 
 In one process group: the uninterrupted run `full` (6 epochs of 3 steps, a checkpoint every step, dropout and
 NEFTune on so RNG state matters), then `mid` resumed from checkpoint-4 (mid-epoch) and `boundary` from
-checkpoint-3 (an epoch boundary), then `diverge`, whose huge learning rate must stop it at a non-finite loss.
+checkpoint-3 (an epoch boundary), then `legacy` from checkpoint-4 rewritten in lorakit's earlier layout (pickled
+RNG files, no file list) with --unpickle_legacy_checkpoint, then `diverge`, whose huge learning rate must stop it
+at a non-finite loss.
 """
 
+import json
+import random
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import lorakit
 from lorakit.cli import parse_config
+from lorakit.rng import load_rng_state
+
+
+def write_legacy_copy(checkpoint: Path, copy: Path, world_size: int) -> None:
+    """The checkpoint as lorakit wrote it before issue 16: torch.save'd RNG dicts, no `files` in the state."""
+    shutil.copytree(checkpoint, copy)
+    for rank in range(world_size):
+        load_rng_state(copy / f"rng_state_rank{rank}.safetensors")  # the saved states, in this process's RNGs
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(state, copy / f"rng_state_rank{rank}.pt")
+        (copy / f"rng_state_rank{rank}.safetensors").unlink()
+    state = json.loads((copy / "lorakit_state.json").read_text())
+    del state["files"]
+    (copy / "lorakit_state.json").write_text(json.dumps(state))
+
 
 workdir, model, data = sys.argv[1:4]
 base = ["--model_name_or_path", model, "--template", "qwen", "--dataset_dir", data, "--dataset", "tiny",
@@ -22,6 +43,12 @@ runs = [("full", []), ("mid", ["--resume_from_checkpoint", f"{workdir}/full/chec
         ("boundary", ["--resume_from_checkpoint", f"{workdir}/full/checkpoint-3"])]  # fmt: skip
 for name, extra in runs:
     lorakit.train(parse_config([*base, *extra, "--output_dir", f"{workdir}/{name}"]))
+legacy = Path(workdir, "old", "checkpoint-4")
+if torch.distributed.get_rank() == 0:
+    write_legacy_copy(Path(workdir, "full", "checkpoint-4"), legacy, torch.distributed.get_world_size())
+torch.distributed.barrier()
+lorakit.train(parse_config([*base, "--resume_from_checkpoint", str(legacy), "--unpickle_legacy_checkpoint",
+                            "--output_dir", f"{workdir}/legacy"]))  # fmt: skip
 try:
     lorakit.train(parse_config([*base, "--learning_rate", "1e30", "--output_dir", f"{workdir}/diverge"]))
     message = "no error"

@@ -84,3 +84,11 @@ def test_auto_booleans(argv: list[str], expected):
     assert parse_config(argv).train.gradient_checkpointing is expected
     liger = [a.replace("gradient_checkpointing", "enable_liger_kernel") for a in argv]
     assert parse_config(liger).model.enable_liger_kernel is expected
+
+
+@pytest.mark.parametrize(
+    "argv, expected", [([], False), (["--trust_remote_code"], True), (["--trust_remote_code", "false"], False)]
+)
+def test_remote_code_is_off_unless_the_flag_says_so(argv: list[str], expected: bool):
+    """LLaMA-Factory's flag name; the YAML key is the same."""
+    assert parse_config(argv).model.trust_remote_code is expected

@@ -125,3 +125,17 @@ def test_interactive_chat_keeps_history_resets_and_exits(merged: Path, monkeypat
     chat.chat_loop(model, tokenizer, template, None, 3, io.StringIO("hi\nmore\n/reset\nagain\n/exit\nnever\n"), sink)
     assert prompts == [1, 3, 1]  # history grows by user + assistant, /reset empties it, /exit stops reading
     assert sink.getvalue().count(">>> ") == 5
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_every_merged_file_follows_the_umask(tiny_model: Path, adapter: Path, tmp_path: Path, umask: int):
+    """The shards go through safetensors, which alone would leave them 0600 beside 0644 JSON files."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        out = merge(str(tiny_model), str(adapter), str(tmp_path / "merged"))
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and modes == {name: 0o666 & ~umask for name in modes}

@@ -1,12 +1,14 @@
 """Checkpoints, exact resume and faults, on 2 gloo ranks (slow: shared module fixtures, few launches).
 
-The uninterrupted run and the two resumed runs come from one driver launch (tests/resume_driver.py); the
-kill -9, SIGTERM, different-world-size and 2-node runs are launches of their own. Every resumed run must match
-the uninterrupted one exactly: fp32 on the CPU, same data order, same RNG streams.
+The uninterrupted run and the two resumed runs come from one driver launch (tests/resume_driver.py), under
+umask 027 so that every file it writes can be checked against it; the kill -9, SIGTERM, different-world-size and
+2-node runs are launches of their own. Every resumed run must match the uninterrupted one exactly: fp32 on the
+CPU, same data order, same RNG streams.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +34,7 @@ ARGS = ["--template", "qwen", "--dataset", "tiny", "--cutoff_len", "256", "--lea
         "--logging_steps", "1", "--save_steps", "1", "--lora_rank", "4", "--lora_dropout", "0.1",
         "--neftune_noise_alpha", "5", "--seed", "11", "--warmup_steps", "2"]  # fmt: skip
 STEPS = 18  # 48 examples, global batch 16: 3 steps an epoch, 6 epochs
+UMASK = 0o027  # of the driver launch: neither the usual 022 nor what 0600 files would pass for
 
 
 def _args(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -43,7 +46,11 @@ def _args(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
     workdir = tmp_path_factory.mktemp("resume")
     command = [*torchrun(), str(REPO / "tests" / "resume_driver.py"), str(workdir), str(tiny_model), str(tiny_data)]
-    launch(command, workdir / "driver.log")
+    previous = os.umask(UMASK)  # inherited by the launcher and its ranks
+    try:
+        launch(command, workdir / "driver.log")
+    finally:
+        os.umask(previous)
     return workdir
 
 
@@ -58,7 +65,7 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
         torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("resumed, from_step", [("mid", 4), ("boundary", 3)])
+@pytest.mark.parametrize("resumed, from_step", [("mid", 4), ("boundary", 3), ("legacy", 4)])
 def test_resumed_run_equals_the_uninterrupted_run(runs: Path, resumed: str, from_step: int):
     full, again = _records(runs / "full"), _records(runs / resumed)
     assert sorted(again) == list(range(from_step + 1, STEPS + 1))
@@ -73,12 +80,28 @@ def test_resumed_run_equals_the_uninterrupted_run(runs: Path, resumed: str, from
 def test_checkpoints_hold_engine_state_and_a_standalone_adapter(runs: Path):
     checkpoint = runs / "full" / "checkpoint-4"
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.safetensors",
-                 "rng_state_rank0.pt", "rng_state_rank1.pt", "lorakit_config.json", "lorakit_state.json"):  # fmt: skip
+                 "rng_state_rank0.safetensors", "rng_state_rank1.safetensors", "lorakit_config.json",
+                 "lorakit_state.json"):  # fmt: skip
         assert (checkpoint / name).is_file(), name
     state = json.loads((checkpoint / "lorakit_state.json").read_text())
     assert state["position"] == {"step": 4, "epoch": 1, "offset": 16} and state["world_size"] == 2
     assert set(state["fingerprint"]) == {"data", "model", "lora", "seed"}
+    others = sorted(p.name for p in checkpoint.iterdir() if p.name != "lorakit_state.json")
+    assert sorted(state["files"]) == others
+    for name, record in state["files"].items():
+        data = (checkpoint / name).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
     assert (runs / "full" / f"checkpoint-{STEPS}").is_dir()  # the end of training writes one too
+
+
+def test_nothing_a_run_writes_is_a_pickle_and_every_file_follows_the_umask(runs: Path):
+    files = [p for p in (runs / "full").rglob("*") if p.is_file()]
+    assert any(p.name == "trainer_state.safetensors" for p in files) and any(p.suffix == ".jsonl" for p in files)
+    for path in files:
+        head = path.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f"{path} looks like a pickle (plain, or torch's zip)"
+    modes = {str(p.relative_to(runs)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == {name: oct(0o666 & ~UMASK) for name in modes}
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(runs: Path):
@@ -208,6 +231,21 @@ def test_auto_skips_half_written_checkpoints(runs: Path, tiny_model: Path, tiny_
     )
     with pytest.raises(LorakitError, match="is not a complete lorakit checkpoint"):
         validate(explicit)
+
+
+def test_a_damaged_copy_is_passed_over_by_auto(runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    """A checkpoint copied with one file cut short: `auto` warns, names the file, and resumes the one before."""
+    import shutil
+
+    output = tmp_path / "copied"
+    for step in (4, 5):
+        shutil.copytree(runs / "full" / f"checkpoint-{step}", output / f"checkpoint-{step}")
+    adapter = output / "checkpoint-5" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    plan = validate(parse_config(_args(tiny_model, tiny_data, output, "--resume_from_checkpoint", "auto")))
+    assert plan.resume.checkpoint == output / "checkpoint-4" and plan.resume.position.step == 4
+    warning = next(note for note in plan.notes if "does not verify" in note)
+    assert f"{output / 'checkpoint-5'} does not verify: adapter_model.safetensors has 100 bytes" in warning
 
 
 def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path: Path):

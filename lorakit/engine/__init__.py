@@ -81,14 +81,14 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     own (no plan) it reads the model's config and resolves the DeepSpeed config first."""
     import deepspeed
 
-    on_gpu = dist.device.type == "cuda"
+    on_gpu, trust = dist.device.type == "cuda", config.model.trust_remote_code
     if plan is None:
-        plan = plan_engine(config, model_config(config.model.model_name_or_path), dist.world_size, on_gpu)
+        plan = plan_engine(config, model_config(config.model.model_name_or_path, trust), dist.world_size, on_gpu)
     hf_config, ds_config, zero3, notes = plan.hf_config, plan.ds_config, plan.zero3, list(plan.ds_notes)
     notes += settle_cuda_arch_list()  # before deepspeed.initialize, which may build an op
     whole_layers = zero3 and lorakit_chooses_units(ds_config)
     model = load_base_model(config.model.model_name_or_path, hf_config, compute_dtype(config), ds_config, zero3,
-                            dist.rank)  # fmt: skip
+                            dist.rank, trust)  # fmt: skip
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,28 @@ from lorakit.config import LoraSettings
 from lorakit.errors import LorakitError
 
 
-def model_config(path: str) -> Any:
-    """The config.json of the local model folder `path`; a LorakitError when `path` is not one."""
+def remote_code_note(path: str) -> str:
+    """The one line a run with --trust_remote_code starts with."""
+    return f"--trust_remote_code: Python code shipped in {path} (auto_map in its config) may run, in every process"
+
+
+@contextlib.contextmanager
+def refusing_remote_code(path: str) -> Iterator[None]:
+    """transformers' refusal of a folder's own code (trust_remote_code=False) as one line saying what to do."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise LorakitError(
+            f"the model folder {path} ships its own Python code (auto_map in its config), which lorakit runs only "
+            "when asked: read that code, then pass --trust_remote_code, or use a model transformers supports itself"
+        ) from None
+
+
+def model_config(path: str, trust_remote_code: bool = False) -> Any:
+    """The config.json of the local model folder `path`; a LorakitError when `path` is not one, or when it ships
+    its own code (auto_map) and `trust_remote_code` (--trust_remote_code) is off."""
     if not path:
         raise LorakitError("--model_name_or_path is required: a local folder with config.json and safetensors weights")
     if not (Path(path) / "config.json").is_file():
@@ -32,13 +53,15 @@ def model_config(path: str) -> Any:
             f"--model_name_or_path {path}: no such model folder (config.json not found); lorakit loads local "
             "folders only and never downloads"
         )
-    return AutoConfig.from_pretrained(path)
+    with refusing_remote_code(path):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_tokenizer(path: str, hf_config: Any = None) -> Any:
+def load_tokenizer(path: str, hf_config: Any = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer of the model folder `path`; `hf_config`, its config.json when already read, spares
     transformers reading it again to find the tokenizer's class."""
-    tokenizer = AutoTokenizer.from_pretrained(path, config=hf_config)
+    with refusing_remote_code(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, config=hf_config, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss
     return tokenizer
@@ -62,12 +85,13 @@ def weight_index(path: str) -> dict[str, Path]:
 
 
 def load_base_model(path: str, hf_config: Any, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool,
-                    rank: int) -> Any:  # fmt: skip
+                    rank: int, trust_remote_code: bool = False) -> Any:  # fmt: skip
     """The causal LM from `path` (whose config.json `hf_config` is: not read again); partitioned from birth under
     ZeRO-3 (with torch's own F.linear where the DeepSpeed config turns DeepSpeed's memory-efficient linear off:
-    lorakit.engine.deepspeed_config)."""
+    lorakit.engine.deepspeed_config). `trust_remote_code`: --trust_remote_code, for a folder with its own code."""
     if not zero3:
-        return AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)  # fmt: skip
     import deepspeed
 
     # Skip random initialisation (every weight is loaded next; and transformers' init code indexes into weights
@@ -77,7 +101,8 @@ def load_base_model(path: str, hf_config: Any, dtype: torch.dtype, ds_config: di
     if ds_config["zero_optimization"].get("memory_efficient_linear", True) is False:
         _restore_torch_linear()
     with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)  # the model's own, as read
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype,  # the model's own, as read
+                                                 trust_remote_code=trust_remote_code)  # fmt: skip
     model.tie_weights()  # skipped with the initialisation; tied heads (SmolLM2) must share the embedding
     _load_partitioned_weights(model, path, rank)
     model.name_or_path = model.config._name_or_path = path

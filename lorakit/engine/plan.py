@@ -51,7 +51,8 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     largest_lora = largest_lora_matrix(config, hf_config)
     ds_config, notes = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu, largest_lora)
     with torch.device("meta"):  # a copy: transformers writes its dtype and attention choice into the config
-        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config),
+                                                    trust_remote_code=config.model.trust_remote_code)  # fmt: skip
     targets = lora_targets(skeleton, config.lora)
     parameters = sum(p.numel() for p in skeleton.parameters())
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize)

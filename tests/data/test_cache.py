@@ -31,3 +31,16 @@ def test_waiting_ranks_load_what_the_builder_wrote(tiny_model: Path, tiny_data: 
     built, path, _ = prepare_data(config, tokenizer, template, True, lambda ok: ok)
     loaded, _, cached = prepare_data(config, tokenizer, template, False, lambda ok: ok)
     assert cached and np.array_equal(built.labels, loaded.labels) and np.array_equal(built.offsets, loaded.offsets)
+
+
+def test_the_cache_file_follows_the_umask(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    import os
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    config = DataConfig(dataset=("tiny",), dataset_dir=str(tiny_data), cutoff_len=256, data_cache_dir=str(tmp_path))
+    previous = os.umask(0o027)
+    try:
+        _, path, _ = prepare_data(config, tokenizer, get_template("qwen", tokenizer), True, lambda ok: ok)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640
