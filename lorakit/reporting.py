@@ -118,8 +118,18 @@ class Reporter:
         return summary
 
 
+def smooth(values: list[float]) -> list[float]:
+    """A centred moving average over about a tenth of the points, narrowed symmetrically at the ends (the first
+    and last points are their own average). An exponential average lags: with the 0.9 weight lorakit used, the
+    smoothed line of a 300-step run sat a whole epoch behind the falling loss, 2-4 units above it. A centred
+    window follows the curve without a lag, and a symmetric one does not pull the steep start down."""
+    half, last = max(1, len(values) // 10) // 2, len(values) - 1
+    spans = [min(half, i, last - i) for i in range(len(values))]
+    return [sum(values[i - k : i + k + 1]) / (2 * k + 1) for i, k in enumerate(spans)]
+
+
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    """The logged training loss, raw and smoothed (exponential moving average), and the eval loss if any."""
+    """The logged training loss, raw and smoothed (a centred moving average), and the eval loss if any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,13 +138,9 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     evals = [r for r in records if "eval_loss" in r]
     records = [r for r in records if "loss" in r]
     steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
-    smoothed, average = [], None
-    for value in losses:
-        average = value if average is None else 0.9 * average + 0.1 * value
-        smoothed.append(average)
     figure, axes = plt.subplots(figsize=(8, 4.5))
     axes.plot(steps, losses, alpha=0.4, label="loss")
-    axes.plot(steps, smoothed, label="smoothed")
+    axes.plot(steps, smooth(losses), label="smoothed")
     if evals:
         axes.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     axes.set(xlabel="step", ylabel="loss", title=f"training loss of {path.parent.name}")
