@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, launch, torchrun
+from launch import REPO, free_port, launch, torchrun
 from safetensors.torch import load_file
 
 from lorakit.data import encode_dataset, load_conversations, plan_epoch, resolve_datasets
@@ -33,7 +33,7 @@ DS_FILE = REPO / "examples" / "ds_config_zero3.json"
 def driver_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
     workdir = tmp_path_factory.mktemp("driver")
     command = [
-        *torchrun(2, port=29531),
+        *torchrun(2),  # a free port: a fixed one collides with any other launch on the machine
         str(REPO / "tests" / "multirank_driver.py"),
         str(workdir),
         str(tiny_model),
@@ -194,7 +194,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_dat
         "--num_gpus",
         "2",
         "--master_port",
-        "29532",
+        str(free_port()),
         "examples/sft.py",
         str(workdir / "run.yaml"),
         "--deepspeed",
