@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from typing import Any
 
 import torch
 
+from lorakit.checks import (
+    check_model_weights,
+    check_output_dir_writable,
+    check_tokenizer_files,
+    check_tokenizer_not_empty,
+)
 from lorakit.config import Config, DataConfig
 from lorakit.data import DataSource
-from lorakit.data.cache import cache_key
+from lorakit.data.cache import PROBES, cache_key
 from lorakit.data.records import DatasetSpec, load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_rank, launch_world_size
@@ -35,11 +42,14 @@ Records = tuple[list[DatasetSpec], list[list[Message]]]
 def validate(config: Config) -> RunPlan:
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
+    check_output_dir_writable(config.train.output_dir)
     check_output_dir(config)
     model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
     if trust:  # said before the first load, which may run the folder's code
         say(remote_code_note(model_path), launch_rank() == 0)
     hf_config = model_config(model_path, trust)
+    check_model_weights(model_path)
+    check_tokenizer_files(model_path)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
     train_records, eval_records = read_records(config)
@@ -55,8 +65,10 @@ def validate(config: Config) -> RunPlan:
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
     tokenizer = load_tokenizer(model_path, hf_config, trust_remote_code=trust)
+    check_tokenizer_not_empty(tokenizer, model_path)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
+    check_special_tokens(template, tokenizer)
     mismatch = check_against_tokenizer(template, tokenizer)
     if mismatch and config.model.strict_template:
         raise LorakitError(
@@ -99,3 +111,20 @@ def validate_precision(config: Config) -> None:
         raise LorakitError(f"--bf16 is not supported on {where}; drop --bf16 or use a GPU with bf16 (Ampere or newer)")
     if config.model.fp16 and not torch.cuda.is_available():
         raise LorakitError("--fp16 needs a GPU; drop --fp16 to train in fp32 on the CPU")
+
+
+SPECIAL = re.compile(r"<\|[^\s|<>]+\|>|</?s>|\[/?INST\]")  # <|im_start|>, <|eot_id|>, <s>, [INST]
+
+
+def check_special_tokens(template: Template, tokenizer: Any) -> None:
+    """Every special token the template writes (<|...|> markers in its rendering, and its stop strings) is one
+    token of this tokenizer; otherwise the model would learn the marker as a run of ordinary pieces."""
+    text = "".join(segment.text for probe in PROBES for segment in template.render(probe))
+    written = set(SPECIAL.findall(text)) | {s for s in template.stop_strings if SPECIAL.fullmatch(s)}
+    vocabulary = tokenizer.get_vocab()
+    missing = sorted(token for token in written if token not in vocabulary)
+    if missing:
+        raise LorakitError(
+            f"--template {template.name}: this template's special tokens do not exist in this tokenizer "
+            f"({', '.join(missing)}); use the model's own template (--template auto) or the one made for its family"
+        )
