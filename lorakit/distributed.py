@@ -6,8 +6,12 @@ Works under `deepspeed`, `torchrun` (which set RANK/LOCAL_RANK/WORLD_SIZE) and i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +68,18 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+@contextlib.contextmanager
+def notice_after(seconds: float, line: str) -> Iterator[None]:
+    """Around a wait on another process: `line` on stderr if the wait lasts `seconds`, so nothing waits silently."""
+    timer = threading.Timer(seconds, lambda: print(line, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -84,5 +100,10 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        from lorakit.engine.jit import clear_stale_build_locks, watch_build_locks
+
+        for line in clear_stale_build_locks():  # DeepSpeed builds or loads its CPU communication op in here
+            print(f"lorakit: {line}", file=sys.stderr, flush=True)
+        with watch_build_locks():
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), device)
