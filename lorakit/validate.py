@@ -1,8 +1,9 @@
 """Every check that can fail on bad input, run before a process group, a model or an output file exists.
 
-Each failure is a one-line `LorakitError` saying what is wrong and how to fix it (see README, "When something is wrong").
-What the checks read and work out (the model's config and shape, the records, the DeepSpeed config, tokenizer,
-template, resume decision) is handed on to training as one `RunPlan` (lorakit.plan), so nothing is read twice.
+Each failure is a one-line `LorakitError` saying what is wrong and how to fix it (README, "When something is
+wrong"); the files a run reads are checked by lorakit.checks without loading them. What the checks read and work
+out (the model's config and shape, the records, the DeepSpeed config, tokenizer, template, resume decision) is
+handed on to training as one `RunPlan` (lorakit.plan), so nothing is read twice.
 """
 
 from __future__ import annotations
