@@ -51,13 +51,15 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     return pairs, scale
 
 
-def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str) -> dict[str, Path]:
+def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str,
+                  adapter: Path | str = "") -> dict[str, Path]:  # fmt: skip
     """The base's weight index, once every adapted weight is found in it with the shapes the adapter needs."""
+    which = f"the adapter {adapter}" if adapter else "the adapter"
     index = weight_index(base)
     missing = sorted(name for name in pairs if name not in index)
     if missing:
         raise LorakitError(
-            f"the adapter adapts modules the base model {base} does not have (e.g. {missing[:3]}); it was trained on "
+            f"{which} adapts modules the base model {base} does not have (e.g. {missing[:3]}); it was trained on "
             "another architecture"
         )
     for name, (a, b) in pairs.items():
@@ -65,7 +67,8 @@ def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str
             shape = tuple(handle.get_slice(name).get_shape())
         if shape != (b.shape[0], a.shape[1]):
             raise LorakitError(
-                f"the adapter does not fit the base model {base}: {name} is {list(shape)} there but the adapter "
-                f"expects {[b.shape[0], a.shape[1]]} (another model size or architecture)"
+                f"{which} does not fit the base model {base}: {name} is {list(shape)} there but the adapter "
+                f"expects {[b.shape[0], a.shape[1]]} (made for another model size or architecture); use the base "
+                "model it was trained on"
             )
     return index

@@ -29,7 +29,7 @@ def load_chat_model(model_dir: str, adapter_dir: str | None = None,
     if adapter_dir is not None:
         # the adapter's tensors against the base's shapes (headers only): an adapter made for another model is
         # one line here, not a traceback from PEFT after the model is loaded
-        check_belongs(lora_deltas(Path(adapter_dir))[0], model_dir)
+        check_belongs(lora_deltas(Path(adapter_dir))[0], model_dir, adapter_dir)
     source = Path(adapter_dir or model_dir)
     tokenizer = load_tokenizer(str(source) if (source / "tokenizer_config.json").is_file() else model_dir,
                                trust_remote_code=trust_remote_code)  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,25 @@ def adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
             "trained adapter: save it again from the training run"
         )
     return header
+
+
+SPECIAL = re.compile(r"<\|[^\s|<>]+\|>|</?s>")  # <|im_start|>, <|eot_id|>, <s>
+
+
+def check_special_tokens(template: Any, tokenizer: Any, name: str) -> None:
+    """Every special token a named template writes (<|...|> markers in its rendering, and its stop strings) is one
+    token of this tokenizer; otherwise the model would learn the marker as a run of ordinary pieces. The
+    tokenizer's own template (`auto`) is the tokenizer's by definition, whatever text it writes."""
+    from lorakit.data.cache import PROBES  # here: merge and chat import this module without the data stack
+
+    if name == "auto":
+        return
+    text = "".join(segment.text for probe in PROBES for segment in template.render(probe))
+    written = set(SPECIAL.findall(text)) | {s for s in template.stop_strings if SPECIAL.fullmatch(s)}
+    vocabulary = tokenizer.get_vocab()
+    missing = sorted(token for token in written if token not in vocabulary)
+    if missing:
+        raise LorakitError(
+            f"--template {template.name}: this template's special tokens do not exist in this tokenizer "
+            f"({', '.join(missing)}); use the model's own template (--template auto) or the one made for its family"
+        )

@@ -42,7 +42,7 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
     check_model_weights(base)
     check_tokenizer_files(base)
     pairs, scale = lora_deltas(adapter_dir)
-    index = check_belongs(pairs, base)
+    index = check_belongs(pairs, base, adapter)
     tokenizer_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     template = training_template(adapter_dir, tokenizer)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 from typing import Any
 
 import torch
@@ -18,12 +17,13 @@ import torch
 from lorakit.checks import (
     check_model_weights,
     check_output_dir_writable,
+    check_special_tokens,
     check_tokenizer_files,
     check_tokenizer_not_empty,
 )
 from lorakit.config import Config, DataConfig
 from lorakit.data import DataSource
-from lorakit.data.cache import PROBES, cache_key
+from lorakit.data.cache import cache_key
 from lorakit.data.records import DatasetSpec, load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_rank, launch_world_size
@@ -69,7 +69,7 @@ def validate(config: Config) -> RunPlan:
     check_tokenizer_not_empty(tokenizer, model_path)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
-    check_special_tokens(template, tokenizer)
+    check_special_tokens(template, tokenizer, config.model.template)
     mismatch = check_against_tokenizer(template, tokenizer)
     if mismatch and config.model.strict_template:
         raise LorakitError(
@@ -112,20 +112,3 @@ def validate_precision(config: Config) -> None:
         raise LorakitError(f"--bf16 is not supported on {where}; drop --bf16 or use a GPU with bf16 (Ampere or newer)")
     if config.model.fp16 and not torch.cuda.is_available():
         raise LorakitError("--fp16 needs a GPU; drop --fp16 to train in fp32 on the CPU")
-
-
-SPECIAL = re.compile(r"<\|[^\s|<>]+\|>|</?s>|\[/?INST\]")  # <|im_start|>, <|eot_id|>, <s>, [INST]
-
-
-def check_special_tokens(template: Template, tokenizer: Any) -> None:
-    """Every special token the template writes (<|...|> markers in its rendering, and its stop strings) is one
-    token of this tokenizer; otherwise the model would learn the marker as a run of ordinary pieces."""
-    text = "".join(segment.text for probe in PROBES for segment in template.render(probe))
-    written = set(SPECIAL.findall(text)) | {s for s in template.stop_strings if SPECIAL.fullmatch(s)}
-    vocabulary = tokenizer.get_vocab()
-    missing = sorted(token for token in written if token not in vocabulary)
-    if missing:
-        raise LorakitError(
-            f"--template {template.name}: this template's special tokens do not exist in this tokenizer "
-            f"({', '.join(missing)}); use the model's own template (--template auto) or the one made for its family"
-        )

@@ -325,7 +325,7 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                                       "adapter_config.json", "is not valid JSON"),
     "merge adapter rank 0": (lambda w: w.merge(w.adapter_copy(_adapter_config(r=0))), "adapter_config.json",
                              "needs r >= 1"),
-    "merge adapter of another model": (lambda w: w.merge(w.other_adapter), "base model", "does not fit"),
+    "merge adapter of another model": (lambda w: w.merge(w.other_adapter), "other-adapter", "does not fit the base"),
     "merge adapter folder empty": (lambda w: w.merge(_mkdir(w.tmp / "nothing")), "nothing",
                                    "has no adapter_config.json"),
     "merge out exists": (lambda w: w.merge(out=_mkdir(w.tmp / "taken")), "--out", "already exists"),
@@ -334,7 +334,7 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "merge base unknown model_type": (lambda w: w.merge(base=w.model_copy(_config_with(model_type="qwen9"))),
                                       "config.json", "unknown to transformers"),
     # chat
-    "chat adapter of another model": (lambda w: w.chat(w.other_adapter), "base model", "does not fit"),
+    "chat adapter of another model": (lambda w: w.chat(w.other_adapter), "other-adapter", "does not fit the base"),
     "chat empty adapter": (lambda w: w.chat(w.adapter_copy(_empty_safetensors)), "adapter_model.safetensors",
                            "holds no LoRA weights"),
     "chat adapter without config": (lambda w: w.chat(w.adapter_copy(_remove("adapter_config.json"))), "adapter",
@@ -344,6 +344,13 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "chat model config truncated": (lambda w: w.chat(model=w.model_copy(_truncate("config.json", 30))),
                                     "config.json", "is not valid JSON"),
     "chat no model folder": (lambda w: w.chat(model=w.tmp / "none"), "none", "no such model folder"),
+    # preview (reads the model folder's config and tokenizer, and the data)
+    "preview llama3 template on a chatml tokenizer": (
+        lambda w: ["preview", *w.train("--template", "llama3")[1:]], "--template llama3", "special tokens"),
+    "preview no tokenizer files": (
+        lambda w: ["preview", *w.broken_model(_remove("tokenizer.json"))[1:]], "model", "has no tokenizer files"),
+    "preview json object wrapping the list": (
+        lambda w: ["preview", *w.data_file(json.dumps({"data": ALPACA}))[1:]], "d.json", "under 'data'"),
 }
 # fmt: on
 
@@ -387,27 +394,5 @@ def test_bad_input(case: str, tiny_model: Path, tiny_data: Path, adapters: tuple
     assert snapshot(*roots) == before
 
 
-@pytest.mark.skipif(os.access("/proc/sys", os.W_OK) or not Path("/proc/sys").is_dir(), reason="needs a read-only mount")
-def test_an_output_dir_on_a_read_only_mount_is_one_line(tiny_model: Path, tiny_data: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    """Root passes every permission check but a read-only mount; /proc/sys is one in a container (skipped elsewhere)."""
-    world = World(tmp_path, tiny_model, tiny_data, tmp_path, tmp_path)
-    assert entry(world.train(out="/proc/sys/lorakit-out")) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "--output_dir /proc/sys/lorakit-out is not writable" in lines[0]
-
-
 def test_the_table_spans_every_input_and_has_sixty_cases() -> None:
     assert len(CASES) >= 60
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder whatever its mode")
-def test_an_output_dir_in_a_read_only_folder_is_one_line(tiny_model: Path, tiny_data: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    locked = _mkdir(tmp_path / "locked")
-    locked.chmod(0o555)
-    world = World(tmp_path, tiny_model, tiny_data, tmp_path, tmp_path)
-    assert entry(world.train(out=locked / "out")) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and f"--output_dir {locked / 'out'} is not writable" in lines[0]
-    assert list(locked.iterdir()) == []
