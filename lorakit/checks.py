@@ -81,23 +81,23 @@ def check_tokenizer_not_empty(tokenizer: Any, path: str) -> None:
         raise LorakitError(f"the tokenizer in {path} has an empty vocabulary; copy its tokenizer files again")
 
 
-def check_output_dir_writable(output_dir: str) -> None:
-    """--output_dir is a folder, or can be made as one, and this process may write in it. `os.access` is the test
-    (so a read-only mount counts even for root, whose permission bits are otherwise always granted); nothing is
-    created here: the folder is made when training starts."""
+def check_output_dir_writable(output_dir: str, flag: str = "--output_dir") -> None:
+    """--output_dir (or merge's --out: `flag`) is a folder, or can be made as one, and this process may write in
+    it. `os.access` is the test (so a read-only mount counts even for root, whose permission bits are otherwise
+    always granted); nothing is created here: the folder is made when training starts."""
     path = Path(output_dir).absolute()
     if path.exists() and not path.is_dir():
-        raise LorakitError(f"--output_dir {output_dir} is a file, not a folder; remove it or choose another path")
+        raise LorakitError(f"{flag} {output_dir} is a file, not a folder; remove it or choose another path")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise LorakitError(
-            f"--output_dir {output_dir} cannot be created: {existing} is a file, not a folder; choose another path"
+            f"{flag} {output_dir} cannot be created: {existing} is a file, not a folder; choose another path"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise LorakitError(
-            f"--output_dir {output_dir} is not writable ({existing} is read-only for this user or mounted read-only); "
+            f"{flag} {output_dir} is not writable ({existing} is read-only for this user or mounted read-only); "
             "choose a folder you can write to"
         )
 

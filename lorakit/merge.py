@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import GenerationConfig
 
 from lorakit.adapter import check_belongs, lora_deltas
-from lorakit.checks import check_model_weights, check_tokenizer_files
+from lorakit.checks import check_model_weights, check_output_dir_writable, check_tokenizer_files
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
 from lorakit.files import save_safetensors
@@ -38,6 +38,7 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
     destination, adapter_dir = Path(out), Path(adapter)
     if destination.exists() and not overwrite:
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+    check_output_dir_writable(out, "--out")
     base_config = model_config(base, trust_remote_code)
     check_model_weights(base)
     check_tokenizer_files(base)

@@ -328,6 +328,7 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "merge adapter of another model": (lambda w: w.merge(w.other_adapter), "other-adapter", "does not fit the base"),
     "merge adapter folder empty": (lambda w: w.merge(_mkdir(w.tmp / "nothing")), "nothing",
                                    "has no adapter_config.json"),
+    "merge out under a file": (lambda w: w.merge(out=_touch(w.tmp / "f") / "m"), "--out", "cannot be created"),
     "merge out exists": (lambda w: w.merge(out=_mkdir(w.tmp / "taken")), "--out", "already exists"),
     "merge base truncated": (lambda w: w.merge(base=w.model_copy(_truncate("model.safetensors"))),
                              "model.safetensors", "is truncated"),
@@ -343,6 +344,7 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                                      "model.safetensors", "is truncated"),
     "chat model config truncated": (lambda w: w.chat(model=w.model_copy(_truncate("config.json", 30))),
                                     "config.json", "is not valid JSON"),
+    "chat max_new_tokens 0": (lambda w: [*w.chat(), "--max_new_tokens", "0"], "--max_new_tokens 0", "at least 1"),
     "chat no model folder": (lambda w: w.chat(model=w.tmp / "none"), "none", "no such model folder"),
     # preview (reads the model folder's config and tokenizer, and the data)
     "preview llama3 template on a chatml tokenizer": (

@@ -123,12 +123,14 @@ def check_with_deepspeed(ds: dict[str, Any], source: str) -> None:
         DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
     except ValidationError as err:
         first = err.errors()[0]
-        section = SECTIONS.get(err.title, f"{err.title}: ")
-        where = section + ".".join(str(part) for part in first["loc"])
+        where = SECTIONS.get(err.title, f"{err.title}: ") + ".".join(str(part) for part in first["loc"])
         raise LorakitError(
             f"{source}: {where}={first.get('input')!r} is rejected by DeepSpeed's config schema: {first['msg']}; "
             "fix that value in the file"
         ) from None
+    except (AssertionError, ValueError, TypeError, KeyError) as err:  # DeepSpeed's checks beyond the schema
+        raise LorakitError(f"{source} is rejected by DeepSpeed: {' '.join(str(err).split()) or type(err).__name__}; "
+                           "fix the file") from None  # fmt: skip
 
 
 def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:
