@@ -116,7 +116,7 @@ def clear_stale_build_locks(root: Path | None = None, recheck_s: float = 1.0) ->
             if lock_holders(lock) == []:
                 lock.unlink()
                 lines.append(f"removed the stale torch extension build lock {lock}: no process holds it (a build "
-                             "was killed mid-way); the op is built afresh")  # fmt: skip
+                             "was killed mid-way); the op is built or loaded now")  # fmt: skip
         except FileNotFoundError:
             pass  # its build finished, or another rank removed it
     return lines
