@@ -148,3 +148,18 @@ def test_llama3_on_qwens_own_tokenizer_is_named_and_qwen_passes(qwen_tokenizer):
         check_special_tokens(get_template("llama3", qwen_tokenizer), qwen_tokenizer, "llama3")
     for name in ("qwen", "chatml", "auto"):
         check_special_tokens(get_template(name, qwen_tokenizer), qwen_tokenizer, name)
+
+
+def test_a_utf8_byte_order_mark_is_accepted_in_data_and_dataset_info(tmp_path: Path):
+    """What Windows editors write: accepted and dropped (README, "When something is wrong"), in JSON, JSONL and
+    dataset_info.json alike."""
+    from lorakit.data.records import load_conversations, resolve_datasets
+
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    (tmp_path / "e.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(map(json.dumps, records)).encode())
+    info = {"d": {"file_name": "d.json"}, "e": {"file_name": "e.jsonl"}}
+    (tmp_path / "dataset_info.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(info).encode())
+    for name in ("d", "e"):
+        conversations = load_conversations(resolve_datasets(str(tmp_path), (name,)), None)
+        assert [[m.content for m in c] for c in conversations] == [["a", "b"], ["c", "d"]]
