@@ -91,6 +91,8 @@ def _chat(argv: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--trust_remote_code", action="store_true", help=REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise LorakitError(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
     _say_remote_code(args.trust_remote_code, args.model)
     model, tokenizer, template = load_chat_model(args.model, args.adapter, args.trust_remote_code)
     if args.prompt is None:

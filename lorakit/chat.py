@@ -14,8 +14,9 @@ from typing import Any, TextIO
 
 from transformers import AutoModelForCausalLM, TextStreamer
 
+from lorakit.adapter import check_belongs, lora_deltas
+from lorakit.checks import check_model_weights
 from lorakit.engine.model import load_tokenizer, model_config
-from lorakit.errors import LorakitError
 from lorakit.generation import generate_reply
 from lorakit.run_record import training_template
 from lorakit.templates import Message, Template, get_template
@@ -24,8 +25,11 @@ from lorakit.templates import Message, Template, get_template
 def load_chat_model(model_dir: str, adapter_dir: str | None = None,
                     trust_remote_code: bool = False) -> tuple[Any, Any, Template]:  # fmt: skip
     model_config(model_dir, trust_remote_code)  # a clear error for a folder that is not a model, or ships code
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise LorakitError(f"--adapter {adapter_dir} has no adapter_config.json")
+    check_model_weights(model_dir)
+    if adapter_dir is not None:
+        # the adapter's tensors against the base's shapes (headers only): an adapter made for another model is
+        # one line here, not a traceback from PEFT after the model is loaded
+        check_belongs(lora_deltas(Path(adapter_dir))[0], model_dir, adapter_dir)
     source = Path(adapter_dir or model_dir)
     tokenizer = load_tokenizer(str(source) if (source / "tokenizer_config.json").is_file() else model_dir,
                                trust_remote_code=trust_remote_code)  # fmt: skip

@@ -122,6 +122,10 @@ class LoraSettings:
             raise LorakitError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
         if not self.lora_target:
             raise LorakitError("--lora_target is empty; name modules (q_proj,v_proj,...) or use `all`")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            # alpha 0 scales every update to nothing: a run that trains nothing and saves a useless adapter
+            raise LorakitError(f"--lora_alpha {self.lora_alpha} must be a positive number (the adapter's scale is "
+                               "alpha / rank; leave it out for 2 x rank)")  # fmt: skip
 
     @property
     def alpha(self) -> float:
@@ -236,9 +240,23 @@ class TrainConfig:
             "max_grad_norm",
             "neftune_noise_alpha",
         )
-        for name in counts:
-            if getattr(self, name) < 0:
-                raise LorakitError(f"--{name} {getattr(self, name)} must be >= 0")
+        for name in (*counts, "weight_decay", "eval_steps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise LorakitError(f"--{name} {value} must be >= 0")
+        self._check_optimizer_and_steps()
+
+    def _check_optimizer_and_steps(self) -> None:
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:  # AdamW's moment averages: 1 or more never forgets or diverges
+                raise LorakitError(f"--{name} {getattr(self, name)} must be in [0, 1) (AdamW's default is 0.9/0.999)")
+        if not math.isfinite(self.adam_epsilon) or self.adam_epsilon <= 0:
+            raise LorakitError(f"--adam_epsilon {self.adam_epsilon} must be a positive number (e.g. 1e-8)")
+        # 0 used to mean "no limit" (a whole epoch ran): -1 is the only "no limit", so a typo never trains silently
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise LorakitError(f"--max_steps {self.max_steps} must be at least 1, or -1 to run every epoch")
+        if not 0 <= self.seed < 2**63:  # torch's generators reject negative seeds, at step 0 (after writing)
+            raise LorakitError(f"--seed {self.seed} must be a whole number from 0 to {2**63 - 1}")
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}

@@ -6,9 +6,14 @@ Works under `deepspeed`, `torchrun` (which set RANK/LOCAL_RANK/WORLD_SIZE) and i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -64,6 +69,18 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+@contextlib.contextmanager
+def notice_after(seconds: float, line: str) -> Iterator[None]:
+    """Around a wait on another process: `line` on stderr if the wait lasts `seconds`, so nothing waits silently."""
+    timer = threading.Timer(seconds, lambda: print(line, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -84,5 +101,21 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        _join_group(deepspeed, device)
     return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), device)
+
+
+def _join_group(deepspeed: Any, device: torch.device) -> None:
+    """deepspeed.init_distributed, which waits for every rank and, on a first run, builds DeepSpeed's CPU
+    communication op (a JIT build behind a lock file): stale locks cleared first, and no wait silent past 60 s."""
+    from lorakit.engine.jit import WAIT_NOTICE_S, clear_stale_build_locks, watch_build_locks
+
+    for line in clear_stale_build_locks():
+        print(f"lorakit: {line}", file=sys.stderr, flush=True)
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    joining = (f"lorakit: rank {os.environ['RANK']}: {WAIT_NOTICE_S:.0f} s in DeepSpeed's process-group set-up "
+               f"(joining {os.environ['WORLD_SIZE']} ranks at {where}; on a first run also building its CPU "
+               "communication op); a rank that failed or never started keeps the others here: check every rank's "
+               "log")  # fmt: skip
+    with watch_build_locks(), notice_after(WAIT_NOTICE_S, joining):
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)

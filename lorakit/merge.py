@@ -15,65 +15,22 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-from lorakit.engine.model import load_tokenizer, model_config, weight_index
+from lorakit.adapter import check_belongs, lora_deltas
+from lorakit.checks import check_model_weights, check_output_dir_writable, check_tokenizer_files
+from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
 from lorakit.files import save_safetensors
 from lorakit.generation import stop_token_ids
 from lorakit.run_record import CONFIG_FILE, training_template
 from lorakit.templates import Template
-
-ADAPTER_PREFIX = "base_model.model."
-
-
-def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """{base weight name: (A, B)} and the scale alpha / r (or alpha / sqrt(r) with rsLoRA)."""
-    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise LorakitError(f"--adapter {adapter_dir} has no adapter_config.json + adapter_model.safetensors")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA" or config.get("fan_in_fan_out") or config.get("use_dora"):
-        raise LorakitError(f"--adapter {adapter_dir} is not a plain LoRA adapter (peft_type {config.get('peft_type')})")
-    rank, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    tensors = load_file(weights_file)
-    pairs = {}
-    for key, tensor in tensors.items():
-        if ".lora_A." in key:
-            module = key.removeprefix(ADAPTER_PREFIX).split(".lora_A.")[0]
-            pairs[f"{module}.weight"] = (tensor, tensors[key.replace(".lora_A.", ".lora_B.")])
-    return pairs, scale
-
-
-def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str) -> dict[str, Path]:
-    """The base's weight index, once every adapted weight is found in it with the shapes the adapter needs."""
-    index = weight_index(base)
-    missing = sorted(name for name in pairs if name not in index)
-    if missing:
-        raise LorakitError(
-            f"the adapter adapts modules the base model {base} does not have (e.g. {missing[:3]}); it was trained on "
-            "another architecture"
-        )
-    for name, (a, b) in pairs.items():
-        with safe_open(index[name], framework="pt") as handle:
-            shape = tuple(handle.get_slice(name).get_shape())
-        if shape != (b.shape[0], a.shape[1]):
-            raise LorakitError(
-                f"the adapter does not fit the base model {base}: {name} is {list(shape)} there but the adapter "
-                f"expects {[b.shape[0], a.shape[1]]} (another model size or architecture)"
-            )
-    return index
 
 
 def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
@@ -81,9 +38,12 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
     destination, adapter_dir = Path(out), Path(adapter)
     if destination.exists() and not overwrite:
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+    check_output_dir_writable(out, "--out")
     base_config = model_config(base, trust_remote_code)
+    check_model_weights(base)
+    check_tokenizer_files(base)
     pairs, scale = lora_deltas(adapter_dir)
-    index = check_belongs(pairs, base)
+    index = check_belongs(pairs, base, adapter)
     tokenizer_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     template = training_template(adapter_dir, tokenizer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorakit.checks import check_special_tokens, check_tokenizer_files, check_tokenizer_not_empty
 from lorakit.config import Config
 from lorakit.data.encode import encode_conversation, example_record
 from lorakit.data.records import load_conversations, resolve_datasets
@@ -19,9 +20,13 @@ from lorakit.templates import get_template
 def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     """The first `num_examples` examples as the training run would encode them (no cache, no model weights)."""
     model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
-    tokenizer = load_tokenizer(model_path, model_config(model_path, trust), trust_remote_code=trust)
+    hf_config = model_config(model_path, trust)
+    check_tokenizer_files(model_path)
+    tokenizer = load_tokenizer(model_path, hf_config, trust_remote_code=trust)
+    check_tokenizer_not_empty(tokenizer, model_path)
     data = config.data
     template = system_template(get_template(config.model.template, tokenizer), data.system, data.default_system)
+    check_special_tokens(template, tokenizer, config.model.template)
     specs = resolve_datasets(data.dataset_dir, data.dataset)
     conversations = load_conversations(specs, data.max_samples)[:num_examples]
     records = []

@@ -1,8 +1,9 @@
 """Every check that can fail on bad input, run before a process group, a model or an output file exists.
 
-Each failure is a one-line `LorakitError` saying what is wrong and how to fix it (see README, "Bad input").
-What the checks read and work out (the model's config and shape, the records, the DeepSpeed config, tokenizer,
-template, resume decision) is handed on to training as one `RunPlan` (lorakit.plan), so nothing is read twice.
+Each failure is a one-line `LorakitError` saying what is wrong and how to fix it (README, "When something is
+wrong"); the files a run reads are checked by lorakit.checks without loading them. What the checks read and work
+out (the model's config and shape, the records, the DeepSpeed config, tokenizer, template, resume decision) is
+handed on to training as one `RunPlan` (lorakit.plan), so nothing is read twice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from typing import Any
 
 import torch
 
+from lorakit.checks import (
+    check_model_weights,
+    check_output_dir_writable,
+    check_special_tokens,
+    check_tokenizer_files,
+    check_tokenizer_not_empty,
+)
 from lorakit.config import Config, DataConfig
 from lorakit.data import DataSource
 from lorakit.data.cache import cache_key
@@ -35,11 +43,14 @@ Records = tuple[list[DatasetSpec], list[list[Message]]]
 def validate(config: Config) -> RunPlan:
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
+    check_output_dir_writable(config.train.output_dir)
     check_output_dir(config)
     model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
     if trust:  # said before the first load, which may run the folder's code
         say(remote_code_note(model_path), launch_rank() == 0)
     hf_config = model_config(model_path, trust)
+    check_model_weights(model_path)
+    check_tokenizer_files(model_path)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
     train_records, eval_records = read_records(config)
@@ -55,8 +66,10 @@ def validate(config: Config) -> RunPlan:
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
     tokenizer = load_tokenizer(model_path, hf_config, trust_remote_code=trust)
+    check_tokenizer_not_empty(tokenizer, model_path)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
+    check_special_tokens(template, tokenizer, config.model.template)
     mismatch = check_against_tokenizer(template, tokenizer)
     if mismatch and config.model.strict_template:
         raise LorakitError(

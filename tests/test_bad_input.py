@@ -7,6 +7,7 @@ a model or an output file exists, so no launcher is needed to see them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,57 @@ def test_template_mismatch_is_a_loud_warning_with_both_renderings(tiny_model: Pa
     assert warning.startswith("WARNING: --template qwen does not write conversations as the chat_template")
     assert "You are Qwen, created by Alibaba Cloud" in warning and "You are a tiny test model." in warning
     assert validate(parse_config([*argv, "--template", "auto"])).notes == []
+
+
+def _read_only_case(output_dir: Path, tiny_model: Path, tiny_data: Path, capsys: pytest.CaptureFixture) -> str:
+    argv = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(tiny_data),
+            "--dataset", "tiny", "--output_dir", str(output_dir), "--cutoff_len", "256"]  # fmt: skip
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--output_dir {output_dir} is not writable" in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.skipif(os.access("/proc/sys", os.W_OK) or not Path("/proc/sys").is_dir(), reason="needs a read-only mount")
+def test_an_output_dir_on_a_read_only_mount_is_one_line(tiny_model: Path, tiny_data: Path,
+                                                        capsys: pytest.CaptureFixture):  # fmt: skip
+    """Root passes every permission check but a read-only mount's (os.access); /proc/sys is one in a container."""
+    _read_only_case(Path("/proc/sys/lorakit-out"), tiny_model, tiny_data, capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder whatever its mode")
+def test_an_output_dir_in_a_read_only_folder_is_one_line(tiny_model: Path, tiny_data: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture):  # fmt: skip
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    _read_only_case(locked / "out", tiny_model, tiny_data, capsys)
+    assert list(locked.iterdir()) == []
+
+
+def test_llama3_on_qwens_own_tokenizer_is_named_and_qwen_passes(qwen_tokenizer):
+    """The issue's case with Qwen's real tokenizer: its vocabulary has no <|eot_id|> or <|start_header_id|>."""
+    from lorakit.checks import check_special_tokens
+    from lorakit.errors import LorakitError
+    from lorakit.templates import get_template
+
+    with pytest.raises(
+        LorakitError, match=r"this template's special tokens do not exist in this tokenizer \(.*<\|eot_id\|>"
+    ):
+        check_special_tokens(get_template("llama3", qwen_tokenizer), qwen_tokenizer, "llama3")
+    for name in ("qwen", "chatml", "auto"):
+        check_special_tokens(get_template(name, qwen_tokenizer), qwen_tokenizer, name)
+
+
+def test_a_utf8_byte_order_mark_is_accepted_in_data_and_dataset_info(tmp_path: Path):
+    """What Windows editors write: accepted and dropped (README, "When something is wrong"), in JSON, JSONL and
+    dataset_info.json alike."""
+    from lorakit.data.records import load_conversations, resolve_datasets
+
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    (tmp_path / "e.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(map(json.dumps, records)).encode())
+    info = {"d": {"file_name": "d.json"}, "e": {"file_name": "e.jsonl"}}
+    (tmp_path / "dataset_info.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(info).encode())
+    for name in ("d", "e"):
+        conversations = load_conversations(resolve_datasets(str(tmp_path), (name,)), None)
+        assert [[m.content for m in c] for c in conversations] == [["a", "b"], ["c", "d"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ from lorakit.data.encode import (
 )
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
+from lorakit.distributed import notice_after
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, Template
+
+WAIT_S = 60.0  # a rank waiting this long for the cache says so
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,11 @@ def prepare_data(
             cache.save(data, path)
         except LorakitError as err:
             error = err
-    if not all_ok(error is None):
+    waiting = (f"lorakit: waiting {WAIT_S:.0f} s for local rank 0 to write the tokenised cache {path}; if its log "
+               "shows an error or it has stopped, stop this job")  # fmt: skip
+    with notice_after(WAIT_S, waiting) if not builds and not was_cached else contextlib.nullcontext():
+        everyone_ok = all_ok(error is None)
+    if not everyone_ok:
         raise error or LorakitError("the data could not be prepared; the error is in the log of local rank 0")
     return cache.load(path), path, was_cached
 

@@ -90,7 +90,7 @@ def resolve_datasets(dataset_dir: str, names: tuple[str, ...]) -> list[DatasetSp
     if not info_path.is_file():
         raise LorakitError(f"{info_path} not found; --dataset_dir must hold a dataset_info.json naming your data files")
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = json.loads(_text(info_path))
     except json.JSONDecodeError as err:
         raise LorakitError(
             f"{info_path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
@@ -173,8 +173,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _text(path: Path) -> str:
+    """The file as text; a UTF-8 byte-order mark (as Windows editors write) is accepted and dropped."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise LorakitError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
 
@@ -186,6 +187,8 @@ def _read_json(path: Path) -> list[Any]:
             return json.loads(text)
         except json.JSONDecodeError as err:
             raise LorakitError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+    if path.suffix == ".json" and text.lstrip().startswith("{"):
+        _reject_wrapped_list(path, text)
     records = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -194,6 +197,31 @@ def _read_json(path: Path) -> list[Any]:
             except json.JSONDecodeError as err:
                 raise LorakitError(f"{path} line {line_number} is not valid JSON: {err.msg}") from None
     return records
+
+
+WRAPPED = "lorakit reads a JSON list of records ([{...}, ...]) or JSON Lines: write the list itself at the top level"
+
+
+def _reject_wrapped_list(path: Path, text: str) -> None:
+    """A .json file that is one object spread over lines (`{"data": [...]}` pretty-printed) is an error naming the
+    shape expected; on one line it may be a JSON Lines record, judged against the columns (_dataset_records)."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSON Lines (or a bad line, reported below)
+    if len([line for line in text.splitlines() if line.strip()]) > 1:
+        lists = [key for key, value in whole.items() if isinstance(value, list)] if isinstance(whole, dict) else []
+        inside = f"an object with the list under '{lists[0]}'" if lists else "one JSON object over several lines"
+        raise LorakitError(f"{path} holds {inside}; {WRAPPED}")
+
+
+def _check_not_wrapped(path: Path, records: list[dict[str, Any]], spec: DatasetSpec) -> None:
+    """One record that has none of the dataset's columns but a list of objects is a wrapped list, not a record."""
+    if path.suffix != ".json" or len(records) != 1 or set(records[0]) & {*spec.columns.values(), "messages"}:
+        return
+    lists = [k for k, v in records[0].items() if isinstance(v, list) and v and all(isinstance(i, dict) for i in v)]
+    if lists:
+        raise LorakitError(f"{path} holds an object with the list under '{lists[0]}'; {WRAPPED}")
 
 
 def _read_csv(path: Path) -> list[Any]:
@@ -231,7 +259,9 @@ def _dataset_records(spec: DatasetSpec, max_samples: int | None) -> Iterator[tup
     for path in spec.files:
         if max_samples is not None and index >= max_samples:
             return
-        for record in read_records(path):
+        records = read_records(path)
+        _check_not_wrapped(path, records, spec)
+        for record in records:
             if max_samples is not None and index >= max_samples:
                 return
             yield f"{path} record {index}", record

@@ -16,7 +16,7 @@ from lorakit.engine.deepspeed_config import (
     lorakit_chooses_units,
     resolve_deepspeed_config,
 )
-from lorakit.engine.jit import settle_cuda_arch_list
+from lorakit.engine.jit import clear_stale_build_locks, settle_cuda_arch_list, watch_build_locks
 from lorakit.engine.kernels import apply_liger_kernel, use_liger_kernel
 from lorakit.engine.memory import plan_memory
 from lorakit.engine.model import (
@@ -85,7 +85,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if plan is None:
         plan = plan_engine(config, model_config(config.model.model_name_or_path, trust), dist.world_size, on_gpu)
     hf_config, ds_config, zero3, notes = plan.hf_config, plan.ds_config, plan.zero3, list(plan.ds_notes)
-    notes += settle_cuda_arch_list()  # before deepspeed.initialize, which may build an op
+    notes += settle_cuda_arch_list() + clear_stale_build_locks()  # before deepspeed.initialize, which may build an op
     whole_layers = zero3 and lorakit_chooses_units(ds_config)
     model = load_base_model(config.model.model_name_or_path, hf_config, compute_dtype(config), ds_config, zero3,
                             dist.rank, trust)  # fmt: skip
@@ -103,7 +103,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         kept_whole = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 0) > total - trainable
         notes += stage2_hint(total - trainable, dist.device, kept_whole)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
+    with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
         gather_updated_adapter_at_once(engine)
     return BuiltEngine(engine, ds_config, notes, trainable, total)

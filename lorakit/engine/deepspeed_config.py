@@ -104,7 +104,33 @@ def resolve_deepspeed_config(
     _resolve_zero(zero, hidden_size, largest_lora)
     ds.setdefault("steps_per_print", 10**9)  # lorakit prints its own progress
     _reject_leftover_auto(ds, source)
+    check_with_deepspeed(ds, source)
     return ds, notes
+
+
+SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization.", "DeepSpeedBF16Config": "bf16.", "DeepSpeedFP16Config": "fp16."}
+
+
+def check_with_deepspeed(ds: dict[str, Any], source: str) -> None:
+    """The resolved config through DeepSpeed's own pydantic models (DeepSpeedConfig, which validates each section,
+    ZeRO's included), so a value DeepSpeed rejects (`"stage": 4`) is one line now rather than a traceback after
+    the model is loaded. train_batch_size is left out: DeepSpeed checks it against the world size, which has no
+    process group yet; lorakit set it from the flags above."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig({k: v for k, v in ds.items() if k != "train_batch_size"})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = SECTIONS.get(err.title, f"{err.title}: ") + ".".join(str(part) for part in first["loc"])
+        raise LorakitError(
+            f"{source}: {where}={first.get('input')!r} is rejected by DeepSpeed's config schema: {first['msg']}; "
+            "fix that value in the file"
+        ) from None
+    except (AssertionError, ValueError, TypeError, KeyError) as err:  # DeepSpeed's checks beyond the schema
+        raise LorakitError(f"{source} is rejected by DeepSpeed: {' '.join(str(err).split()) or type(err).__name__}; "
+                           "fix the file") from None  # fmt: skip
 
 
 def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:

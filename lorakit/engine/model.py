@@ -53,8 +53,30 @@ def model_config(path: str, trust_remote_code: bool = False) -> Any:
             f"--model_name_or_path {path}: no such model folder (config.json not found); lorakit loads local "
             "folders only and never downloads"
         )
+    check_config_file(path)
     with refusing_remote_code(path):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def check_config_file(path: str) -> None:
+    """config.json parses and names a model_type transformers knows (or ships its own code, auto_map), so neither
+    becomes a traceback from inside transformers."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    file = Path(path) / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise LorakitError(f"{file} is not valid JSON{where}; copy the model folder again") from None
+    if not isinstance(raw, dict):
+        raise LorakitError(f"{file} must hold a JSON object (the model's configuration); copy the model folder again")
+    model_type = raw.get("model_type")
+    if "auto_map" not in raw and model_type not in CONFIG_MAPPING:
+        raise LorakitError(
+            f"{file}: model_type {model_type!r} is unknown to transformers {__version__}; upgrade transformers, or fix "
+            "model_type in config.json"
+        )
 
 
 def load_tokenizer(path: str, hf_config: Any = None, trust_remote_code: bool = False) -> Any:

@@ -1,0 +1,74 @@
+"""A LoRA adapter folder read as weight deltas, and checked against a base model (merge and chat).
+
+The settings (rank, alpha, rsLoRA) come from the adapter's own adapter_config.json; the fit to the base is checked
+on the base's safetensors headers only, so an adapter for another model is one line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lorakit.checks import adapter_tensors
+from lorakit.engine.model import weight_index
+from lorakit.errors import LorakitError
+
+ADAPTER_PREFIX = "base_model.model."
+
+
+def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """{base weight name: (A, B)} and the scale alpha / r (or alpha / sqrt(r) with rsLoRA)."""
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise LorakitError(f"--adapter {adapter_dir} has no adapter_config.json + adapter_model.safetensors")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LorakitError(f"{config_file} is not valid JSON; save the adapter again") from None
+    if not isinstance(config, dict):
+        raise LorakitError(f"{config_file} must hold a JSON object (PEFT's adapter config); save the adapter again")
+    if config.get("peft_type") != "LORA" or config.get("fan_in_fan_out") or config.get("use_dora"):
+        raise LorakitError(f"--adapter {adapter_dir} is not a plain LoRA adapter (peft_type {config.get('peft_type')})")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise LorakitError(f"{config_file} needs r >= 1 and lora_alpha > 0 (has r={rank}, lora_alpha={alpha})")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    adapter_tensors(adapter_dir)  # whole, with LoRA weights: an empty adapter would "merge" into the unchanged base
+    tensors = load_file(weights_file)
+    pairs = {}
+    for key, tensor in tensors.items():
+        if ".lora_A." in key:
+            module = key.removeprefix(ADAPTER_PREFIX).split(".lora_A.")[0]
+            partner = key.replace(".lora_A.", ".lora_B.")
+            if partner not in tensors:
+                raise LorakitError(f"{weights_file} has {key} but not {partner}; save the adapter again")
+            pairs[f"{module}.weight"] = (tensor, tensors[partner])
+    return pairs, scale
+
+
+def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str,
+                  adapter: Path | str = "") -> dict[str, Path]:  # fmt: skip
+    """The base's weight index, once every adapted weight is found in it with the shapes the adapter needs."""
+    which = f"the adapter {adapter}" if adapter else "the adapter"
+    index = weight_index(base)
+    missing = sorted(name for name in pairs if name not in index)
+    if missing:
+        raise LorakitError(
+            f"{which} adapts modules the base model {base} does not have (e.g. {missing[:3]}); it was trained on "
+            "another architecture"
+        )
+    for name, (a, b) in pairs.items():
+        with safe_open(index[name], framework="pt") as handle:
+            shape = tuple(handle.get_slice(name).get_shape())
+        if shape != (b.shape[0], a.shape[1]):
+            raise LorakitError(
+                f"{which} does not fit the base model {base}: {name} is {list(shape)} there but the adapter "
+                f"expects {[b.shape[0], a.shape[1]]} (made for another model size or architecture); use the base "
+                "model it was trained on"
+            )
+    return index

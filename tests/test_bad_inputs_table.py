@@ -1,0 +1,400 @@
+"""A table of bad inputs across everything a command reads (data files, dataset_info.json, flags, model folders,
+DeepSpeed files, output folders, checkpoints, merge and chat), each run through the real CLI entry in-process.
+
+For every case: a non-zero exit status, exactly one `lorakit: error:` line on stderr naming the culprit (a path or a
+flag) with the expected reason, no traceback, and not one file created, changed or removed anywhere the command
+could write (the case's tmp folder, the shared model, data and adapters, the data cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from test_checkpoint import write_checkpoint
+from tiny import make_model
+from transformers import AutoModelForCausalLM
+
+from lorakit.__main__ import entry
+from lorakit.checkpoint import ADAPTER_WEIGHTS, STATE_FILE, TRAINER_STATE
+from lorakit.rng import rng_file
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DS = json.loads((REPO / "examples" / "ds_config_zero3.json").read_text())
+ALPACA = [{"instruction": "Which colour is the cat?", "input": "", "output": "The cat is red."}] * 4
+
+
+def _adapter(base: Path, folder: Path) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(model, lora).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An adapter of the tiny model, and one of a narrower model with the same module names."""
+    root = tmp_path_factory.mktemp("adapters")
+    other = make_model(root / "other-model", hidden_size=32)
+    return _adapter(tiny_model, root / "tiny-adapter"), _adapter(other, root / "other-adapter")
+
+
+@dataclass
+class World:
+    """One case's files: `tmp` is its own folder; the tiny model, data and adapters are shared and must not change."""
+
+    tmp: Path
+    model: Path
+    data: Path
+    adapter: Path
+    other_adapter: Path
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    def train(self, *extra: object, model: Path | None = None, data: Path | None = None, dataset: str = "tiny",
+              out: Path | None = None) -> list[str]:  # fmt: skip
+        argv = ["train", "--model_name_or_path", model or self.model, "--template", "qwen", "--cutoff_len", "256",
+                "--dataset_dir", data or self.data, "--dataset", dataset, "--output_dir", out or self.out]  # fmt: skip
+        return [str(a) for a in [*argv, *extra]]
+
+    def data_file(self, content: str | bytes, name: str = "d.json", entry: dict | None = None) -> list[str]:
+        folder = self.tmp / "data"
+        folder.mkdir(exist_ok=True)
+        target = folder / name
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
+        info = {"d": {"file_name": name, **(entry or {})}}
+        (folder / "dataset_info.json").write_text(json.dumps(info))
+        return self.train(data=folder, dataset="d")
+
+    def info(self, content: str | bytes, *extra: str) -> list[str]:
+        folder = self.tmp / "data"
+        folder.mkdir()
+        (folder / "d.json").write_text(json.dumps(ALPACA))
+        (folder / "dataset_info.json").write_bytes(content.encode() if isinstance(content, str) else content)
+        return self.train(*extra, data=folder, dataset="d")
+
+    def model_copy(self, change: Callable[[Path], object]) -> Path:
+        folder = shutil.copytree(self.model, self.tmp / "model")
+        change(folder)
+        return folder
+
+    def broken_model(self, change: Callable[[Path], object]) -> list[str]:
+        return self.train(model=self.model_copy(change))
+
+    def ds(self, change: Callable[[dict], object], text: str | None = None, *extra: str) -> list[str]:
+        config = json.loads(json.dumps(REFERENCE_DS))
+        change(config)
+        (self.tmp / "ds.json").write_text(text if text is not None else json.dumps(config))
+        return self.train("--deepspeed", self.tmp / "ds.json", *extra)
+
+    def checkpoint(self, change: Callable[[Path], object]) -> list[str]:
+        folder = write_checkpoint(self.tmp / "old", 4)
+        change(folder)
+        return self.train("--resume_from_checkpoint", folder)
+
+    def adapter_copy(self, change: Callable[[Path], object], source: Path | None = None) -> Path:
+        folder = shutil.copytree(source or self.adapter, self.tmp / "adapter")
+        change(folder)
+        return folder
+
+    def merge(self, adapter: Path | None = None, base: Path | None = None, out: Path | None = None) -> list[str]:
+        return ["merge", "--base", str(base or self.model), "--adapter", str(adapter or self.adapter), "--out",
+                str(out or self.out)]  # fmt: skip
+
+    def chat(self, adapter: Path | None = None, model: Path | None = None) -> list[str]:
+        argv = ["chat", "--model", str(model or self.model), "--prompt", "hi", "--max_new_tokens", "2"]
+        return argv + (["--adapter", str(adapter)] if adapter else [])
+
+
+def _write(name: str, content: str | bytes) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def _truncate(name: str, keep: int = -100) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).write_bytes((folder / name).read_bytes()[:keep])
+
+
+def _config_with(**values: object) -> Callable[[Path], None]:
+    def change(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | values))
+
+    return change
+
+
+def _remove(*names: str) -> Callable[[Path], None]:
+    return lambda folder: [(folder / name).unlink() for name in names]
+
+
+def _sharded_with_missing_shard(folder: Path) -> None:
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
+    return lambda config: config.setdefault(section, {}).__setitem__(key, value)
+
+
+def _adapter_config(**values: object) -> Callable[[Path], None]:
+    def change(folder: Path) -> None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(config | values))
+
+    return change
+
+
+def _empty_safetensors(folder: Path) -> None:
+    save_file({}, folder / "adapter_model.safetensors")
+
+
+def _zero_width_lora(folder: Path) -> None:
+    module = "base_model.model.x"
+    empty = {f"{module}.lora_A.weight": torch.zeros(0, 4), f"{module}.lora_B.weight": torch.zeros(4, 0)}
+    save_file(empty, folder / "adapter_model.safetensors")
+
+
+def _header_longer_than_file(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
+
+
+def _existing_checkpoint(world: World) -> list[str]:
+    write_checkpoint(world.out, 2)
+    return world.train()
+
+
+Setup = Callable[[World], list[str]]
+W = World
+# name: (setup, culprit named in the line, what the line says)
+# fmt: off
+CASES: dict[str, tuple[Setup, str, str]] = {
+    # data files
+    "json object wrapping the list": (lambda w: w.data_file(json.dumps({"data": ALPACA})), "d.json", "under 'data'"),
+    "json object wrapping, indented": (lambda w: w.data_file(json.dumps({"rows": ALPACA}, indent=1)), "d.json",
+                                       "under 'rows'"),
+    "json object over lines": (lambda w: w.data_file('{\n"instruction": "a",\n"output": "b"\n}'), "d.json",
+                               "one JSON object over several lines"),
+    "data file not utf-8": (lambda w: w.data_file(json.dumps(ALPACA).encode().replace(b"cat", b"c\xe9t")), "d.json",
+                            "is not UTF-8 text"),
+    "jsonl bad second line": (lambda w: w.data_file('{"instruction": "a", "output": "b"}\n{"instruction": }',
+                                                    "d.jsonl"), "d.jsonl", "line 2 is not valid JSON"),
+    "records are lists": (lambda w: w.data_file('[["a", "b"]]'), "d.json", "record 0 is a list, not an object"),
+    "trailing comma": (lambda w: w.data_file('[{"instruction": "a", "output": "b"},]'), "d.json", "not valid JSON"),
+    "output is a number": (lambda w: w.data_file('[{"instruction": "a", "output": 5}]'), "d.json",
+                           "field 'output' must be a string"),
+    "csv without output column": (lambda w: w.data_file("instruction,input\na,b\n", "d.csv"), "d.csv",
+                                  "has no 'output' field"),
+    "csv not utf-8": (lambda w: w.data_file(b"instruction,output\nc\xe9t,b\n", "d.csv"), "d.csv", "not UTF-8"),
+    "parquet that is not one": (lambda w: w.data_file("not parquet", "d.parquet"), "d.parquet",
+                                "not a readable Parquet file"),
+    "text file": (lambda w: w.data_file("hello", "d.txt"), "d.txt", "has type '.txt'"),
+    "history not pairs": (lambda w: w.data_file('[{"instruction": "a", "output": "b", "history": ["x"]}]'), "d.json",
+                          "history turn 0 must be a [user, assistant] pair"),
+    "sharegpt ends with the user": (
+        lambda w: w.data_file(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}]),
+                              entry={"formatting": "sharegpt"}), "d.json", "has role 'human'"),
+    "sharegpt messages not a list": (
+        lambda w: w.data_file(json.dumps([{"conversations": "hi"}]), entry={"formatting": "sharegpt"}), "d.json",
+        "must be a list of messages"),
+    "empty list": (lambda w: w.data_file("[]"), "'d'", "no examples left"),
+    # dataset_info.json
+    "info not utf-8": (lambda w: w.info(b'{"d": {"file_name": "d.json", "x": "\xff"}}'), "dataset_info.json",
+                       "is not UTF-8 text"),
+    "info invalid json": (lambda w: w.info('{"d": {"file_name": "d.json"}'), "dataset_info.json", "not valid JSON"),
+    "info is a list": (lambda w: w.info('[{"file_name": "d.json"}]'), "dataset_info.json", "must be a JSON object"),
+    "info entry without file_name": (lambda w: w.info('{"d": {"name": "d.json"}}'), "dataset_info.json",
+                                     "needs a string 'file_name'"),
+    "info unknown formatting": (lambda w: w.info('{"d": {"file_name": "d.json", "formatting": "openai"}}'),
+                                "dataset_info.json", "formatting 'openai' is unsupported"),
+    "info unknown column": (lambda w: w.info('{"d": {"file_name": "d.json", "columns": {"answer": "a"}}}'),
+                            "dataset_info.json", "unknown columns ['answer']"),
+    "info tags on alpaca": (lambda w: w.info('{"d": {"file_name": "d.json", "tags": {"role_tag": "r"}}}'),
+                            "dataset_info.json", "'tags' apply to formatting 'sharegpt' only"),
+    "info file missing": (lambda w: w.info('{"d": {"file_name": "gone.json"}}'), "gone.json", "not found"),
+    "eval dataset undefined": (lambda w: w.info('{"d": {"file_name": "d.json"}}', "--eval_dataset", "nope"),
+                               "dataset 'nope'", "is not defined in"),
+    # flags
+    "max_steps 0": (lambda w: w.train("--max_steps", "0"), "--max_steps 0", "or -1 to run every epoch"),
+    "max_steps -2": (lambda w: w.train("--max_steps", "-2"), "--max_steps -2", "must be at least 1"),
+    "lora_alpha 0": (lambda w: w.train("--lora_alpha", "0"), "--lora_alpha 0", "must be a positive number"),
+    "lora_alpha negative": (lambda w: w.train("--lora_alpha", "-8"), "--lora_alpha -8", "positive"),
+    "seed -1": (lambda w: w.train("--seed", "-1"), "--seed -1", "must be a whole number from 0"),
+    "adam_beta1 1.5": (lambda w: w.train("--adam_beta1", "1.5"), "--adam_beta1 1.5", "must be in [0, 1)"),
+    "adam_beta2 1": (lambda w: w.train("--adam_beta2", "1"), "--adam_beta2 1.0", "must be in [0, 1)"),
+    "adam_epsilon 0": (lambda w: w.train("--adam_epsilon", "0"), "--adam_epsilon 0", "positive"),
+    "weight_decay negative": (lambda w: w.train("--weight_decay", "-0.1"), "--weight_decay -0.1", "must be >= 0"),
+    "learning_rate 0": (lambda w: w.train("--learning_rate", "0"), "--learning_rate 0", "positive"),
+    "learning_rate nan": (lambda w: w.train("--learning_rate", "nan"), "--learning_rate nan", "positive"),
+    "lora_rank 0": (lambda w: w.train("--lora_rank", "0"), "--lora_rank 0", "at least 1"),
+    "lora_dropout 1": (lambda w: w.train("--lora_dropout", "1"), "--lora_dropout 1", "must be in [0, 1)"),
+    "eval_steps negative": (lambda w: w.train("--eval_steps", "-1"), "--eval_steps -1", "must be >= 0"),
+    "save_steps negative": (lambda w: w.train("--save_steps", "-5"), "--save_steps -5", "must be >= 0"),
+    "logging_steps 0": (lambda w: w.train("--logging_steps", "0"), "--logging_steps 0", "at least 1"),
+    "cutoff_len 0": (lambda w: w.train("--cutoff_len", "0"), "--cutoff_len 0", "too small"),
+    "epochs 0": (lambda w: w.train("--num_train_epochs", "0"), "--num_train_epochs 0", "at least 1"),
+    "micro batch 0": (lambda w: w.train("--per_device_train_batch_size", "0"), "--per_device_train_batch_size 0",
+                      "at least 1"),
+    "accumulation 0": (lambda w: w.train("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps 0",
+                       "at least 1"),
+    "warmup_ratio 1.5": (lambda w: w.train("--warmup_ratio", "1.5"), "--warmup_ratio 1.5", "must be in [0, 1)"),
+    "max_grad_norm negative": (lambda w: w.train("--max_grad_norm", "-1"), "--max_grad_norm -1", ">= 0"),
+    "neftune negative": (lambda w: w.train("--neftune_noise_alpha", "-1"), "--neftune_noise_alpha -1", ">= 0"),
+    "zero_stage 4": (lambda w: w.train("--zero_stage", "4"), "--zero_stage 4", "must be 0, 1, 2 or 3"),
+    "val_size 1.5": (lambda w: w.train("--val_size", "1.5"), "--val_size 1.5", "fraction below 1"),
+    "max_samples 0": (lambda w: w.train("--max_samples", "0"), "--max_samples 0", "at least 1"),
+    "unknown scheduler": (lambda w: w.train("--lr_scheduler_type", "step"), "--lr_scheduler_type step", "unknown"),
+    "llama3 template on a chatml tokenizer": (lambda w: w.train("--template", "llama3"), "--template llama3",
+                                              "this template's special tokens do not exist in this tokenizer"),
+    "unknown template": (lambda w: w.train("--template", "vicuna"), "--template vicuna", "is unknown"),
+    "bf16 and fp16": (lambda w: w.train("--bf16", "--fp16"), "--bf16 and --fp16", "choose one precision"),
+    "seed not a number": (lambda w: w.train("--seed", "x"), "--seed", "could not convert"),
+    # model folders
+    "config.json truncated": (lambda w: w.broken_model(_truncate("config.json", 40)), "config.json",
+                              "is not valid JSON"),
+    "config.json a list": (lambda w: w.broken_model(_write("config.json", "[]")), "config.json", "JSON object"),
+    "config.json not utf-8": (lambda w: w.broken_model(_write("config.json", b'{"model_type": "\xff"}')),
+                              "config.json", "is not valid JSON"),
+    "unknown model_type": (lambda w: w.broken_model(_config_with(model_type="qwen9")), "config.json",
+                           "model_type 'qwen9' is unknown to transformers"),
+    "no model_type": (lambda w: w.broken_model(_config_with(model_type=None)), "config.json", "model_type None"),
+    "weights truncated": (lambda w: w.broken_model(_truncate("model.safetensors")), "model.safetensors",
+                          "is truncated"),
+    "weights not safetensors": (lambda w: w.broken_model(_write("model.safetensors", "hello")), "model.safetensors",
+                                "is not a safetensors file"),
+    "weights header past the end": (lambda w: w.broken_model(_header_longer_than_file), "model.safetensors",
+                                    "no readable header"),
+    "no weights": (lambda w: w.broken_model(_remove("model.safetensors")), "model", "has no *.safetensors weights"),
+    "index names a missing shard": (lambda w: w.broken_model(_sharded_with_missing_shard), "model",
+                                    "lacks weight files its index names"),
+    "no tokenizer files": (lambda w: w.broken_model(_remove("tokenizer.json")), "model", "has no tokenizer files"),
+    # DeepSpeed files
+    "ds stage 4": (lambda w: w.ds(_set("zero_optimization", "stage", 4)), "ds.json",
+                   "zero_optimization.stage=4 is rejected by DeepSpeed's config schema"),
+    "ds overlap_comm not boolean": (lambda w: w.ds(_set("zero_optimization", "overlap_comm", "sometimes")), "ds.json",
+                                    "zero_optimization.overlap_comm='sometimes'"),
+    "ds offload to a bad device": (
+        lambda w: w.ds(_set("zero_optimization", "offload_param", {"device": "floppy"})), "ds.json",
+        "rejected by DeepSpeed's config schema"),
+    "ds invalid json": (lambda w: w.ds(lambda c: None, '{"zero_optimization": {'), "ds.json", "not valid JSON"),
+    "ds a list": (lambda w: w.ds(lambda c: None, "[]"), "ds.json", "must hold a JSON object"),
+    "ds missing": (lambda w: w.train("--deepspeed", w.tmp / "none.json"), "none.json", "file not found"),
+    "ds sgd": (lambda w: w.ds(_set("optimizer", "type", "SGD")), "ds.json", "optimizer type SGD is unsupported"),
+    "ds auto lorakit cannot fill": (lambda w: w.ds(_set("zero_optimization", "sub_group_size", "auto")), "ds.json",
+                                    '"zero_optimization.sub_group_size": "auto"'),
+    "ds lr contradicts the flag": (lambda w: w.ds(lambda c: c["optimizer"]["params"].update(lr=1.0)), "ds.json",
+                                   "but --learning_rate gives"),
+    # output folders
+    "output_dir is a file": (lambda w: w.train(out=_touch(w.tmp / "out")), "out", "is a file, not a folder"),
+    "output_dir parent is a file": (lambda w: w.train(out=_touch(w.tmp / "plain") / "out"), "plain",
+                                    "cannot be created"),
+    "output_dir holds checkpoints": (_existing_checkpoint, "out", "already holds checkpoints"),
+    # checkpoints
+    "trainer state truncated": (lambda w: w.checkpoint(_truncate(TRAINER_STATE, -10)), "checkpoint-4",
+                                "trainer_state.safetensors has"),
+    "rng file missing": (lambda w: w.checkpoint(_remove(rng_file(0))), "checkpoint-4", "is missing"),
+    "adapter weights changed": (lambda w: w.checkpoint(_truncate(ADAPTER_WEIGHTS, -1)), "checkpoint-4",
+                                "adapter_model.safetensors has"),
+    "state file not json": (lambda w: w.checkpoint(_write(STATE_FILE, "{")), "checkpoint-4", "is not the JSON"),
+    "not a checkpoint": (lambda w: w.train("--resume_from_checkpoint", _mkdir(w.tmp / "empty")), "empty",
+                         "is not a complete lorakit checkpoint"),
+    "auto finds none that verifies": (
+        lambda w: (_truncate(TRAINER_STATE, -10)(write_checkpoint(w.out, 3)), w.train("--resume_from_checkpoint",
+                   "auto"))[1], "checkpoint-3", "no checkpoint in"),
+    "resume and overwrite": (lambda w: w.train("--resume_from_checkpoint", "auto", "--overwrite_output_dir"),
+                             "--resume_from_checkpoint and --overwrite_output_dir", "contradict"),
+    # merge
+    "merge 0-byte adapter": (lambda w: w.merge(w.adapter_copy(_write("adapter_model.safetensors", b""))),
+                             "adapter_model.safetensors", "is not a safetensors file (0 bytes"),
+    "merge adapter with no tensors": (lambda w: w.merge(w.adapter_copy(_empty_safetensors)),
+                                      "adapter_model.safetensors", "holds no LoRA weights"),
+    "merge zero-width lora": (lambda w: w.merge(w.adapter_copy(_zero_width_lora)), "adapter_model.safetensors",
+                              "holds no LoRA weights"),
+    "merge adapter truncated": (lambda w: w.merge(w.adapter_copy(_truncate("adapter_model.safetensors"))),
+                                "adapter_model.safetensors", "is truncated"),
+    "merge adapter config not json": (lambda w: w.merge(w.adapter_copy(_write("adapter_config.json", "{"))),
+                                      "adapter_config.json", "is not valid JSON"),
+    "merge adapter rank 0": (lambda w: w.merge(w.adapter_copy(_adapter_config(r=0))), "adapter_config.json",
+                             "needs r >= 1"),
+    "merge adapter of another model": (lambda w: w.merge(w.other_adapter), "other-adapter", "does not fit the base"),
+    "merge adapter folder empty": (lambda w: w.merge(_mkdir(w.tmp / "nothing")), "nothing",
+                                   "has no adapter_config.json"),
+    "merge out under a file": (lambda w: w.merge(out=_touch(w.tmp / "f") / "m"), "--out", "cannot be created"),
+    "merge out exists": (lambda w: w.merge(out=_mkdir(w.tmp / "taken")), "--out", "already exists"),
+    "merge base truncated": (lambda w: w.merge(base=w.model_copy(_truncate("model.safetensors"))),
+                             "model.safetensors", "is truncated"),
+    "merge base unknown model_type": (lambda w: w.merge(base=w.model_copy(_config_with(model_type="qwen9"))),
+                                      "config.json", "unknown to transformers"),
+    # chat
+    "chat adapter of another model": (lambda w: w.chat(w.other_adapter), "other-adapter", "does not fit the base"),
+    "chat empty adapter": (lambda w: w.chat(w.adapter_copy(_empty_safetensors)), "adapter_model.safetensors",
+                           "holds no LoRA weights"),
+    "chat adapter without config": (lambda w: w.chat(w.adapter_copy(_remove("adapter_config.json"))), "adapter",
+                                    "has no adapter_config.json"),
+    "chat model truncated weights": (lambda w: w.chat(model=w.model_copy(_truncate("model.safetensors"))),
+                                     "model.safetensors", "is truncated"),
+    "chat model config truncated": (lambda w: w.chat(model=w.model_copy(_truncate("config.json", 30))),
+                                    "config.json", "is not valid JSON"),
+    "chat max_new_tokens 0": (lambda w: [*w.chat(), "--max_new_tokens", "0"], "--max_new_tokens 0", "at least 1"),
+    "chat no model folder": (lambda w: w.chat(model=w.tmp / "none"), "none", "no such model folder"),
+    # preview (reads the model folder's config and tokenizer, and the data)
+    "preview llama3 template on a chatml tokenizer": (
+        lambda w: ["preview", *w.train("--template", "llama3")[1:]], "--template llama3", "special tokens"),
+    "preview no tokenizer files": (
+        lambda w: ["preview", *w.broken_model(_remove("tokenizer.json"))[1:]], "model", "has no tokenizer files"),
+    "preview json object wrapping the list": (
+        lambda w: ["preview", *w.data_file(json.dumps({"data": ALPACA}))[1:]], "d.json", "under 'data'"),
+}
+# fmt: on
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file and folder under `roots` with its size, modification time and mode."""
+    found = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            info = path.lstat()
+            found[str(path)] = (info.st_size if path.is_file() else 0, info.st_mtime_ns, info.st_mode)
+    return found
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(case: str, tiny_model: Path, tiny_data: Path, adapters: tuple[Path, Path], tmp_path: Path,
+                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    setup, culprit, reason = CASES[case]
+    world = World(tmp_path, tiny_model, tiny_data, *adapters)
+    argv = setup(world)
+    roots = (tmp_path, tiny_model, tiny_data, adapters[0].parent, Path(os.environ["LORAKIT_CACHE"]))
+    before = snapshot(*roots)
+    capsys.readouterr()
+    status = entry(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert status != 0
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("lorakit: error: "), lines
+    assert culprit in lines[0] and reason in lines[0], lines[0]
+    assert snapshot(*roots) == before
+
+
+def test_the_table_spans_every_input_and_has_sixty_cases() -> None:
+    assert len(CASES) >= 60
