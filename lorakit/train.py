@@ -172,9 +172,11 @@ def step_plans(run: Run) -> Iterator[StepPlan]:
             yield plan
 
 
-def train(config: Config) -> TrainResult:
+def train(config: Config, train_data: Any = None, eval_data: Any = None) -> TrainResult:
+    """Train a LoRA adapter as `config` says. `train_data` / `eval_data`: conversations or records from Python (a
+    list or a datasets.Dataset, lorakit.data.inmemory) instead of --dataset / --eval_dataset."""
     quiet_library_warnings()
-    checked = validate(config)  # every bad-input error happens here, before anything is loaded or written
+    checked = validate(config, train_data, eval_data)  # every bad-input error is raised here, before any load
     run = set_up(checked)
     config = run.config  # with the memory plan's rows and checkpointing settled
     engine, dist, counts, train_config = run.built.engine, run.dist, run.counts, config.train
