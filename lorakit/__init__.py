@@ -13,6 +13,8 @@ from lorakit.config import Config, DataConfig, LoraSettings, ModelConfig, TrainC
 from lorakit.data import encode_conversation, encode_dataset, load_conversations, plan_epoch, resolve_datasets
 from lorakit.engine import build_engine, load_tokenizer
 from lorakit.errors import LorakitError
+from lorakit.generation import generate
+from lorakit.hooks import EvalContext, StepInfo
 from lorakit.templates import Message, get_template
 from lorakit.train import TrainResult, train
 
@@ -21,15 +23,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Config",
     "DataConfig",
+    "EvalContext",
     "LoraSettings",
     "LorakitError",
     "Message",
+    "StepInfo",
     "ModelConfig",
     "TrainConfig",
     "TrainResult",
     "build_engine",
     "encode_conversation",
     "encode_dataset",
+    "generate",
     "get_template",
     "load_conversations",
     "load_tokenizer",
