@@ -5,6 +5,11 @@
                                        "dataset_dir": "data", "dataset": ("huanhuan",), "output_dir": "out"})
     result = lorakit.train(config)          # result.metrics: train_loss, train_runtime, ...
 
+From research code: `lorakit.train(config, train_data=conversations, eval_data=..., on_step=f, on_eval=g)` with
+conversations built in Python (no dataset_info.json), `f(StepInfo)` after every step and `g(EvalContext)` after
+every evaluation on every rank (True from either ends the run), and `lorakit.generate(engine, tokenizer,
+template, messages)` during training, ZeRO-3 included (README, "Using lorakit from Python").
+
 The pieces on their own: `resolve_datasets` + `load_conversations` (records), `get_template` +
 `encode_conversation` (one conversation to ids and labels), `build_engine` (model + LoRA + DeepSpeed).
 """
