@@ -4,7 +4,8 @@ PERSONA_MODEL`.
 lorakit as research code uses it, on 2 gloo ranks under ZeRO-3, data from Python only:
 
 - `plain` and `generating`: the same run (train and eval data as lists, a hook on every step and evaluation);
-  `generating` also generates at step 2, inside the hook. Rank 1's hook alone asks to stop at step 4.
+  `generating` also generates at step 2, inside the hook. Rank 1's hooks alone ask to stop: `plain`'s on_step at
+  step 4 (which logs, so at once), `generating`'s on_eval at step 3 (after that step's agreement: at step 4).
 - after `generating`: the reply of the still-partitioned engine to a prompt, for the test to compare with the
   merged model's;
 - the example examples/research_inmemory.py on PERSONA_MODEL (the tiny model with wider logits: it learns the
@@ -33,7 +34,7 @@ PROBE = torch.arange(3, 40).reshape(1, -1)
 seen: dict = {}
 
 
-def run(name: str, generate_at: int | None) -> lorakit.TrainResult:
+def run(name: str, generate_at: int | None, stop_from_eval: bool) -> lorakit.TrainResult:
     steps, evals, samples = [], [], {}
 
     def on_step(info: StepInfo) -> bool:
@@ -41,11 +42,12 @@ def run(name: str, generate_at: int | None) -> lorakit.TrainResult:
             samples[info.step] = info.generate(PROMPT, max_new_tokens=12)
         steps.append([info.step, info.total_steps, info.epoch, info.loss, info.grad_norm, info.learning_rate,
                       info.tokens_per_second])  # fmt: skip
-        return info.step == 4 and torch.distributed.get_rank() == 1  # one rank asks; every rank must stop
+        return not stop_from_eval and info.step == 4 and torch.distributed.get_rank() == 1  # one rank asks
 
-    def on_eval(context: EvalContext) -> None:
+    def on_eval(context: EvalContext) -> bool:
         logits = context.run(lambda m: m(input_ids=PROBE, use_cache=False).logits)
         evals.append([context.step, context.eval_loss, float(logits.float().abs().mean())])
+        return stop_from_eval and context.step == 3 and torch.distributed.get_rank() == 1
 
     config = lorakit.Config.from_flat(
         {
@@ -72,8 +74,8 @@ def run(name: str, generate_at: int | None) -> lorakit.TrainResult:
     return result
 
 
-run("plain", None)
-result = run("generating", 2)
+run("plain", None, stop_from_eval=False)
+result = run("generating", 2, stop_from_eval=True)
 tokenizer = lorakit.load_tokenizer(str(model))
 template = lorakit.get_template("qwen", tokenizer)
 seen["after"] = lorakit.generate(result.engine, tokenizer, template, PROMPT, max_new_tokens=24)

@@ -65,6 +65,8 @@ def test_on_step_sees_what_the_log_shows_and_one_ranks_stop_ends_every_rank_as_a
 def test_training_after_a_generation_continues_exactly_as_without_it(research_run: Path):
     ranks = _ranks(research_run)
     plain, generating = ranks[0]["plain"]["steps"], ranks[0]["generating"]["steps"]
+    assert [s[0] for s in generating] == [1, 2, 3, 4]  # rank 1's on_eval asked at step 3; read with step 4's flags
+    assert (research_run / "generating" / "checkpoint-4").is_dir()
     assert [s[3:5] for s in plain] == [s[3:5] for s in generating]  # losses and gradient norms, bit for bit
     assert ranks[0]["plain"]["evals"] == ranks[0]["generating"]["evals"]
     plain_adapter = load_file(research_run / "plain" / "adapter_model.safetensors")
