@@ -2,11 +2,11 @@
 
 Three facts must be the same on every rank before a rank acts on them: whether a stop signal (SIGTERM, Ctrl-C)
 arrived on any rank, whether the loss or gradient norm stopped being finite on any rank, and whether a hook
-(lorakit.hooks) on any rank asked the run to stop. Reading them on the
-host (`float(loss)`, `.tolist()` of an all-reduce) blocks the CPU until the GPU has finished the step, so the
-next step's kernels cannot be queued behind it: on 4 H100s that idle gap was 23 % of a ZeRO-2 step
-(benchmarks/RESULTS.md). So each step's flags are computed and all-reduced on the device, where nothing
-waits, and read one step late, after the next step's work is queued and they are long done.
+(lorakit.hooks) on any rank asked the run to stop. Reading them on the host (`float(loss)`, `.tolist()` of an
+all-reduce) blocks the CPU until the GPU has finished the step, so the next step's kernels cannot be queued
+behind it: on 4 H100s that idle gap was 23 % of a ZeRO-2 step (benchmarks/RESULTS.md). So each step's flags are
+computed and all-reduced on the device, where nothing waits, and read one step late, after the next step's work
+is queued and they are long done.
 
 A step that logs, evaluates, saves a checkpoint or ends the run reads its own flags before doing so: a
 checkpoint is never written after a non-finite step, and the error names the first step that was not finite.
