@@ -1,15 +1,16 @@
 """What the ranks agree on after every optimizer step, without making the CPU wait for the GPU each step.
 
-Two facts must be the same on every rank before a rank acts on them: whether a stop signal (SIGTERM, Ctrl-C)
-arrived on any rank, and whether the loss or gradient norm stopped being finite on any rank. Reading them on the
-host (`float(loss)`, `.tolist()` of an all-reduce) blocks the CPU until the GPU has finished the step, so the
-next step's kernels cannot be queued behind it: on 4 H100s that idle gap was 23 % of a ZeRO-2 step
-(benchmarks/RESULTS.md). So each step's two flags are computed and all-reduced on the device, where nothing
-waits, and read one step late, after the next step's work is queued and they are long done.
+Three facts must be the same on every rank before a rank acts on them: whether a stop signal (SIGTERM, Ctrl-C)
+arrived on any rank, whether the loss or gradient norm stopped being finite on any rank, and whether a hook
+(lorakit.hooks) on any rank asked the run to stop. Reading them on the host (`float(loss)`, `.tolist()` of an
+all-reduce) blocks the CPU until the GPU has finished the step, so the next step's kernels cannot be queued
+behind it: on 4 H100s that idle gap was 23 % of a ZeRO-2 step (benchmarks/RESULTS.md). So each step's flags are
+computed and all-reduced on the device, where nothing waits, and read one step late, after the next step's work
+is queued and they are long done.
 
 A step that logs, evaluates, saves a checkpoint or ends the run reads its own flags before doing so: a
 checkpoint is never written after a non-finite step, and the error names the first step that was not finite.
-A stop signal therefore ends the run one step later than it arrived at most, with a checkpoint as before.
+A stop signal, or a hook's stop, therefore ends the run one step later than it arrived at most.
 """
 
 from __future__ import annotations
@@ -31,25 +32,27 @@ class StepFlags:
     """One step's agreement, still on the device until `read`."""
 
     step: int
-    flags: torch.Tensor  # [signal number, 1 if not finite], the maximum over ranks once the all-reduce has run
+    flags: torch.Tensor  # [signal number, 1 if not finite, 1 if a hook asked to stop], the maximum over ranks
     loss: torch.Tensor  # this rank's share of the step's loss, for the error message
     grad_norm: Any  # DeepSpeed's global gradient norm: a tensor, a float or None
 
     @classmethod
-    def post(cls, step: int, signal_number: int, loss: torch.Tensor, grad_norm: Any) -> StepFlags:
+    def post(cls, step: int, signal_number: int, loss: torch.Tensor, grad_norm: Any, stop: bool = False) -> StepFlags:
         """Queue the step's flags and their all-reduce; nothing here waits for the GPU."""
         finite = torch.isfinite(loss.detach().float())
         if torch.is_tensor(grad_norm):
             finite = finite & torch.isfinite(grad_norm.detach().float().to(loss.device))
         elif grad_norm is not None:
             finite = finite & math.isfinite(float(grad_norm))
-        flags = torch.stack([torch.full_like(loss, float(signal_number), dtype=torch.float32), (~finite).float()])
+        signal = torch.full_like(loss, float(signal_number), dtype=torch.float32)
+        flags = torch.stack([signal, (~finite).float(), torch.full_like(signal, float(stop))])
         torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
         return cls(step, flags, loss, grad_norm)
 
-    def read(self, output_dir: Path) -> int:
-        """The signal number any rank received (0: none); a non-finite step on any rank stops the run here."""
-        signal_number, not_finite = self.flags.tolist()
+    def read(self, output_dir: Path) -> tuple[int, bool]:
+        """The signal number any rank received (0: none) and whether a hook on any rank asked to stop; a non-finite
+        step on any rank stops the run here."""
+        signal_number, not_finite, stop = self.flags.tolist()
         if not_finite:
             saved = [p.name for p in checkpoint_folders(output_dir)]
             last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
@@ -58,17 +61,19 @@ class StepFlags:
                 f"({self.grad_norm_value()}) is not finite; stopped without saving, {last}; lower --learning_rate or "
                 "check the data"
             )
-        return int(signal_number)
+        return int(signal_number), bool(stop)
 
     def grad_norm_value(self) -> float | None:
         return None if self.grad_norm is None else float(self.grad_norm)
 
 
 def settle(earlier: StepFlags | None, current: StepFlags, must_read_current: bool, output_dir: Path) -> tuple[
-        int, StepFlags | None]:  # fmt: skip
-    """Read the earlier step's flags (done by now) and, when this step acts or a signal came, this step's too.
-    Returns the signal to act on now and the flags left to read after the next step."""
-    signal_number = earlier.read(output_dir) if earlier is not None else 0
-    if must_read_current or signal_number:
-        return max(signal_number, current.read(output_dir)), None
-    return 0, current
+        int, bool, StepFlags | None]:  # fmt: skip
+    """Read the earlier step's flags (done by now) and, when this step acts or a stop came, this step's too.
+    Returns the signal to act on now, whether a hook asked to stop, and the flags left to read after the next
+    step."""
+    signal_number, stop = earlier.read(output_dir) if earlier is not None else (0, False)
+    if must_read_current or signal_number or stop:
+        current_signal, current_stop = current.read(output_dir)
+        return max(signal_number, current_signal), stop or current_stop, None
+    return 0, False, current

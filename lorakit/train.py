@@ -46,7 +46,9 @@ from lorakit.data import (
 from lorakit.distributed import DistInfo, init_distributed, to_device
 from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
 from lorakit.errors import TrainingInterrupted
-from lorakit.evaluate import eval_data, evaluate
+from lorakit.evaluate import eval_data as split_eval_data
+from lorakit.evaluate import evaluate
+from lorakit.hooks import EvalHook, Hooks, LiveModel, StepHook
 from lorakit.loss import model_loss_sum
 from lorakit.plan import RunPlan
 from lorakit.reporting import Reporter, say
@@ -128,7 +130,7 @@ def set_up(checked: RunPlan) -> Run:
             shutil.rmtree(old)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
                                                 dist.all_ok, checked.train_data)  # fmt: skip
-    data, held_out = eval_data(checked, data, dist.local_rank == 0, dist.all_ok)
+    data, held_out = split_eval_data(checked, data, dist.local_rank == 0, dist.all_ok)
     train = config.train
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
@@ -172,17 +174,29 @@ def step_plans(run: Run) -> Iterator[StepPlan]:
             yield plan
 
 
-def train(config: Config) -> TrainResult:
+def train(
+    config: Config,
+    train_data: Any = None,
+    eval_data: Any = None,
+    on_step: StepHook | None = None,
+    on_eval: EvalHook | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter as `config` says. `train_data` / `eval_data`: conversations or records from Python (a
+    list or a datasets.Dataset, lorakit.data.inmemory) instead of --dataset / --eval_dataset. `on_step(StepInfo)`
+    and `on_eval(EvalContext)` are called on every rank after each step and evaluation; returning True from either
+    ends the run as a finished one ends (lorakit.hooks)."""
     quiet_library_warnings()
-    checked = validate(config)  # every bad-input error happens here, before anything is loaded or written
+    checked = validate(config, train_data, eval_data)  # every bad-input error is raised here, before any load
     run = set_up(checked)
     config = run.config  # with the memory plan's rows and checkpointing settled
     engine, dist, counts, train_config = run.built.engine, run.dist, run.counts, config.train
     pad_id, position = checked.tokenizer.pad_token_id, run.start
     loss_sum = checked.resume.loss_sum if checked.resume else 0.0
     reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum)
+    hooks = Hooks(on_step, on_eval, LiveModel(engine, checked.tokenizer, checked.template), counts.total_steps)
     engine.train()
     unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued
+    stop_asked = False  # by a hook on this rank; agreed with the other ranks through the step's flags
     with StopSignals() as signals:
         for plan in step_plans(run):
             learning_rate = learning_rate_at(position.step, counts.total_steps, train_config.learning_rate,
@@ -190,26 +204,32 @@ def train(config: Config) -> TrainResult:
             set_learning_rate(engine, learning_rate)
             step_loss = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
             position = advance(position, plan, len(run.data))
-            grad_norm = engine.get_global_grad_norm()
-            flags = StepFlags.post(position.step, signals.received, step_loss, grad_norm)
-            reporter.step_done(step_loss, tokens=int(run.data.lengths[plan.examples()].sum()))
+            grad_norm, tokens = engine.get_global_grad_norm(), int(run.data.lengths[plan.examples()].sum())
             last, epoch = position.step == counts.total_steps, position.epochs_done(len(run.data))
+            stop_asked |= hooks.step(position.step, epoch, step_loss, grad_norm, learning_rate, tokens)
+            flags = StepFlags.post(position.step, signals.received, step_loss, grad_norm, stop_asked)
+            reporter.step_done(step_loss, tokens)
             log_now = due(position.step, train_config.logging_steps) or last
             eval_now = run.eval_data is not None and (due(position.step, train_config.eval_steps) or last)
             save_now = due(position.step, train_config.save_steps) or last
-            signal_number, unread = settle(unread, flags, log_now or eval_now or save_now, run.output_dir)
-            if log_now or signal_number:
+            signal_number, stopping, unread = settle(unread, flags, log_now or eval_now or save_now, run.output_dir)
+            eval_now = eval_now or (stopping and run.eval_data is not None)  # a stop ends the run as its last step
+            if log_now or signal_number or stopping:
                 reporter.log(position.step, learning_rate, grad_norm, epoch)
             if eval_now:
                 eval_loss = evaluate(engine, run.eval_data, dist, config, pad_id, row_multiple(dist))
                 reporter.log_eval(position.step, eval_loss, epoch)
-            if save_now or signal_number:
+                stop_asked |= hooks.eval(position.step, epoch, eval_loss)
+            if save_now or signal_number or stopping:
                 extra = {"fingerprint": checked.fingerprint, "loss_sum": reporter.loss_sum()}
                 saved = save_checkpoint(engine, run.output_dir, position, extra, dist)
                 if dist.is_main:
                     prune_checkpoints(run.output_dir, train_config.save_total_limit)
             if signal_number:
                 raise TrainingInterrupted(signal_number, position.step, saved)
+            if stopping:
+                say(f"stopped at step {position.step}: a hook asked to", dist.is_main)
+                break
     save_adapter(engine.module, run.output_dir, dist.is_main)
     metrics = reporter.finish(position.step, position.epochs_done(len(run.data)), train_config.plot_loss)
     say(f"adapter saved to {run.output_dir.resolve()}", dist.is_main)

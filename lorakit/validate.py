@@ -24,6 +24,7 @@ from lorakit.checks import (
 from lorakit.config import Config, DataConfig
 from lorakit.data import DataSource
 from lorakit.data.cache import cache_key
+from lorakit.data.inmemory import check_sources, conversations_from
 from lorakit.data.records import DatasetSpec, load_conversations, resolve_datasets
 from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_rank, launch_world_size
@@ -40,7 +41,8 @@ from lorakit.templates import TEMPLATE_NAMES, Message, Template, check_against_t
 Records = tuple[list[DatasetSpec], list[list[Message]]]
 
 
-def validate(config: Config) -> RunPlan:
+def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> RunPlan:
+    """`train_data` / `eval_data`: data from Python instead of --dataset / --eval_dataset (lorakit.data.inmemory)."""
     if not config.train.output_dir:
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
     check_output_dir_writable(config.train.output_dir)
@@ -53,7 +55,7 @@ def validate(config: Config) -> RunPlan:
     check_tokenizer_files(model_path)
     if config.model.template not in TEMPLATE_NAMES:
         raise LorakitError(f"--template {config.model.template} is unknown; choose one of {', '.join(TEMPLATE_NAMES)}")
-    train_records, eval_records = read_records(config)
+    train_records, eval_records = read_records(config, train_data, eval_data)
     validate_precision(config)
     if config.model.enable_liger_kernel:  # explicitly asked for: must be able to run
         check_liger_kernel(hf_config.model_type)
@@ -87,13 +89,20 @@ def validate(config: Config) -> RunPlan:
     return RunPlan(config, engine, tokenizer, template, train_data, eval_data, fingerprint, resume, warning + notes)
 
 
-def read_records(config: Config) -> tuple[Records, Records | None]:
-    """Every record of --dataset and --eval_dataset, read here (cheap next to tokenising) so that a bad record's
-    error comes before any process group; the training set leaves examples to train on after --val_size."""
+def read_records(config: Config, train_data: Any = None, eval_data: Any = None) -> tuple[Records, Records | None]:
+    """Every record of --dataset and --eval_dataset (or of the data given from Python), read here (cheap next to
+    tokenising) so that a bad record's error comes before any process group; the training set leaves examples to
+    train on after --val_size."""
     data = config.data
-    specs = resolve_datasets(data.dataset_dir, data.dataset)
-    conversations = load_conversations(specs, data.max_samples)
+    check_sources(data, train_data, eval_data)
+    if train_data is not None:
+        specs, conversations = [], conversations_from(train_data, "train_data", data.max_samples)
+    else:
+        specs = resolve_datasets(data.dataset_dir, data.dataset)
+        conversations = load_conversations(specs, data.max_samples)
     held_out_count(data.val_size, len(conversations))
+    if eval_data is not None:
+        return (specs, conversations), ([], conversations_from(eval_data, "eval_data", data.max_samples))
     if not data.eval_dataset:
         return (specs, conversations), None
     eval_specs = resolve_datasets(data.dataset_dir, data.eval_dataset)
@@ -103,7 +112,7 @@ def read_records(config: Config) -> tuple[Records, Records | None]:
 def data_source(records: Records, config: DataConfig, template: Template, tokenizer: Any) -> DataSource:
     """The records with their tokenised-data cache key (computed once here: it hashes every data file)."""
     specs, conversations = records
-    return DataSource(tuple(specs), tuple(conversations), cache_key(specs, config, template, tokenizer))
+    return DataSource(tuple(specs), tuple(conversations), cache_key(specs, config, template, tokenizer, conversations))
 
 
 def validate_precision(config: Config) -> None:

@@ -49,7 +49,7 @@ def test_a_step_is_acted_on_by_the_next_step_or_at_once_when_it_acts(steps, outc
     for step, (signal_number, loss, acts) in enumerate(steps, start=1):
         flags = StepFlags.post(step, signal_number, torch.tensor(loss), torch.tensor(0.5))
         try:
-            received, unread = settle(unread, flags, acts, tmp_path)
+            received, _, unread = settle(unread, flags, acts, tmp_path)
         except LorakitError as err:
             assert outcome == f"error at step {str(err).split(':')[0].removeprefix('step ')}"
             assert "not finite; stopped without saving, no checkpoint was written" in str(err)
@@ -64,4 +64,15 @@ def test_a_non_finite_gradient_norm_counts_as_well(tmp_path):
     flags = StepFlags.post(3, 0, torch.tensor(2.0), torch.tensor(math.inf))
     with pytest.raises(LorakitError, match=r"^step 3: the loss \(2 on this rank\) or gradient norm \(inf\)"):
         settle(None, flags, True, tmp_path)
-    assert settle(None, StepFlags.post(4, 0, torch.tensor(2.0), None), True, tmp_path) == (0, None)
+    assert settle(None, StepFlags.post(4, 0, torch.tensor(2.0), None), True, tmp_path) == (0, False, None)
+
+
+@pytest.mark.parametrize("acts, stops_at", [(False, 2), (True, 1)])
+def test_a_hooks_stop_is_read_at_its_step_when_it_acts_else_one_step_later(tmp_path, acts, stops_at):
+    unread, stopped = None, []
+    for step, stop in ((1, True), (2, False), (3, False)):
+        flags = StepFlags.post(step, 0, torch.tensor(1.0), torch.tensor(0.5), stop=stop)
+        signal_number, stopping, unread = settle(unread, flags, acts and step == 1, tmp_path)
+        assert signal_number == 0
+        stopped += [step] if stopping else []
+    assert stopped[0] == stops_at

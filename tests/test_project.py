@@ -48,3 +48,36 @@ def test_commands_import_downward(command: str):
     imports = _lorakit_imports(command)
     assert not imports & {f"lorakit.{other}" for other in COMMANDS if other != command}
     assert ("lorakit.validate" in imports) == (command == "train")
+
+
+PUBLIC = {
+    "Config",
+    "DataConfig",
+    "EvalContext",
+    "LoraSettings",
+    "LorakitError",
+    "Message",
+    "ModelConfig",
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "build_engine",
+    "encode_conversation",
+    "encode_dataset",
+    "generate",
+    "get_template",
+    "load_conversations",
+    "load_tokenizer",
+    "plan_epoch",
+    "resolve_datasets",
+    "train",
+}
+
+
+def test_the_public_names_are_the_few_the_readme_gives_a_contract_for():
+    """Adding or dropping a public name is a decision: this list and the README's table change with it."""
+    import lorakit
+
+    assert set(lorakit.__all__) == PUBLIC and all(hasattr(lorakit, name) for name in PUBLIC)
+    section = (REPO / "README.md").read_text().split("## Using lorakit from Python")[1].split("\n## ")[0]
+    assert [name for name in sorted(PUBLIC) if f"`{name}" not in section and f" `{name}(" not in section] == []

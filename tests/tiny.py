@@ -67,8 +67,10 @@ def make_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(folder: Path, seed: int = 0, hidden_size: int = 64) -> Path:
-    """Save the tiny model + tokenizer in `folder` (a normal Hugging Face folder) and return it."""
+def make_model(folder: Path, seed: int = 0, hidden_size: int = 64, initializer_range: float = 0.02) -> Path:
+    """Save the tiny model + tokenizer in `folder` (a normal Hugging Face folder) and return it. A larger
+    `initializer_range` widens the logits the frozen output head can reach, so a few steps can change a greedy
+    reply (at 0.02 every logit stays within about +-1 of the others)."""
     records = alpaca_records(200)
     corpus = [" ".join(r.values()) for r in records] + ["You are a tiny test model. system user assistant"]
     tokenizer = make_tokenizer(corpus)
@@ -84,6 +86,7 @@ def make_model(folder: Path, seed: int = 0, hidden_size: int = 64) -> Path:
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     model = Qwen2ForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The tokenised-data cache: a second run with the same inputs does not tokenise again.
 
-The key covers everything the ids depend on: the data files' bytes, the dataset_info entries, --max_samples,
+The key covers everything the ids depend on: the data files' bytes (for data given from Python, the conversations
+themselves: lorakit.data.inmemory), the dataset_info entries, --max_samples,
 --cutoff_len, the template's rendering of a probe conversation and the tokenizer's full definition. Files are
 written under a temporary name and renamed, so a killed run never leaves a half-written cache behind.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from lorakit.config import DataConfig
 from lorakit.data.encode import TokenizedData
+from lorakit.data.inmemory import content_digest
 from lorakit.data.records import DatasetSpec
 from lorakit.templates import Message, Template
 
@@ -46,11 +48,14 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256(definition.encode()).hexdigest()
 
 
-def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, tokenizer: Any) -> str:
-    """Everything the ids depend on: data bytes and entries, the data flags, the template, the tokenizer."""
+def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, tokenizer: Any,
+              conversations: list[list[Message]] | None = None) -> str:  # fmt: skip
+    """Everything the ids depend on: data bytes and entries (with no entries, data from Python: the
+    `conversations` themselves), the data flags, the template, the tokenizer."""
+    datasets = [[s.name, repr(s), _file_digest(s.path)] for s in specs]
     parts = {
         "format": CACHE_FORMAT,
-        "datasets": [[s.name, repr(s), _file_digest(s.path)] for s in specs],
+        "datasets": datasets if specs else [["from Python", content_digest(conversations or [])]],
         "options": [
             config.max_samples,
             config.cutoff_len,
