@@ -133,6 +133,8 @@ class LoraSettings:
 
 
 SCHEDULERS = ("cosine", "linear", "constant")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # Hugging Face's --report_to names
+REPORT_TO = ("none", *TRACKERS)
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,18 @@ class TrainConfig:
     )
     seed: int = field(default=42, metadata=_doc("Seed for LoRA initialisation, data order and dropout."))
     plot_loss: bool = field(default=False, metadata=_doc("Write training_loss.png (needs matplotlib: lorakit[plot])."))
+    report_to: tuple[str, ...] = field(
+        default=("none",),
+        metadata=_doc(
+            "Comma-separated experiment trackers that receive trainer_log.jsonl's scalars and the resolved config: "
+            "tensorboard (output_dir/runs/<run_name>), wandb (offline unless WANDB_MODE is set), mlflow (a file "
+            "store in output_dir/mlruns unless MLFLOW_TRACKING_URI is set), or none. Each is an extra: "
+            "lorakit[tensorboard], lorakit[wandb], lorakit[mlflow]."
+        ),
+    )
+    run_name: str = field(
+        default="", metadata=_doc("The run's name in the trackers (default: the name of output_dir's folder).")
+    )
 
     def __post_init__(self) -> None:
         if self.stage != "sft":
@@ -245,6 +259,7 @@ class TrainConfig:
             if not math.isfinite(value) or value < 0:
                 raise LorakitError(f"--{name} {value} must be >= 0")
         self._check_optimizer_and_steps()
+        self._check_tracking()
 
     def _check_optimizer_and_steps(self) -> None:
         for name in ("adam_beta1", "adam_beta2"):
@@ -257,6 +272,22 @@ class TrainConfig:
             raise LorakitError(f"--max_steps {self.max_steps} must be at least 1, or -1 to run every epoch")
         if not 0 <= self.seed < 2**63:  # torch's generators reject negative seeds, at step 0 (after writing)
             raise LorakitError(f"--seed {self.seed} must be a whole number from 0 to {2**63 - 1}")
+
+    def _check_tracking(self) -> None:
+        unknown = [name for name in self.report_to if name not in REPORT_TO]
+        if unknown:
+            raise LorakitError(f"--report_to {','.join(unknown)} is unknown; use none or any of {', '.join(TRACKERS)} "
+                               "(comma-separated)")  # fmt: skip
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise LorakitError(f"--report_to {','.join(self.report_to)} names trackers and none; drop none")
+        if "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
+            # tensorboard writes to output_dir/runs/<run_name>: a path here would write outside that folder
+            raise LorakitError(f"--run_name {self.run_name} must be a name, not a path (no / or \\, not . or ..)")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """--report_to without `none`, each once, in the order given."""
+        return tuple(name for name in dict.fromkeys(self.report_to) if name != "none")
 
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}

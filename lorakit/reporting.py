@@ -1,5 +1,6 @@
 """What a person reads: the step math at start, one line per logging step, a final summary; and the same
-records in `output_dir/trainer_log.jsonl` (and `training_loss.png` with --plot_loss). Only rank 0 reports.
+records in `output_dir/trainer_log.jsonl` (and `training_loss.png` with --plot_loss), each also handed to the
+experiment trackers of --report_to (lorakit.tracking). Only rank 0 reports.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lorakit.distributed import DistInfo
 from lorakit.steps import StepMath
+from lorakit.tracking import Tracker
 
 
 def say(message: str, is_main: bool = True) -> None:
@@ -29,9 +32,12 @@ class Reporter:
     Every rank calls every method (the loss is summed over ranks when a line is logged); only rank 0 writes.
     """
 
-    def __init__(self, output_dir: Path, math: StepMath, dist: DistInfo, start_step: int, loss_sum: float):
-        """A resumed run (start_step > 0) keeps the log records up to its checkpoint and its running loss."""
-        self.output_dir, self.math, self.dist = output_dir, math, dist
+    def __init__(self, output_dir: Path, math: StepMath, dist: DistInfo, start_step: int, loss_sum: float,
+                 trackers: Sequence[Tracker] = ()):  # fmt: skip
+        """A resumed run (start_step > 0) keeps the log records up to its checkpoint and its running loss.
+        `trackers` (rank 0's) receive every record written to trainer_log.jsonl from here on, and are closed by
+        `finish`."""
+        self.output_dir, self.math, self.dist, self.trackers = output_dir, math, dist, trackers
         self.log_path = output_dir / "trainer_log.jsonl"
         self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
         self.total_loss, self.total_tokens, self.start_step = loss_sum, 0, start_step
@@ -76,9 +82,7 @@ class Reporter:
         say(str(line))
         record = {"step": step, **line, "tokens_per_second": round(tokens_per_second, 1),
                   "seconds_per_step": round(seconds_per_step, 4)}  # fmt: skip
-        self.records.append(record)
-        with open(self.log_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self._append(record)
 
     def log_eval(self, step: int, eval_loss: float, epoch: float) -> None:
         self.last_eval_loss = eval_loss
@@ -86,10 +90,16 @@ class Reporter:
             return
         line = {"eval_loss": round(eval_loss, 4), "epoch": round(epoch, 2)}
         say(str(line))
-        record = {"step": step, **line}
+        self._append({"step": step, **line})
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """One record into trainer_log.jsonl, the plot's records and every tracker: the same numbers everywhere."""
         self.records.append(record)
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        scalars = {key: value for key, value in record.items() if key != "step"}
+        for tracker in self.trackers:
+            tracker.log(record["step"], scalars)
 
     def finish(self, steps: int, epochs: float, plot: bool) -> dict[str, float]:
         """The final summary (printed and written to train_results.json); the same dict on every rank. Rates
@@ -115,6 +125,8 @@ class Reporter:
             (self.output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")
             if plot:
                 plot_loss(self.records, self.output_dir / "training_loss.png")
+        for tracker in self.trackers:
+            tracker.close()
         return summary
 
 

@@ -18,11 +18,16 @@ from lorakit.templates import Template, get_template
 CONFIG_FILE = "lorakit_config.json"
 
 
+def resolved_config(config: Config, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """What lorakit_config.json holds (and the experiment trackers get as hyper-parameters)."""
+    return {"lorakit": config.to_flat(), "deepspeed": ds_config}
+
+
 def save_run_files(directory: Path, tokenizer: Any, config: Config, ds_config: dict[str, Any]) -> None:
     """The tokenizer (so the output folder is self-contained) and the resolved configuration."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)
-    resolved = {"lorakit": config.to_flat(), "deepspeed": ds_config}
+    resolved = resolved_config(config, ds_config)
     (directory / CONFIG_FILE).write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
 

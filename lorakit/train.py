@@ -52,10 +52,11 @@ from lorakit.hooks import EvalHook, Hooks, LiveModel, StepHook
 from lorakit.loss import model_loss_sum
 from lorakit.plan import RunPlan
 from lorakit.reporting import Reporter, say
-from lorakit.run_record import save_run_files
+from lorakit.run_record import resolved_config, save_run_files
 from lorakit.schedule import learning_rate_at
 from lorakit.signals import StopSignals
 from lorakit.steps import Position, StepMath, advance, due, step_math
+from lorakit.tracking import Tracker, start_trackers
 from lorakit.validate import validate
 
 
@@ -116,6 +117,7 @@ class Run:
     counts: StepMath
     start: Position
     output_dir: Path
+    trackers: list[Tracker]  # --report_to's, on rank 0; the Reporter logs to them and closes them
 
 
 def set_up(checked: RunPlan) -> Run:
@@ -141,8 +143,11 @@ def set_up(checked: RunPlan) -> Run:
         load_checkpoint(built.engine, checked.resume.checkpoint, dist, config.train.unpickle_legacy_checkpoint)
         start = checked.resume.position
     counts = step_math(config, len(data), dist.world_size, start)
+    trackers: list[Tracker] = []  # rank 0's only, as the logs are
     if dist.is_main:
         save_run_files(output_dir, tokenizer, config, built.ds_config)
+        trackers = start_trackers(config.train.trackers, output_dir, config.train.run_name,
+                                  resolved_config(config, built.ds_config))  # fmt: skip
     for note in checked.notes + built.notes + memory_lines:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
@@ -158,7 +163,7 @@ def set_up(checked: RunPlan) -> Run:
             f"evaluation: {len(held_out):,} examples, {int(held_out.target_counts.sum()):,} trained tokens",
             dist.is_main,
         )
-    return Run(config, checked, dist, data, held_out, built, counts, start, output_dir)
+    return Run(config, checked, dist, data, held_out, built, counts, start, output_dir, trackers)
 
 
 def step_plans(run: Run) -> Iterator[StepPlan]:
@@ -192,7 +197,7 @@ def train(
     engine, dist, counts, train_config = run.built.engine, run.dist, run.counts, config.train
     pad_id, position = checked.tokenizer.pad_token_id, run.start
     loss_sum = checked.resume.loss_sum if checked.resume else 0.0
-    reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum)
+    reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum, run.trackers)
     hooks = Hooks(on_step, on_eval, LiveModel(engine, checked.tokenizer, checked.template), counts.total_steps)
     engine.train()
     unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued

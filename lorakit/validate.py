@@ -37,6 +37,7 @@ from lorakit.plan import RunPlan
 from lorakit.reporting import say
 from lorakit.resume import check_output_dir, plan_resume, run_fingerprint
 from lorakit.templates import TEMPLATE_NAMES, Message, Template, check_against_tokenizer, get_template
+from lorakit.tracking import check_trackers
 
 Records = tuple[list[DatasetSpec], list[list[Message]]]
 
@@ -47,6 +48,7 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
         raise LorakitError("--output_dir is required: the adapter, logs and checkpoints go there")
     check_output_dir_writable(config.train.output_dir)
     check_output_dir(config)
+    check_trackers(config.train.trackers)
     model_path, trust = config.model.model_name_or_path, config.model.trust_remote_code
     if trust:  # said before the first load, which may run the folder's code
         say(remote_code_note(model_path), launch_rank() == 0)

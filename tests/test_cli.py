@@ -92,3 +92,20 @@ def test_auto_booleans(argv: list[str], expected):
 def test_remote_code_is_off_unless_the_flag_says_so(argv: list[str], expected: bool):
     """LLaMA-Factory's flag name; the YAML key is the same."""
     assert parse_config(argv).model.trust_remote_code is expected
+
+
+@pytest.mark.parametrize(
+    "argv, yaml, expected",
+    [
+        ([], "", ()),  # default: none
+        (["--report_to", "tensorboard,mlflow"], "", ("tensorboard", "mlflow")),
+        ([], "report_to: [wandb, tensorboard]\n", ("wandb", "tensorboard")),
+        (["--report_to", "none"], "report_to: wandb\n", ()),  # a flag overrides the file
+        (["--report_to", "mlflow,mlflow"], "", ("mlflow",)),
+    ],
+)
+def test_report_to_is_a_list_flag_as_in_hugging_face(tmp_path: Path, argv: list[str], yaml: str, expected: tuple):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml or "{}\n")
+    config = parse_config([str(path), *argv, "--run_name", "first try"])
+    assert config.train.trackers == expected and config.train.run_name == "first try"

@@ -4,7 +4,7 @@
   gradient equals a plain PyTorch computation of the per-token mean loss over the whole global batch; the saved
   adapter reloads without DeepSpeed and reproduces the trained engine's logits;
 - the CLI run (deepspeed launcher, the reference's DeepSpeed file, a YAML config overridden by flags): logs, step
-  math, the replaced scheduler, the cosine schedule, the output folder, the falling loss.
+  math, the replaced scheduler, the cosine schedule, the output folder, the falling loss, the experiment trackers.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 from launch import REPO, free_port, launch, torchrun
 from safetensors.torch import load_file
+from test_tracking import assert_same_scalars, jsonl_scalars, mlflow_runs, mlflow_scalars, tensorboard_scalars
 
 from lorakit.data import encode_dataset, load_conversations, plan_epoch, resolve_datasets
 from lorakit.engine import load_tokenizer
@@ -243,6 +244,10 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_dat
         "4",
         "--seed",
         "3",
+        "--report_to",
+        "tensorboard,mlflow",
+        "--run_name",
+        "cli",
     ]
     return workdir / "out", launch(command, workdir / "cli.log")
 
@@ -304,3 +309,19 @@ def test_cli_run_writes_a_complete_output_folder(cli_run: tuple[Path, str]):
     assert resolved["deepspeed"]["train_batch_size"] == 16 and resolved["deepspeed"]["gradient_clipping"] == 1.0
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 16 and "lm_head" not in adapter["target_modules"]
+
+
+def test_cli_run_tracks_on_rank_0_only_what_the_log_shows(cli_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch):
+    out, _ = cli_run
+    logged = jsonl_scalars(out / "trainer_log.jsonl")
+    assert [step for step, _ in logged["eval_loss"]] == [4, 6] and [step for step, _ in logged["loss"]] == [2, 4, 6]
+    assert [path.name for path in (out / "runs").iterdir()] == ["cli"]
+    assert len(list((out / "runs" / "cli").iterdir())) == 1  # one event file: rank 1 wrote none
+    assert_same_scalars(tensorboard_scalars(out / "runs" / "cli"), logged, rel=1e-6)  # float32 in event files
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's switch for its file store (lorakit sets it)
+    (run,) = mlflow_runs(out / "mlruns")  # one run: rank 1 made none
+    assert run.info.run_name == "cli" and run.info.status == "FINISHED"
+    assert_same_scalars(mlflow_scalars(out / "mlruns", run.info.run_id, logged), logged)
+    params = run.data.params
+    assert (params["lorakit.learning_rate"], params["lorakit.cutoff_len"]) == ("0.02", "256")  # a flag, the YAML
+    assert params["deepspeed.train_batch_size"] == "16" and params["lorakit.report_to"] == '["tensorboard", "mlflow"]'
