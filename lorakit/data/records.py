@@ -377,12 +377,15 @@ def _to_messages(spec: DatasetSpec) -> Callable[[dict[str, Any], str], list[Mess
     return lambda record, where: sharegpt_messages(record, *sharegpt_layout(record), where)
 
 
+def load_datasets(specs: list[DatasetSpec], max_samples: int | None) -> list[list[list[Message]]]:
+    """Each dataset's conversations, in --dataset order, at most max_samples of each (lorakit.data.mixing mixes)."""
+    readers = [(_to_messages(spec), _dataset_records(spec, max_samples)) for spec in specs]
+    return [[to_messages(record, where) for where, record in records] for to_messages, records in readers]
+
+
 def load_conversations(specs: list[DatasetSpec], max_samples: int | None) -> list[list[Message]]:
     """Every dataset's conversations, concatenated in --dataset order; at most max_samples from each."""
-    conversations = []
-    for spec in specs:
-        to_messages = _to_messages(spec)
-        conversations += [to_messages(record, where) for where, record in _dataset_records(spec, max_samples)]
+    conversations = [conversation for dataset in load_datasets(specs, max_samples) for conversation in dataset]
     if not conversations:
         raise LorakitError(f"no examples left: the data files of {[s.name for s in specs]} hold no records")
     return conversations
