@@ -37,6 +37,7 @@ from lorakit.plan import RunPlan
 from lorakit.reporting import say
 from lorakit.resume import check_output_dir, plan_resume, run_fingerprint
 from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer, get_template
+from lorakit.templates.tools import check_tool_support
 
 Records = tuple[list[DatasetSpec], MixedData]
 
@@ -71,6 +72,8 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
     check_tokenizer_not_empty(tokenizer, model_path)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
+    check_tool_support(template, train_records[1].conversations, "the training data's")
+    check_tool_support(template, eval_records[1].conversations if eval_records else [], "the evaluation data's")
     check_special_tokens(template, tokenizer, config.model.template)
     mismatch = check_against_tokenizer(template, tokenizer)
     if mismatch and config.model.strict_template:
