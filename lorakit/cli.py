@@ -43,6 +43,10 @@ def parse_list(value: Any) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in items if str(item).strip())
 
 
+def parse_floats(value: Any) -> tuple[float, ...]:
+    return tuple(float(item) for item in parse_list(value))
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None or str(value).lower() in ("none", "null", "") else parse(value)
 
@@ -53,6 +57,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "float": float,
     "str": str,
     "tuple[str, ...]": parse_list,
+    "tuple[float, ...]": parse_floats,
     "int | None": _optional(parse_whole),
     "bool | None": lambda value: (
         None if value is None or str(value).lower() in ("none", "null", "auto") else parse_bool(value)

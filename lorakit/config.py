@@ -59,6 +59,9 @@ class ModelConfig:
             raise LorakitError("--bf16 and --fp16 are both set; choose one precision")
 
 
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: tuple[str, ...] = field(default=(), metadata=_doc("Comma-separated names from dataset_info.json."))
@@ -90,6 +93,21 @@ class DataConfig:
         default=None,
         metadata=_doc('System prompt for records without one, instead of the template\'s default ("": none).'),
     )
+    mix_strategy: str = field(
+        default="concat",
+        metadata=_doc(
+            "How several --dataset make one training set (LLaMA-Factory's names): concat (all of each, in order), "
+            "interleave_under (drawn by --interleave_probs until the first dataset runs out) or interleave_over "
+            "(until every dataset has run out once: the smaller ones repeat). Draws follow --seed."
+        ),
+    )
+    interleave_probs: tuple[float, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Comma-separated probabilities of drawing from each --dataset, summing to 1, for interleave_under/over "
+            "(default: one from each in turn)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.cutoff_len < 8:
@@ -100,6 +118,30 @@ class DataConfig:
             raise LorakitError("--val_size and --eval_dataset both choose the evaluation data; give one")
         if self.max_samples is not None and self.max_samples < 1:
             raise LorakitError(f"--max_samples {self.max_samples} must be at least 1")
+        self._check_mixing()
+
+    def _check_mixing(self) -> None:
+        if self.mix_strategy not in MIX_STRATEGIES:
+            raise LorakitError(f"--mix_strategy {self.mix_strategy} is unknown; use one of {', '.join(MIX_STRATEGIES)}")
+        probs = self.interleave_probs
+        if not probs:
+            return
+        given = ",".join(f"{p:g}" for p in probs)
+        if self.mix_strategy == "concat":
+            raise LorakitError(f"--interleave_probs {given} applies to --mix_strategy interleave_under or "
+                               "interleave_over; set one of them or drop --interleave_probs")  # fmt: skip
+        if len(probs) != len(self.dataset):
+            raise LorakitError(f"--interleave_probs {given} gives {len(probs)} probabilities for {len(self.dataset)} "
+                               "--dataset; give one per dataset, in --dataset order")  # fmt: skip
+        # 0 would never draw the dataset (and interleave_over would never see it run out): drop it instead
+        if not all(math.isfinite(p) and p > 0 for p in probs):
+            raise LorakitError(f"--interleave_probs {given}: every probability must be above 0")
+        if abs(sum(probs) - 1) > 1e-6:
+            raise LorakitError(f"--interleave_probs {given} sums to {sum(probs):g}; the probabilities must sum to 1")
+
+    def for_eval(self) -> DataConfig:
+        """These flags for --eval_dataset: its datasets are concatenated, never mixed (every record is evaluated)."""
+        return dataclasses.replace(self, dataset=self.eval_dataset, mix_strategy="concat", interleave_probs=())
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ set, on every rank, computed with the same packing and loss path as training, wi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -48,7 +47,7 @@ def eval_data(plan: RunPlan, train: TokenizedData, builds: bool,
     data = plan.config.data
     if plan.eval_data is None:
         return split_train_eval(train, data.val_size, plan.config.train.seed)
-    eval_config = dataclasses.replace(data, dataset=data.eval_dataset)
+    eval_config = data.for_eval()
     held_out, _, _ = prepare_data(eval_config, plan.tokenizer, plan.template, builds, all_ok, plan.eval_data)
     return train, held_out
 

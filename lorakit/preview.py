@@ -11,7 +11,8 @@ from typing import Any
 from lorakit.checks import check_special_tokens, check_tokenizer_files, check_tokenizer_not_empty
 from lorakit.config import Config
 from lorakit.data.encode import encode_conversation, example_record
-from lorakit.data.records import load_conversations, resolve_datasets
+from lorakit.data.mixing import load_mixed
+from lorakit.data.records import resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.templates import get_template
@@ -28,7 +29,7 @@ def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     template = system_template(get_template(config.model.template, tokenizer), data.system, data.default_system)
     check_special_tokens(template, tokenizer, config.model.template)
     specs = resolve_datasets(data.dataset_dir, data.dataset)
-    conversations = load_conversations(specs, data.max_samples)[:num_examples]
+    conversations = load_mixed(specs, data, config.train.seed).conversations[:num_examples]  # in training's order
     records = []
     for index, messages in enumerate(conversations):
         messages = with_system(messages, data.system, data.default_system)

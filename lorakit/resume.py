@@ -87,7 +87,7 @@ def run_fingerprint(config: Config, data_key: str, lora_targets: list[str]) -> d
 
 
 WHAT = {
-    "data": "the data (files, --dataset, --max_samples, --cutoff_len, template or tokenizer)",
+    "data": "the data (files, --dataset, the mixture, --max_samples, --cutoff_len, template or tokenizer)",
     "model": "the base model (--model_name_or_path config or weight files)",
     "lora": "the LoRA settings",
     "seed": "--seed (the data order)",

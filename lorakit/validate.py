@@ -8,7 +8,6 @@ handed on to training as one `RunPlan` (lorakit.plan), so nothing is read twice.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from typing import Any
 
@@ -25,7 +24,8 @@ from lorakit.config import Config, DataConfig
 from lorakit.data import DataSource
 from lorakit.data.cache import cache_key
 from lorakit.data.inmemory import check_sources, conversations_from
-from lorakit.data.records import DatasetSpec, load_conversations, resolve_datasets
+from lorakit.data.mixing import MixedData, load_mixed
+from lorakit.data.records import DatasetSpec, resolve_datasets
 from lorakit.data.system_prompt import system_template
 from lorakit.distributed import launch_rank, launch_world_size
 from lorakit.engine.kernels import check_liger_kernel
@@ -36,10 +36,11 @@ from lorakit.evaluate import held_out_count
 from lorakit.plan import RunPlan
 from lorakit.reporting import say
 from lorakit.resume import check_output_dir, plan_resume, run_fingerprint
-from lorakit.templates import TEMPLATE_NAMES, Message, Template, check_against_tokenizer, get_template
+from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer, get_template
+from lorakit.templates.tools import check_tool_support
 from lorakit.tracking import check_trackers
 
-Records = tuple[list[DatasetSpec], list[list[Message]]]
+Records = tuple[list[DatasetSpec], MixedData]
 
 
 def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> RunPlan:
@@ -73,6 +74,8 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
     check_tokenizer_not_empty(tokenizer, model_path)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
+    check_tool_support(template, train_records[1].conversations, "the training data's")
+    check_tool_support(template, eval_records[1].conversations if eval_records else [], "the evaluation data's")
     check_special_tokens(template, tokenizer, config.model.template)
     mismatch = check_against_tokenizer(template, tokenizer)
     if mismatch and config.model.strict_template:
@@ -81,14 +84,16 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
             "(--strict_template); drop --strict_template to see both renderings, or use --template auto"
         )
     train_data = data_source(train_records, config.data, template, tokenizer)
-    eval_config = dataclasses.replace(config.data, dataset=config.data.eval_dataset)
+    eval_config = config.data.for_eval()
     eval_data = data_source(eval_records, eval_config, template, tokenizer) if eval_records else None
     targets = list(engine.lora_targets)
     fingerprint = run_fingerprint(config, f"{train_data.key}:val_size={config.data.val_size}", targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
     warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "
                "will learn this format (--strict_template makes this an error)"] if mismatch else []  # fmt: skip
-    return RunPlan(config, engine, tokenizer, template, train_data, eval_data, fingerprint, resume, warning + notes)
+    mix = [train_records[1].line] if train_records[1].line else []  # the realised proportions, logged at start
+    return RunPlan(config, engine, tokenizer, template, train_data, eval_data, fingerprint, resume,
+                   warning + mix + notes)  # fmt: skip
 
 
 def read_records(config: Config, train_data: Any = None, eval_data: Any = None) -> tuple[Records, Records | None]:
@@ -98,23 +103,24 @@ def read_records(config: Config, train_data: Any = None, eval_data: Any = None) 
     data = config.data
     check_sources(data, train_data, eval_data)
     if train_data is not None:
-        specs, conversations = [], conversations_from(train_data, "train_data", data.max_samples)
+        specs, mixed = [], MixedData(conversations_from(train_data, "train_data", data.max_samples))
     else:
         specs = resolve_datasets(data.dataset_dir, data.dataset)
-        conversations = load_conversations(specs, data.max_samples)
-    held_out_count(data.val_size, len(conversations))
+        mixed = load_mixed(specs, data, config.train.seed)
+    held_out_count(data.val_size, len(mixed.conversations))
     if eval_data is not None:
-        return (specs, conversations), ([], conversations_from(eval_data, "eval_data", data.max_samples))
+        return (specs, mixed), ([], MixedData(conversations_from(eval_data, "eval_data", data.max_samples)))
     if not data.eval_dataset:
-        return (specs, conversations), None
+        return (specs, mixed), None
     eval_specs = resolve_datasets(data.dataset_dir, data.eval_dataset)
-    return (specs, conversations), (eval_specs, load_conversations(eval_specs, data.max_samples))
+    return (specs, mixed), (eval_specs, load_mixed(eval_specs, data.for_eval(), config.train.seed))
 
 
 def data_source(records: Records, config: DataConfig, template: Template, tokenizer: Any) -> DataSource:
     """The records with their tokenised-data cache key (computed once here: it hashes every data file)."""
-    specs, conversations = records
-    return DataSource(tuple(specs), tuple(conversations), cache_key(specs, config, template, tokenizer, conversations))
+    specs, mixed = records
+    key = cache_key(specs, config, template, tokenizer, mixed.conversations, mixed.digest)
+    return DataSource(tuple(specs), tuple(mixed.conversations), key)
 
 
 def validate_precision(config: Config) -> None:

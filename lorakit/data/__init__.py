@@ -19,6 +19,7 @@ from lorakit.data.encode import (
     encode_dataset,
     example_record,
 )
+from lorakit.data.mixing import MixedData, load_mixed, mixture_order
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
 from lorakit.distributed import notice_after
@@ -37,11 +38,12 @@ class DataSource:
     key: str  # the tokenised-data cache key (lorakit.data.cache: it hashes every data file)
 
 
-def read_source(config: DataConfig, names: tuple[str, ...], template: Template, tokenizer: Any) -> DataSource:
-    """The datasets `names` (--dataset or --eval_dataset) read from disk, for tokenising with `template`."""
-    specs = resolve_datasets(config.dataset_dir, names)
-    conversations = load_conversations(specs, config.max_samples)
-    return DataSource(tuple(specs), tuple(conversations), cache.cache_key(specs, config, template, tokenizer))
+def read_source(config: DataConfig, template: Template, tokenizer: Any, seed: int) -> DataSource:
+    """config.dataset read from disk and mixed (--mix_strategy, drawing with `seed`), for tokenising."""
+    specs = resolve_datasets(config.dataset_dir, config.dataset)
+    mixed = load_mixed(specs, config, seed)
+    key = cache.cache_key(specs, config, template, tokenizer, mixture=mixed.digest)
+    return DataSource(tuple(specs), tuple(mixed.conversations), key)
 
 
 def prepare_data(
@@ -51,15 +53,17 @@ def prepare_data(
     builds: bool,
     all_ok: Callable[[bool], bool],
     source: DataSource | None = None,
+    seed: int = 42,
 ) -> tuple[TokenizedData, Path, bool]:
-    """Tokenised data from the cache, building it first if needed from `source` (by default: --dataset read now).
+    """Tokenised data from the cache, building it first if needed from `source` (by default: --dataset read now,
+    mixed with `seed`, --seed's default).
 
     One process per node (`builds`) tokenises while the others wait in `all_ok` (a collective that is True when
     every rank passes True), then everyone loads the same file. A bad record raises on the builder and a short
     pointer to it on the others, instead of leaving them waiting. Returns the data, the cache file and whether
     it was already cached.
     """
-    source = source or read_source(config, config.dataset, template, tokenizer)
+    source = source or read_source(config, template, tokenizer, seed)
     path = Path(config.data_cache_dir or cache.default_cache_dir()) / f"{source.key}.npz"
     was_cached = path.is_file() and not config.overwrite_cache
     error = None
@@ -83,6 +87,7 @@ def prepare_data(
 __all__ = [
     "IGNORE_INDEX",
     "DataSource",
+    "MixedData",
     "DatasetSpec",
     "EncodedExample",
     "StepPlan",
@@ -94,6 +99,8 @@ __all__ = [
     "encode_dataset",
     "example_record",
     "load_conversations",
+    "load_mixed",
+    "mixture_order",
     "largest_rank_share",
     "plan_epoch",
     "prepare_data",

@@ -1,7 +1,8 @@
 """The tokenised-data cache: a second run with the same inputs does not tokenise again.
 
 The key covers everything the ids depend on: the data files' bytes (for data given from Python, the conversations
-themselves: lorakit.data.inmemory), the dataset_info entries, --max_samples,
+themselves: lorakit.data.inmemory), the dataset_info entries, the mixture of several datasets (--mix_strategy,
+--interleave_probs and the order they drew with --seed), --max_samples,
 --cutoff_len, the template's rendering of a probe conversation and the tokenizer's full definition. Files are
 written under a temporary name and renamed, so a killed run never leaves a half-written cache behind.
 """
@@ -49,9 +50,10 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 
 def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, tokenizer: Any,
-              conversations: list[list[Message]] | None = None) -> str:  # fmt: skip
+              conversations: list[list[Message]] | None = None, mixture: str = "") -> str:  # fmt: skip
     """Everything the ids depend on: data bytes and entries (with no entries, data from Python: the
-    `conversations` themselves), the data flags, the template, the tokenizer."""
+    `conversations` themselves), the mixture's order (lorakit.data.mixing: it follows --seed), the data flags, the
+    template, the tokenizer."""
     datasets = [[s.name, repr(s), _file_digest(s.path)] for s in specs]
     parts = {
         "format": CACHE_FORMAT,
@@ -63,7 +65,10 @@ def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, 
             config.mask_history,
             config.system,
             config.default_system,
+            config.mix_strategy,
+            list(config.interleave_probs),
         ],  # fmt: skip
+        "mixture": mixture,
         "template": [template.name, [[[s.text, s.trained] for s in template.render(p)] for p in PROBES]],
         "tokenizer": _tokenizer_digest(tokenizer),
     }

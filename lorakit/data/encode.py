@@ -48,7 +48,8 @@ def encode_conversation(
     ids, labels = _ids_and_labels(messages, template, tokenizer, train_on_prompt, mask_history)
     dropped_turns = False
     if mask_history and len(ids) > cutoff_len:
-        head = list(messages[:1]) if messages and messages[0].role == "system" else []
+        # the system prompt and the tools lead the conversation and stay
+        head = list(messages[: next(i for i, m in enumerate(messages) if m.role not in ("system", "tools"))])
         turns = list(messages[len(head) :])
         while len(ids) > cutoff_len and len(turns) > 2:
             turns, dropped_turns = turns[2:], True

@@ -21,7 +21,8 @@ any. The turns then alternate user, assistant, ... and end with the assistant. O
 with tags `{"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
 "system_tag": "system"}` and columns `{"messages": "messages"}`. A sharegpt entry with neither `tags` nor `columns`
 takes a record without a "conversations" field whose "messages" list holds `{"role", "content"}` objects as
-OpenAI-style, with no configuration.
+OpenAI-style, with no configuration. Tool-calling records (`function_call` and `observation` turns, a `tools`
+column): lorakit.data.tool_records.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.data.tool_records import function_call_text, tools_message
 from lorakit.errors import LorakitError
 from lorakit.templates import Message
+from lorakit.templates.base import SIDES  # the tool turns stand where the user's and the assistant's do
 
 ALPACA_COLUMNS = {
     "prompt": "instruction",
@@ -43,24 +46,30 @@ ALPACA_COLUMNS = {
     "system": "system",
     "history": "history",
 }
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
 SHAREGPT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
     "user_tag": "human",
     "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
     "system_tag": "system",
 }
-OPENAI_COLUMNS = {"messages": "messages", "system": "system"}
+OPENAI_COLUMNS = {"messages": "messages", "system": "system", "tools": "tools"}
 OPENAI_TAGS = {
     "role_tag": "role",
     "content_tag": "content",
     "user_tag": "user",
     "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
     "system_tag": "system",
 }
 DEFAULT_COLUMNS = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS}
 FORMATS = tuple(DEFAULT_COLUMNS)
+TAG = {"system": "system_tag", "user": "user_tag", "assistant": "assistant_tag", "observation": "observation_tag",
+       "function_call": "function_tag"}  # fmt: skip
 FILE_TYPES = {".json": "JSON", ".jsonl": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
 
 
@@ -329,14 +338,21 @@ def sharegpt_messages(
         raise LorakitError(f"{where}: '{key}' holds no {user}/{assistant} turns; {rule}")
     for position, (role, _) in enumerate(turns):
         expected = "user" if position % 2 == 0 else "assistant"
-        if role != expected:
+        if SIDES.get(role, role) != expected:  # a system message past the first is out of place
             raise LorakitError(
-                f"{where}: message {position + offset} has role '{tags[role + '_tag']}' where "
-                f"'{tags[expected + '_tag']}' was expected; {rule}"
+                f"{where}: message {position + offset} has role '{tags[TAG[role]]}' where "
+                f"'{tags[TAG[expected]]}' was expected; {rule}"
             )
     if len(turns) % 2:
-        raise LorakitError(f"{where}: the last message ({len(items) - 1}) has role '{user}'; {rule}")
-    return ([Message("system", system)] if system else []) + [Message(role, text) for role, text in turns]
+        last = tags[TAG[turns[-1][0]]]
+        raise LorakitError(f"{where}: the last message ({len(items) - 1}) has role '{last}'; {rule}")
+    tools = tools_message(record.get(columns["tools"]), where)
+    head = ([Message("system", system)] if system else []) + ([tools] if tools else [])
+    return head + [_message(role, text, where, position + offset) for position, (role, text) in enumerate(turns)]
+
+
+def _message(role: str, text: str, where: str, position: int) -> Message:
+    return Message(role, function_call_text(text, where, position) if role == "function_call" else text)
 
 
 def _role_and_text(item: Any, position: int, tags: dict[str, str], where: str) -> tuple[str, str]:
@@ -347,7 +363,7 @@ def _role_and_text(item: Any, position: int, tags: dict[str, str], where: str) -
             f"{where}: message {position} must be an object with '{role_key}' and '{content_key}', "
             f"got {type(item).__name__}"
         )
-    roles = {tags["system_tag"]: "system", tags["user_tag"]: "user", tags["assistant_tag"]: "assistant"}
+    roles = {tags[key]: role for role, key in TAG.items() if key in tags}
     role = item.get(role_key)
     if not isinstance(role, str) or role not in roles:
         found = f"role '{role}'" if isinstance(role, str) else f"no '{role_key}' string"
@@ -377,12 +393,15 @@ def _to_messages(spec: DatasetSpec) -> Callable[[dict[str, Any], str], list[Mess
     return lambda record, where: sharegpt_messages(record, *sharegpt_layout(record), where)
 
 
+def load_datasets(specs: list[DatasetSpec], max_samples: int | None) -> list[list[list[Message]]]:
+    """Each dataset's conversations, in --dataset order, at most max_samples of each (lorakit.data.mixing mixes)."""
+    readers = [(_to_messages(spec), _dataset_records(spec, max_samples)) for spec in specs]
+    return [[to_messages(record, where) for where, record in records] for to_messages, records in readers]
+
+
 def load_conversations(specs: list[DatasetSpec], max_samples: int | None) -> list[list[Message]]:
     """Every dataset's conversations, concatenated in --dataset order; at most max_samples from each."""
-    conversations = []
-    for spec in specs:
-        to_messages = _to_messages(spec)
-        conversations += [to_messages(record, where) for where, record in _dataset_records(spec, max_samples)]
+    conversations = [conversation for dataset in load_datasets(specs, max_samples) for conversation in dataset]
     if not conversations:
         raise LorakitError(f"no examples left: the data files of {[s.name for s in specs]} hold no records")
     return conversations

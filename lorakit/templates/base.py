@@ -74,11 +74,18 @@ class Template(Protocol):
         ...
 
 
-def check_alternation(messages: Sequence[Message]) -> None:
-    """An optional system message, then user/assistant turns in strict alternation, ending with the assistant."""
+SIDES = {"user": "user", "observation": "user", "assistant": "assistant", "function_call": "assistant"}
+
+
+def check_alternation(messages: Sequence[Message], tools: bool = False) -> None:
+    """An optional system message, then user/assistant turns in strict alternation, ending with the assistant.
+    With `tools`: a tools message may follow the system message, and an observation stands where a user turn does,
+    a function call where an assistant turn does (lorakit.templates.tools)."""
     body = list(messages[1:] if messages and messages[0].role == "system" else messages)
+    body = body[1:] if tools and body and body[0].role == "tools" else body
     expected = ["user", "assistant"] * (len(body) // 2)
-    if [m.role for m in body] != expected or not body:
+    sides = [SIDES.get(m.role, m.role) if tools else m.role for m in body]
+    if sides != expected or not body:
         roles = ",".join(m.role for m in messages)
         raise ValueError(
             f"roles must be [system,] user, assistant, user, assistant, ... ending with assistant; got {roles}"

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 from lorakit.errors import LorakitError
 from lorakit.templates.base import Message, OllamaFormat, Segment, check_alternation, jinja_literal
+from lorakit.templates.tools import tool_calls_text, tool_response, tools_section
 
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+NL = "\n"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ChatMLTemplate:
     default_system: str | None
     empty_think: bool = False  # Qwen3: the final reply carries the empty think block (replies with reasoning refused)
     qwen25_jinja: bool = False  # the exported chat_template is Qwen2.5's own, function calling included
+    renders_tools: bool = False  # Qwen's tools, tool calls and results (lorakit.templates.tools)
 
     def _system(self, messages: Sequence[Message]) -> tuple[str | None, Sequence[Message]]:
         if messages and messages[0].role == "system":
@@ -52,15 +55,22 @@ class ChatMLTemplate:
         return EMPTY_THINK + content.lstrip("\n") if last else content
 
     def render(self, messages: Sequence[Message]) -> list[Segment]:
-        check_alternation(messages)
+        check_alternation(messages, tools=self.renders_tools)
         system, turns = self._system(messages)
+        tools = turns[0].content if turns and turns[0].role == "tools" else None
+        turns = turns[1:] if tools is not None else turns
         segments = []
-        prompt = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+        prompt = _system_block(system, tools)
         for index, message in enumerate(turns):
-            if message.role == "user":
-                prompt += f"<|im_start|>user\n{message.content}<|im_end|>\n<|im_start|>assistant\n"
+            if message.role in ("user", "observation"):
+                text = message.content if message.role == "user" else tool_response(message.content)
+                prompt += f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
             else:
-                reply = self._reply(message.content, last=index == len(turns) - 1)
+                last = index == len(turns) - 1
+                if message.role == "function_call":  # as a text reply: Qwen3's empty think block only if final
+                    reply = self._reply("", last) + tool_calls_text(message.content, self.empty_think)
+                else:
+                    reply = self._reply(message.content, last)
                 segments += [Segment(prompt, False), Segment(f"{reply}<|im_end|>", True)]
                 prompt = "\n"
         segments.append(Segment(prompt, False))
@@ -96,9 +106,16 @@ class ChatMLTemplate:
         return OllamaFormat(_OLLAMA_CHATML, (*self.stop_strings, "<|im_start|>"), self.default_system)
 
 
-QWEN = ChatMLTemplate(name="qwen", default_system=QWEN25_DEFAULT_SYSTEM, qwen25_jinja=True)
+def _system_block(system: str | None, tools: str | None) -> str:
+    """The system prompt; with tools, Qwen's block: the system prompt (if any), a blank line, the tools section."""
+    if tools is not None:
+        return f"<|im_start|>system\n{'' if system is None else system + NL * 2}{tools_section(tools)}<|im_end|>\n"
+    return f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+
+
+QWEN = ChatMLTemplate(name="qwen", default_system=QWEN25_DEFAULT_SYSTEM, qwen25_jinja=True, renders_tools=True)
 CHATML = ChatMLTemplate(name="chatml", default_system=None)
-QWEN3 = ChatMLTemplate(name="qwen3", default_system=None, empty_think=True)
+QWEN3 = ChatMLTemplate(name="qwen3", default_system=None, empty_think=True, renders_tools=True)
 
 
 # Qwen2.5's own chat_template (tools included, so a merged Qwen keeps its function calling); only the default
