@@ -32,7 +32,7 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
         raise LorakitError(f"{config_file} is not valid JSON; save the adapter again") from None
     if not isinstance(config, dict):
         raise LorakitError(f"{config_file} must hold a JSON object (PEFT's adapter config); save the adapter again")
-    if config.get("peft_type") != "LORA" or config.get("fan_in_fan_out") or config.get("use_dora"):
+    if config.get("peft_type") != "LORA" or config.get("fan_in_fan_out"):
         raise LorakitError(f"--adapter {adapter_dir} is not a plain LoRA adapter (peft_type {config.get('peft_type')})")
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
@@ -72,3 +72,24 @@ def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str
                 "model it was trained on"
             )
     return index
+
+
+def dora_magnitudes(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """{base weight name: DoRA magnitude (one per output feature)}; empty for an adapter without DoRA."""
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    suffix = ".lora_magnitude_vector"
+    return {
+        key.removeprefix(ADAPTER_PREFIX).removesuffix(suffix) + ".weight": value
+        for key, value in tensors.items()
+        if key.endswith(suffix)
+    }
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                  magnitude: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """W + scale * B @ A in fp32, stored back in W's dtype; with DoRA, each output row then rescaled to its trained
+    magnitude: m / ||W + scale * B @ A||_row, as PEFT merges it (the norm is of the merged row, not of W)."""
+    merged = weight.float() + scale * (b.float() @ a.float())
+    if magnitude is not None:
+        merged = (magnitude.float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
+    return merged.to(weight.dtype)

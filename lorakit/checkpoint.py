@@ -77,6 +77,7 @@ def gather_trainer_state(engine: Any) -> dict[str, torch.Tensor]:
     """fp32 master weights and AdamW moments of every LoRA tensor, whole, on every rank (a collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    link_optimizer_states(engine.optimizer)
     state = {}
     for name, param in trainable_parameters(engine.module):
         master = safe_get_full_fp32_param(param)
@@ -166,6 +167,7 @@ def load_checkpoint(engine: Any, checkpoint: Path, dist: DistInfo, unpickle_lega
 
     saved = load_file(checkpoint / TRAINER_STATE)
     _create_optimizer_state(engine.optimizer)
+    link_optimizer_states(engine.optimizer)
     trainable = trainable_parameters(engine.module)
     with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=0):
         for name, param in trainable:  # the working copy the forward pass uses (bf16 or fp32)
@@ -201,6 +203,15 @@ def _create_optimizer_state(zero_optimizer: Any) -> None:
             state["step"] = torch.tensor(0.0, dtype=torch.float32) if torch_adam else 0
             for key in OPTIMIZER_STATES:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def link_optimizer_states(zero_optimizer: Any) -> None:
+    """Point every parameter's view of its moments at the optimizer's state again (ZeRO-1/2). DeepSpeed 0.19 links
+    them once, right after the first group's first step, when a second group (LoRA+'s lora_B) has no state yet: its
+    moments would then be unreadable by parameter, and unsettable on resume."""
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _set_step_counters(engine: Any, counters: list[float]) -> None:

@@ -154,6 +154,17 @@ class LoraSettings:
         default=("all",),
         metadata=_doc("Comma-separated module names to adapt, or `all` for every linear layer except the output head."),
     )
+    use_rslora: bool = field(
+        default=False, metadata=_doc("rsLoRA: scale the adapter by alpha / sqrt(rank) instead of alpha / rank (PEFT).")
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata=_doc("DoRA: a trained magnitude per output feature on top of LoRA's direction (PEFT's use_dora)."),
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata=_doc("LoRA+: the lora_B matrices learn at --learning_rate x this ratio (e.g. 16); default off."),
+    )
 
     def __post_init__(self) -> None:
         if self.finetuning_type != "lora":
@@ -168,6 +179,10 @@ class LoraSettings:
             # alpha 0 scales every update to nothing: a run that trains nothing and saves a useless adapter
             raise LorakitError(f"--lora_alpha {self.lora_alpha} must be a positive number (the adapter's scale is "
                                "alpha / rank; leave it out for 2 x rank)")  # fmt: skip
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+            raise LorakitError(f"--loraplus_lr_ratio {ratio} must be a positive number (lora_B's learning rate is "
+                               "--learning_rate x this ratio; leave it out for plain LoRA)")  # fmt: skip
 
     @property
     def alpha(self) -> float:

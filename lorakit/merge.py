@@ -2,10 +2,11 @@
 
 `python -m lorakit merge --base MODEL --adapter DIR --out DIR [--export ollama]`
 
-- The LoRA settings (rank, alpha, rsLoRA, target modules) come from the adapter's own adapter_config.json;
+- The LoRA settings (rank, alpha, rsLoRA, DoRA, target modules) come from the adapter's own adapter_config.json;
   nothing is copied by hand.
 - Merging streams the base model one safetensors shard at a time (W += scale * B @ A in fp32, stored back in
-  the shard's dtype), so a 7B model merges in a few GiB of memory.
+  the shard's dtype; with DoRA each row then rescaled to its trained magnitude), so a 7B model merges in a few
+  GiB of memory.
 - The output gets the tokenizer with the chat template the adapter was trained with (from the adapter's
   lorakit_config.json) as its `chat_template`, and a generation_config.json whose end-of-turn token stops
   generation after the reply (the classic "answers, then rambles on" failure of hand-built prompts).
@@ -23,7 +24,7 @@ from typing import Any
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-from lorakit.adapter import check_belongs, lora_deltas
+from lorakit.adapter import check_belongs, dora_magnitudes, lora_deltas, merged_weight
 from lorakit.checks import check_model_weights, check_output_dir_writable, check_tokenizer_files
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
@@ -44,6 +45,7 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
     check_tokenizer_files(base)
     pairs, scale = lora_deltas(adapter_dir)
     index = check_belongs(pairs, base, adapter)
+    magnitudes = dora_magnitudes(adapter_dir)
     tokenizer_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     template = training_template(adapter_dir, tokenizer)
@@ -54,8 +56,7 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
         tensors = load_file(shard)
         for name, tensor in tensors.items():
             if name in pairs:
-                a, b = pairs[name]
-                tensors[name] = (tensor.float() + scale * (b.float() @ a.float())).to(tensor.dtype)
+                tensors[name] = merged_weight(tensor, *pairs[name], scale, magnitudes.get(name))
         save_safetensors(tensors, temporary / shard.name, metadata={"format": "pt"})
     if (Path(base) / "model.safetensors.index.json").is_file():
         shutil.copyfile(Path(base) / "model.safetensors.index.json", temporary / "model.safetensors.index.json")

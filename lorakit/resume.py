@@ -81,9 +81,17 @@ def run_fingerprint(config: Config, data_key: str, lora_targets: list[str]) -> d
             "alpha": lora.alpha,
             "dropout": lora.lora_dropout,
             "targets": sorted(lora_targets),
+            **lora_variants(config),
         },
         "seed": config.train.seed,
     }
+
+
+def lora_variants(config: Config) -> dict[str, Any]:
+    """The variant flags in use, none when off: a checkpoint written before they existed keeps its fingerprint."""
+    lora = config.lora
+    variants = {"use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "loraplus_lr_ratio": lora.loraplus_lr_ratio}
+    return {key: value for key, value in variants.items() if value}
 
 
 WHAT = {

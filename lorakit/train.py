@@ -95,8 +95,9 @@ def run_step(
 
 
 def set_learning_rate(engine: Any, learning_rate: float) -> None:
+    """The schedule's rate on every parameter group, times the group's own multiplier (LoRA+'s ratio on lora_B)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = learning_rate
+        group["lr"] = learning_rate * group.get("lr_multiplier", 1.0)
 
 
 def quiet_library_warnings() -> None:

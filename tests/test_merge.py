@@ -18,11 +18,17 @@ from lorakit.errors import LorakitError
 from lorakit.merge import merge
 
 
-def _adapter(base: Path, folder: Path, targets: list[str]) -> Path:
+def _adapter(base: Path, folder: Path, targets: list[str], **variant: bool) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(1)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(model, lora).save_pretrained(folder)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM",
+                      **variant)  # fmt: skip
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():  # a trained DoRA magnitude: no longer the base rows' norms, which merging would keep
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.rand_like(param) + 0.5)
+    peft_model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     flags = {"template": "qwen", "system": None, "default_system": None}
     (folder / "lorakit_config.json").write_text(json.dumps({"lorakit": flags}))
@@ -47,6 +53,21 @@ def test_merged_logits_equal_base_plus_adapter(tiny_model: Path, adapter: Path, 
         base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["use_rslora", "use_dora"])
+def test_merged_variant_logits_equal_base_plus_adapter(tiny_model: Path, tmp_path: Path, variant: str):
+    adapter = _adapter(tiny_model, tmp_path / "adapter", ["q_proj", "v_proj", "down_proj"], **{variant: True})
+    merged = merge(str(tiny_model), str(adapter), str(tmp_path / "merged"))
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)(ids).logits
+        plain = merge(str(tiny_model), str(_adapter(tiny_model, tmp_path / "plain", ["q_proj", "v_proj", "down_proj"])),
+                      str(tmp_path / "plain_merged"))  # fmt: skip
+        got = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        unvaried = AutoModelForCausalLM.from_pretrained(plain)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(unvaried, expected, atol=1e-3)  # the variant changes the answer: merging must see it
 
 
 def test_merged_folder_carries_the_training_template_and_an_end_of_turn_eos(merged: Path):

@@ -76,6 +76,17 @@ def stage2_hint(frozen_parameters: int, device: torch.device, kept_whole: bool) 
             "batch: benchmarks/RESULTS.md)"]  # fmt: skip
 
 
+def parameter_groups(model: Any, loraplus_lr_ratio: float | None) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one, or with LoRA+ two, the lora_B matrices' group carrying
+    `lr_multiplier` (the ratio), which lorakit's schedule (train.set_learning_rate) applies at every step."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if loraplus_lr_ratio is None:
+        return [{"params": [p for _, p in named], "lr_multiplier": 1.0}]
+    b = [p for name, p in named if ".lora_B." in name]
+    rest = [p for name, p in named if ".lora_B." not in name]
+    return [{"params": rest, "lr_multiplier": 1.0}, {"params": b, "lr_multiplier": float(loraplus_lr_ratio)}]
+
+
 def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None) -> BuiltEngine:
     """Load the model, attach LoRA and hand both to DeepSpeed, as `plan` (from lorakit.validate) says; on its
     own (no plan) it reads the model's config and resolves the DeepSpeed config first."""
@@ -102,7 +113,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if zero3 and on_gpu:  # counted from the loaded model: no second skeleton
         kept_whole = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 0) > total - trainable
         notes += stage2_hint(total - trainable, dist.device, kept_whole)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    trainable_params = parameter_groups(model, config.lora.loraplus_lr_ratio)
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
@@ -124,6 +135,7 @@ __all__ = [
     "model_config",
     "parameter_counts",
     "plan_engine",
+    "parameter_groups",
     "plan_run_memory",
     "resolve_deepspeed_config",
 ]

@@ -211,12 +211,31 @@ def attach_lora(model: Any, settings: LoraSettings, seed: int) -> PeftModel:
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
     )
     # PEFT's default upcasts the adapter to fp32 when the base is bf16/fp16. DeepSpeed casts it back to bf16 under
     # ZeRO-2 (its optimizer keeps the fp32 master), but not under ZeRO-3, where every LoRA call then cast its
     # input to fp32 and its output back (1,400 casts a step on Qwen2.5-7B, 41 ms of GPU time: RESULTS.md). The
     # adapter in the base's precision, with DeepSpeed's fp32 master, is what ZeRO-2 trains in both stages.
-    return get_peft_model(model, lora, autocast_adapter_dtype=False)
+    with _gathered_targets(model, targets, settings.use_dora):
+        return get_peft_model(model, lora, autocast_adapter_dtype=False)
+
+
+def _gathered_targets(model: Any, targets: list[str], needed: bool) -> Any:
+    """Every adapted layer's weight whole on every rank while PEFT builds the adapter: DoRA initialises its magnitude
+    from the base weight's row norms, and under ZeRO-3 each rank holds only an empty partition (the norm of nothing
+    would be a zero magnitude, silently). Read-only: nothing is written back."""
+    params = [
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    if not needed or not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def add_neftune_noise(model: Any, alpha: float) -> None:

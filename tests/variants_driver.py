@@ -1,0 +1,74 @@
+"""Launched by tests/test_variants.py as `torchrun --nproc_per_node 2 variants_driver.py WORKDIR MODEL DATA DS_FILE`.
+
+Each LoRA variant (rsLoRA, LoRA+, DoRA) trained under ZeRO-3 and under ZeRO-2 (nothing partitioned: the reference)
+on the same data, in one process group. Before training, DoRA's magnitude vectors as a ZeRO-3 engine initialises
+them (from base weights partitioned at birth) are gathered and saved. Rank 0 writes what the test compares: each
+run's trainer_log.jsonl (in its output_dir; LoRA+ and
+DoRA runs resumed from checkpoint-3 beside them), `dora_magnitudes.pt`, and `metrics.json` with every run's final
+per-group learning rates.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed
+
+import lorakit
+from lorakit.distributed import init_distributed
+
+workdir, model, data = (Path(p) for p in sys.argv[1:4])
+common = {
+    "model_name_or_path": str(model),
+    "template": "qwen",
+    "dataset_dir": str(data),
+    "dataset": ("tiny",),
+    "cutoff_len": 256,
+    "learning_rate": 1e-2,
+    "num_train_epochs": 1,
+    "lr_scheduler_type": "constant",  # the last step's group rates are then the configured ones
+    "logging_steps": 1,
+    "lora_target": ("all",),
+    "lora_rank": 4,
+    "lora_alpha": 8,
+    "max_grad_norm": 1.0,
+    "seed": 7,
+    "deepspeed": sys.argv[4],
+    "packing": False,
+    "per_device_train_batch_size": 4,
+    "save_steps": 3,
+}
+VARIANTS = {"rslora": {"use_rslora": True}, "loraplus": {"loraplus_lr_ratio": 16.0}, "dora": {"use_dora": True}}
+
+dora = lorakit.Config.from_flat({**common, **VARIANTS["dora"], "output_dir": str(workdir / "probe")})
+engine = lorakit.build_engine(dora, init_distributed()).engine
+magnitudes = {n: p for n, p in engine.module.named_parameters() if "lora_magnitude_vector" in n}
+with deepspeed.zero.GatheredParameters(list(magnitudes.values())):
+    saved = {name: param.detach().float().clone() for name, param in magnitudes.items()}
+if torch.distributed.get_rank() == 0:
+    torch.save(saved, workdir / "dora_magnitudes.pt")
+del engine
+
+results = {}
+for variant, flags in VARIANTS.items():
+    for stage in (3, 2):
+        name = f"{variant}_zero{stage}"
+        config = lorakit.Config.from_flat({**common, **flags, "zero_stage": stage, "output_dir": str(workdir / name)})
+        result = lorakit.train(config)
+        results[name] = {"lrs": [group["lr"] for group in result.engine.optimizer.param_groups]}
+# exact resume from checkpoint-3: LoRA+'s second optimizer group, DoRA's magnitude, restored by parameter
+for name in ("loraplus_zero2", "loraplus_zero3", "dora_zero3"):
+    variant, stage = name.split("_zero")
+    resumed = {**common, **VARIANTS[variant], "zero_stage": int(stage), "output_dir": str(workdir / f"{name}_resumed")}
+    lorakit.train(lorakit.Config.from_flat({**resumed, "resume_from_checkpoint": str(workdir / name / "checkpoint-3")}))
+# DoRA under DeepSpeed's own per-module gathering (no whole layers): its forward reads the base weight outside the
+# base layer's own forward, where DeepSpeed has released it again
+per_module = json.loads(Path(sys.argv[4]).read_text())
+per_module["zero_optimization"]["stage3_module_granularity_threshold"] = 0
+(workdir / "ds_per_module.json").write_text(json.dumps(per_module))
+flags = {**common, **VARIANTS["dora"], "deepspeed": str(workdir / "ds_per_module.json")}
+lorakit.train(lorakit.Config.from_flat({**flags, "output_dir": str(workdir / "dora_per_module")}))
+if torch.distributed.get_rank() == 0:
+    (workdir / "metrics.json").write_text(json.dumps(results))
