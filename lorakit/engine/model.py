@@ -218,24 +218,36 @@ def attach_lora(model: Any, settings: LoraSettings, seed: int) -> PeftModel:
     # ZeRO-2 (its optimizer keeps the fp32 master), but not under ZeRO-3, where every LoRA call then cast its
     # input to fp32 and its output back (1,400 casts a step on Qwen2.5-7B, 41 ms of GPU time: RESULTS.md). The
     # adapter in the base's precision, with DeepSpeed's fp32 master, is what ZeRO-2 trains in both stages.
-    with _gathered_targets(model, targets, settings.use_dora):
+    with _gathered_for_dora(model, settings.use_dora):
         return get_peft_model(model, lora, autocast_adapter_dtype=False)
 
 
-def _gathered_targets(model: Any, targets: list[str], needed: bool) -> Any:
-    """Every adapted layer's weight whole on every rank while PEFT builds the adapter: DoRA initialises its magnitude
-    from the base weight's row norms, and under ZeRO-3 each rank holds only an empty partition (the norm of nothing
-    would be a zero magnitude, silently). Read-only: nothing is written back."""
-    params = [
-        m.weight
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    ]
-    if not needed or not any(hasattr(p, "ds_id") for p in params):
+def _gathered_for_dora(model: Any, needed: bool) -> Any:
+    """Each adapted layer's weight whole on every rank while PEFT builds that layer's DoRA magnitude, from the base
+    weight's row norms: under ZeRO-3 each rank holds only a partition (an empty tensor). One layer's weight at a
+    time, not the whole model: gathering every target at once would put the whole 7B/32B model on each rank.
+    Read-only: nothing is written back."""
+    if not needed or not any(hasattr(p, "ds_id") for p in model.parameters()):
         return contextlib.nullcontext()
-    import deepspeed
+    return _dora_init_gathered()
 
-    return deepspeed.zero.GatheredParameters(params)
+
+@contextlib.contextmanager
+def _dora_init_gathered() -> Iterator[None]:
+    import deepspeed
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    original = DoraLinearVariant.__dict__["init"]  # PEFT's staticmethod, restored below
+
+    def init(module: Any, adapter_name: str, **kwargs: Any) -> None:
+        with deepspeed.zero.GatheredParameters([module.get_base_layer().weight]):
+            original.__func__(module, adapter_name, **kwargs)
+
+    DoraLinearVariant.init = staticmethod(init)
+    try:
+        yield
+    finally:
+        DoraLinearVariant.init = original
 
 
 def add_neftune_noise(model: Any, alpha: float) -> None:
