@@ -28,7 +28,9 @@ if COMPILE_MODE:  # "default", or "reduce-overhead" (CUDA graphs, one per row sh
     torch._dynamo.config.cache_size_limit = 64  # one graph per row length
     for module in engine.module.modules():
         if module.__class__.__name__.endswith("DecoderLayer"):  # forward only: ZeRO-3's module hooks stay eager
-            module.forward = torch.compile(module.forward, mode=COMPILE_MODE, dynamic=False)
+            # default mode: one compile whatever the row length (rows differ step to step); CUDA graphs: per shape
+            dynamic = None if COMPILE_MODE == "default" else False
+            module.forward = torch.compile(module.forward, mode=COMPILE_MODE, dynamic=dynamic)
 set_learning_rate(engine, config.train.learning_rate)
 plans = step_plans(run)
 engine.train()
