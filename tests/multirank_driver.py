@@ -21,11 +21,13 @@ import torch.distributed
 import lorakit
 
 all_gathers = [0]
+gathered_elements = [0]
 _all_gather_into_tensor = torch.distributed.all_gather_into_tensor
 
 
 def counted_all_gather(*args, **kwargs):
     all_gathers[0] += 1
+    gathered_elements[0] += (args[0] if args else kwargs["output_tensor"]).numel()
     return _all_gather_into_tensor(*args, **kwargs)
 
 
@@ -75,11 +77,19 @@ for name, micro, accumulation in runs:
             **({"zero_stage": 2} if name == "zero2" else {}),
         }
     )
-    gathers_before = all_gathers[0]
-    result = lorakit.train(config)
+    gathers_before, after_first_step = all_gathers[0], []
+
+    def note_first_step(info, noted=after_first_step):
+        if info.step == 1:
+            noted.append(gathered_elements[0])
+
+    result = lorakit.train(config, on_step=note_first_step)
+    parameters = list(result.engine.module.parameters())
     results[name] = result.metrics | {
         "recomputes": result.engine.module.get_base_model().is_gradient_checkpointing,
         "all_gathers": all_gathers[0] - gathers_before,
+        "elements_gathered_a_step": (gathered_elements[0] - after_first_step[0]) / 11,  # steps 2-12
+        "frozen_elements": sum(getattr(p, "ds_numel", p.numel()) for p in parameters if not p.requires_grad),
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,
     }
     if name == "wide":

@@ -107,6 +107,10 @@ def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_do
     metrics = json.loads((driver_run / "metrics.json").read_text())
     saved = metrics["wide"]["all_gathers"] - metrics["resident"]["all_gathers"]
     assert saved >= 12 * 2 * 2  # at least both decoder layers in forward and backward of every step
+    # after the first step only the adapter is gathered (DeepSpeed's own way released every resident weight at
+    # each optimizer step and gathered the whole frozen model again: 129 k elements a step here, 8 k now)
+    resident_run = metrics["resident"]
+    assert resident_run["elements_gathered_a_step"] < resident_run["frozen_elements"] / 4, resident_run
 
 
 def test_zero3_regathers_the_updated_adapter_in_one_collective(driver_run: Path):

@@ -29,7 +29,7 @@ from lorakit.engine.model import (
     parameter_counts,
 )
 from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
-from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers
+from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers, keep_frozen_resident_weights
 
 
 @dataclass
@@ -118,6 +118,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
         gather_updated_adapter_at_once(engine)
+        keep_frozen_resident_weights(engine)
     return BuiltEngine(engine, ds_config, notes, trainable, total)
 
 
