@@ -29,6 +29,7 @@ from lorakit.engine.model import (
     parameter_counts,
 )
 from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
+from lorakit.engine.streams import answer_current_stream_directly
 from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers, keep_frozen_resident_weights
 
 
@@ -114,6 +115,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         kept_whole = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 0) > total - trainable
         notes += stage2_hint(total - trainable, dist.device, kept_whole)
     trainable_params = parameter_groups(model, config.lora.loraplus_lr_ratio)
+    if on_gpu:
+        answer_current_stream_directly()
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
