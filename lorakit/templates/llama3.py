@@ -2,7 +2,8 @@
 
 `<|begin_of_text|>`, then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` with
 the content trimmed (the official template applies Jinja's `trim`, i.e. Python's `str.strip()`), no default
-system prompt and nothing between messages. Llama 3.1 and later add a dated system block: not this format.
+system prompt and nothing between messages. No tool format: tool-calling data is refused (lorakit.templates.tools).
+Llama 3.1 and later add a dated system block and tool calls: `llama3_1` (lorakit.templates.llama3_1).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ BEGIN = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
 
 
-def _header(role: str) -> str:
+def header(role: str) -> str:
     return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
 
@@ -30,7 +31,7 @@ class Llama3Template:
         check_alternation(messages)
         segments, prompt = [], BEGIN
         for message in messages:
-            prompt += _header(message.role)
+            prompt += header(message.role)
             if message.role == "assistant":
                 segments += [Segment(prompt, False), Segment(message.content.strip() + EOT, True)]
                 prompt = ""
@@ -39,8 +40,8 @@ class Llama3Template:
         return segments
 
     def generation_prompt(self, messages: Sequence[Message]) -> str:
-        turns = "".join(_header(m.role) + m.content.strip() + EOT for m in messages)
-        return BEGIN + turns + _header("assistant")
+        turns = "".join(header(m.role) + m.content.strip() + EOT for m in messages)
+        return BEGIN + turns + header("assistant")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

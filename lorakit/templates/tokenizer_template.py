@@ -18,9 +18,10 @@ from lorakit.errors import LorakitError
 from lorakit.templates.base import Message, OllamaFormat, Segment, Template, as_chat, check_alternation
 from lorakit.templates.chatml import CHATML, QWEN3, ChatMLTemplate
 from lorakit.templates.llama3 import LLAMA3
+from lorakit.templates.llama3_1 import LLAMA3_1
 from lorakit.templates.plain import PlainTemplate
 
-NAMED = "qwen, qwen3, chatml, llama3, default"
+NAMED = "qwen, qwen3, chatml, llama3, llama3_1, default"
 
 
 class TokenizerTemplate:
@@ -104,7 +105,7 @@ class TokenizerTemplate:
             default = prompt[len(header) : prompt.find("<|im_end|>")] if prompt.startswith(header) else None
             candidates += [ChatMLTemplate(name=CHATML.name, default_system=default), QWEN3]
         if "<|eot_id|>" in stops:
-            candidates.append(LLAMA3)
+            candidates += [LLAMA3, LLAMA3_1]
         if getattr(tokenizer, "eos_token", None):
             candidates.append(PlainTemplate(name="default", eos_token=tokenizer.eos_token))
         for candidate in candidates:

@@ -7,8 +7,9 @@ Qwen); a `function_call` turn is the assistant's reply `<tool_call>\\n{"name": .
 `<tool_response>\\n...\\n</tool_response>` (not trained). JSON is written as the templates' `tojson` writes it:
 `json.dumps(value, ensure_ascii=False)`.
 
-Templates without a tool format (chatml, llama3, default, auto) refuse tool data in one line, before training
-(`check_tool_support`).
+Llama 3.1's tool format is lorakit.templates.llama3_1 (it shares `wrapped_tools`). Templates without a tool format
+(chatml, llama3, default, auto) refuse tool data in one line, before training, and llama3_1 refuses calls made at
+once, which Meta's template refuses too (`check_tool_support`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lorakit.errors import LorakitError
 from lorakit.templates.base import Message
 
 TOOL_ROLES = ("tools", "function_call", "observation")
+TOOL_TEMPLATES = "qwen, qwen3 or llama3_1"  # the named templates that render tool-calling data
 _TOOLS_HEAD = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function "
     "signatures within <tools></tools> XML tags:\n<tools>"
@@ -32,11 +34,16 @@ _TOOLS_TAIL = (
 )
 
 
+def wrapped_tools(tools_json: str) -> list[dict[str, Any]]:
+    """A tools message's functions as chat templates take `tools=`: bare functions wrapped as `{"type": "function",
+    "function": {...}}`, as LLaMA-Factory wraps them for Qwen and Llama 3 and as OpenAI-style clients send them."""
+    return [t if t.get("type") == "function" else {"type": "function", "function": t} for t in json.loads(tools_json)]
+
+
 def tools_section(tools_json: str) -> str:
     """The system block's tools section (without <|im_start|>system or <|im_end|>)."""
-    tools = json.loads(tools_json)
-    wrapped = [t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools]
-    return _TOOLS_HEAD + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in wrapped) + _TOOLS_TAIL
+    tools = wrapped_tools(tools_json)
+    return _TOOLS_HEAD + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools) + _TOOLS_TAIL
 
 
 def tool_calls_text(calls_json: str, raw_string_arguments: bool) -> str:
@@ -60,12 +67,21 @@ def has_tools(messages: Sequence[Message]) -> bool:
 
 
 def check_tool_support(template: Any, conversations: Sequence[Sequence[Message]], what: str) -> None:
-    """Tool data needs a template that writes tools (qwen, qwen3): otherwise one line naming the first such record."""
-    if getattr(template, "renders_tools", False):
-        return
-    index = next((i for i, c in enumerate(conversations) if has_tools(c)), None)
-    if index is not None:
-        raise LorakitError(
-            f"--template {template.name} cannot render tool calls, and {what} example {index} has tools, a "
-            "function_call or an observation; use --template qwen or qwen3, or data without tool turns"
-        )
+    """Tool data needs a template that writes tools (qwen, qwen3, llama3_1), and one that writes a single call per
+    turn (llama3_1) needs data without calls made at once: otherwise one line naming the first such record."""
+    if not getattr(template, "renders_tools", False):
+        index = next((i for i, c in enumerate(conversations) if has_tools(c)), None)
+        if index is not None:
+            raise LorakitError(
+                f"--template {template.name} cannot render tool calls, and {what} example {index} has tools, a "
+                f"function_call or an observation; use --template {TOOL_TEMPLATES}, or data without tool turns"
+            )
+    elif getattr(template, "single_call", False):
+        for index, conversation in enumerate(conversations):
+            calls = max((len(json.loads(m.content)) for m in conversation if m.role == "function_call"), default=0)
+            if calls > 1:
+                raise LorakitError(
+                    f"--template {template.name} writes one tool call per assistant turn (as its family's chat "
+                    f"template does), and {what} example {index} makes {calls} calls at once; give each call its "
+                    "own function_call and observation turns, or use --template qwen or qwen3"
+                )

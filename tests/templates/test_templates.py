@@ -92,7 +92,8 @@ def test_auto_without_a_chat_template_is_a_clear_error(qwen_tokenizer):
 
 def test_unknown_template_name(qwen_tokenizer):
     with pytest.raises(
-        LorakitError, match="--template llama9 is unknown; choose one of qwen, qwen3, chatml, llama3, default, auto"
+        LorakitError,
+        match="--template llama9 is unknown; choose one of qwen, qwen3, chatml, llama3, llama3_1, default, auto",
     ):
         get_template("llama9", qwen_tokenizer)
 

