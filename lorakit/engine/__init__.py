@@ -29,7 +29,9 @@ from lorakit.engine.model import (
     parameter_counts,
 )
 from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
+from lorakit.engine.variants import initial_adapter
 from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers
+from lorakit.pissa import PissaStart
 
 
 @dataclass
@@ -39,6 +41,7 @@ class BuiltEngine:
     notes: list[str]  # what lorakit changed in the DeepSpeed config, for the log
     trainable_parameters: int
     total_parameters: int
+    pissa: PissaStart | None = None  # PiSSA's initial adapter and --pissa_convert, for every save
 
 
 def plan_run_memory(
@@ -104,7 +107,10 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)
     notes += apply_liger_kernel(model) if liger else lines
-    model = attach_lora(model, config.lora, config.train.seed)
+    model = attach_lora(model, config.lora, config.train.seed, dist.device)
+    pissa = None
+    if config.lora.pissa_init:  # the starting point, before DeepSpeed partitions the adapter
+        pissa = PissaStart(initial_adapter(model), config.lora.pissa_convert is not False)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)
     if whole_layers:
@@ -118,7 +124,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
         gather_updated_adapter_at_once(engine)
-    return BuiltEngine(engine, ds_config, notes, trainable, total)
+    return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
 
 __all__ = [
