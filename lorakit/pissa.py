@@ -71,3 +71,13 @@ def write_adapter(model: Any, folder: Path, state: dict[str, torch.Tensor], piss
 def is_pissa(config: dict[str, Any]) -> bool:
     """Whether an adapter_config.json describes an unconverted PiSSA adapter (valid on its residual base only)."""
     return str(config.get("init_lora_weights", "")).lower().startswith("pissa")
+
+
+def is_unconverted_pissa(adapter_dir: Path) -> bool:
+    """Whether the adapter folder holds an unconverted PiSSA adapter (an unreadable config is not one: the
+    adapter's own checks name what is wrong with it)."""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and is_pissa(config)

@@ -48,7 +48,7 @@ def additional_targets(model: Any, settings: LoraSettings, lora_targets: list[st
         if not hits:
             raise LorakitError(f"--additional_target {target} matches no module of the model; modules with "
                                f"weights are named {', '.join(weighted_module_names(model))}")  # fmt: skip
-        adapted = [h for h in hits for name, _ in modules if name.rsplit(".", 1)[-1] in lora_targets
+        adapted = [name for h in hits for name, _ in modules if name.rsplit(".", 1)[-1] in lora_targets
                    and (name == h or name.startswith(f"{h}."))]  # fmt: skip
         if adapted:
             raise LorakitError(f"--additional_target {target} is (or holds) a module LoRA adapts ({adapted[0]}); a "
