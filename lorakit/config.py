@@ -2,7 +2,8 @@
 
 Every field is a command-line flag of the same name (`--lora_rank 8`) and a key of the same name in a YAML/JSON
 config file, so the reference run's flags, a config file and research code all describe a run the same way.
-The four groups only organise the fields; names are unique across them, which keeps the flag space flat.
+The four groups only organise the fields; names are unique across them, which keeps the flag space flat. The
+LoRA group (LoraSettings) lives in lorakit.lora_settings, with its variants.
 
 Checks that need nothing but the values live in `__post_init__`; checks that touch the disk or the hardware
 (files exist, bf16 is supported) run in `lorakit.validate` before anything is loaded.

@@ -10,8 +10,10 @@ from a random matrix: each layer's draw is seeded from --seed and the layer's in
 ZeRO-2 against ZeRO-3, or another number of ranks) decomposes every weight the same way.
 
 PEFT's modules_to_save copies each named module (a ModulesToSaveWrapper keeps the frozen original beside a
-trained copy). Under ZeRO-3 PEFT gathers the original while it deep-copies it; lorakit then makes the copy's
-weights plain parameters again, which DeepSpeed partitions as trainable ones when the engine is built.
+trained copy). Under ZeRO-3 PEFT gathers the original itself while it deep-copies it, and a deep-copied parameter
+is a plain one (torch copies the data, not DeepSpeed's attributes), so DeepSpeed partitions the copy as a new
+trainable parameter when the engine is built: nothing to do here but name the modules (tests/test_variants.py
+trains them under ZeRO-3 as under ZeRO-2).
 """
 
 from __future__ import annotations
