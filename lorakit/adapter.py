@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from lorakit.checks import adapter_tensors
 from lorakit.engine.model import weight_index
 from lorakit.errors import LorakitError
+from lorakit.pissa import INITIAL_FOLDER, converted_state, is_pissa
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -40,6 +41,8 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     adapter_tensors(adapter_dir)  # whole, with LoRA weights: an empty adapter would "merge" into the unchanged base
     tensors = load_file(weights_file)
+    if is_pissa(config):  # trained on a residual base: converted against its starting point (lorakit.pissa)
+        tensors = converted_state(tensors, pissa_start(adapter_dir))
     pairs = {}
     for key, tensor in tensors.items():
         if ".lora_A." in key:
@@ -49,6 +52,47 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
                 raise LorakitError(f"{weights_file} has {key} but not {partner}; save the adapter again")
             pairs[f"{module}.weight"] = (tensor, tensors[partner])
     return pairs, scale
+
+
+def pissa_start(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The starting point of an unconverted PiSSA adapter, from the pissa_init/ folder saved beside it."""
+    initial = adapter_dir / INITIAL_FOLDER / "adapter_model.safetensors"
+    if not initial.is_file():
+        raise LorakitError(
+            f"--adapter {adapter_dir} is an unconverted PiSSA adapter (init_lora_weights "
+            "pissa in adapter_config.json): it is valid only on the residual base its training made, and "
+            f"{initial} (its starting point, to convert it) is missing; train with --pissa_convert (the default), "
+            "or copy the adapter folder whole"
+        )
+    return load_file(initial)
+
+
+def full_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """{base weight name: trained tensor} of the modules trained in full (PEFT's modules_to_save)."""
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    lora = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
+    return {key.removeprefix(ADAPTER_PREFIX): v for key, v in tensors.items() if not any(m in key for m in lora)}
+
+
+def check_full_weights(full: dict[str, torch.Tensor], index: dict[str, Path], tied: bool, which: str) -> list[str]:
+    """The names of `full` the merged model keeps: each is a base weight of the same shape, except a tied output
+    head, which the base stores as its embedding (PEFT saves the one trained matrix under both names)."""
+    kept = []
+    for name, tensor in full.items():
+        if name not in index:
+            if tied and any(torch.equal(tensor, other) for key, other in full.items() if key in index):
+                continue
+            raise LorakitError(f"{which} trains {name} in full, which the base model does not have (or stores tied "
+                               "to another weight); use the base model it was trained on")  # fmt: skip
+        with safe_open(index[name], framework="pt") as handle:
+            shape = list(handle.get_slice(name).get_shape())
+        if shape != list(tensor.shape):
+            raise LorakitError(
+                f"{which} does not fit the base model: {name} is {shape} there but "
+                f"{list(tensor.shape)} in the adapter; use the base model it was trained on"
+            )
+        kept.append(name)
+    return kept
 
 
 def check_belongs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], base: str,

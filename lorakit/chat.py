@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM, TextStreamer
 from lorakit.adapter import check_belongs, lora_deltas
 from lorakit.checks import check_model_weights
 from lorakit.engine.model import load_tokenizer, model_config
+from lorakit.errors import LorakitError
 from lorakit.generation import generate_reply
+from lorakit.pissa import is_unconverted_pissa
 from lorakit.run_record import training_template
 from lorakit.templates import Message, Template, get_template
 
@@ -29,6 +31,11 @@ def load_chat_model(model_dir: str, adapter_dir: str | None = None,
     if adapter_dir is not None:
         # the adapter's tensors against the base's shapes (headers only): an adapter made for another model is
         # one line here, not a traceback from PEFT after the model is loaded
+        if is_unconverted_pissa(Path(adapter_dir)):
+            # PEFT would decompose the base again, with a fresh random start for the fast SVD: another model
+            raise LorakitError(f"--adapter {adapter_dir} is an unconverted PiSSA adapter (--pissa_convert false), "
+                               "valid only on its residual base; merge it first (python -m lorakit merge), then "
+                               "chat with the merged model")  # fmt: skip
         check_belongs(lora_deltas(Path(adapter_dir))[0], model_dir, adapter_dir)
     source = Path(adapter_dir or model_dir)
     tokenizer = load_tokenizer(str(source) if (source / "tokenizer_config.json").is_file() else model_dir,

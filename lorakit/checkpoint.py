@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 
 from lorakit.distributed import DistInfo
 from lorakit.files import file_record, follow_umask, save_safetensors
+from lorakit.pissa import INITIAL_FOLDER, PissaStart, write_adapter
 from lorakit.rng import legacy_rng_file, load_legacy_rng_state, load_rng_state, rng_file, save_rng_state
 from lorakit.run_record import CONFIG_FILE
 from lorakit.steps import Position
@@ -53,20 +54,27 @@ def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def gather_adapter_state(model: Any, is_main: bool) -> dict[str, torch.Tensor]:
-    """Full LoRA tensors (on the CPU) on the main rank; every rank must call this."""
+    """Full LoRA tensors (on the CPU) on the main rank; every rank must call this. A tied weight appears under
+    each of its names (a tied output head's trained copy is the embedding's: PEFT saves it under both)."""
     import deepspeed
 
     trainable = trainable_parameters(model)
     with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
-        return {name: p.detach().to("cpu", copy=True) for name, p in trainable} if is_main else {}
+        if not is_main:
+            return {}
+        named = model.named_parameters(remove_duplicate=False)
+        return {name: p.detach().to("cpu", copy=True) for name, p in named if p.requires_grad}
 
 
-def save_adapter(model: Any, directory: Path, is_main: bool) -> None:
-    """`adapter_model.safetensors` + `adapter_config.json` in `directory` (every rank must call this)."""
+def save_adapter(model: Any, directory: Path, is_main: bool, pissa: PissaStart | None = None) -> None:
+    """`adapter_model.safetensors` + `adapter_config.json` in `directory` (every rank must call this); a PiSSA
+    adapter as --pissa_convert says (lorakit.pissa)."""
     state = gather_adapter_state(model, is_main)
     if is_main:
-        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        write_adapter(model, directory, state, pissa)
         follow_umask(directory / ADAPTER_WEIGHTS)  # written by safetensors: 0600 otherwise (lorakit.files)
+        if (directory / INITIAL_FOLDER).is_dir():
+            follow_umask(directory / INITIAL_FOLDER / ADAPTER_WEIGHTS)
 
 
 def _full_shape(param: torch.nn.Parameter) -> torch.Size:
@@ -98,8 +106,10 @@ def optimizer_step_counters(engine: Any) -> list[float]:
     return counters + [float(s["step"]) for s in optimizer.state.values() if "step" in s]
 
 
-def save_checkpoint(engine: Any, output_dir: Path, position: Position, extra: dict[str, Any], dist: DistInfo) -> Path:
-    """Write checkpoint-<step> atomically (every rank must call this); returns its path."""
+def save_checkpoint(engine: Any, output_dir: Path, position: Position, extra: dict[str, Any], dist: DistInfo,
+                    pissa: PissaStart | None = None) -> Path:  # fmt: skip
+    """Write checkpoint-<step> atomically (every rank must call this); returns its path. Its adapter is saved as
+    the final one is (`pissa`); the trainer state holds what resumes, PiSSA's unconverted A and B."""
     final = output_dir / f"checkpoint-{position.step}"
     incomplete = output_dir / f".{final.name}.incomplete"
     if dist.is_main:
@@ -109,10 +119,8 @@ def save_checkpoint(engine: Any, output_dir: Path, position: Position, extra: di
     save_rng_state(incomplete / rng_file(dist.rank))
     dist.barrier()  # every rank's file is in before rank 0 may rename the folder
     trainer_state = gather_trainer_state(engine)
-    adapter = gather_adapter_state(engine.module, dist.is_main)
+    save_adapter(engine.module, incomplete, dist.is_main, pissa)
     if dist.is_main:
-        engine.module.save_pretrained(incomplete, state_dict=adapter, safe_serialization=True)
-        follow_umask(incomplete / ADAPTER_WEIGHTS)
         save_safetensors(trainer_state, incomplete / TRAINER_STATE)
         shutil.copyfile(output_dir / CONFIG_FILE, incomplete / CONFIG_FILE)
         state = {"position": asdict(position), "world_size": dist.world_size,

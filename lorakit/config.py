@@ -2,7 +2,8 @@
 
 Every field is a command-line flag of the same name (`--lora_rank 8`) and a key of the same name in a YAML/JSON
 config file, so the reference run's flags, a config file and research code all describe a run the same way.
-The four groups only organise the fields; names are unique across them, which keeps the flag space flat.
+The four groups only organise the fields; names are unique across them, which keeps the flag space flat. The
+LoRA group (LoraSettings) lives in lorakit.lora_settings, with its variants.
 
 Checks that need nothing but the values live in `__post_init__`; checks that touch the disk or the hardware
 (files exist, bf16 is supported) run in `lorakit.validate` before anything is loaded.
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.lora_settings import LoraSettings
 
 
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
@@ -144,51 +146,6 @@ class DataConfig:
         return dataclasses.replace(self, dataset=self.eval_dataset, mix_strategy="concat", interleave_probs=())
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    finetuning_type: str = field(default="lora", metadata=_doc("Only `lora` is supported."))
-    lora_rank: int = field(default=8, metadata=_doc("LoRA rank r."))
-    lora_alpha: float | None = field(default=None, metadata=_doc("LoRA alpha (scale = alpha / r); default 2 x rank."))
-    lora_dropout: float = field(default=0.0, metadata=_doc("Dropout on the LoRA input."))
-    lora_target: tuple[str, ...] = field(
-        default=("all",),
-        metadata=_doc("Comma-separated module names to adapt, or `all` for every linear layer except the output head."),
-    )
-    use_rslora: bool = field(
-        default=False, metadata=_doc("rsLoRA: scale the adapter by alpha / sqrt(rank) instead of alpha / rank (PEFT).")
-    )
-    use_dora: bool = field(
-        default=False,
-        metadata=_doc("DoRA: a trained magnitude per output feature on top of LoRA's direction (PEFT's use_dora)."),
-    )
-    loraplus_lr_ratio: float | None = field(
-        default=None,
-        metadata=_doc("LoRA+: the lora_B matrices learn at --learning_rate x this ratio (e.g. 16); default off."),
-    )
-
-    def __post_init__(self) -> None:
-        if self.finetuning_type != "lora":
-            raise LorakitError(f"--finetuning_type {self.finetuning_type} is not supported; lorakit trains `lora` only")
-        if self.lora_rank < 1:
-            raise LorakitError(f"--lora_rank {self.lora_rank} must be at least 1")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise LorakitError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
-        if not self.lora_target:
-            raise LorakitError("--lora_target is empty; name modules (q_proj,v_proj,...) or use `all`")
-        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            # alpha 0 scales every update to nothing: a run that trains nothing and saves a useless adapter
-            raise LorakitError(f"--lora_alpha {self.lora_alpha} must be a positive number (the adapter's scale is "
-                               "alpha / rank; leave it out for 2 x rank)")  # fmt: skip
-        ratio = self.loraplus_lr_ratio
-        if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
-            raise LorakitError(f"--loraplus_lr_ratio {ratio} must be a positive number (lora_B's learning rate is "
-                               "--learning_rate x this ratio; leave it out for plain LoRA)")  # fmt: skip
-
-    @property
-    def alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
-
-
 SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # Hugging Face's --report_to names
 REPORT_TO = ("none", *TRACKERS)
@@ -303,14 +260,8 @@ class TrainConfig:
             raise LorakitError(f"--pack_tokens {self.pack_tokens} is too small")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise LorakitError(f"--zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
-        counts = (
-            "pack_tokens",
-            "warmup_steps",
-            "save_steps",
-            "save_total_limit",
-            "max_grad_norm",
-            "neftune_noise_alpha",
-        )
+        counts = ("pack_tokens", "warmup_steps", "save_steps", "save_total_limit", "max_grad_norm",
+                  "neftune_noise_alpha")  # fmt: skip
         for name in (*counts, "weight_decay", "eval_steps"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -3,7 +3,10 @@
 `python -m lorakit merge --base MODEL --adapter DIR --out DIR [--export ollama]`
 
 - The LoRA settings (rank, alpha, rsLoRA, DoRA, target modules) come from the adapter's own adapter_config.json;
-  nothing is copied by hand.
+  nothing is copied by hand. Modules trained in full (--additional_target, PEFT's modules_to_save) replace the
+  base's weights; a tied output head follows its embedding. A PiSSA adapter saved unconverted (--pissa_convert
+  false) is converted first, from the pissa_init/ folder beside it (lorakit.pissa): the merged model is then the
+  trained one, residual base and adapter, on the original base's files.
 - Merging streams the base model one safetensors shard at a time (W += scale * B @ A in fp32, stored back in
   the shard's dtype; with DoRA each row then rescaled to its trained magnitude), so a 7B model merges in a few
   GiB of memory.
@@ -24,7 +27,14 @@ from typing import Any
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-from lorakit.adapter import check_belongs, dora_magnitudes, lora_deltas, merged_weight
+from lorakit.adapter import (
+    check_belongs,
+    check_full_weights,
+    dora_magnitudes,
+    full_weights,
+    lora_deltas,
+    merged_weight,
+)
 from lorakit.checks import check_model_weights, check_output_dir_writable, check_tokenizer_files
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
@@ -46,6 +56,9 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
     pairs, scale = lora_deltas(adapter_dir)
     index = check_belongs(pairs, base, adapter)
     magnitudes = dora_magnitudes(adapter_dir)
+    full = full_weights(adapter_dir)
+    tied = bool(getattr(base_config, "tie_word_embeddings", False))
+    kept = check_full_weights(full, index, tied, f"the adapter {adapter}")
     tokenizer_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     template = training_template(adapter_dir, tokenizer)
@@ -57,6 +70,8 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
         for name, tensor in tensors.items():
             if name in pairs:
                 tensors[name] = merged_weight(tensor, *pairs[name], scale, magnitudes.get(name))
+            elif name in kept:  # trained in full (--additional_target): the trained copy replaces the weight
+                tensors[name] = full[name].to(tensor.dtype)
         save_safetensors(tensors, temporary / shard.name, metadata={"format": "pt"})
     if (Path(base) / "model.safetensors.index.json").is_file():
         shutil.copyfile(Path(base) / "model.safetensors.index.json", temporary / "model.safetensors.index.json")

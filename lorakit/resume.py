@@ -90,7 +90,8 @@ def run_fingerprint(config: Config, data_key: str, lora_targets: list[str]) -> d
 def lora_variants(config: Config) -> dict[str, Any]:
     """The variant flags in use, none when off: a checkpoint written before they existed keeps its fingerprint."""
     lora = config.lora
-    variants = {"use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "loraplus_lr_ratio": lora.loraplus_lr_ratio}
+    variants = {"use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "loraplus_lr_ratio": lora.loraplus_lr_ratio,
+                "pissa": lora.pissa_method, "additional_target": sorted(lora.additional_target)}  # fmt: skip
     return {key: value for key, value in variants.items() if value}
 
 

@@ -228,7 +228,7 @@ def train(
                 stop_asked |= hooks.eval(position.step, epoch, eval_loss)
             if save_now or signal_number or stopping:
                 extra = {"fingerprint": checked.fingerprint, "loss_sum": reporter.loss_sum()}
-                saved = save_checkpoint(engine, run.output_dir, position, extra, dist)
+                saved = save_checkpoint(engine, run.output_dir, position, extra, dist, run.built.pissa)
                 if dist.is_main:
                     prune_checkpoints(run.output_dir, train_config.save_total_limit)
             if signal_number:
@@ -236,7 +236,7 @@ def train(
             if stopping:
                 say(f"stopped at step {position.step}: a hook asked to", dist.is_main)
                 break
-    save_adapter(engine.module, run.output_dir, dist.is_main)
+    save_adapter(engine.module, run.output_dir, dist.is_main, run.built.pissa)
     metrics = reporter.finish(position.step, position.epochs_done(len(run.data)), train_config.plot_loss)
     say(f"adapter saved to {run.output_dir.resolve()}", dist.is_main)
     return TrainResult(metrics, engine, run.output_dir)

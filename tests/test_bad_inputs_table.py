@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_checkpoint import write_checkpoint
 from tiny import make_model
 from transformers import AutoModelForCausalLM
@@ -164,6 +164,17 @@ def _zero_width_lora(folder: Path) -> None:
     save_file(empty, folder / "adapter_model.safetensors")
 
 
+def _embedding_of_width(width: int) -> Callable[[Path], None]:
+    """The adapter with a module trained in full (modules_to_save) made for a model of another width."""
+
+    def change(folder: Path) -> None:
+        tensors = load_file(folder / ADAPTER_WEIGHTS)
+        save_file({**tensors, "base_model.model.model.embed_tokens.weight": torch.zeros(8, width)},
+                  folder / ADAPTER_WEIGHTS)  # fmt: skip
+
+    return change
+
+
 def _header_longer_than_file(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
 
@@ -246,6 +257,14 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "learning_rate nan": (lambda w: w.train("--learning_rate", "nan"), "--learning_rate nan", "positive"),
     "lora_rank 0": (lambda w: w.train("--lora_rank", "0"), "--lora_rank 0", "at least 1"),
     "lora_dropout 1": (lambda w: w.train("--lora_dropout", "1"), "--lora_dropout 1", "must be in [0, 1)"),
+    "pissa_iter without pissa": (lambda w: w.train("--pissa_iter", "4"), "--pissa_iter", "add --pissa_init"),
+    "pissa_convert without pissa": (lambda w: w.train("--pissa_convert", "false"), "--pissa_convert",
+                                    "applies to PiSSA only"),
+    "pissa_iter -2": (lambda w: w.train("--pissa_init", "--pissa_iter", "-2"), "--pissa_iter -2", "must be -1"),
+    "unknown additional target": (lambda w: w.train("--additional_target", "embed"), "--additional_target embed",
+                                  "matches no module of the model; modules with weights are named down_proj, embed"),
+    "additional target LoRA adapts": (lambda w: w.train("--additional_target", "q_proj"),
+                                      "--additional_target q_proj", "a module LoRA adapts"),
     "eval_steps negative": (lambda w: w.train("--eval_steps", "-1"), "--eval_steps -1", "must be >= 0"),
     "save_steps negative": (lambda w: w.train("--save_steps", "-5"), "--save_steps -5", "must be >= 0"),
     "logging_steps 0": (lambda w: w.train("--logging_steps", "0"), "--logging_steps 0", "at least 1"),
@@ -337,6 +356,13 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "merge adapter rank 0": (lambda w: w.merge(w.adapter_copy(_adapter_config(r=0))), "adapter_config.json",
                              "needs r >= 1"),
     "merge adapter of another model": (lambda w: w.merge(w.other_adapter), "other-adapter", "does not fit the base"),
+    "merge unconverted pissa without its start": (
+        lambda w: w.merge(w.adapter_copy(_adapter_config(init_lora_weights="pissa_niter_16"))), "pissa_init",
+        "is missing"),
+    "chat unconverted pissa": (lambda w: w.chat(w.adapter_copy(_adapter_config(init_lora_weights="pissa"))),
+                               "adapter", "merge it first"),
+    "merge full module of another shape": (lambda w: w.merge(w.adapter_copy(_embedding_of_width(32))),
+                                           "model.embed_tokens.weight", "does not fit the base model"),
     "merge adapter folder empty": (lambda w: w.merge(_mkdir(w.tmp / "nothing")), "nothing",
                                    "has no adapter_config.json"),
     "merge out under a file": (lambda w: w.merge(out=_touch(w.tmp / "f") / "m"), "--out", "cannot be created"),

@@ -67,10 +67,12 @@ def make_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(folder: Path, seed: int = 0, hidden_size: int = 64, initializer_range: float = 0.02) -> Path:
+def make_model(folder: Path, seed: int = 0, hidden_size: int = 64, initializer_range: float = 0.02,
+               tie_word_embeddings: bool = False) -> Path:  # fmt: skip
     """Save the tiny model + tokenizer in `folder` (a normal Hugging Face folder) and return it. A larger
     `initializer_range` widens the logits the frozen output head can reach, so a few steps can change a greedy
-    reply (at 0.02 every logit stays within about +-1 of the others)."""
+    reply (at 0.02 every logit stays within about +-1 of the others). `tie_word_embeddings`: the output head is
+    the input embedding (as in SmolLM2 and Qwen2.5's small models)."""
     records = alpaca_records(200)
     corpus = [" ".join(r.values()) for r in records] + ["You are a tiny test model. system user assistant"]
     tokenizer = make_tokenizer(corpus)
@@ -83,7 +85,7 @@ def make_model(folder: Path, seed: int = 0, hidden_size: int = 64, initializer_r
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=initializer_range,

@@ -30,7 +30,9 @@ from lorakit.engine.model import (
 )
 from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
 from lorakit.engine.streams import answer_current_stream_directly
+from lorakit.engine.variants import initial_adapter
 from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers, keep_frozen_resident_weights
+from lorakit.pissa import PissaStart
 
 
 @dataclass
@@ -40,6 +42,7 @@ class BuiltEngine:
     notes: list[str]  # what lorakit changed in the DeepSpeed config, for the log
     trainable_parameters: int
     total_parameters: int
+    pissa: PissaStart | None = None  # PiSSA's initial adapter and --pissa_convert, for every save
 
 
 def plan_run_memory(
@@ -105,7 +108,10 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)
     notes += apply_liger_kernel(model) if liger else lines
-    model = attach_lora(model, config.lora, config.train.seed)
+    model = attach_lora(model, config.lora, config.train.seed, dist.device)
+    pissa = None
+    if config.lora.pissa_init:  # the starting point, before DeepSpeed partitions the adapter
+        pissa = PissaStart(initial_adapter(model), config.lora.pissa_convert is not False)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)
     if whole_layers:
@@ -122,7 +128,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if zero3:
         gather_updated_adapter_at_once(engine)
         keep_frozen_resident_weights(engine)
-    return BuiltEngine(engine, ds_config, notes, trainable, total)
+    return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
 
 __all__ = [

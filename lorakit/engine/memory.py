@@ -14,7 +14,11 @@ The estimate, in the precision trained (2 bytes for bf16/fp16, 4 for fp32):
   does not (measured slopes on Qwen2.5-7B: 10.0 MB a token under ZeRO-3, 7.3 under ZeRO-2; 7.45 estimated);
 - the frozen weights: bytes x parameters, divided by the GPUs under ZeRO-3, plus four layers' worth in flight
   (gathered ahead and kept for reuse across the forward/backward turn);
-- the loss: one chunk of fp32 logits, its gradient and softmax (lorakit.loss.CHUNK_ROWS x vocab x 12 bytes).
+- the loss: one chunk of fp32 logits, its gradient and softmax (lorakit.loss.CHUNK_ROWS x vocab x 12 bytes);
+- modules trained in full (--additional_target: an embedding and output head are 1.1B weights on Qwen2.5-7B):
+  their trained copy (bytes, divided by the GPUs under ZeRO-3) and, partitioned over the GPUs at every stage
+  but 0, its gradient (bytes) and the optimizer's fp32 master and two moments (12 bytes). The LoRA matrices'
+  own share of these is negligible and not counted.
 Checked against six measured peaks of Qwen2.5-7B on H200s, 1 to 4 GPUs, rows of 1,280 to 4,096 tokens: within
 2 GiB (tests/engine/test_memory.py). One peak ran 7 GiB over (ZeRO-3, 2 GPUs, a 4,864-token row), so only
 HEADROOM of the free memory is planned, also for the allocator's fragmentation and NCCL's buffers.
@@ -59,12 +63,13 @@ class ModelShape:
     vocab: int
     parameters: int
     dtype_bytes: int  # of the precision trained
+    trained_full: int = 0  # weights of the modules --additional_target trains in full (copies beside the frozen)
 
     @classmethod
-    def of(cls, hf_config: Any, parameters: int, dtype_bytes: int) -> ModelShape:
+    def of(cls, hf_config: Any, parameters: int, dtype_bytes: int, trained_full: int = 0) -> ModelShape:
         hidden = hf_config.hidden_size
         return cls(hf_config.num_hidden_layers, hidden, getattr(hf_config, "intermediate_size", None) or 4 * hidden,
-                   hf_config.vocab_size, parameters, dtype_bytes)  # fmt: skip
+                   hf_config.vocab_size, parameters, dtype_bytes, trained_full)  # fmt: skip
 
     def activation_bytes(self, tokens: int, checkpointing: bool, zero3: bool) -> int:
         layer = self.dtype_bytes * (16 * self.hidden + 4 * self.intermediate)
@@ -75,7 +80,9 @@ class ModelShape:
         weights = self.dtype_bytes * self.parameters
         if zero3:
             weights = weights // world_size + 4 * weights // self.layers
-        return weights + CHUNK_ROWS * self.vocab * 12
+        trained = int(self.trained_full * (self.dtype_bytes / (world_size if zero3 else 1)
+                                           + (self.dtype_bytes + 12) / world_size))  # fmt: skip
+        return weights + trained + CHUNK_ROWS * self.vocab * 12
 
 
 @dataclass(frozen=True)

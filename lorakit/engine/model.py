@@ -21,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.config import LoraSettings
+from lorakit.engine.variants import additional_targets, pissa_gathered, ties_embeddings
 from lorakit.errors import LorakitError
 
 
@@ -201,8 +202,12 @@ def lora_targets(model: Any, settings: LoraSettings) -> list[str]:
     return targets
 
 
-def attach_lora(model: Any, settings: LoraSettings, seed: int) -> PeftModel:
+def attach_lora(model: Any, settings: LoraSettings, seed: int, device: torch.device | None = None) -> PeftModel:
+    """The PeftModel of `model` with LoRA as `settings` say. Under ZeRO-3 (weights partitioned at birth) DoRA's
+    magnitudes and PiSSA's decomposition are taken from whole weights (lorakit.engine.variants). `device`: where
+    PiSSA decomposes weights that are not partitioned (the accelerator; default the CPU)."""
     targets = lora_targets(model, settings)
+    full = additional_targets(model, settings, targets)
     torch.manual_seed(seed)  # the same initial adapter on every rank
     lora = LoraConfig(
         r=settings.lora_rank,
@@ -213,12 +218,18 @@ def attach_lora(model: Any, settings: LoraSettings, seed: int) -> PeftModel:
         task_type="CAUSAL_LM",
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora,
+        init_lora_weights=settings.pissa_method or True,
+        modules_to_save=full or None,
+        # a tied embedding and output head stay one matrix: trained once, saved and merged as one
+        ensure_weight_tying=bool(full) and ties_embeddings(model),
     )
     # PEFT's default upcasts the adapter to fp32 when the base is bf16/fp16. DeepSpeed casts it back to bf16 under
     # ZeRO-2 (its optimizer keeps the fp32 master), but not under ZeRO-3, where every LoRA call then cast its
     # input to fp32 and its output back (1,400 casts a step on Qwen2.5-7B, 41 ms of GPU time: RESULTS.md). The
     # adapter in the base's precision, with DeepSpeed's fp32 master, is what ZeRO-2 trains in both stages.
-    with _gathered_for_dora(model, settings.use_dora):
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    pissa = pissa_gathered(seed, device or torch.device("cpu"), zero3) if settings.pissa_init else None
+    with _gathered_for_dora(model, settings.use_dora), pissa or contextlib.nullcontext():
         return get_peft_model(model, lora, autocast_adapter_dtype=False)
 
 

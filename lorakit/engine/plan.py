@@ -19,6 +19,7 @@ from lorakit.config import Config
 from lorakit.engine.deepspeed_config import automatic_persistence_threshold, resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import lora_targets
+from lorakit.engine.variants import additional_targets, full_parameters
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,16 @@ def largest_lora_matrix(config: Config, hf_config: Any) -> int:
 
 def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -> EnginePlan:
     """Resolve the DeepSpeed config and look at the model's module tree (on the meta device: nothing allocated);
-    a contradiction in the DeepSpeed file or an unknown LoRA target is a LorakitError."""
+    a contradiction in the DeepSpeed file or an unknown LoRA or additional target is a LorakitError."""
     largest_lora = largest_lora_matrix(config, hf_config)
     ds_config, notes = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu, largest_lora)
     with torch.device("meta"):  # a copy: transformers writes its dtype and attention choice into the config
         skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config),
                                                     trust_remote_code=config.model.trust_remote_code)  # fmt: skip
     targets = lora_targets(skeleton, config.lora)
+    trained_full = full_parameters(skeleton, additional_targets(skeleton, config.lora, targets))
     parameters = sum(p.numel() for p in skeleton.parameters())
-    shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize)
+    shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full)
     # lorakit's own number, from an "auto" or absent key (a file holding exactly this number is taken as lorakit's)
     threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold")
     automatic = threshold == automatic_persistence_threshold(hf_config.hidden_size, largest_lora)
