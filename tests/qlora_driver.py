@@ -4,7 +4,8 @@ on N CUDA GPUs (2 where the host has them).
 QLoRA (--quantization_bit 4, bf16) trained three ways on the same data, in one process group: ZeRO-2 (nothing
 partitioned: the reference); ZeRO-3 with a persistence threshold of 0, so every packed 4-bit weight, norm and
 LoRA matrix is partitioned and gathered a decoder layer at a time; and ZeRO-3 with lorakit's automatic threshold
-(the tiny model's weights fit, so they are kept whole, as a 7B's are on 80 GB cards). After the partitioned run,
+(the tiny model's weights fit, so they are kept whole, as a 7B's are on 80 GB cards). Then DoRA on the 4-bit
+layers under ZeRO-2 and partitioned ZeRO-3, and 8 bits under ZeRO-2. After the partitioned run,
 its model's logits on a fixed batch (every rank in the forward, as ZeRO-3 needs). Rank 0 writes `metrics.json`
 (world size, the batch, and where the logits are) and `logits.pt`; each run's output_dir has its
 trainer_log.jsonl and adapter.
@@ -47,6 +48,9 @@ RUNS = {
     "zero2": {"zero_stage": 2},
     "zero3": {"deepspeed": str(workdir / "ds_partitioned.json")},
     "zero3_kept": {},  # lorakit's default config: ZeRO-3, frozen weights kept whole when they fit
+    "dora_zero2": {"zero_stage": 2, "use_dora": True},
+    "dora_zero3": {"deepspeed": str(workdir / "ds_partitioned.json"), "use_dora": True},
+    "int8_zero2": {"zero_stage": 2, "quantization_bit": 8},
 }
 logits = None
 for name, flags in RUNS.items():
