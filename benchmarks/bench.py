@@ -3,6 +3,8 @@ HF Trainer baseline, on the GPUs of one host; one JSON line per run and a markdo
 
     python benchmarks/bench.py --runs zero3,zero2,zero3@1,baseline --steps 40 --out results.json
     python benchmarks/bench.py --runs zero3@1,zero3@2,zero3@4 --global_batch 128 --steps 20   # scaling
+    python benchmarks/bench.py --runs qlora@1,qlora-zero3@2 --steps 20                        # QLoRA, the 7B
+    python benchmarks/bench.py --arch 32b --runs qlora-zero3@2 --steps 20                     # QLoRA, the 32B
 
 Model FLOPs (for TFLOP/s and MFU): LoRA trains no base weight, so a token costs 4 x N_matmul (forward 2N, and
 2N for the input gradients of backward) over the decoder's linear layers, plus 4 x vocab x hidden for the output
@@ -63,12 +65,21 @@ RUNS = {
     "short-packed": ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1"],
     "short-unpacked": ["--zero_stage", "2", "--max_samples", "512", "--num_train_epochs", "2", "--max_steps", "-1",
                        "--packing", "false"],
+    # QLoRA (4-bit NF4, double quantisation): ZeRO-2 (one GPU), ZeRO-3 as lorakit plans it (quantised weights kept
+    # whole where they fit), ZeRO-3 with the frozen weights partitioned (the adapter resident); --arch 32b for the
+    # 32B architecture
+    "qlora": ["--quantization_bit", "4", "--zero_stage", "2"],
+    "qlora-zero3": ["--quantization_bit", "4"],
+    "qlora-zero3-partitioned": ["--quantization_bit", "4", "--deepspeed", "{partitioned}"],
 }  # fmt: skip
 VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (see RESULTS.md)
     "per_module": {"stage3_module_granularity_threshold": 0},
     "persist": {"stage3_param_persistence_threshold": 10**12},
     "hfpersist": {"stage3_param_persistence_threshold": 35840},  # HF's 10 x hidden: MLP LoRA matrices gathered
     "hfprefetch": {"stage3_prefetch_bucket_size": int(0.9 * 3584**2)},  # HF's auto: a twentieth of a layer
+    # above the largest LoRA matrix of the 7B and 32B at r=8 (221,184), below their smallest frozen weight (k_proj,
+    # 459k packed 4-bit elements in the 7B): every frozen weight partitioned, the adapter resident
+    "partitioned": {"stage3_param_persistence_threshold": 300_000},
     # larger prefetch and live-parameter budgets, so NCCL moves large messages
     "bigfetch": {
         "stage3_prefetch_bucket_size": 5 * 10**8,
@@ -205,7 +216,7 @@ def baseline_run(gpus: int, args: argparse.Namespace, work: Path, tokens: float)
 
 RESULT_FIELDS = ("run", "stage", "gpus", "card", "date", "commit", "global_batch", "tokens_per_second_per_gpu",
                  "seconds_per_step", "train_runtime", "total_steps", "mfu", "peak_gpu_memory_gib",
-                 "same_lease")  # fmt: skip
+                 "same_lease", "arch")  # fmt: skip
 
 
 def results_line(result: dict, args: argparse.Namespace) -> dict:
@@ -216,7 +227,7 @@ def results_line(result: dict, args: argparse.Namespace) -> dict:
     flags = [] if name == "baseline" else RUNS.get(name.removeprefix("profile-"), [])
     stage = int(flags[flags.index("--zero_stage") + 1]) if "--zero_stage" in flags else 3
     line = {**result, "stage": stage, "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-            "commit": args.commit, "same_lease": args.same_lease}  # fmt: skip
+            "commit": args.commit, "same_lease": args.same_lease, "arch": f"Qwen2.5-{args.arch.upper()}"}  # fmt: skip
     line.setdefault("global_batch", args.global_batch or 4 * 4 * result["gpus"])
     if not name.startswith("full-"):  # train_runtime and total_steps describe whole jobs only
         line["train_runtime"] = line["total_steps"] = None
@@ -225,7 +236,8 @@ def results_line(result: dict, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model_dir", type=Path, default=Path("/tmp/qwen25-7b-random"))
+    parser.add_argument("--arch", choices=("7b", "32b"), default="7b", help="Qwen2.5-7B's or -32B's architecture")
+    parser.add_argument("--model_dir", type=Path, help="default: /tmp/qwen25-ARCH-random (made if absent)")
     parser.add_argument("--data_dir", type=Path, default=Path("/tmp/huanhuan"))
     parser.add_argument("--huanhuan", type=Path, default=REPO.parent / "shared/data/huanhuan.json")
     parser.add_argument("--runs", default="zero3,zero2,baseline")
@@ -243,19 +255,20 @@ def main() -> None:
     parser.add_argument("--commit", default="", help="the lorakit commit measured, for results.jsonl")
     parser.add_argument("--same_lease", default="", help="an id shared by the runs of one lease")
     args = parser.parse_args()
-    from benchmarks.qwen7b import QWEN25_7B, make_data, make_model
+    args.model_dir = args.model_dir or Path(f"/tmp/qwen25-{args.arch}-random")
+    from benchmarks.qwen7b import ARCHITECTURES, make_data, make_model
     from lorakit.data import encode_dataset, load_conversations, resolve_datasets
     from lorakit.engine import load_tokenizer
     from lorakit.templates import get_template
 
     started = time.perf_counter()
-    make_model(args.model_dir, "cuda")
+    make_model(args.model_dir, "cuda", ARCHITECTURES[args.arch])
     make_data(args.data_dir, args.huanhuan)
     print(f"model and data ready in {time.perf_counter() - started:.0f} s", flush=True)
     tokenizer = load_tokenizer(str(args.model_dir))
     conversations = load_conversations(resolve_datasets(str(args.data_dir), ("huanhuan",)), None)
     data = encode_dataset(conversations, get_template("qwen", tokenizer), tokenizer, 1024)
-    flops, tokens = model_flops(data, QWEN25_7B)
+    flops, tokens = model_flops(data, ARCHITECTURES[args.arch])
     work = args.out.parent
     write_variants(work)
     results = []

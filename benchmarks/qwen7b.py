@@ -1,7 +1,8 @@
 """The reference job's model and data for benchmarks: Qwen2.5-7B-Instruct's architecture with random weights
-(its published config; no weights can be fetched) and the huanhuan data set with Qwen's real tokenizer.
+(its published config; no weights can be fetched) and the huanhuan data set with Qwen's real tokenizer; or
+Qwen2.5-32B-Instruct's architecture (`--arch 32b`: 61 GiB of safetensors).
 
-    python benchmarks/qwen7b.py MODEL_DIR DATA_DIR --huanhuan ../shared/data/huanhuan.json
+    python benchmarks/qwen7b.py MODEL_DIR DATA_DIR --huanhuan ../shared/data/huanhuan.json [--arch 32b]
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ QWEN25_7B = {
     "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
     "use_sliding_window": False, "vocab_size": 152064,
 }  # fmt: skip
+# Qwen2.5-32B-Instruct's architecture (64 layers, 40 query and 8 key/value heads): the model QLoRA under ZeRO-3
+# exists for (benchmarks/bench.py --arch 32b)
+QWEN25_32B = QWEN25_7B | {"hidden_size": 5120, "intermediate_size": 27648, "max_window_layers": 64,
+                          "num_attention_heads": 40, "num_hidden_layers": 64, "num_key_value_heads": 8}  # fmt: skip
+ARCHITECTURES = {"7b": QWEN25_7B, "32b": QWEN25_32B}
 
 
 def qwen_tokenizer_files() -> Path:
@@ -33,15 +39,16 @@ def qwen_tokenizer_files() -> Path:
     return Path(os.path.dirname(spec.origin)) / "tokenizer_files"
 
 
-def make_model(folder: Path, device: str) -> None:
-    """Random bf16 weights (normal, std 0.02; norms at 1) in safetensors shards, plus Qwen's tokenizer."""
+def make_model(folder: Path, device: str, architecture: dict | None = None) -> None:
+    """Random bf16 weights (normal, std 0.02; norms at 1) in safetensors shards, plus Qwen's tokenizer;
+    `architecture`: a config.json's values (default Qwen2.5-7B-Instruct's)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     if (folder / "model.safetensors.index.json").is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    config = Qwen2Config(**QWEN25_7B)
+    config = Qwen2Config(**(architecture or QWEN25_7B))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator(device).manual_seed(0)
@@ -79,6 +86,7 @@ if __name__ == "__main__":
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--huanhuan", type=Path, default=Path(__file__).parents[2] / "shared/data/huanhuan.json")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="7b")
     args = parser.parse_args()
-    make_model(args.model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    make_model(args.model_dir, "cuda" if torch.cuda.is_available() else "cpu", ARCHITECTURES[args.arch])
     make_data(args.data_dir, args.huanhuan)

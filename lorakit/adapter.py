@@ -9,15 +9,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorakit.checks import adapter_tensors
+from lorakit.config import ModelConfig
 from lorakit.engine.model import weight_index
+from lorakit.engine.quantization import describe
 from lorakit.errors import LorakitError
 from lorakit.pissa import INITIAL_FOLDER, converted_state, is_pissa
+from lorakit.run_record import has_run_record, read_run_flags
+
+QUANTIZATION_FLAGS = ("quantization_bit", "quantization_method", "quantization_type", "double_quantization")
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -137,3 +143,28 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale:
     if magnitude is not None:
         merged = (magnitude.float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
     return merged.to(weight.dtype)
+
+
+def check_unquantized_base(base_config: Any, base: str) -> None:
+    """merge and chat read the base's safetensors as they are: a folder saved already quantised (bitsandbytes'
+    packed weights, `quantization_config` in its config.json) is not a base an adapter can be merged onto."""
+    quantized = getattr(base_config, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
+        raise LorakitError(
+            f"{base} holds an already-quantised model (quantization_config in its config.json: {method}); use the "
+            "unquantised base model folder (bf16/fp16 safetensors), the one a QLoRA run quantises while loading"
+        )
+
+
+def qlora_base_line(adapter_dir: Path, base: str, base_config: Any) -> str | None:
+    """For an adapter trained by lorakit with --quantization_bit (its lorakit_config.json says so): the line that
+    says it is used on the unquantised `base`, in the base's own precision; None for any other adapter."""
+    flags = read_run_flags(adapter_dir) if has_run_record(adapter_dir) else {}
+    if flags.get("quantization_bit") is None:
+        return None
+    settings = ModelConfig(**{k: v for k, v in flags.items() if k in QUANTIZATION_FLAGS})
+    dtype = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or "its stored dtype"
+    trained_on = flags.get("model_name_or_path") or "?"
+    return (f"QLoRA adapter (trained on {trained_on} quantised to {describe(settings)}): using the unquantised base "
+            f"{base} ({str(dtype).removeprefix('torch.')} weights as stored), not a quantised one")  # fmt: skip

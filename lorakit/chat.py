@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from transformers import AutoModelForCausalLM, TextStreamer
 
-from lorakit.adapter import check_belongs, lora_deltas
+from lorakit.adapter import check_belongs, lora_deltas, qlora_base_line
 from lorakit.checks import check_model_weights
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
@@ -26,7 +26,7 @@ from lorakit.templates import Message, Template, get_template
 
 def load_chat_model(model_dir: str, adapter_dir: str | None = None,
                     trust_remote_code: bool = False) -> tuple[Any, Any, Template]:  # fmt: skip
-    model_config(model_dir, trust_remote_code)  # a clear error for a folder that is not a model, or ships code
+    config = model_config(model_dir, trust_remote_code)  # a clear error for a folder that is not a model, or code
     check_model_weights(model_dir)
     if adapter_dir is not None:
         # the adapter's tensors against the base's shapes (headers only): an adapter made for another model is
@@ -37,6 +37,9 @@ def load_chat_model(model_dir: str, adapter_dir: str | None = None,
                                "valid only on its residual base; merge it first (python -m lorakit merge), then "
                                "chat with the merged model")  # fmt: skip
         check_belongs(lora_deltas(Path(adapter_dir))[0], model_dir, adapter_dir)
+        qlora_line = qlora_base_line(Path(adapter_dir), model_dir, config)
+        if qlora_line:  # stderr: a one-shot reply on stdout stays the reply alone
+            print(f"chat: {qlora_line}", file=sys.stderr, flush=True)
     source = Path(adapter_dir or model_dir)
     tokenizer = load_tokenizer(str(source) if (source / "tokenizer_config.json").is_file() else model_dir,
                                trust_remote_code=trust_remote_code)  # fmt: skip

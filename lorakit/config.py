@@ -24,6 +24,9 @@ def _doc(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": " ".join(text.split()), **extra}
 
 
+QUANTIZATION_TYPES = ("nf4", "fp4")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_name_or_path: str = field(
@@ -56,9 +59,37 @@ class ModelConfig:
         ),
     )
 
+    quantization_bit: int | None = field(
+        default=None,
+        metadata=_doc(
+            "QLoRA: load the frozen base model quantised to 4 or 8 bits with bitsandbytes, on the fly while "
+            "loading (lorakit[qlora], a CUDA GPU; 8 bits not under ZeRO-3); default: not quantised."
+        ),
+    )
+    quantization_method: str = field(
+        default="bnb", metadata=_doc("How --quantization_bit quantises: only `bnb` (bitsandbytes).")
+    )
+    quantization_type: str = field(
+        default="nf4", metadata=_doc("The 4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4.")
+    )
+    double_quantization: bool = field(
+        default=True,
+        metadata=_doc(
+            "4-bit: quantise the quantisation constants too (QLoRA's double quantisation, ~0.4 bit a weight less)."
+        ),  # fmt: skip
+    )
+
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise LorakitError("--bf16 and --fp16 are both set; choose one precision")
+        if self.quantization_bit not in (None, 4, 8):
+            raise LorakitError(f"--quantization_bit {self.quantization_bit} is not supported; bitsandbytes "
+                               "quantises to 4 or 8 bits (leave it out to train on the unquantised model)")  # fmt: skip
+        if self.quantization_method != "bnb":
+            raise LorakitError(f"--quantization_method {self.quantization_method} is not supported; lorakit "
+                               "quantises with bitsandbytes only (`bnb`)")  # fmt: skip
+        if self.quantization_type not in QUANTIZATION_TYPES:
+            raise LorakitError(f"--quantization_type {self.quantization_type} is unknown; use nf4 or fp4")
 
 
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")

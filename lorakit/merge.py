@@ -15,6 +15,9 @@
   generation after the reply (the classic "answers, then rambles on" failure of hand-built prompts).
 - Checks come first, before anything is written: adapter and base must belong together (every adapted module
   exists in the base with matching shapes), and an existing --out is not replaced without --overwrite.
+- A QLoRA adapter (--quantization_bit, recorded in its lorakit_config.json) merges onto the unquantised base
+  given as --base, in that base's precision, and a line says so; a base folder saved already quantised is
+  refused (its packed weights are not the weights the adapter's deltas apply to).
 """
 
 from __future__ import annotations
@@ -30,16 +33,19 @@ from transformers import GenerationConfig
 from lorakit.adapter import (
     check_belongs,
     check_full_weights,
+    check_unquantized_base,
     dora_magnitudes,
     full_weights,
     lora_deltas,
     merged_weight,
+    qlora_base_line,
 )
 from lorakit.checks import check_model_weights, check_output_dir_writable, check_tokenizer_files
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
 from lorakit.files import save_safetensors
 from lorakit.generation import stop_token_ids
+from lorakit.reporting import say
 from lorakit.run_record import CONFIG_FILE, training_template
 from lorakit.templates import Template
 
@@ -51,6 +57,7 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
     check_output_dir_writable(out, "--out")
     base_config = model_config(base, trust_remote_code)
+    check_unquantized_base(base_config, base)
     check_model_weights(base)
     check_tokenizer_files(base)
     pairs, scale = lora_deltas(adapter_dir)
@@ -59,6 +66,9 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
     full = full_weights(adapter_dir)
     tied = bool(getattr(base_config, "tie_word_embeddings", False))
     kept = check_full_weights(full, index, tied, f"the adapter {adapter}")
+    qlora_line = qlora_base_line(adapter_dir, base, base_config)
+    if qlora_line:
+        say(f"merge: {qlora_line}")
     tokenizer_dir = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     template = training_template(adapter_dir, tokenizer)

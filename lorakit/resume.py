@@ -34,6 +34,7 @@ from lorakit.checkpoint import (
 )
 from lorakit.config import Config
 from lorakit.engine.model import weight_index
+from lorakit.engine.quantization import describe
 from lorakit.errors import LorakitError
 from lorakit.run_record import read_run_flags
 from lorakit.steps import Position
@@ -84,7 +85,13 @@ def run_fingerprint(config: Config, data_key: str, lora_targets: list[str]) -> d
             **lora_variants(config),
         },
         "seed": config.train.seed,
+        "quantization": quantization(config),
     }
+
+
+def quantization(config: Config) -> str | None:
+    """The base model's quantisation (None without --quantization_bit, as in checkpoints from before it)."""
+    return describe(config.model) if config.model.quantization_bit is not None else None
 
 
 def lora_variants(config: Config) -> dict[str, Any]:
@@ -100,6 +107,7 @@ WHAT = {
     "model": "the base model (--model_name_or_path config or weight files)",
     "lora": "the LoRA settings",
     "seed": "--seed (the data order)",
+    "quantization": "the base model's quantisation (--quantization_bit, --quantization_type, --double_quantization)",
 }
 
 

@@ -31,6 +31,7 @@ from lorakit.distributed import launch_rank, launch_world_size
 from lorakit.engine.kernels import check_liger_kernel
 from lorakit.engine.model import load_tokenizer, model_config, remote_code_note
 from lorakit.engine.plan import plan_engine
+from lorakit.engine.quantization import check_quantization
 from lorakit.errors import LorakitError
 from lorakit.evaluate import held_out_count
 from lorakit.plan import RunPlan
@@ -68,6 +69,7 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
             "example would not fit in a row; raise --pack_tokens or lower --cutoff_len"
         )
     engine = plan_engine(config, hf_config, launch_world_size(), torch.cuda.is_available())
+    check_quantization(config.model, engine.zero3, torch.cuda.is_available())
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
     tokenizer = load_tokenizer(model_path, hf_config, trust_remote_code=trust)

@@ -8,6 +8,7 @@ could write (the case's tmp folder, the shared model, data and adapters, the dat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -288,6 +289,18 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "calls at once, llama3_1": (lambda w: _tools(w, 2, "llama3_1"), "--template llama3_1", "makes 2 calls at once"),
     "bf16 and fp16": (lambda w: w.train("--bf16", "--fp16"), "--bf16 and --fp16", "choose one precision"),
     "seed not a number": (lambda w: w.train("--seed", "x"), "--seed", "could not convert"),
+    # QLoRA (the machine-dependent ones are made so by MACHINE below)
+    "quantization_bit 3": (lambda w: w.train("--quantization_bit", "3"), "--quantization_bit 3", "4 or 8 bits"),
+    "quantization_type int4": (lambda w: w.train("--quantization_bit", "4", "--quantization_type", "int4"),
+                               "--quantization_type int4", "use nf4 or fp4"),
+    "quantization_method gptq": (lambda w: w.train("--quantization_bit", "4", "--quantization_method", "gptq"),
+                                 "--quantization_method gptq", "bitsandbytes only"),
+    "8-bit under ZeRO-3": (lambda w: w.train("--quantization_bit", "8"), "--quantization_bit 8",
+                           "does not work under ZeRO-3"),
+    "quantization on the CPU": (lambda w: w.train("--quantization_bit", "4"), "--quantization_bit 4",
+                                "needs a CUDA GPU"),
+    "quantization without bitsandbytes": (lambda w: w.train("--quantization_bit", "4", "--zero_stage", "2"),
+                                          "--quantization_bit 4", "pip install 'lorakit[qlora]'"),
     # model folders
     "config.json truncated": (lambda w: w.broken_model(_truncate("config.json", 40)), "config.json",
                               "is not valid JSON"),
@@ -371,6 +384,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                              "model.safetensors", "is truncated"),
     "merge base unknown model_type": (lambda w: w.merge(base=w.model_copy(_config_with(model_type="qwen9"))),
                                       "config.json", "unknown to transformers"),
+    "merge onto a quantised base": (lambda w: w.merge(base=w.model_copy(_config_with(quantization_config={
+        "quant_method": "bitsandbytes", "load_in_4bit": True}))), "model", "already-quantised model"),
     # chat
     "chat adapter of another model": (lambda w: w.chat(w.other_adapter), "other-adapter", "does not fit the base"),
     "chat empty adapter": (lambda w: w.chat(w.adapter_copy(_empty_safetensors)), "adapter_model.safetensors",
@@ -392,6 +407,20 @@ CASES: dict[str, tuple[Setup, str, str]] = {
         lambda w: ["preview", *w.data_file(json.dumps({"data": ALPACA}))[1:]], "d.json", "under 'data'"),
 }
 # fmt: on
+_find_spec = importlib.util.find_spec
+
+
+def _without(package: str) -> Callable[..., object]:
+    return lambda name, *rest: None if name == package else _find_spec(name, *rest)
+
+
+MACHINE: dict[str, Callable[[pytest.MonkeyPatch], object]] = {  # the machine a case needs, on any test host
+    "quantization on the CPU": lambda mp: mp.setattr(torch.cuda, "is_available", lambda: False),
+    "quantization without bitsandbytes": lambda mp: (
+        mp.setattr(torch.cuda, "is_available", lambda: True),
+        mp.setattr(importlib.util, "find_spec", _without("bitsandbytes")),
+    ),
+}
 
 
 def _touch(path: Path) -> Path:
@@ -416,8 +445,9 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int, int]]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input(case: str, tiny_model: Path, tiny_data: Path, adapters: tuple[Path, Path], tmp_path: Path,
-                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+                   capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     setup, culprit, reason = CASES[case]
+    MACHINE.get(case, lambda _: None)(monkeypatch)
     world = World(tmp_path, tiny_model, tiny_data, *adapters)
     argv = setup(world)
     roots = (tmp_path, tiny_model, tiny_data, adapters[0].parent, Path(os.environ["LORAKIT_CACHE"]))

@@ -29,6 +29,7 @@ from lorakit.engine.model import (
     parameter_counts,
 )
 from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
+from lorakit.engine.quantization import describe
 from lorakit.engine.streams import answer_current_stream_directly
 from lorakit.engine.variants import initial_adapter
 from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers, keep_frozen_resident_weights
@@ -68,14 +69,15 @@ def plan_run_memory(
     return dataclasses.replace(config, train=train), engine, plan.lines
 
 
-def stage2_hint(frozen_parameters: int, device: torch.device, kept_whole: bool) -> list[str]:
-    """One line when the frozen model would fit whole on each GPU: stage 3 stays (the user asked for it), but
-    stage 2 would skip ZeRO-3's hooks, and its gathers where the weights are partitioned (RESULTS.md)."""
-    model_gib, free_gib = frozen_parameters * 2 / 2**30, torch.cuda.mem_get_info(device)[0] / 2**30
+def stage2_hint(frozen_bytes: int, device: torch.device, kept_whole: bool) -> list[str]:
+    """One line when the frozen model (`frozen_bytes` as stored: lorakit.engine.memory.ModelShape.weight_bytes)
+    would fit whole on each GPU: stage 3 stays (the user asked for it), but stage 2 would skip ZeRO-3's hooks, and
+    its gathers where the weights are partitioned (RESULTS.md)."""
+    model_gib, free_gib = frozen_bytes / 2**30, torch.cuda.mem_get_info(device)[0] / 2**30
     if model_gib > 0.5 * free_gib:
         return []
     skipped, gain = ("ZeRO-3's hooks", "1.9x") if kept_whole else ("ZeRO-3's gathers and hooks", "2.7x")
-    return [f"ZeRO-3 as asked; the frozen model ({model_gib:.1f} GiB in 16 bits) fits on each GPU ({free_gib:.0f} GiB "
+    return [f"ZeRO-3 as asked; the frozen model ({model_gib:.1f} GiB as stored) fits on each GPU ({free_gib:.0f} GiB "
             f"free): --zero_stage 2 would skip {skipped} ({gain} the tokens/s on 4 H200s at the reference's global "
             "batch: benchmarks/RESULTS.md)"]  # fmt: skip
 
@@ -102,8 +104,12 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     hf_config, ds_config, zero3, notes = plan.hf_config, plan.ds_config, plan.zero3, list(plan.ds_notes)
     notes += settle_cuda_arch_list() + clear_stale_build_locks()  # before deepspeed.initialize, which may build an op
     whole_layers = zero3 and lorakit_chooses_units(ds_config)
+    quantized = config.model.quantization_bit is not None
     model = load_base_model(config.model.model_name_or_path, hf_config, compute_dtype(config), ds_config, zero3,
-                            dist.rank, trust)  # fmt: skip
+                            dist.rank, trust, (config.model, dist.device) if quantized else None)  # fmt: skip
+    if quantized:
+        notes.append(f"QLoRA: the base model's linear layers quantised to {describe(config.model)} by "
+                     f"bitsandbytes while loading{', then partitioned by ZeRO-3' if zero3 else ''}")  # fmt: skip
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)
@@ -119,7 +125,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     trainable, total = parameter_counts(model)
     if zero3 and on_gpu:  # counted from the loaded model: no second skeleton
         kept_whole = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 0) > total - trainable
-        notes += stage2_hint(total - trainable, dist.device, kept_whole)
+        notes += stage2_hint(plan.shape.weight_bytes, dist.device, kept_whole)
     trainable_params = parameter_groups(model, config.lora.loraplus_lr_ratio)
     if on_gpu:
         answer_current_stream_directly()

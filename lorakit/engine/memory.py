@@ -12,8 +12,11 @@ The estimate, in the precision trained (2 bytes for bf16/fp16, 4 for fp32):
   checkpointing only each layer's input stays (bytes x hidden), plus one layer's worth being recomputed. Under
   ZeRO-3 x 1.4: DeepSpeed's ZeRO-3 linear saves every frozen linear's input for backward, which plain PyTorch
   does not (measured slopes on Qwen2.5-7B: 10.0 MB a token under ZeRO-3, 7.3 under ZeRO-2; 7.45 estimated);
-- the frozen weights: bytes x parameters, divided by the GPUs under ZeRO-3, plus four layers' worth in flight
-  (gathered ahead and kept for reuse across the forward/backward turn);
+- the frozen weights as stored (bytes x parameters; with --quantization_bit the decoder's linear weights at about
+  0.52 byte (4-bit) or 1 byte (8-bit) each, lorakit.engine.quantization), divided by the GPUs under ZeRO-3, plus
+  four layers' worth in flight (gathered ahead and kept for reuse across the forward/backward turn); under ZeRO-3
+  with quantised weights and no checkpointing, every quantised weight whole instead: bitsandbytes' 4-bit matmul
+  keeps a view of each gathered weight until that layer's backward;
 - the loss: one chunk of fp32 logits, its gradient and softmax (lorakit.loss.CHUNK_ROWS x vocab x 12 bytes);
 - modules trained in full (--additional_target: an embedding and output head are 1.1B weights on Qwen2.5-7B):
   their trained copy (bytes, divided by the GPUs under ZeRO-3) and, partitioned over the GPUs at every stage
@@ -64,22 +67,33 @@ class ModelShape:
     parameters: int
     dtype_bytes: int  # of the precision trained
     trained_full: int = 0  # weights of the modules --additional_target trains in full (copies beside the frozen)
+    quantized: int = 0  # of the parameters, those stored quantised (--quantization_bit: the decoder's linears)
+    quantized_bytes: float = 0.0  # a quantised weight's bytes, its quantisation constants included
 
     @classmethod
-    def of(cls, hf_config: Any, parameters: int, dtype_bytes: int, trained_full: int = 0) -> ModelShape:
+    def of(cls, hf_config: Any, parameters: int, dtype_bytes: int, trained_full: int = 0, quantized: int = 0,
+           quantized_bytes: float = 0.0) -> ModelShape:  # fmt: skip
         hidden = hf_config.hidden_size
         return cls(hf_config.num_hidden_layers, hidden, getattr(hf_config, "intermediate_size", None) or 4 * hidden,
-                   hf_config.vocab_size, parameters, dtype_bytes, trained_full)  # fmt: skip
+                   hf_config.vocab_size, parameters, dtype_bytes, trained_full, quantized, quantized_bytes)  # fmt: skip
+
+    @property
+    def weight_bytes(self) -> int:
+        """The frozen weights as stored on the GPU."""
+        return int(self.dtype_bytes * (self.parameters - self.quantized) + self.quantized_bytes * self.quantized)
 
     def activation_bytes(self, tokens: int, checkpointing: bool, zero3: bool) -> int:
         layer = self.dtype_bytes * (16 * self.hidden + 4 * self.intermediate)
         per_token = self.layers * self.dtype_bytes * self.hidden + layer if checkpointing else self.layers * layer
         return int(tokens * per_token * (ZERO3_ACTIVATIONS if zero3 else 1))
 
-    def fixed_bytes(self, zero3: bool, world_size: int) -> int:
-        weights = self.dtype_bytes * self.parameters
+    def fixed_bytes(self, zero3: bool, world_size: int, checkpointing: bool = True) -> int:
+        weights = self.weight_bytes
         if zero3:
-            weights = weights // world_size + 4 * weights // self.layers
+            # bitsandbytes' 4-bit matmul keeps a view of the gathered weight for backward, so without
+            # recomputation every layer's gathered weights stay until that layer's backward
+            in_flight = int(self.quantized_bytes * self.quantized) if self.quantized and not checkpointing else 0
+            weights = weights // world_size + max(in_flight, 4 * weights // self.layers)
         trained = int(self.trained_full * (self.dtype_bytes / (world_size if zero3 else 1)
                                            + (self.dtype_bytes + 12) / world_size))  # fmt: skip
         return weights + trained + CHUNK_ROWS * self.vocab * 12
@@ -108,7 +122,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
     may_keep_frozen: ZeRO-3's persistence threshold is lorakit's to choose (see the module docstring)."""
     if free_bytes is None:  # the CPU: nothing planned
         return MemoryPlan(pack_tokens or max(cutoff_len, 4096), bool(checkpointing), [])
-    weights = shape.dtype_bytes * shape.parameters
+    weights = shape.weight_bytes
     if zero3 and may_keep_frozen and weights <= KEEP_FROZEN_SHARE * free_bytes:
         kept = plan_memory(shape, free_bytes, False, world_size, cutoff_len, pack_tokens, checkpointing,
                            batch_tokens, step_tokens)  # fmt: skip
@@ -120,11 +134,13 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
                     "smallest GPU's free memory and are kept whole on every GPU, gathered once (a number for "
                     "stage3_param_persistence_threshold in the DeepSpeed file partitions them)")  # fmt: skip
             return MemoryPlan(kept.pack_tokens, kept.gradient_checkpointing, [*kept.lines, line], True)
-    fixed = shape.fixed_bytes(zero3, world_size)
-    budget = HEADROOM * free_bytes - fixed
+
+    def fixed(with_checkpointing: bool) -> int:  # QLoRA under ZeRO-3 keeps more weights without checkpointing
+        return shape.fixed_bytes(zero3, world_size, with_checkpointing)
 
     def fits(tokens: int, with_checkpointing: bool) -> bool:
-        return shape.activation_bytes(tokens, with_checkpointing, zero3) <= budget
+        needed = shape.activation_bytes(tokens, with_checkpointing, zero3) + fixed(with_checkpointing)
+        return needed <= HEADROOM * free_bytes
 
     fixed_rows = batch_tokens or pack_tokens
     if fixed_rows:
@@ -142,7 +158,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
         plans = [(c, n) for c, n in preference if fits(n, c)]
         chosen_checkpointing, rows = plans[0] if plans else (options[-1], cutoff_len)
     tokens = fixed_rows or rows
-    estimate = shape.activation_bytes(tokens, chosen_checkpointing, zero3) + fixed
+    estimate = shape.activation_bytes(tokens, chosen_checkpointing, zero3) + fixed(chosen_checkpointing)
     line = (f"memory plan: {free_bytes / GiB:.0f} GiB free on the smallest GPU; "
             f"{'rows' if rows else 'micro-batches'} of {tokens:,} tokens, gradient checkpointing "
             f"{'on' if chosen_checkpointing else 'off'}: about {estimate / GiB:.0f} GiB at peak "

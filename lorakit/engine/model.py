@@ -20,7 +20,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lorakit.config import LoraSettings
+from lorakit.config import LoraSettings, ModelConfig
+from lorakit.engine.quantization import load_quantized_model, true_numel
 from lorakit.engine.variants import additional_targets, pissa_gathered, ties_embeddings
 from lorakit.errors import LorakitError
 
@@ -108,10 +109,18 @@ def weight_index(path: str) -> dict[str, Path]:
 
 
 def load_base_model(path: str, hf_config: Any, dtype: torch.dtype, ds_config: dict[str, Any], zero3: bool,
-                    rank: int, trust_remote_code: bool = False) -> Any:  # fmt: skip
+                    rank: int, trust_remote_code: bool = False,
+                    quantization: tuple[ModelConfig, torch.device] | None = None) -> Any:  # fmt: skip
     """The causal LM from `path` (whose config.json `hf_config` is: not read again); partitioned from birth under
     ZeRO-3 (with torch's own F.linear where the DeepSpeed config turns DeepSpeed's memory-efficient linear off:
-    lorakit.engine.deepspeed_config). `trust_remote_code`: --trust_remote_code, for a folder with its own code."""
+    lorakit.engine.deepspeed_config). `trust_remote_code`: --trust_remote_code, for a folder with its own code.
+    `quantization`: the model flags and the rank's GPU, for --quantization_bit (lorakit.engine.quantization:
+    quantised whole on that GPU, partitioned later by deepspeed.initialize under ZeRO-3)."""
+    if zero3 and ds_config["zero_optimization"].get("memory_efficient_linear", True) is False:
+        _restore_torch_linear()
+    if quantization is not None:
+        settings, device = quantization
+        return load_quantized_model(path, hf_config, dtype, settings, device, trust_remote_code)
     if not zero3:
         return AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
                                                     trust_remote_code=trust_remote_code)  # fmt: skip
@@ -121,8 +130,6 @@ def load_base_model(path: str, hf_config: Any, dtype: torch.dtype, ds_config: di
     # that zero.Init has already partitioned to empty tensors), and keep RoPE's fp32 buffers fp32. zero.Init takes
     # its dtype from the config's bf16/fp16 sections: an explicit `dtype=` is ignored on accelerators without fp16
     # (DeepSpeed 0.19 `_set_dtype` precedence), which silently made a CPU run bf16.
-    if ds_config["zero_optimization"].get("memory_efficient_linear", True) is False:
-        _restore_torch_linear()
     with _no_init_weights(), _keep_arange_dtype(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype,  # the model's own, as read
                                                  trust_remote_code=trust_remote_code)  # fmt: skip
@@ -274,10 +281,10 @@ def add_neftune_noise(model: Any, alpha: float) -> None:
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters, counting ZeRO-3 partitioned weights at their full size."""
+    """(trainable, total) parameters, counting ZeRO-3 partitioned and 4-bit packed weights at their full size."""
     trainable = total = 0
     for param in model.parameters():
-        count = getattr(param, "ds_numel", param.numel())
+        count = true_numel(param)
         total += count
         trainable += count if param.requires_grad else 0
     return trainable, total

@@ -19,6 +19,7 @@ from lorakit.config import Config
 from lorakit.engine.deepspeed_config import automatic_persistence_threshold, resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import lora_targets
+from lorakit.engine.quantization import quantized_bytes_per_weight
 from lorakit.engine.variants import additional_targets, full_parameters
 
 
@@ -46,6 +47,16 @@ def largest_lora_matrix(config: Config, hf_config: Any) -> int:
     return config.lora.lora_rank * max(hf_config.hidden_size, getattr(hf_config, "intermediate_size", 0))
 
 
+def quantized_share(config: Config, skeleton: Any) -> tuple[int, float]:
+    """(parameters stored quantised, bytes each) under --quantization_bit: the weights of every linear layer but
+    the output head, the ones transformers replaces with bitsandbytes layers; (0, 0.0) without it."""
+    if config.model.quantization_bit is None:
+        return 0, 0.0
+    head = skeleton.get_output_embeddings()
+    linears = [m for m in skeleton.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return sum(m.weight.numel() for m in linears), quantized_bytes_per_weight(config.model)
+
+
 def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -> EnginePlan:
     """Resolve the DeepSpeed config and look at the model's module tree (on the meta device: nothing allocated);
     a contradiction in the DeepSpeed file or an unknown LoRA or additional target is a LorakitError."""
@@ -57,7 +68,8 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     targets = lora_targets(skeleton, config.lora)
     trained_full = full_parameters(skeleton, additional_targets(skeleton, config.lora, targets))
     parameters = sum(p.numel() for p in skeleton.parameters())
-    shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full)
+    shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,
+                          *quantized_share(config, skeleton))  # fmt: skip
     # lorakit's own number, from an "auto" or absent key (a file holding exactly this number is taken as lorakit's)
     threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold")
     automatic = threshold == automatic_persistence_threshold(hf_config.hidden_size, largest_lora)
