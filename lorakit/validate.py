@@ -69,7 +69,7 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
             "example would not fit in a row; raise --pack_tokens or lower --cutoff_len"
         )
     engine = plan_engine(config, hf_config, launch_world_size(), torch.cuda.is_available())
-    check_quantization(config.model, engine.zero3, torch.cuda.is_available())
+    check_quantization(config.model, engine.zero3, torch.cuda.is_available(), config.lora.pissa_init)
     if config.train.plot_loss and importlib.util.find_spec("matplotlib") is None:
         raise LorakitError("--plot_loss needs matplotlib: pip install 'lorakit[plot]' (or drop --plot_loss)")
     tokenizer = load_tokenizer(model_path, hf_config, trust_remote_code=trust)

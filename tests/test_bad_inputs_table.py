@@ -297,6 +297,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                                  "--quantization_method gptq", "bitsandbytes only"),
     "8-bit under ZeRO-3": (lambda w: w.train("--quantization_bit", "8"), "--quantization_bit 8",
                            "does not work under ZeRO-3"),
+    "PiSSA on a quantised base": (lambda w: w.train("--quantization_bit", "4", "--pissa_init"), "--pissa_init",
+                                  "--quantization_bit 4 stores packed"),
     "quantization on the CPU": (lambda w: w.train("--quantization_bit", "4"), "--quantization_bit 4",
                                 "needs a CUDA GPU"),
     "quantization without bitsandbytes": (lambda w: w.train("--quantization_bit", "4", "--zero_stage", "2"),

@@ -69,12 +69,16 @@ def bnb_config(settings: ModelConfig, dtype: torch.dtype) -> Any:
     )
 
 
-def check_quantization(settings: ModelConfig, zero3: bool, on_gpu: bool) -> None:
+def check_quantization(settings: ModelConfig, zero3: bool, on_gpu: bool, pissa: bool = False) -> None:
     """Before anything loads: QLoRA's needs that the flags alone do not show (the ZeRO stage is the resolved
-    DeepSpeed config's). The ZeRO-3 line comes first, so that it shows on any machine."""
+    DeepSpeed config's). The ZeRO-3 and PiSSA lines come first, so that they show on any machine."""
     bits = settings.quantization_bit
     if bits is None:
         return
+    if pissa:  # PiSSA writes a bf16 residual into each adapted base weight: packed 4/8-bit weights cannot hold it
+        raise LorakitError(f"--pissa_init rewrites the adapted base weights, which --quantization_bit {bits} stores "
+                           "packed; drop one of them (PiSSA on a quantised base needs the residual model saved "
+                           "and quantised first)")  # fmt: skip
     if bits == 8 and zero3:
         raise LorakitError("--quantization_bit 8 does not work under ZeRO-3 (bitsandbytes' 8-bit layers keep "
                            "their whole weight on every rank); use --quantization_bit 4, or 8 bits with "
