@@ -85,7 +85,8 @@ def run_fingerprint(config: Config, data_key: str, lora_targets: list[str]) -> d
             **lora_variants(config),
         },
         "seed": config.train.seed,
-        "quantization": quantization(config),
+        # only with --quantization_bit: a checkpoint written before the flag existed keeps its fingerprint
+        **({"quantization": quantization(config)} if config.model.quantization_bit is not None else {}),
     }
 
 
@@ -200,7 +201,7 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
     if is_legacy(state):
         notes.append(f"warning: resuming {checkpoint.name} of lorakit's earlier layout (--unpickle_legacy_checkpoint): "
                      "its files are not verified and its RNG files are unpickled")  # fmt: skip
-    differs = [key for key in WHAT if state["fingerprint"].get(key) != fingerprint[key]]
+    differs = [key for key in WHAT if state["fingerprint"].get(key) != fingerprint.get(key)]
     if differs:
         what = "; ".join(WHAT[key] for key in differs)
         detail = f" (was {state['fingerprint']['lora']}, now {fingerprint['lora']})" if "lora" in differs else ""
