@@ -131,9 +131,8 @@ def set_up(checked: RunPlan) -> Run:
     if dist.is_main and config.train.overwrite_output_dir:
         for old in checkpoint_folders(output_dir):
             shutil.rmtree(old)
-    data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
-                                                dist.all_ok, checked.train_data)  # fmt: skip
-    data, held_out = split_eval_data(checked, data, dist.local_rank == 0, dist.all_ok)
+    data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, source=checked.train_data)
+    data, held_out = split_eval_data(checked, data)
     train = config.train
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
@@ -209,6 +208,7 @@ def train(
                                              counts.warmup_steps, train_config.lr_scheduler_type)  # fmt: skip
             set_learning_rate(engine, learning_rate)
             step_loss = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
+            run.data.release()  # the token pages this step read leave this rank's resident memory (lorakit.data.tokens)
             position = advance(position, plan, len(run.data))
             grad_norm, tokens = engine.get_global_grad_norm(), int(run.data.lengths[plan.examples()].sum())
             last, epoch = position.step == counts.total_steps, position.epochs_done(len(run.data))

@@ -65,7 +65,12 @@ def check_tool_support(template: Any, conversations: Sequence[Sequence[Message]]
         return
     index = next((i for i, c in enumerate(conversations) if has_tools(c)), None)
     if index is not None:
-        raise LorakitError(
-            f"--template {template.name} cannot render tool calls, and {what} example {index} has tools, a "
-            "function_call or an observation; use --template qwen or qwen3, or data without tool turns"
-        )
+        refuse_tools(template, index, what)
+
+
+def refuse_tools(template: Any, index: int, what: str) -> None:
+    """The error for tool data (first at example `index` of `what`) with a template that cannot write tools."""
+    raise LorakitError(
+        f"--template {template.name} cannot render tool calls, and {what} example {index} has tools, a "
+        "function_call or an observation; use --template qwen or qwen3, or data without tool turns"
+    )
