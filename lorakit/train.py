@@ -94,6 +94,13 @@ def run_step(
     return local_loss / step_targets
 
 
+def cache_line(folder: Path, was_cached: bool) -> str:
+    if was_cached:
+        return f"reused tokenised cache {folder}"
+    meta = json.loads((folder / "meta.json").read_text())
+    return f"wrote tokenised cache {folder} ({meta['seconds']:.1f} s, {meta['workers']} processes)"
+
+
 def set_learning_rate(engine: Any, learning_rate: float) -> None:
     """The schedule's rate on every parameter group, times the group's own multiplier (LoRA+'s ratio on lora_B)."""
     for group in engine.optimizer.param_groups:
@@ -152,8 +159,8 @@ def set_up(checked: RunPlan) -> Run:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
         f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "
-        f"out (no trained token left after truncation); {'reused' if was_cached else 'wrote'} tokenised cache "
-        f"{cache_path}", dist.is_main)  # fmt: skip
+        f"out (no trained token left after truncation); {cache_line(cache_path, was_cached)}",
+        dist.is_main)  # fmt: skip
     first = json.dumps(example_record(*data.example(0), tokenizer, 0), ensure_ascii=False)
     say(f"first example: {first}", dist.is_main)
     for line in counts.lines(built.trainable_parameters, built.total_parameters):

@@ -1,9 +1,11 @@
 """Records to ids and labels on every core: data files as Arrow tables, tokenised with `datasets.Dataset.map`.
 
-Each data file becomes an Arrow file of raw records: a JSON Lines file's lines as they are (parsed in the workers),
-any other file's records as `lorakit.data.readers` parses them, pickled (Python's own values, so the ids are
-those of the reference path whatever a record holds). `Dataset.map(batched=True, num_proc=N)` then turns them
-into conversations, renders and tokenises them in N processes, each writing its share of the result to Arrow
+Each data file becomes an Arrow file of raw rows. A JSON Lines file's lines are read by pyarrow's multithreaded
+reader as they are, and parsed in the workers; any other file (a JSON list, CSV, Parquet) is parsed whole by
+lorakit.data.readers in the build's process, and its rows point at the records held there: the workers are forked
+from that process after reading, so they find the records (Python's own values, so the ids are those of the
+reference path whatever a record holds) without copying them. `Dataset.map(batched=True, num_proc=N)` then turns
+rows into conversations, renders and tokenises them in N processes, each writing its share of the result to Arrow
 files. A record's problem does not stop a worker: it is kept, with the stage it came from, and the first one in
 reading order (file by file: a line that is not JSON, then a record that is not an object, then a record's
 fields) is the one-line error, the same one the reference path raises (lorakit.data.records).
@@ -12,7 +14,6 @@ fields) is the one-line error, the same one the reference path raises (lorakit.d
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,28 +25,39 @@ import pyarrow as pa
 from lorakit.config import DataConfig
 from lorakit.data.encode import IGNORE_INDEX, Rendered, encode_rendered, render_for_encoding
 from lorakit.data.info import DatasetSpec
-from lorakit.data.readers import check_not_wrapped, json_lines, not_an_object, parse_line, read_records
+from lorakit.data.readers import (
+    check_not_wrapped,
+    is_json_lines,
+    json_lines,
+    json_lines_column,
+    not_an_object,
+    parse_line,
+    read_records,
+)
 from lorakit.data.records import record_messages
 from lorakit.data.system_prompt import with_system
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, Template
 from lorakit.templates.tools import has_tools
 
-LINE, RECORD, CONVERSATION = 0, 1, 2  # a raw row: JSON text, a pickled record, a pickled conversation (Python's)
+LINE, LOADED, CONVERSATION = 0, 1, 2  # a raw row: a JSON line's text; a record or conversation held in memory
 NOT_JSON, NOT_OBJECT, BAD_RECORD = 0, 1, 2  # the stages a record's error comes from, in the order they are raised
 ROWS_PER_WORKER = 256  # fewer rows than this per process: starting the process costs more than it saves
 RAW_SCHEMA = pa.schema(
     [
-        ("record", pa.large_binary()),
-        ("kind", pa.int8()),  # LINE, RECORD or CONVERSATION
+        ("record", pa.large_string()),  # a JSON line (LINE rows; null for the others)
+        ("kind", pa.int8()),  # LINE, LOADED or CONVERSATION
         ("file", pa.int32()),  # in the build's list of files (-1: data from Python)
         ("dataset", pa.int32()),  # in --dataset order
         ("index", pa.int64()),  # the record's index in its dataset ("record 12" in errors)
-        ("file_index", pa.int64()),  # ... and in its file ("record 3 is a list")
+        ("file_index", pa.int64()),  # ... and in its file ("record 3 is a list"; where a LOADED record is)
         ("line", pa.int64()),  # a JSON line's number
         ("use", pa.bool_()),  # within --max_samples (the rest of a file is checked, as the whole file is read)
     ]
 )
+# Records parsed whole (a JSON list, CSV, Parquet; data from Python: -1), by file: the worker processes are forked
+# from the build's process after they are read, so they find them here without copying them through a file.
+LOADED_RECORDS: dict[int, list[Any]] = {}
 
 
 def _write(columns: dict[str, Any], path: Path) -> Path:
@@ -55,22 +67,46 @@ def _write(columns: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _lines(path: Path, spec: DatasetSpec) -> tuple[pa.Array, np.ndarray]:
+    """A JSON Lines file's non-blank lines (an Arrow column, unparsed) and their numbers."""
+    column = json_lines_column(path)
+    if column is None:  # lorakit.data.readers: where pyarrow's reader could split otherwise, or to say what is wrong
+        lines = json_lines(path) or []
+        text, numbers = pa.array([line for _, line in lines], pa.large_string()), [n for n, _ in lines]
+    else:  # a line is blank as str.strip() says: only lines not starting with "{" can be, and are looked at here
+        maybe = np.flatnonzero(_first_bytes(column) != ord("{"))
+        blank = np.zeros(len(column), bool)
+        blank[maybe] = [not line.strip() for line in column.take(pa.array(maybe)).to_pylist()]
+        text, numbers = column.filter(pa.array(~blank)), np.flatnonzero(~blank) + 1
+    if path.suffix == ".json" and len(text) == 1:  # one record in a .json file may be a wrapped list
+        check_not_wrapped(path, [parse_line(path, int(numbers[0]), text[0].as_py())], spec.columns)
+    return text, np.asarray(numbers, np.int64)
+
+
+def _first_bytes(column: pa.Array) -> np.ndarray:
+    """Each line's first byte (0 for an empty line), from the column's buffers (a line holds no NUL bytes)."""
+    _, offsets, values = column.buffers()
+    starts = np.frombuffer(offsets, np.int64, len(column) + 1, column.offset * 8)
+    data = np.frombuffer(values, np.uint8) if values is not None and values.size else np.zeros(1, np.uint8)
+    return np.where(np.diff(starts) > 0, data[np.minimum(starts[:-1], len(data) - 1)], 0)
+
+
 def _raw_file(path: Path, spec: DatasetSpec, ids: tuple[int, int], start: int, limit: int | None) -> dict[str, Any]:
     """A data file's records as raw rows; `ids` = (file, dataset), `start` = the dataset's index of its first."""
-    lines = json_lines(path)
-    if lines is None:
+    if is_json_lines(path):
+        text, numbers = _lines(path, spec)
+        count, kind = len(text), LINE
+    else:
         records = read_records(path)
         check_not_wrapped(path, records, spec.columns)
-        rows, kind, numbers = [pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in records], RECORD, [0] * len(records)
-    else:
-        if len(lines) == 1:  # one record in a .json file may be a wrapped list (check_not_wrapped)
-            check_not_wrapped(path, [parse_line(path, *lines[0])], spec.columns)
-        rows, kind, numbers = [line.encode() for _, line in lines], LINE, [number for number, _ in lines]
-    index = np.arange(start, start + len(rows), dtype=np.int64)
-    use = index < limit if limit is not None else np.ones(len(rows), bool)
-    return {"record": rows, "kind": np.full(len(rows), kind, np.int8), "file": np.full(len(rows), ids[0], np.int32),
-            "dataset": np.full(len(rows), ids[1], np.int32), "index": index, "file_index": index - start,
-            "line": np.asarray(numbers, np.int64), "use": use}  # fmt: skip
+        LOADED_RECORDS[ids[0]] = records
+        count, kind, numbers = len(records), LOADED, np.zeros(len(records), np.int64)
+        text = pa.nulls(count, pa.large_string())
+    index = np.arange(start, start + count, dtype=np.int64)
+    use = index < limit if limit is not None else np.ones(count, bool)
+    return {"record": text, "kind": np.full(count, kind, np.int8), "file": np.full(count, ids[0], np.int32),
+            "dataset": np.full(count, ids[1], np.int32), "index": index, "file_index": index - start,
+            "line": numbers, "use": use}  # fmt: skip
 
 
 def raw_files(specs: Sequence[DatasetSpec], max_samples: int | None,
@@ -89,19 +125,19 @@ def raw_files(specs: Sequence[DatasetSpec], max_samples: int | None,
                 columns = _raw_file(path, spec, (len(files) - 1, dataset), start, max_samples)
             except LorakitError as err:
                 return files, arrows, str(err)
-            start += len(columns["record"])
+            start += len(columns["index"])
             arrows.append(_write(columns, work / f"raw-{len(files) - 1}.arrow"))
     return files, arrows, None
 
 
 def raw_conversations(conversations: Sequence[list[Message]], work: Path) -> list[Path]:
-    """Data from Python (read and checked by lorakit.data.inmemory) as one Arrow file of raw rows."""
+    """Data from Python (read and checked by lorakit.data.inmemory) as raw rows."""
     count = len(conversations)
+    LOADED_RECORDS[-1] = list(conversations)
     index = np.arange(count, dtype=np.int64)
-    columns = {"record": [pickle.dumps(c, pickle.HIGHEST_PROTOCOL) for c in conversations],
-               "kind": np.full(count, CONVERSATION, np.int8), "file": np.full(count, -1, np.int32),
-               "dataset": np.zeros(count, np.int32), "index": index, "file_index": index,
-               "line": np.zeros(count, np.int64), "use": np.ones(count, bool)}  # fmt: skip
+    columns = {"record": pa.nulls(count, pa.large_string()), "kind": np.full(count, CONVERSATION, np.int8),
+               "file": np.full(count, -1, np.int32), "dataset": np.zeros(count, np.int32), "index": index,
+               "file_index": index, "line": np.zeros(count, np.int64), "use": np.ones(count, bool)}  # fmt: skip
     return [_write(columns, work / "raw-python.arrow")]
 
 
@@ -136,17 +172,17 @@ class Encoder:
     def conversation(self, row: dict[str, Any]) -> list[Message] | None:
         """The row's conversation (None: a record past --max_samples, only checked); raises _RowError."""
         if row["kind"] == CONVERSATION:
-            return pickle.loads(row["record"])
+            return LOADED_RECORDS[-1][row["index"]]
         path = self.files[row["file"]]
         if row["kind"] == LINE:
             try:
-                record = parse_line(path, row["line"], row["record"].decode())
+                record = parse_line(path, row["line"], row["record"])
             except LorakitError as err:
                 raise _RowError(str(err), NOT_JSON) from None
             if not isinstance(record, dict):
                 raise _RowError(not_an_object(path, row["file_index"], record), NOT_OBJECT)
         else:
-            record = pickle.loads(row["record"])
+            record = LOADED_RECORDS[row["file"]][row["file_index"]]
         if not row["use"]:
             return None
         try:

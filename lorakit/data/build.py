@@ -35,6 +35,7 @@ from lorakit.data.checks import check_data
 from lorakit.data.info import DatasetSpec
 from lorakit.data.mixing import mix
 from lorakit.errors import LorakitError
+from lorakit.reporting import say
 from lorakit.templates import Message, Template
 
 META = "meta.json"
@@ -49,6 +50,9 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
           template: Template, seed: int, what: str, folder: Path) -> None:  # fmt: skip
     """Tokenise the datasets of `specs` (or data from Python, `conversations`) into the cache folder `folder`, in a
     child process; its one-line error is raised here. `what` names the data in errors ("the training data's")."""
+    names = ", ".join(spec.name for spec in specs) or "the data from Python"
+    workers = config.preprocessing_num_workers or available_cores()
+    say(f"data: reading and tokenising {names} with up to {workers} processes into {folder}")
     context = multiprocessing.get_context("fork")  # inherits the tokenizer and the data given from Python as they are
     receiving, sending = context.Pipe(duplex=False)
     args = (sending, specs, conversations, config, tokenizer, template, seed, what, folder)
@@ -112,10 +116,12 @@ def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]],
             files, arrows, read_error = raw_files(specs, config.max_samples, work)
         else:
             files, arrows, read_error = [], raw_conversations(conversations, work), None
+        read = time.perf_counter()
         encoder = Encoder(tuple(specs), tuple(files), template, tokenizer, config)
         workers = config.preprocessing_num_workers or available_cores()
         tokens = tokenise(arrows, encoder, workers, work) if arrows else None
         table = tokens.data.table if tokens is not None else None
+        tokenised = time.perf_counter()
         _raise_first_error(table, read_error)
         records = _records(table)
         names = [spec.name for spec in specs] or ["data from Python"]
@@ -129,9 +135,9 @@ def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]],
         if not kept.any():
             raise LorakitError(f"no examples left: all {len(order)} lost every trained token to --cutoff_len "
                                f"{config.cutoff_len}; raise --cutoff_len")  # fmt: skip
-        meta.update(truncated=int(records["truncated"][order].sum()), dropped=int((~kept).sum()),
-                    seconds=round(time.perf_counter() - started, 3), workers=workers)  # fmt: skip
-        _commit(table, records, order[kept], meta, folder, config.overwrite_cache)
+        meta.update(truncated=int(records["truncated"][order].sum()), dropped=int((~kept).sum()), workers=workers,
+                    phases={"read": round(read - started, 3), "tokenise": round(tokenised - read, 3)})  # fmt: skip
+        _commit(table, records, order[kept], meta, folder, config.overwrite_cache, started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -174,7 +180,7 @@ def _flat(table: pa.Table, column: str, path: Path, total: int) -> None:
 
 
 def _commit(table: pa.Table, records: dict[str, np.ndarray], examples: np.ndarray, meta: dict[str, Any],
-            folder: Path, replace: bool) -> None:  # fmt: skip
+            folder: Path, replace: bool, started: float) -> None:  # fmt: skip
     staging = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -185,6 +191,7 @@ def _commit(table: pa.Table, records: dict[str, np.ndarray], examples: np.ndarra
         np.save(staging / "offsets.npy", offsets)
         np.save(staging / "targets.npy", records["targets"].astype(np.int32))
         np.save(staging / "examples.npy", examples.astype(np.int64))
+        meta["seconds"] = round(time.perf_counter() - started, 3)  # reading, tokenising and writing
         (staging / META).write_text(json.dumps(meta, ensure_ascii=False))
         _install(staging, folder, replace)
     finally:

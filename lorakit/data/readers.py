@@ -54,6 +54,48 @@ def json_lines(path: Path) -> list[tuple[int, str]] | None:
     return None if _is_list(path, text) else _lines(path, text)
 
 
+# Where str.splitlines breaks a line and pyarrow's reader does not (and \x1f, the reader's delimiter below)
+SPLITLINES_ONLY = (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\x1f", b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")
+
+
+def json_lines_column(path: Path) -> Any:
+    """A JSON Lines file's lines, blank ones included, as one Arrow string column read by pyarrow's multithreaded
+    CSV reader (one column, no quoting): line i is row i - 1, exactly as `json_lines` numbers them. None where the
+    two could differ (a line separator only str.splitlines knows, text that is not UTF-8, an empty file): then
+    `json_lines` reads the file (and reports what is wrong)."""
+    import pyarrow
+    import pyarrow.csv
+
+    data = path.read_bytes()
+    if not data or any(separator in data for separator in SPLITLINES_ONLY):
+        return None
+    try:
+        table = pyarrow.csv.read_csv(
+            pyarrow.py_buffer(data),
+            read_options=pyarrow.csv.ReadOptions(column_names=["line"], block_size=1 << 26),
+            parse_options=pyarrow.csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False,
+                                                   newlines_in_values=False, ignore_empty_lines=False),
+            convert_options=pyarrow.csv.ConvertOptions(column_types={"line": pyarrow.large_string()},
+                                                       strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )  # fmt: skip
+    except pyarrow.ArrowInvalid:
+        return None
+    return table.column("line").combine_chunks()
+
+
+def is_json_lines(path: Path) -> bool:
+    """Whether the file is JSON Lines (a .jsonl, or a .json that is not a JSON list: one wrapping the list in an
+    object is an error here)."""
+    if path.suffix != ".json":
+        return path.suffix == ".jsonl"
+    text = file_text(path)
+    if _is_list(path, text):
+        return False
+    if text.lstrip().startswith("{"):
+        _reject_wrapped_list(path, text)
+    return True
+
+
 def parse_line(path: Path, number: int, line: str) -> Any:
     try:
         return json.loads(line)

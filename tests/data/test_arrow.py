@@ -233,3 +233,29 @@ def test_the_same_one_line_errors_and_nothing_cached(case: str, qwen_tokenizer: 
         with pytest.raises(LorakitError) as former:
             reference_examples(config, template, qwen_tokenizer, seed=42)
         assert str(former.value) == str(caught.value)
+
+
+LINES = {
+    "blank lines, spaces, CRLF, a byte-order mark": "\ufeff" + f"{GOOD}\r\n  \t \r\n\r\n{GOOD}\n \u3000\n{GOOD}",
+    "separators only str.splitlines knows": f"{GOOD}\n{GOOD[:-1]}, \"x\": \"a\x0bb\"}}\n{GOOD}",
+    "a line separator inside a string": f"{GOOD}\n" + json.dumps({"instruction": "a\u2028b", "output": "c"},
+                                                                  ensure_ascii=False),
+    "a record that starts with a space": f" {GOOD}\n\t{GOOD}",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LINES)
+def test_json_lines_split_as_str_splitlines_splits_them(case: str, qwen_tokenizer: Any, tmp_path: Path):
+    """pyarrow's reader splits JSON Lines; where it could split otherwise than str.splitlines, lorakit reads the
+    lines in Python: either way the records, their line numbers and their errors are the reference path's."""
+    config = _write(tmp_path, {"d.jsonl": LINES[case]})
+    template = get_template("qwen", qwen_tokenizer)
+    try:
+        expected, _, _ = reference_examples(config, template, qwen_tokenizer, seed=42)
+    except LorakitError as err:
+        with pytest.raises(LorakitError) as caught:
+            prepare_data(config, qwen_tokenizer, template)
+        assert str(caught.value) == str(err)
+        return
+    data, _, _ = prepare_data(config, qwen_tokenizer, template)
+    assert [(ids.tolist(), labels.tolist()) for ids, labels in map(data.example, range(len(data)))] == expected
