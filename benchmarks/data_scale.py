@@ -12,10 +12,11 @@ Each measurement is a fresh process (`--mode`), so imports and caches do not car
   empty cache; then, as a rank of an 8-rank job does (micro-batch 4, accumulation 2, packed rows of 4,096 tokens),
   one epoch of rank 0's packed micro-batches, releasing the token pages after each step (lorakit.train);
 - reuse: the same again: the cache is found, nothing is tokenised (checked: the cache's meta.json is untouched);
-- rank-1000: the same on 1,000 records (--max_samples 500 of each): the baseline the data's share is measured from;
+- rank-1000: the same on a data set of 1,000 records: the baseline the data's share is measured from;
 - one-process: the Arrow path with --preprocessing_num_workers 1 on --subset records;
 - former: the path lorakit had before (every record read whole into Python, encoded one conversation at a time by
-  encode_dataset, in one process) on --subset_former records: its single-process rate and its peak memory;
+  the former encode_dataset, copied here, in one process) on --subset_former records: its single-process rate and
+  its peak memory;
 - former-rank: a rank of the former path at full size: it held every conversation (the run plan kept them) and the
   tokens in memory (its cache was an .npz loaded whole; here the same arrays, read from the new cache); it did not
   tokenise (local rank 0 did), so this is every other rank's memory and a lower bound for rank 0's.
@@ -135,7 +136,8 @@ def mode_rank(args: argparse.Namespace) -> dict[str, Any]:
     meta = json.loads((folder / "meta.json").read_text())
     result = {"ready_seconds": round(ready_s, 2), "cached": cached, "examples": len(data),
               "records": sum(meta["records"]), "tokens": int(data.lengths.sum()), "build_seconds": meta["seconds"],
-              "workers": meta["workers"], "meta_mtime_ns": (folder / "meta.json").stat().st_mtime_ns,
+              "workers": meta["workers"], "phases": meta["phases"],
+              "meta_mtime_ns": (folder / "meta.json").stat().st_mtime_ns,
               "rss_before_data_mib": round(base, 1), "rss_ready_mib": round(rss_mib(), 1)}  # fmt: skip
     if not args.no_epoch:
         started = time.perf_counter()
@@ -144,9 +146,36 @@ def mode_rank(args: argparse.Namespace) -> dict[str, Any]:
     return {**result, "rss_end_mib": round(rss_mib(), 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
+def former_encode(conversations: list, template: Any, tokenizer: Any, cutoff_len: int) -> tuple[np.ndarray, ...]:
+    """lorakit.data.encode.encode_dataset as it was before the Arrow path (its defaults: no --train_on_prompt or
+    --mask_history): one conversation at a time, a label per token found with bisect, every id in a Python list."""
+    import bisect
+
+    ids, labels, offsets = [], [], [0]
+    for messages in conversations:
+        text, starts, ends = "", [], []
+        for segment in template.render(messages):
+            if segment.trained:
+                starts.append(len(text))
+                ends.append(len(text) + len(segment.text))
+            text += segment.text
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        example_ids, example_labels = list(encoding["input_ids"]), []
+        for token_id, (start, _) in zip(example_ids, encoding["offset_mapping"]):
+            i = bisect.bisect_right(starts, start) - 1
+            example_labels.append(token_id if i >= 0 and start < ends[i] else -100)
+        example_ids, example_labels = example_ids[:cutoff_len], example_labels[:cutoff_len]
+        if sum(label != -100 for label in example_labels[1:]) == 0:
+            continue
+        ids += example_ids
+        labels += example_labels
+        offsets.append(len(ids))
+    return np.asarray(ids, np.int32), np.asarray(labels, np.int32), np.asarray(offsets, np.int64)
+
+
 def mode_former(args: argparse.Namespace) -> dict[str, Any]:
     """The former path on local rank 0: records read whole, encoded one conversation at a time, in this process."""
-    from lorakit.data import encode_dataset, load_mixed, resolve_datasets, with_system
+    from lorakit.data import load_mixed, resolve_datasets, with_system
     from lorakit.templates import get_template
 
     tokenizer = qwen_tokenizer()
@@ -156,11 +185,10 @@ def mode_former(args: argparse.Namespace) -> dict[str, Any]:
     mixed = load_mixed(resolve_datasets(config.dataset_dir, config.dataset), config, 42)
     read_s = time.perf_counter() - started
     conversations = [with_system(c, config.system, config.default_system) for c in mixed.conversations]
-    data = encode_dataset(conversations, template, tokenizer, config.cutoff_len)
+    ids, _, offsets = former_encode(conversations, template, tokenizer, config.cutoff_len)
     total_s = time.perf_counter() - started
-    return {"records": len(mixed.conversations), "examples": len(data), "read_seconds": round(read_s, 2),
-            "seconds": round(total_s, 2), "tokens": int(data.lengths.sum()),
-            "peak_rss_mib": round(peak_rss_mib(), 1)}  # fmt: skip
+    return {"records": len(mixed.conversations), "examples": len(offsets) - 1, "read_seconds": round(read_s, 2),
+            "seconds": round(total_s, 2), "tokens": len(ids), "peak_rss_mib": round(peak_rss_mib(), 1)}  # fmt: skip
 
 
 def mode_former_rank(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,8 +243,11 @@ def machine() -> dict[str, Any]:
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="lorakit-data-scale-"))
-    data, started = root / "data", time.perf_counter()
-    write_data(sentence_pool(args.huanhuan), args.records, data)
+    data, small, started = root / "data", root / "data-1000", time.perf_counter()
+    pool = sentence_pool(args.huanhuan)
+    write_data(pool, args.records, data)
+    write_data(pool, 1000, small, seed=1)  # the baseline: a data set of 1,000 records (not --max_samples of the big
+    # one, which the former path would still read whole)
     print(f"wrote {args.records:,} records to {data} in {time.perf_counter() - started:.1f} s", flush=True)
     caches = {name: root / f"cache-{name}" for name in ("full", "small", "one", "former")}
     rows = []
@@ -230,9 +261,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     record("one-process", run("rank", data, caches["one"], 1, half(args.subset), epoch=False))
     record("build", run("rank", data, caches["full"], args.workers, None))
     record("reuse", run("rank", data, caches["full"], args.workers, None))
-    record("rank-1000", run("rank", data, caches["small"], args.workers, 500))
+    record("rank-1000", run("rank", small, caches["small"], args.workers, None))
     record("former-rank", run("former-rank", data, caches["full"], 1, None))
-    record("former-rank-1000", run("former-rank", data, caches["small"], 1, 500))
+    record("former-rank-1000", run("former-rank", small, caches["small"], 1, None))
     return rows
 
 
@@ -251,9 +282,12 @@ def summary(rows: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, 
               "records_per_second_former": round(former_rate), "speedup_vs_former": round(all_rate / former_rate, 1),
               "data_rss_share_mib": round(share, 1), "data_rss_share_reuse_mib": round(reuse_share, 1),
               "former_data_rss_share_mib": round(former_share, 1), "reuse_ready_seconds": reuse["ready_seconds"],
-              "reuse_tokenised": not (reuse["cached"] and reuse["meta_mtime_ns"] == build["meta_mtime_ns"])}  # fmt: skip
-    print(f"\n## lorakit data at scale: {build['records']:,} records, {build['tokens']:,} tokens; {info['cores']} "
-          f"cores of {info['cpu']}; Python {info['python']}, datasets {info['datasets']}, {info['date']}")
+              "reuse_tokenised": not (reuse["cached"] and reuse["meta_mtime_ns"] == build["meta_mtime_ns"]),
+              "build_phases": build["phases"]}  # fmt: skip
+    print(
+        f"\n## lorakit data at scale: {build['records']:,} records, {build['tokens']:,} tokens; {info['cores']} "
+        f"cores of {info['cpu']}; Python {info['python']}, datasets {info['datasets']}, {info['date']}"
+    )
     lines = [
         ("tokenise every record, all cores (build)", f"{build['build_seconds']:.1f} s ({all_rate:,.0f} records/s,"
          f" {build['workers']} processes); ready in {build['ready_seconds']:.1f} s with file hashing"),

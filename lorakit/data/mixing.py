@@ -10,8 +10,9 @@ repeat). The draws are exactly `datasets.interleave_datasets`' with seed --seed,
 
 The mixture is made once per run, a pure function of the record counts, the two flags and --seed; each epoch
 then shuffles it (lorakit.data.batching.plan_epoch), so a resumed run trains on the same examples in the same
-order. The tokenised-data cache key covers the mixture itself (lorakit.data.cache), and so does the checkpoint
-fingerprint, which holds that key.
+order. The tokenised-data cache key covers what makes the mixture (the data files, hence the record counts, the two
+flags and --seed where the draws are random: lorakit.data.cache), and so does the checkpoint fingerprint, which
+holds that key. The cache keeps each record's tokens once and the mixture as record indices (lorakit.data.tokens).
 """
 
 from __future__ import annotations
