@@ -252,6 +252,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "zero_stage 4": (lambda w: w.train("--zero_stage", "4"), "--zero_stage 4", "must be 0, 1, 2 or 3"),
     "val_size 1.5": (lambda w: w.train("--val_size", "1.5"), "--val_size 1.5", "fraction below 1"),
     "max_samples 0": (lambda w: w.train("--max_samples", "0"), "--max_samples 0", "at least 1"),
+    "preprocessing_num_workers 0": (lambda w: w.train("--preprocessing_num_workers", "0"),
+                                    "--preprocessing_num_workers 0", "at least 1"),
     "unknown scheduler": (lambda w: w.train("--lr_scheduler_type", "step"), "--lr_scheduler_type step", "unknown"),
     "llama3 template on a chatml tokenizer": (lambda w: w.train("--template", "llama3"), "--template llama3",
                                               "this template's special tokens do not exist in this tokenizer"),
