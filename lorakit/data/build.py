@@ -100,11 +100,15 @@ def _child(sending: Any, *args: Any) -> None:
 
 
 def _work_root() -> Path:
+    """The datasets cache, where `datasets` writes its own map results; the temporary folder where it cannot be."""
     import datasets.config
 
     root = Path(datasets.config.HF_DATASETS_CACHE)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(tempfile.gettempdir())
+    return root if os.access(root, os.W_OK) else Path(tempfile.gettempdir())
 
 
 def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], config: DataConfig, tokenizer: Any,
