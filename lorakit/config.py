@@ -106,6 +106,10 @@ class DataConfig:
         metadata=_doc("Where tokenised data is cached (default: $LORAKIT_CACHE or ~/.cache/lorakit/data)."),
     )
     overwrite_cache: bool = field(default=False, metadata=_doc("Tokenise again even if a cached copy exists."))
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata=_doc("Processes that read and tokenise the data (default: every core this process may use)."),
+    )
     val_size: float = field(
         default=0.0,
         metadata=_doc("Hold out this fraction (< 1) or number (>= 1) of examples for evaluation, split by --seed."),
@@ -151,6 +155,8 @@ class DataConfig:
             raise LorakitError("--val_size and --eval_dataset both choose the evaluation data; give one")
         if self.max_samples is not None and self.max_samples < 1:
             raise LorakitError(f"--max_samples {self.max_samples} must be at least 1")
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise LorakitError(f"--preprocessing_num_workers {self.preprocessing_num_workers} must be at least 1")
         self._check_mixing()
 
     def _check_mixing(self) -> None:

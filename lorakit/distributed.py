@@ -69,6 +69,11 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_local_rank() -> int:
+    """This process's rank on its node, as the launcher announced it (0 in a plain single process)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @contextlib.contextmanager
 def notice_after(seconds: float, line: str) -> Iterator[None]:
     """Around a wait on another process: `line` on stderr if the wait lasts `seconds`, so nothing waits silently."""

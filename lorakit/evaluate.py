@@ -8,8 +8,6 @@ set, on every rank, computed with the same packing and loss path as training, wi
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,19 +15,12 @@ import torch
 
 from lorakit.config import Config, pack_tokens_for
 from lorakit.data import TokenizedData, collate, pack, plan_epoch, prepare_data
+from lorakit.data.checks import held_out_count
 from lorakit.distributed import DistInfo, to_device
-from lorakit.errors import LorakitError
 from lorakit.loss import model_loss_sum
 
-if TYPE_CHECKING:  # lorakit.validate, which makes the plan, asks this module for held_out_count
+if TYPE_CHECKING:  # lorakit.validate, which makes the plan, imports this module
     from lorakit.plan import RunPlan
-
-
-def held_out_count(val_size: float, num_examples: int) -> int:
-    count = int(val_size) if val_size >= 1 else math.ceil(val_size * num_examples)
-    if val_size and not 0 < count < num_examples:
-        raise LorakitError(f"--val_size {val_size} leaves no training examples of {num_examples}; lower it")
-    return count
 
 
 def split_train_eval(data: TokenizedData, val_size: float, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
@@ -40,15 +31,13 @@ def split_train_eval(data: TokenizedData, val_size: float, seed: int) -> tuple[T
     return data.subset(np.sort(order[count:])), data.subset(np.sort(order[:count]))
 
 
-def eval_data(plan: RunPlan, train: TokenizedData, builds: bool,
-              all_ok: Callable[[bool], bool]) -> tuple[TokenizedData, TokenizedData | None]:  # fmt: skip
-    """(training data, evaluation data or None) from --val_size or --eval_dataset (tokenised as prepare_data
-    does: `builds` and `all_ok` are its arguments)."""
+def eval_data(plan: RunPlan, train: TokenizedData) -> tuple[TokenizedData, TokenizedData | None]:
+    """(training data, evaluation data or None) from --val_size or --eval_dataset (its cache readied by
+    lorakit.validate, as the training data's is)."""
     data = plan.config.data
     if plan.eval_data is None:
         return split_train_eval(train, data.val_size, plan.config.train.seed)
-    eval_config = data.for_eval()
-    held_out, _, _ = prepare_data(eval_config, plan.tokenizer, plan.template, builds, all_ok, plan.eval_data)
+    held_out, _, _ = prepare_data(data.for_eval(), plan.tokenizer, plan.template, source=plan.eval_data)
     return train, held_out
 
 
@@ -66,5 +55,6 @@ def evaluate(engine: Any, data: TokenizedData, dist: DistInfo, config: Config, p
             labels = batch.pop("labels")
             inputs = {k: to_device(v, dist.device) for k, v in batch.items()}
             loss_sum += model_loss_sum(engine, inputs, labels).float()
+        data.release()
     engine.train()
     return dist.sum([float(loss_sum)])[0] / max(int(data.target_counts.sum()), 1)

@@ -94,6 +94,13 @@ def run_step(
     return local_loss / step_targets
 
 
+def cache_line(folder: Path, was_cached: bool) -> str:
+    if was_cached:
+        return f"reused tokenised cache {folder}"
+    meta = json.loads((folder / "meta.json").read_text())
+    return f"wrote tokenised cache {folder} ({meta['seconds']:.1f} s, {meta['workers']} processes)"
+
+
 def set_learning_rate(engine: Any, learning_rate: float) -> None:
     """The schedule's rate on every parameter group, times the group's own multiplier (LoRA+'s ratio on lora_B)."""
     for group in engine.optimizer.param_groups:
@@ -131,9 +138,8 @@ def set_up(checked: RunPlan) -> Run:
     if dist.is_main and config.train.overwrite_output_dir:
         for old in checkpoint_folders(output_dir):
             shutil.rmtree(old)
-    data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, dist.local_rank == 0,
-                                                dist.all_ok, checked.train_data)  # fmt: skip
-    data, held_out = split_eval_data(checked, data, dist.local_rank == 0, dist.all_ok)
+    data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, source=checked.train_data)
+    data, held_out = split_eval_data(checked, data)
     train = config.train
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
@@ -153,8 +159,8 @@ def set_up(checked: RunPlan) -> Run:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
         f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "
-        f"out (no trained token left after truncation); {'reused' if was_cached else 'wrote'} tokenised cache "
-        f"{cache_path}", dist.is_main)  # fmt: skip
+        f"out (no trained token left after truncation); {cache_line(cache_path, was_cached)}",
+        dist.is_main)  # fmt: skip
     first = json.dumps(example_record(*data.example(0), tokenizer, 0), ensure_ascii=False)
     say(f"first example: {first}", dist.is_main)
     for line in counts.lines(built.trainable_parameters, built.total_parameters):
@@ -209,6 +215,7 @@ def train(
                                              counts.warmup_steps, train_config.lr_scheduler_type)  # fmt: skip
             set_learning_rate(engine, learning_rate)
             step_loss = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
+            run.data.release()  # the token pages this step read leave this rank's resident memory (lorakit.data.tokens)
             position = advance(position, plan, len(run.data))
             grad_norm, tokens = engine.get_global_grad_norm(), int(run.data.lengths[plan.examples()].sum())
             last, epoch = position.step == counts.total_steps, position.epochs_done(len(run.data))

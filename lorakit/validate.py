@@ -21,27 +21,24 @@ from lorakit.checks import (
     check_tokenizer_not_empty,
 )
 from lorakit.config import Config, DataConfig
-from lorakit.data import DataSource
+from lorakit.data import EVALUATION, TRAINING, DataSource, ready
 from lorakit.data.cache import cache_key
+from lorakit.data.info import DatasetSpec, resolve_datasets
 from lorakit.data.inmemory import check_sources, conversations_from
-from lorakit.data.mixing import MixedData, load_mixed
-from lorakit.data.records import DatasetSpec, resolve_datasets
 from lorakit.data.system_prompt import system_template
-from lorakit.distributed import launch_rank, launch_world_size
+from lorakit.distributed import launch_local_rank, launch_rank, launch_world_size
 from lorakit.engine.kernels import check_liger_kernel
 from lorakit.engine.model import load_tokenizer, model_config, remote_code_note
 from lorakit.engine.plan import plan_engine
 from lorakit.engine.quantization import check_quantization
 from lorakit.errors import LorakitError
-from lorakit.evaluate import held_out_count
 from lorakit.plan import RunPlan
 from lorakit.reporting import say
 from lorakit.resume import check_output_dir, plan_resume, run_fingerprint
-from lorakit.templates import TEMPLATE_NAMES, Template, check_against_tokenizer, get_template
-from lorakit.templates.tools import check_tool_support
+from lorakit.templates import TEMPLATE_NAMES, Message, Template, check_against_tokenizer, get_template
 from lorakit.tracking import check_trackers
 
-Records = tuple[list[DatasetSpec], MixedData]
+Records = tuple[list[DatasetSpec], list[list[Message]]]  # the entries of --dataset, or the data from Python
 
 
 def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> RunPlan:
@@ -76,8 +73,6 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
     check_tokenizer_not_empty(tokenizer, model_path)
     template = system_template(get_template(config.model.template, tokenizer), config.data.system,
                                config.data.default_system)  # fmt: skip
-    check_tool_support(template, train_records[1].conversations, "the training data's")
-    check_tool_support(template, eval_records[1].conversations if eval_records else [], "the evaluation data's")
     check_special_tokens(template, tokenizer, config.model.template)
     mismatch = check_against_tokenizer(template, tokenizer)
     if mismatch and config.model.strict_template:
@@ -85,44 +80,52 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
             f"--template {template.name} renders conversations differently from the tokenizer's own chat_template "
             "(--strict_template); drop --strict_template to see both renderings, or use --template auto"
         )
-    train_data = data_source(train_records, config.data, template, tokenizer)
-    eval_config = config.data.for_eval()
-    eval_data = data_source(eval_records, eval_config, template, tokenizer) if eval_records else None
+    seed = config.train.seed
+    train_data = data_source(train_records, config.data, template, tokenizer, seed)
+    eval_data = data_source(eval_records, config.data.for_eval(), template, tokenizer, seed) if eval_records else None
     targets = list(engine.lora_targets)
     fingerprint = run_fingerprint(config, f"{train_data.key}:val_size={config.data.val_size}", targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
+    train_data, eval_data = ready_data(config, tokenizer, template, train_data, eval_data)
     warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "
                "will learn this format (--strict_template makes this an error)"] if mismatch else []  # fmt: skip
-    mix = [train_records[1].line] if train_records[1].line else []  # the realised proportions, logged at start
+    mix = [train_data.meta["line"]] if train_data.meta and train_data.meta["line"] else []  # the drawn proportions
     return RunPlan(config, engine, tokenizer, template, train_data, eval_data, fingerprint, resume,
                    warning + mix + notes)  # fmt: skip
 
 
 def read_records(config: Config, train_data: Any = None, eval_data: Any = None) -> tuple[Records, Records | None]:
-    """Every record of --dataset and --eval_dataset (or of the data given from Python), read here (cheap next to
-    tokenising) so that a bad record's error comes before any process group; the training set leaves examples to
-    train on after --val_size."""
+    """The entries of --dataset and --eval_dataset, resolved (their files exist and have a type lorakit reads), or
+    the data given from Python, read and checked here. The files' records are read and checked where they are
+    tokenised (lorakit.data.build, called from `validate`), still before any process group."""
     data = config.data
     check_sources(data, train_data, eval_data)
     if train_data is not None:
-        specs, mixed = [], MixedData(conversations_from(train_data, "train_data", data.max_samples))
+        train: Records = ([], conversations_from(train_data, "train_data", data.max_samples))
     else:
-        specs = resolve_datasets(data.dataset_dir, data.dataset)
-        mixed = load_mixed(specs, data, config.train.seed)
-    held_out_count(data.val_size, len(mixed.conversations))
+        train = (resolve_datasets(data.dataset_dir, data.dataset), [])
     if eval_data is not None:
-        return (specs, mixed), ([], MixedData(conversations_from(eval_data, "eval_data", data.max_samples)))
+        return train, ([], conversations_from(eval_data, "eval_data", data.max_samples))
     if not data.eval_dataset:
-        return (specs, mixed), None
-    eval_specs = resolve_datasets(data.dataset_dir, data.eval_dataset)
-    return (specs, mixed), (eval_specs, load_mixed(eval_specs, data.for_eval(), config.train.seed))
+        return train, None
+    return train, (resolve_datasets(data.dataset_dir, data.eval_dataset), [])
 
 
-def data_source(records: Records, config: DataConfig, template: Template, tokenizer: Any) -> DataSource:
+def ready_data(config: Config, tokenizer: Any, template: Template, train: DataSource,
+               held: DataSource | None) -> tuple[DataSource, DataSource | None]:  # fmt: skip
+    """The data's caches, built by local rank 0 (the others wait): the last check, as the only one that writes (the
+    cache, which a later run with other flags reuses)."""
+    seed, builds = config.train.seed, launch_local_rank() == 0
+    train = ready(train, config.data, tokenizer, template, builds, seed, TRAINING)
+    eval_config = config.data.for_eval()
+    return train, ready(held, eval_config, tokenizer, template, builds, seed, EVALUATION) if held else None
+
+
+def data_source(records: Records, config: DataConfig, template: Template, tokenizer: Any, seed: int) -> DataSource:
     """The records with their tokenised-data cache key (computed once here: it hashes every data file)."""
-    specs, mixed = records
-    key = cache_key(specs, config, template, tokenizer, mixed.conversations, mixed.digest)
-    return DataSource(tuple(specs), tuple(mixed.conversations), key)
+    specs, conversations = records
+    key = cache_key(specs, config, template, tokenizer, conversations, seed)
+    return DataSource(tuple(specs), key, tuple(conversations))
 
 
 def validate_precision(config: Config) -> None:

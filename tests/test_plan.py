@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lorakit.config import Config
 from lorakit.data import largest_rank_share, prepare_data
-from lorakit.data.records import read_records
+from lorakit.data.build import build
 from lorakit.distributed import DistInfo
 from lorakit.engine import plan_run_memory
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
@@ -68,15 +68,14 @@ def test_one_run_reads_the_model_config_once_resolves_deepspeed_once_and_loads_t
 ):
     config_reads = _count_config_reads(monkeypatch)
     resolves = _count(monkeypatch, resolve_deepspeed_config)
-    loads = _count(monkeypatch, read_records)
+    builds = _count(monkeypatch, build)  # each reads and tokenises its datasets' files once, in a child process
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "template": "qwen", "cutoff_len": 256,
                                "dataset_dir": str(two_datasets), "dataset": ("train",), "eval_dataset": ("held",),
                                "output_dir": str(tmp_path / "out")})  # fmt: skip
     plan = validate(config)
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # the CPU: no collective
-    data, _, cached = prepare_data(plan.config.data, plan.tokenizer, plan.template, True, lambda ok: ok,
-                                   plan.train_data)  # fmt: skip
-    train, held_out = eval_data(plan, data, True, lambda ok: ok)
+    data, _, cached = prepare_data(plan.config.data, plan.tokenizer, plan.template, source=plan.train_data)
+    train, held_out = eval_data(plan, data)
     share = largest_rank_share(train.lengths, 0, 1, 1, 1)  # as set-up does: the data before the memory plan
     settled, _, _ = plan_run_memory(plan.config, dist, plan.engine, share)
     assert settled.data == plan.config.data  # the memory plan settles rows, not the data tokenised before it
@@ -84,7 +83,7 @@ def test_one_run_reads_the_model_config_once_resolves_deepspeed_once_and_loads_t
     model = load_base_model(str(tiny_model), engine.hf_config, torch.float32, engine.ds_config, False, 0)
     assert [path for _, path in config_reads] == [str(tiny_model)]
     assert len(resolves) == 1
-    assert [args[0].name for args in loads] == ["train.json", "held.json"]
+    assert [[spec.path.name for spec in args[0]] for args in builds] == [["train.json"], ["held.json"]]
     assert not cached and (len(train), len(held_out)) == (48, 8)
     assert sum(p.numel() for p in model.parameters()) == engine.shape.parameters
 
@@ -102,6 +101,6 @@ def test_the_plan_holds_the_final_deepspeed_config_and_the_models_shape(tiny_mod
     assert plan.engine.shape.parameters == sum(p.numel() for p in real.parameters())
     assert (plan.engine.shape.layers, plan.engine.shape.hidden, plan.engine.shape.dtype_bytes) == (2, 64, 4)
     assert list(plan.engine.lora_targets) == linear_module_names(real)
-    assert len(plan.train_data.conversations) == 48 and plan.eval_data is None and plan.resume is None
+    assert plan.train_data.meta["examples"] == 48 and plan.eval_data is None and plan.resume is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.template = None  # type: ignore[misc]

@@ -1,16 +1,18 @@
-"""Data: records on disk → conversations → ids + labels (cached) → micro-batches."""
+"""Data: records on disk → conversations → ids + labels (cached, memory-mapped) → micro-batches.
+
+lorakit.validate resolves the datasets and readies their cache (`ready`: local rank 0 of each node reads and
+tokenises them on every core, lorakit.data.build; the other ranks wait for it); `prepare_data` loads it.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data import cache
 from lorakit.data.batching import StepPlan, collate, largest_rank_share, pack, plan_epoch
+from lorakit.data.cache import DataSource, ready
 from lorakit.data.encode import (
     IGNORE_INDEX,
     EncodedExample,
@@ -22,66 +24,35 @@ from lorakit.data.encode import (
 from lorakit.data.mixing import MixedData, load_mixed, mixture_order
 from lorakit.data.records import DatasetSpec, alpaca_messages, load_conversations, read_records, resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
-from lorakit.distributed import notice_after
-from lorakit.errors import LorakitError
-from lorakit.templates import Message, Template
+from lorakit.templates import Template
 
-WAIT_S = 60.0  # a rank waiting this long for the cache says so
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """Datasets as lorakit.validate read them; tokenising starts from these records, never from the files again."""
-
-    specs: tuple[DatasetSpec, ...]  # the dataset_info.json entries, resolved against --dataset_dir
-    conversations: tuple[list[Message], ...]  # every record (at most --max_samples of each dataset), in order
-    key: str  # the tokenised-data cache key (lorakit.data.cache: it hashes every data file)
+TRAINING, EVALUATION = "the training data's", "the evaluation data's"  # how errors name the data
 
 
 def read_source(config: DataConfig, template: Template, tokenizer: Any, seed: int) -> DataSource:
-    """config.dataset read from disk and mixed (--mix_strategy, drawing with `seed`), for tokenising."""
+    """config.dataset resolved and keyed for its cache (mixed with `seed` where --interleave_probs draws)."""
     specs = resolve_datasets(config.dataset_dir, config.dataset)
-    mixed = load_mixed(specs, config, seed)
-    key = cache.cache_key(specs, config, template, tokenizer, mixture=mixed.digest)
-    return DataSource(tuple(specs), tuple(mixed.conversations), key)
+    return DataSource(tuple(specs), cache.cache_key(specs, config, template, tokenizer, seed=seed))
 
 
 def prepare_data(
     config: DataConfig,
     tokenizer: Any,
     template: Template,
-    builds: bool,
-    all_ok: Callable[[bool], bool],
+    builds: bool = True,
     source: DataSource | None = None,
     seed: int = 42,
+    what: str = TRAINING,
 ) -> tuple[TokenizedData, Path, bool]:
-    """Tokenised data from the cache, building it first if needed from `source` (by default: --dataset read now,
-    mixed with `seed`, --seed's default).
-
-    One process per node (`builds`) tokenises while the others wait in `all_ok` (a collective that is True when
-    every rank passes True), then everyone loads the same file. A bad record raises on the builder and a short
-    pointer to it on the others, instead of leaving them waiting. Returns the data, the cache file and whether
-    it was already cached.
-    """
+    """Tokenised data from the cache (by default of --dataset, mixed with `seed`, --seed's default), readied first
+    unless `source` is (lorakit.validate readies it): `builds` (local rank 0) tokenises, the others wait. Returns the
+    data (tokens memory-mapped), the cache folder and whether it was there before this run."""
     source = source or read_source(config, template, tokenizer, seed)
-    path = Path(config.data_cache_dir or cache.default_cache_dir()) / f"{source.key}.npz"
-    was_cached = path.is_file() and not config.overwrite_cache
-    error = None
-    if builds and not was_cached:
-        try:
-            conversations = [with_system(c, config.system, config.default_system) for c in source.conversations]
-            data = encode_dataset(conversations, template, tokenizer, config.cutoff_len, config.train_on_prompt,
-                                  config.mask_history)  # fmt: skip
-            cache.save(data, path)
-        except LorakitError as err:
-            error = err
-    waiting = (f"lorakit: waiting {WAIT_S:.0f} s for local rank 0 to write the tokenised cache {path}; if its log "
-               "shows an error or it has stopped, stop this job")  # fmt: skip
-    with notice_after(WAIT_S, waiting) if not builds and not was_cached else contextlib.nullcontext():
-        everyone_ok = all_ok(error is None)
-    if not everyone_ok:
-        raise error or LorakitError("the data could not be prepared; the error is in the log of local rank 0")
-    return cache.load(path), path, was_cached
+    if source.meta is None:
+        source = ready(source, config, tokenizer, template, builds, seed, what)
+    folder = cache.cache_folder(config, source.key)
+    data, _ = cache.load(folder)
+    return data, folder, source.cached
 
 
 __all__ = [
@@ -105,6 +76,7 @@ __all__ = [
     "plan_epoch",
     "prepare_data",
     "read_source",
+    "ready",
     "read_records",
     "resolve_datasets",
     "system_template",

@@ -1,35 +1,60 @@
-"""The tokenised-data cache: a second run with the same inputs does not tokenise again.
+"""The tokenised-data cache: a second run with the same inputs does not tokenise again, and every rank of a node
+reads one copy.
 
 The key covers everything the ids depend on: the data files' bytes (for data given from Python, the conversations
-themselves: lorakit.data.inmemory), the dataset_info entries, the mixture of several datasets (--mix_strategy,
---interleave_probs and the order they drew with --seed), --max_samples,
---cutoff_len, the template's rendering of a probe conversation and the tokenizer's full definition. Files are
-written under a temporary name and renamed, so a killed run never leaves a half-written cache behind.
+themselves: lorakit.data.inmemory), the dataset_info entries, the mixing flags (--mix_strategy, --interleave_probs,
+and --seed where the draws are random: the mixture is a function of these and the record counts), --max_samples,
+--cutoff_len, the template's rendering of a probe conversation and the tokenizer's full definition. A key names a
+folder (lorakit.data.build writes it, lorakit.data.tokens reads it). Local rank 0 of each node builds it while the
+node's other ranks wait for it to appear; with a folder shared by several nodes the first build to finish is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lorakit.config import DataConfig
-from lorakit.data.encode import TokenizedData
+from lorakit.data.build import META, build
+from lorakit.data.checks import check_data
+from lorakit.data.info import DatasetSpec
 from lorakit.data.inmemory import content_digest
-from lorakit.data.records import DatasetSpec
+from lorakit.data.tokens import TokenizedData, load_tokens
+from lorakit.distributed import notice_after
 from lorakit.templates import Message, Template
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
+WAIT_S = 60.0  # a rank waiting this long for the cache says so
+POLL_S = 0.2
 _TURNS = [Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2"), Message("assistant", "A2")]
 PROBES = [[Message("system", "S"), *_TURNS], _TURNS]  # with and without a system prompt, so defaults count too
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """A training or evaluation set as lorakit.validate resolves it: where its records come from and its cache key;
+    `meta` once its cache is ready (lorakit.data.build: counts, the mixture's log line), with `cached` whether it
+    was there before this run."""
+
+    specs: tuple[DatasetSpec, ...]  # the dataset_info.json entries, resolved against --dataset_dir
+    key: str  # the cache key (it hashes every data file)
+    conversations: tuple[list[Message], ...] = ()  # data given from Python (files are read by the build)
+    meta: dict[str, Any] | None = field(default=None, compare=False)
+    cached: bool = False
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "data"
+
+
+def cache_folder(config: DataConfig, key: str) -> Path:
+    return Path(config.data_cache_dir or default_cache_dir()) / key
 
 
 def _file_digest(path: Path) -> str:
@@ -50,11 +75,12 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 
 def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, tokenizer: Any,
-              conversations: list[list[Message]] | None = None, mixture: str = "") -> str:  # fmt: skip
+              conversations: list[list[Message]] | None = None, seed: int = 42) -> str:  # fmt: skip
     """Everything the ids depend on: data bytes and entries (with no entries, data from Python: the
-    `conversations` themselves), the mixture's order (lorakit.data.mixing: it follows --seed), the data flags, the
+    `conversations` themselves), the mixing flags and the seed where they draw at random, the data flags, the
     template, the tokenizer."""
     datasets = [[s.name, repr(s), _file_digest(s.path)] for s in specs]
+    draws = len(specs) > 1 and config.mix_strategy != "concat" and bool(config.interleave_probs)
     parts = {
         "format": CACHE_FORMAT,
         "datasets": datasets if specs else [["from Python", content_digest(conversations or [])]],
@@ -68,28 +94,50 @@ def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, 
             config.mix_strategy,
             list(config.interleave_probs),
         ],  # fmt: skip
-        "mixture": mixture,
+        "mixture": seed if draws else None,
         "template": [template.name, [[[s.text, s.trained] for s in template.render(p)] for p in PROBES]],
         "tokenizer": _tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def save(data: TokenizedData, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(
-            handle,
-            ids=data.ids,
-            labels=data.labels,
-            offsets=data.offsets,
-            stats=np.asarray([data.num_truncated, data.num_dropped]),
-        )
-    os.replace(temporary, path)
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / META).read_text())
+    except FileNotFoundError:
+        return None
 
 
-def load(path: Path) -> TokenizedData:
-    with np.load(path) as arrays:
-        truncated, dropped = (int(v) for v in arrays["stats"])
-        return TokenizedData(arrays["ids"], arrays["labels"], arrays["offsets"], truncated, dropped)
+def ready(source: DataSource, config: DataConfig, tokenizer: Any, template: Template, builds: bool, seed: int,
+          what: str) -> DataSource:  # fmt: skip
+    """The source with its cache built (by this process when `builds`, local rank 0) or waited for, and checked
+    (lorakit.data.checks) whether it was built now or before."""
+    folder = cache_folder(config, source.key)
+    cached = read_meta(folder) is not None and not config.overwrite_cache
+    if not cached and builds:
+        build(source.specs, source.conversations, config, tokenizer, template, seed, what, folder)
+    meta = read_meta(folder) if cached or builds else _wait_for(folder)
+    assert meta is not None  # built above, or waited for
+    check_data(meta, config, template, what)
+    return dataclasses.replace(source, meta=meta, cached=cached)
+
+
+def _wait_for(folder: Path) -> dict[str, Any]:
+    """The cache's meta once local rank 0 has written it (it renames the whole folder into place at once)."""
+    waiting = (f"lorakit: waiting {WAIT_S:.0f} s for local rank 0 to write the tokenised cache {folder}; if its log "
+               "shows an error or it has stopped, stop this job")  # fmt: skip
+    with notice_after(WAIT_S, waiting):
+        while (meta := read_meta(folder)) is None:
+            time.sleep(POLL_S)
+    return meta
+
+
+def load(folder: Path) -> tuple[TokenizedData, dict[str, Any]]:
+    """The cache folder's data (tokens memory-mapped) and meta. A rank that finds the folder replaced under it
+    (--overwrite_cache on local rank 0) waits for the new one."""
+    while True:
+        meta = read_meta(folder) or _wait_for(folder)
+        try:
+            return load_tokens(folder, meta["truncated"], meta["dropped"]), meta
+        except FileNotFoundError:
+            time.sleep(POLL_S)

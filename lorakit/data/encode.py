@@ -7,21 +7,25 @@ ids for targets and -100 elsewhere, aligned with `input_ids` (the loss shifts th
 Truncation keeps the first `cutoff_len` tokens, so the model sees exactly a prefix of the real conversation
 (with --mask_history the latest turns instead: see encode_conversation); an example whose every target lies
 beyond the cut teaches nothing and is left out, and the log counts both.
+
+`encode_conversation` encodes one conversation; `encode_rendered` many at once, in one tokenizer call, as the Arrow
+path's workers do (lorakit.data.arrow); `encode_dataset` a whole list in this process (the reference path).
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from lorakit.data.tokens import IGNORE_INDEX, TokenizedData
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, Segment, Template
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "EncodedExample", "TokenizedData", "encode_conversation", "encode_dataset",
+           "encode_rendered", "example_record", "render_for_encoding", "token_labels"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,22 @@ def encode_conversation(
 def _ids_and_labels(
     messages: Sequence[Message], template: Template, tokenizer: Any, train_on_prompt: bool, mask_history: bool
 ) -> tuple[list[int], list[int]]:
+    rendered = render_for_encoding(messages, template, mask_history)
+    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = token_labels(encoding["input_ids"], encoding["offset_mapping"], rendered, train_on_prompt)
+    return ids.tolist(), labels.tolist()
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation's text and the character spans [starts[i], ends[i]) of its trained segments."""
+
+    text: str
+    starts: np.ndarray
+    ends: np.ndarray
+
+
+def render_for_encoding(messages: Sequence[Message], template: Template, mask_history: bool) -> Rendered:
     segments = template.render(messages)
     if mask_history:  # only the last reply stays trained
         last = max(i for i, segment in enumerate(segments) if segment.trained)
@@ -70,52 +90,48 @@ def _ids_and_labels(
             starts.append(len(text))
             ends.append(len(text) + len(segment.text))
         text += segment.text
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoding["input_ids"])
+    return Rendered(text, np.asarray(starts, np.int64), np.asarray(ends, np.int64))
+
+
+def token_labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]], rendered: Rendered,
+                 train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """int32 ids and labels: a token is a target when its first character lies inside a trained segment."""
+    ids = np.asarray(ids, np.int32)
     if train_on_prompt:
-        return ids, list(ids)
-    labels = []
-    for token_id, (start, _) in zip(ids, encoding["offset_mapping"]):
-        i = bisect.bisect_right(starts, start) - 1
-        labels.append(token_id if i >= 0 and start < ends[i] else IGNORE_INDEX)
-    return ids, labels
+        return ids, ids.copy()
+    if not len(ids) or not len(rendered.starts):
+        return ids, np.full(len(ids), IGNORE_INDEX, np.int32)
+    token_starts = np.fromiter((start for start, _ in offsets), np.int64, len(ids))  # 4x np.asarray's speed here
+    segment = np.searchsorted(rendered.starts, token_starts, side="right") - 1  # the last span starting at or before
+    inside = (segment >= 0) & (token_starts < rendered.ends[np.maximum(segment, 0)])
+    return ids, np.where(inside, ids, IGNORE_INDEX).astype(np.int32)
 
 
-@dataclass(frozen=True)
-class TokenizedData:
-    """Every example, flat: example i is ids[offsets[i]:offsets[i+1]] (the layout of the on-disk cache)."""
-
-    ids: np.ndarray  # int32
-    labels: np.ndarray  # int32, IGNORE_INDEX where not trained
-    offsets: np.ndarray  # int64, len = examples + 1
-    num_truncated: int
-    num_dropped: int  # examples left out because truncation removed every target
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        start, end = self.offsets[index], self.offsets[index + 1]
-        return self.ids[start:end], self.labels[start:end]
-
-    def subset(self, indices: np.ndarray) -> TokenizedData:
-        """The examples at `indices`, in that order (a copy, in the same flat layout)."""
-        parts = [self.example(int(i)) for i in indices]
-        offsets = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in parts])]).astype(np.int64)
-        ids = np.concatenate([ids for ids, _ in parts]) if parts else self.ids[:0]
-        labels = np.concatenate([labels for _, labels in parts]) if parts else self.labels[:0]
-        return TokenizedData(ids, labels, offsets, self.num_truncated, self.num_dropped)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    @property
-    def target_counts(self) -> np.ndarray:
-        """Tokens each example is trained on (the first token is never a target: nothing predicts it)."""
-        trained = (self.labels != IGNORE_INDEX).astype(np.int64)
-        trained[self.offsets[:-1]] = 0
-        return np.add.reduceat(trained, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
+def encode_rendered(
+    conversations: Sequence[Sequence[Message]],
+    rendered: Sequence[Rendered],
+    template: Template,
+    tokenizer: Any,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """(ids, labels, truncated) of many conversations, rendered already, tokenised in one call: what
+    `encode_conversation` gives each of them (lorakit.data.arrow's workers call this on each batch)."""
+    if not rendered:
+        return []
+    encodings = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for index, (ids, offsets) in enumerate(zip(encodings["input_ids"], encodings["offset_mapping"])):
+        if mask_history and len(ids) > cutoff_len:  # drops turns and tokenises again: the rare long conversation
+            example = encode_conversation(conversations[index], template, tokenizer, cutoff_len, train_on_prompt,
+                                          mask_history)  # fmt: skip
+            examples.append((np.asarray(example.input_ids, np.int32), np.asarray(example.labels, np.int32),
+                             example.truncated))  # fmt: skip
+            continue
+        token_ids, labels = token_labels(ids, offsets, rendered[index], train_on_prompt)
+        examples.append((token_ids[:cutoff_len], labels[:cutoff_len], len(token_ids) > cutoff_len))
+    return examples
 
 
 def encode_dataset(

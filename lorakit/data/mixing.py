@@ -10,8 +10,9 @@ repeat). The draws are exactly `datasets.interleave_datasets`' with seed --seed,
 
 The mixture is made once per run, a pure function of the record counts, the two flags and --seed; each epoch
 then shuffles it (lorakit.data.batching.plan_epoch), so a resumed run trains on the same examples in the same
-order. The tokenised-data cache key covers the mixture itself (lorakit.data.cache), and so does the checkpoint
-fingerprint, which holds that key.
+order. The tokenised-data cache key covers what makes the mixture (the data files, hence the record counts, the two
+flags and --seed where the draws are random: lorakit.data.cache), and so does the checkpoint fingerprint, which
+holds that key. The cache keeps each record's tokens once and the mixture as record indices (lorakit.data.tokens).
 """
 
 from __future__ import annotations
@@ -86,23 +87,28 @@ def mixture_line(names: Sequence[str], lengths: Sequence[int], order: np.ndarray
     return f"data mix ({how}): {len(order):,} examples: " + "; ".join(parts)
 
 
-def load_mixed(specs: list[DatasetSpec], config: DataConfig, seed: int) -> MixedData:
-    """The datasets of `specs` read and mixed as `config` says (--max_samples applies to each before mixing)."""
-    datasets = load_datasets(specs, config.max_samples)
-    lengths = [len(dataset) for dataset in datasets]
+def mix(names: Sequence[str], lengths: Sequence[int], config: DataConfig, seed: int) -> tuple[np.ndarray, str]:
+    """The mixture of datasets of these record counts as `config` says: its order (indices into the datasets'
+    concatenation) and its log line ("" for one dataset)."""
     if not sum(lengths):
-        raise LorakitError(f"no examples left: the data files of {[s.name for s in specs]} hold no records")
-    interleaved = config.mix_strategy != "concat" and len(specs) > 1
-    empty = [spec.name for spec, size in zip(specs, lengths) if not size]
+        raise LorakitError(f"no examples left: the data files of {list(names)} hold no records")
+    interleaved = config.mix_strategy != "concat" and len(names) > 1
+    empty = [name for name, size in zip(names, lengths) if not size]
     if interleaved and empty:
         raise LorakitError(f"dataset '{empty[0]}' holds no records; --mix_strategy {config.mix_strategy} draws from "
                            "every dataset: drop it from --dataset")  # fmt: skip
-    if config.interleave_probs and len(config.interleave_probs) != len(specs):  # config checks --dataset; this, specs
-        raise LorakitError(f"--interleave_probs gives {len(config.interleave_probs)} probabilities for {len(specs)} "
+    if config.interleave_probs and len(config.interleave_probs) != len(names):  # config checks --dataset; this, names
+        raise LorakitError(f"--interleave_probs gives {len(config.interleave_probs)} probabilities for {len(names)} "
                            "datasets; give one per dataset")  # fmt: skip
     order = mixture_order(lengths, config.mix_strategy, config.interleave_probs, seed)
+    return order, mixture_line(names, lengths, order, config, seed) if len(names) > 1 else ""
+
+
+def load_mixed(specs: list[DatasetSpec], config: DataConfig, seed: int) -> MixedData:
+    """The datasets of `specs` read (in this process: the reference path, `lorakit preview`) and mixed as `config`
+    says (--max_samples applies to each before mixing)."""
+    datasets = load_datasets(specs, config.max_samples)
+    order, line = mix([s.name for s in specs], [len(dataset) for dataset in datasets], config, seed)
     flat = [conversation for dataset in datasets for conversation in dataset]
-    conversations = [flat[i] for i in order.tolist()]
     digest = hashlib.sha256(np.ascontiguousarray(order, np.int64).tobytes()).hexdigest()
-    line = mixture_line([s.name for s in specs], lengths, order, config, seed) if len(specs) > 1 else ""
-    return MixedData(conversations, digest, line)
+    return MixedData([flat[i] for i in order.tolist()], digest, line)

@@ -1,13 +1,4 @@
-"""Records on disk to conversations: `dataset_info.json`, data files and folders, the alpaca and sharegpt formats.
-
-`dataset_info.json` maps a dataset name to `{"file_name": ..., "formatting": ..., "columns": {...}, "tags": {...}}`,
-the layout LLaMA-Factory users already have. Every problem is reported with the file and record index, never
-skipped silently.
-
-Files: `file_name` is a `.json` file (a JSON list of objects, or JSON Lines), `.jsonl`, `.csv` (a header row; every
-value is a string, an empty cell is "") or `.parquet`; or a folder of such files, read in name order, all of one
-type (`.json` and `.jsonl` count as one type, JSON; names starting with "." are ignored). In a folder, record
-indexes count on across the files, and each error names the file the record is in.
+"""Records to conversations: the alpaca and sharegpt formats (`formatting` in dataset_info.json, lorakit.data.info).
 
 `formatting: alpaca` (the default): the user turn is `instruction`, plus "\\n" + `input` when `input` is non-empty;
 `system` is an optional system prompt; `history` is an optional list of earlier `[user, assistant]` pairs.
@@ -23,258 +14,40 @@ with tags `{"role_tag": "role", "content_tag": "content", "user_tag": "user", "a
 takes a record without a "conversations" field whose "messages" list holds `{"role", "content"}` objects as
 OpenAI-style, with no configuration. Tool-calling records (`function_call` and `observation` turns, a `tools`
 column): lorakit.data.tool_records.
+
+Every problem is reported with the file and record index, never skipped silently; in a folder, record indexes count
+on across its files. Training reads records through the Arrow path (lorakit.data.arrow); `load_datasets` here
+reads them whole in this process, for `lorakit preview` and as the reference the Arrow path is tested against.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
+from lorakit.data.info import (
+    ALPACA_COLUMNS,
+    FORMATS,
+    OPENAI_COLUMNS,
+    OPENAI_TAGS,
+    SHAREGPT_COLUMNS,
+    SHAREGPT_TAGS,
+    TAG,
+    DatasetSpec,
+    data_files,
+    resolve_datasets,
+)
+from lorakit.data.readers import FILE_TYPES, check_not_wrapped, read_records
 from lorakit.data.tool_records import function_call_text, tools_message
 from lorakit.errors import LorakitError
 from lorakit.templates import Message
 from lorakit.templates.base import SIDES  # the tool turns stand where the user's and the assistant's do
 
-ALPACA_COLUMNS = {
-    "prompt": "instruction",
-    "query": "input",
-    "response": "output",
-    "system": "system",
-    "history": "history",
-}
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system", "tools": "tools"}
-SHAREGPT_TAGS = {
-    "role_tag": "from",
-    "content_tag": "value",
-    "user_tag": "human",
-    "assistant_tag": "gpt",
-    "observation_tag": "observation",
-    "function_tag": "function_call",
-    "system_tag": "system",
-}
-OPENAI_COLUMNS = {"messages": "messages", "system": "system", "tools": "tools"}
-OPENAI_TAGS = {
-    "role_tag": "role",
-    "content_tag": "content",
-    "user_tag": "user",
-    "assistant_tag": "assistant",
-    "observation_tag": "tool",
-    "function_tag": "function_call",
-    "system_tag": "system",
-}
-DEFAULT_COLUMNS = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS}
-FORMATS = tuple(DEFAULT_COLUMNS)
-TAG = {"system": "system_tag", "user": "user_tag", "assistant": "assistant_tag", "observation": "observation_tag",
-       "function_call": "function_tag"}  # fmt: skip
-FILE_TYPES = {".json": "JSON", ".jsonl": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One entry of dataset_info.json, resolved against --dataset_dir.
-
-    `path` is a data file or a folder of them (`files` lists what is read). `columns` holds every column of the
-    format (the entry's over the defaults). `tags` is for sharegpt: every tag, or empty when the entry gives
-    neither tags nor columns, so each record is read as ShareGPT or, failing that, OpenAI-style messages.
-    """
-
-    name: str
-    path: Path
-    formatting: str = "alpaca"
-    columns: dict[str, str] = field(default_factory=lambda: dict(ALPACA_COLUMNS))
-    tags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def files(self) -> list[Path]:
-        return data_files(self.path)
-
-
-def resolve_datasets(dataset_dir: str, names: tuple[str, ...]) -> list[DatasetSpec]:
-    """Look the --dataset names up in dataset_info.json; check that each file exists and is readable."""
-    info_path = Path(dataset_dir) / "dataset_info.json"
-    if not info_path.is_file():
-        raise LorakitError(f"{info_path} not found; --dataset_dir must hold a dataset_info.json naming your data files")
-    try:
-        info = json.loads(_text(info_path))
-    except json.JSONDecodeError as err:
-        raise LorakitError(
-            f"{info_path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}"
-        ) from None
-    if not isinstance(info, dict):
-        raise LorakitError(f"{info_path} must be a JSON object mapping dataset names to {{'file_name': ...}}")
-    if not names:
-        raise LorakitError(f"--dataset is empty; name one or more of {sorted(info)} (defined in {info_path})")
-    specs = []
-    for name in names:
-        if name not in info:
-            raise LorakitError(f"dataset '{name}' is not defined in {info_path}; defined names: {sorted(info)}")
-        specs.append(_spec(name, info[name], Path(dataset_dir), info_path))
-    return specs
-
-
-def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetSpec:
-    if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
-        raise LorakitError(f"dataset '{name}' in {info_path} needs a string 'file_name'")
-    where = f"dataset '{name}' in {info_path}"
-    formatting = entry.get("formatting", "alpaca")
-    if formatting not in FORMATS:
-        raise LorakitError(f"{where}: formatting '{formatting}' is unsupported; use {FORMATS}")
-    columns = _mapping(entry, "columns", DEFAULT_COLUMNS[formatting], where)
-    tags = {}
-    if formatting == "sharegpt" and ("tags" in entry or "columns" in entry):
-        tags = _mapping(entry, "tags", SHAREGPT_TAGS, where)
-    elif "tags" in entry:
-        raise LorakitError(f"{where}: 'tags' apply to formatting 'sharegpt' only; remove them or set the formatting")
-    path = dataset_dir / entry["file_name"]
-    if not path.exists():
-        raise LorakitError(f"data file {path} for dataset '{name}' not found (file_name in {info_path})")
-    data_files(path)
-    return DatasetSpec(name, path, formatting, columns, tags)
-
-
-def _mapping(entry: dict[str, Any], key: str, defaults: dict[str, str], where: str) -> dict[str, str]:
-    """The entry's `columns` or `tags` over their defaults; unknown keys and non-string values are errors."""
-    given = entry.get(key, {})
-    if not isinstance(given, dict) or not all(isinstance(v, str) for v in given.values()):
-        raise LorakitError(f"{where}: '{key}' must be an object of strings, like {json.dumps(defaults)}")
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise LorakitError(f"{where}: unknown {key} {sorted(unknown)}; use {list(defaults)}")
-    return {**defaults, **given}
-
-
-def data_files(path: Path) -> list[Path]:
-    """The files a dataset reads: `path` itself, or a folder's files in name order, all of one type."""
-    if not path.is_dir():
-        if path.suffix not in FILE_TYPES:
-            raise LorakitError(f"data file {path} has type '{path.suffix}'; lorakit reads {', '.join(FILE_TYPES)}")
-        return [path]
-    files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    others = [p.name for p in files if not p.is_file() or p.suffix not in FILE_TYPES]
-    if others:
-        raise LorakitError(
-            f"data folder {path} holds {others}, which lorakit cannot read; it reads {', '.join(FILE_TYPES)} files: "
-            "move the others out"
-        )
-    if not files:
-        raise LorakitError(f"data folder {path} is empty; put {', '.join(FILE_TYPES)} files in it")
-    types = sorted({FILE_TYPES[p.suffix] for p in files})
-    if len(types) > 1:
-        raise LorakitError(
-            f"data folder {path} mixes file types ({', '.join(types)}); keep one type per folder and make a "
-            "dataset_info.json entry for each"
-        )
-    return files
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """One data file's records: a JSON list of objects or JSON Lines, CSV rows, or Parquet rows."""
-    readers: dict[str, Callable[[Path], list[Any]]] = {".csv": _read_csv, ".parquet": _read_parquet}
-    records = readers.get(path.suffix, _read_json)(path)
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise LorakitError(f"{path} record {index} is a {type(record).__name__}, not an object")
-    return records
-
-
-def _text(path: Path) -> str:
-    """The file as text; a UTF-8 byte-order mark (as Windows editors write) is accepted and dropped."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise LorakitError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-
-
-def _read_json(path: Path) -> list[Any]:
-    text = _text(path)
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LorakitError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
-    if path.suffix == ".json" and text.lstrip().startswith("{"):
-        _reject_wrapped_list(path, text)
-    records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise LorakitError(f"{path} line {line_number} is not valid JSON: {err.msg}") from None
-    return records
-
-
-WRAPPED = "lorakit reads a JSON list of records ([{...}, ...]) or JSON Lines: write the list itself at the top level"
-
-
-def _reject_wrapped_list(path: Path, text: str) -> None:
-    """A .json file that is one object spread over lines (`{"data": [...]}` pretty-printed) is an error naming the
-    shape expected; on one line it may be a JSON Lines record, judged against the columns (_dataset_records)."""
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        return  # JSON Lines (or a bad line, reported below)
-    if len([line for line in text.splitlines() if line.strip()]) > 1:
-        lists = [key for key, value in whole.items() if isinstance(value, list)] if isinstance(whole, dict) else []
-        inside = f"an object with the list under '{lists[0]}'" if lists else "one JSON object over several lines"
-        raise LorakitError(f"{path} holds {inside}; {WRAPPED}")
-
-
-def _check_not_wrapped(path: Path, records: list[dict[str, Any]], spec: DatasetSpec) -> None:
-    """One record that has none of the dataset's columns but a list of objects is a wrapped list, not a record."""
-    if path.suffix != ".json" or len(records) != 1 or set(records[0]) & {*spec.columns.values(), "messages"}:
-        return
-    lists = [k for k, v in records[0].items() if isinstance(v, list) and v and all(isinstance(i, dict) for i in v)]
-    if lists:
-        raise LorakitError(f"{path} holds an object with the list under '{lists[0]}'; {WRAPPED}")
-
-
-def _read_csv(path: Path) -> list[Any]:
-    """Rows as {header: string}; an empty cell is "". A BOM (as Excel writes) is not part of the first header."""
-    limit = csv.field_size_limit(2**31 - 1)  # the default, 128 KiB, is short for long documents
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, restval="")
-            rows = list(reader)
-    except UnicodeDecodeError as err:
-        raise LorakitError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    except csv.Error as err:
-        raise LorakitError(f"{path} line {reader.line_num} is not valid CSV: {err}") from None
-    finally:
-        csv.field_size_limit(limit)
-    for index, row in enumerate(rows):
-        if None in row:
-            raise LorakitError(f"{path} record {index} has more cells than the header row; quote cells with commas")
-    return rows
-
-
-def _read_parquet(path: Path) -> list[Any]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        return pyarrow.parquet.read_table(path).to_pylist()
-    except (pyarrow.ArrowException, OSError) as err:
-        raise LorakitError(f"{path} is not a readable Parquet file: {err}") from None
-
-
-def _dataset_records(spec: DatasetSpec, max_samples: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for the first max_samples records of a dataset; indexes count on across a folder's files."""
-    index = 0
-    for path in spec.files:
-        if max_samples is not None and index >= max_samples:
-            return
-        records = read_records(path)
-        _check_not_wrapped(path, records, spec)
-        for record in records:
-            if max_samples is not None and index >= max_samples:
-                return
-            yield f"{path} record {index}", record
-            index += 1
+__all__ = [  # the names of dataset_info.json and the readers, as this module offered them before it was split
+    "ALPACA_COLUMNS", "FILE_TYPES", "FORMATS", "OPENAI_COLUMNS", "OPENAI_TAGS", "SHAREGPT_COLUMNS", "SHAREGPT_TAGS",
+    "DatasetSpec", "alpaca_messages", "data_files", "load_conversations", "load_datasets", "read_records",
+    "record_messages", "resolve_datasets", "sharegpt_layout", "sharegpt_messages",
+]  # fmt: skip
 
 
 def alpaca_messages(record: dict[str, Any], columns: dict[str, str], where: str) -> list[Message]:
@@ -385,18 +158,34 @@ def _optional_string(record: dict[str, Any], key: str, where: str) -> str | None
     return value
 
 
-def _to_messages(spec: DatasetSpec) -> Callable[[dict[str, Any], str], list[Message]]:
+def record_messages(spec: DatasetSpec, record: dict[str, Any], where: str) -> list[Message]:
+    """One record of `spec`'s dataset as a conversation, in the dataset's format."""
     if spec.formatting == "alpaca":
-        return lambda record, where: alpaca_messages(record, spec.columns, where)
+        return alpaca_messages(record, spec.columns, where)
     if spec.tags:
-        return lambda record, where: sharegpt_messages(record, spec.columns, spec.tags, where)
-    return lambda record, where: sharegpt_messages(record, *sharegpt_layout(record), where)
+        return sharegpt_messages(record, spec.columns, spec.tags, where)
+    return sharegpt_messages(record, *sharegpt_layout(record), where)
+
+
+def _dataset_records(spec: DatasetSpec, max_samples: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for the first max_samples records of a dataset; indexes count on across a folder's files."""
+    index = 0
+    for path in spec.files:
+        if max_samples is not None and index >= max_samples:
+            return
+        records = read_records(path)
+        check_not_wrapped(path, records, spec.columns)
+        for record in records:
+            if max_samples is not None and index >= max_samples:
+                return
+            yield f"{path} record {index}", record
+            index += 1
 
 
 def load_datasets(specs: list[DatasetSpec], max_samples: int | None) -> list[list[list[Message]]]:
     """Each dataset's conversations, in --dataset order, at most max_samples of each (lorakit.data.mixing mixes)."""
-    readers = [(_to_messages(spec), _dataset_records(spec, max_samples)) for spec in specs]
-    return [[to_messages(record, where) for where, record in records] for to_messages, records in readers]
+    return [[record_messages(spec, record, where) for where, record in _dataset_records(spec, max_samples)]
+            for spec in specs]  # fmt: skip
 
 
 def load_conversations(specs: list[DatasetSpec], max_samples: int | None) -> list[list[Message]]:

@@ -43,7 +43,6 @@ class Llama31Template:
 
     name: str = "llama3_1"
     renders_tools: bool = True  # tools, calls and results as Meta's template writes them
-    single_call: bool = True  # one call per assistant turn (lorakit.templates.tools.check_tool_support)
 
     def _opening(self, messages: Sequence[Message]) -> tuple[str, list[Message]]:
         """The system block (with tools, also the first user message, which carries them) and the turns after."""
@@ -63,7 +62,9 @@ class Llama31Template:
             return message.content.strip() + EOT
         calls = json.loads(message.content)
         if len(calls) != 1:
-            raise LorakitError(f"--template {self.name} writes one tool call per turn; this one makes {len(calls)}")
+            raise LorakitError(f"--template {self.name} writes one tool call per assistant turn (as Meta's template "
+                               f"does), and this turn makes {len(calls)} calls at once; give each call its own "
+                               "function_call and observation turns, or use --template qwen or qwen3")  # fmt: skip
         name, arguments = calls[0]["name"], json.dumps(calls[0]["arguments"], ensure_ascii=False)
         return f'{{"name": "{name}", "parameters": {arguments}}}' + EOT
 

@@ -8,8 +8,8 @@ Qwen); a `function_call` turn is the assistant's reply `<tool_call>\\n{"name": .
 `json.dumps(value, ensure_ascii=False)`.
 
 Llama 3.1's tool format is lorakit.templates.llama3_1 (it shares `wrapped_tools`). Templates without a tool format
-(chatml, llama3, default, auto) refuse tool data in one line, before training, and llama3_1 refuses calls made at
-once, which Meta's template refuses too (`check_tool_support`).
+(chatml, llama3, default, auto) refuse tool data in one line, before training (`refuse_tools`, from the data's
+checks), and llama3_1 refuses calls made at once as it renders them, as Meta's template does.
 """
 
 from __future__ import annotations
@@ -66,22 +66,9 @@ def has_tools(messages: Sequence[Message]) -> bool:
     return any(m.role in TOOL_ROLES for m in messages)
 
 
-def check_tool_support(template: Any, conversations: Sequence[Sequence[Message]], what: str) -> None:
-    """Tool data needs a template that writes tools (qwen, qwen3, llama3_1), and one that writes a single call per
-    turn (llama3_1) needs data without calls made at once: otherwise one line naming the first such record."""
-    if not getattr(template, "renders_tools", False):
-        index = next((i for i, c in enumerate(conversations) if has_tools(c)), None)
-        if index is not None:
-            raise LorakitError(
-                f"--template {template.name} cannot render tool calls, and {what} example {index} has tools, a "
-                f"function_call or an observation; use --template {TOOL_TEMPLATES}, or data without tool turns"
-            )
-    elif getattr(template, "single_call", False):
-        for index, conversation in enumerate(conversations):
-            calls = max((len(json.loads(m.content)) for m in conversation if m.role == "function_call"), default=0)
-            if calls > 1:
-                raise LorakitError(
-                    f"--template {template.name} writes one tool call per assistant turn (as its family's chat "
-                    f"template does), and {what} example {index} makes {calls} calls at once; give each call its "
-                    "own function_call and observation turns, or use --template qwen or qwen3"
-                )
+def refuse_tools(template: Any, index: int, what: str) -> None:
+    """The error for tool data (first at example `index` of `what`) with a template that cannot write tools."""
+    raise LorakitError(
+        f"--template {template.name} cannot render tool calls, and {what} example {index} has tools, a "
+        f"function_call or an observation; use --template {TOOL_TEMPLATES}, or data without tool turns"
+    )

@@ -1,46 +1,96 @@
+"""The tokenised-data cache (lorakit.data.cache): keyed by every input, reused by a second run, shared by the ranks
+of a node (local rank 0 builds, the others wait for the folder), written whole or not at all."""
+
+import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lorakit.config import DataConfig
-from lorakit.data import prepare_data
+from lorakit.data import cache, prepare_data, read_source, ready
+from lorakit.data.tokens import TokenizedData
 from lorakit.engine import load_tokenizer
 from lorakit.templates import get_template
+
+
+def _config(tiny_data: Path, tmp_path: Path, **flags) -> DataConfig:
+    return DataConfig(**{"dataset": ("tiny",), "dataset_dir": str(tiny_data), "cutoff_len": 256,
+                         "data_cache_dir": str(tmp_path), **flags})  # fmt: skip
 
 
 def test_second_run_reuses_the_cache_and_inputs_change_the_key(tiny_model: Path, tiny_data: Path, tmp_path: Path):
     tokenizer = load_tokenizer(str(tiny_model))
     template = get_template("qwen", tokenizer)
-    config = DataConfig(dataset=("tiny",), dataset_dir=str(tiny_data), cutoff_len=256, data_cache_dir=str(tmp_path))
-    first, path, cached = prepare_data(config, tokenizer, template, True, lambda ok: ok)
-    assert not cached and path.is_file()
-    again, same_path, cached_again = prepare_data(config, tokenizer, template, True, lambda ok: ok)
+    config = _config(tiny_data, tmp_path)
+    first, path, cached = prepare_data(config, tokenizer, template)
+    assert not cached and path.is_dir() and sorted(p.name for p in path.iterdir()) == [
+        "examples.npy", "ids.npy", "labels.npy", "meta.json", "offsets.npy", "targets.npy"]  # fmt: skip
+    again, same_path, cached_again = prepare_data(config, tokenizer, template)
     assert cached_again and same_path == path and np.array_equal(first.ids, again.ids)
-    _, other, cached_other = prepare_data(
-        DataConfig(**{**config.__dict__, "cutoff_len": 200}), tokenizer, template, True, lambda ok: ok
-    )
+    _, other, cached_other = prepare_data(_config(tiny_data, tmp_path, cutoff_len=200), tokenizer, template)
     assert other != path and not cached_other
-    _, auto_path, _ = prepare_data(config, tokenizer, get_template("auto", tokenizer), True, lambda ok: ok)
+    _, auto_path, _ = prepare_data(config, tokenizer, get_template("auto", tokenizer))
     assert auto_path != path
+    workers = prepare_data(_config(tiny_data, tmp_path, preprocessing_num_workers=1), tokenizer, template)
+    assert workers[1] == path and workers[2]  # how many processes tokenise changes nothing they write
+    rebuilt, _, was_cached = prepare_data(_config(tiny_data, tmp_path, overwrite_cache=True), tokenizer, template)
+    assert not was_cached and np.array_equal(rebuilt.labels, first.labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({path.name, other.name, auto_path.name})
 
 
-def test_waiting_ranks_load_what_the_builder_wrote(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+def test_the_tokens_are_memory_mapped_and_released(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    tokenizer = load_tokenizer(str(tiny_model))
+    data, _, _ = prepare_data(_config(tiny_data, tmp_path), tokenizer, get_template("qwen", tokenizer))
+    assert isinstance(data, TokenizedData) and not data.ids.flags.owndata and not data.ids.flags.writeable
+    assert len(data.maps) == 2 and data.offsets.flags.writeable  # the per-record arrays are read into memory
+    before = [data.example(i) for i in range(len(data))]
+    data.release()
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(before, [data.example(i) for i in range(len(data))]))
+
+
+def test_waiting_ranks_wait_for_the_builder_and_load_what_it_wrote(tiny_model: Path, tiny_data: Path,
+                                                                   tmp_path: Path):  # fmt: skip
     tokenizer = load_tokenizer(str(tiny_model))
     template = get_template("qwen", tokenizer)
-    config = DataConfig(dataset=("tiny",), dataset_dir=str(tiny_data), cutoff_len=256, data_cache_dir=str(tmp_path))
-    built, path, _ = prepare_data(config, tokenizer, template, True, lambda ok: ok)
-    loaded, _, cached = prepare_data(config, tokenizer, template, False, lambda ok: ok)
-    assert cached and np.array_equal(built.labels, loaded.labels) and np.array_equal(built.offsets, loaded.offsets)
+    config = _config(tiny_data, tmp_path)
+    waiting: dict = {}
+
+    def wait() -> None:  # another rank of the node: it does not build, it waits for the folder
+        waiting["data"] = prepare_data(config, tokenizer, template, builds=False)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive() and "data" not in waiting  # nothing to load yet
+    built, path, _ = prepare_data(config, tokenizer, template)
+    waiter.join(timeout=30)
+    loaded, same, cached = waiting["data"]
+    assert same == path and not cached and np.array_equal(built.labels, loaded.labels)
+    assert np.array_equal(built.offsets, loaded.offsets) and np.array_equal(built.index, loaded.index)
 
 
-def test_the_cache_file_follows_the_umask(tiny_model: Path, tiny_data: Path, tmp_path: Path):
-    import os
-
+def test_a_waiting_rank_says_so(tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capfd: pytest.CaptureFixture):  # fmt: skip
     tokenizer = load_tokenizer(str(tiny_model))
-    config = DataConfig(dataset=("tiny",), dataset_dir=str(tiny_data), cutoff_len=256, data_cache_dir=str(tmp_path))
+    template = get_template("qwen", tokenizer)
+    config = _config(tiny_data, tmp_path)
+    source = read_source(config, template, tokenizer, 42)
+    monkeypatch.setattr(cache, "WAIT_S", 0.2)
+    threading.Timer(1.0, lambda: prepare_data(config, tokenizer, template)).start()
+    ready(source, config, tokenizer, template, False, 42, "the training data's")
+    err = capfd.readouterr().err
+    assert f"waiting 0 s for local rank 0 to write the tokenised cache {tmp_path / source.key}" in err
+
+
+def test_the_cache_files_follow_the_umask(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    tokenizer = load_tokenizer(str(tiny_model))
     previous = os.umask(0o027)
     try:
-        _, path, _ = prepare_data(config, tokenizer, get_template("qwen", tokenizer), True, lambda ok: ok)
+        _, path, _ = prepare_data(_config(tiny_data, tmp_path), tokenizer, get_template("qwen", tokenizer))
     finally:
         os.umask(previous)
-    assert path.stat().st_mode & 0o777 == 0o640
+    assert path.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o640}

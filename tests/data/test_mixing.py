@@ -15,7 +15,7 @@ import tiny
 
 from lorakit.cli import parse_config
 from lorakit.config import Config, DataConfig
-from lorakit.data import plan_epoch
+from lorakit.data import plan_epoch, prepare_data
 from lorakit.data.mixing import load_mixed, mixture_order
 from lorakit.data.records import resolve_datasets
 from lorakit.errors import LorakitError
@@ -166,15 +166,21 @@ def test_the_mixture_and_its_key_are_a_pure_function_of_seed_and_flags(tiny_mode
     folder = _two_datasets(tmp_path / "data")
     mix = ["--mix_strategy", "interleave_over", "--interleave_probs", "0.6,0.4"]
     first, again = (_plan(tmp_path, tiny_model, folder, *mix, "--seed", "11") for _ in range(2))
-    assert first.train_data.conversations == again.train_data.conversations
+    assert _examples(first) == _examples(again) and again.train_data.cached
     assert first.train_data.key == again.train_data.key and first.fingerprint == again.fingerprint
     (line,) = [note for note in first.notes if note.startswith("data mix")]  # said at start with the other notes
     assert line.startswith("data mix (interleave_over, --interleave_probs 0.6,0.4, --seed 11): ")
     other_seed = _plan(tmp_path, tiny_model, folder, *mix, "--seed", "12")
-    assert other_seed.train_data.conversations != first.train_data.conversations
+    assert _examples(other_seed) != _examples(first)
     assert other_seed.train_data.key != first.train_data.key
     concat = [_plan(tmp_path, tiny_model, folder, "--seed", seed).train_data.key for seed in ("11", "12")]
     assert concat[0] == concat[1] and first.train_data.key not in concat  # concat does not draw: the seed is moot
+
+
+def _examples(plan: Any) -> list[list[int]]:
+    """The training set's examples, in order, as the loop reads them from the cache."""
+    data, _, _ = prepare_data(plan.config.data, plan.tokenizer, plan.template, source=plan.train_data)
+    return [data.example(i)[0].tolist() for i in range(len(data))]
 
 
 def test_a_resumed_epoch_continues_the_mixed_order():

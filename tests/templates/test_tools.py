@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from conversations import trained_text
 
-from lorakit.config import Config
+from lorakit.config import Config, DataConfig
+from lorakit.data import prepare_data
 from lorakit.data.encode import encode_conversation
 from lorakit.data.records import load_conversations, resolve_datasets
+from lorakit.engine import load_tokenizer
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, get_template
 from lorakit.validate import validate
@@ -177,20 +179,31 @@ def _validate(tiny_model: Path, tmp_path: Path, template: str, records: list[dic
 
 @pytest.mark.parametrize("template", ["chatml", "llama3", "default", "auto"])
 def test_a_template_without_a_tool_format_refuses_tool_data(tiny_model: Path, tmp_path: Path, template: str):
-    records = [RECORDS["no tools (glaive's '[]')"], RECORDS["ends with the call"]]
-    with pytest.raises(LorakitError, match=f"--template {template} cannot render tool calls, and the training data's "
-                       "example 1 has tools.*use --template qwen, qwen3 or llama3_1") as caught:  # fmt: skip
-        _validate(tiny_model, tmp_path, template, records)
-    assert "\n" not in str(caught.value)
+    """Refused where the data is tokenised (lorakit.data.build), before anything is cached; through a whole run's
+    checks where the tiny tokenizer has the template's special tokens (it lacks llama3's: that error comes first)."""
+    _read(tmp_path, [RECORDS["no tools (glaive's '[]')"], RECORDS["ends with the call"]])
+    expected = (f"--template {template} cannot render tool calls, and the training data's example 1 has tools.*"
+                "use --template qwen, qwen3 or llama3_1")  # fmt: skip
+    tokenizer = load_tokenizer(str(tiny_model))
+    config = DataConfig(dataset=("glaive",), dataset_dir=str(tmp_path), data_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(LorakitError, match=expected) as caught:
+        prepare_data(config, tokenizer, get_template(template, tokenizer))
+    assert "\n" not in str(caught.value) and not (tmp_path / "cache").exists()
+    if template != "llama3":
+        with pytest.raises(LorakitError, match=expected):
+            _validate(tiny_model, tmp_path, template, [RECORDS["no tools (glaive's '[]')"],
+                                                       RECORDS["ends with the call"]])  # fmt: skip
 
 
 def test_llama3_1_refuses_calls_made_at_once_as_metas_template_does(
     tiny_model: Path, tmp_path: Path, llama3_tokenizer, llama31_chat_template: str
 ):
     records = [RECORDS["ends with the call"], RECORDS["system, parallel calls, unicode"]]
-    with pytest.raises(LorakitError, match="--template llama3_1 writes one tool call per assistant turn .* the "
-                       "training data's example 1 makes 2 calls at once") as caught:  # fmt: skip
-        _validate(tiny_model, tmp_path, "llama3_1", records)
+    _read(tmp_path, records)
+    config = DataConfig(dataset=("glaive",), dataset_dir=str(tmp_path), data_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(LorakitError, match=r"tools\.json record 1: --template llama3_1 writes one tool call per "
+                       "assistant turn .* this turn makes 2 calls at once") as caught:  # fmt: skip
+        prepare_data(config, llama3_tokenizer, get_template("llama3_1", llama3_tokenizer))
     assert "\n" not in str(caught.value)
     (messages,) = _read(tmp_path, records[1:])
     chat, tools = _as_hf(messages)

@@ -1,0 +1,215 @@
+"""Building a tokenised-data cache folder: read, check, tokenise on every core, mix, write, in a child process.
+
+The build runs in a process forked for it, so what reading a large file costs in memory (a JSON list is parsed
+whole) leaves with that process and never stays in the rank's resident memory. Its intermediate Arrow files go
+in a temporary folder under the datasets cache (`$HF_DATASETS_CACHE`, where `datasets` keeps its own map
+results) and are removed when it ends; nothing is written to the lorakit cache until every check has passed.
+The folder is written under a temporary name and renamed, so a killed build never leaves a half-written cache.
+
+Its files (lorakit.data.tokens reads them): ids.npy, labels.npy, offsets.npy, targets.npy, examples.npy and
+meta.json: the datasets and their record counts, the mixture's size and log line, the first example with tool
+turns, the truncated and dropped counts, and how long tokenising took.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lorakit.config import DataConfig
+from lorakit.data.arrow import Encoder, raw_conversations, raw_files, tokenise
+from lorakit.data.checks import check_data
+from lorakit.data.info import DatasetSpec
+from lorakit.data.mixing import mix
+from lorakit.errors import LorakitError
+from lorakit.reporting import say
+from lorakit.templates import Message, Template
+
+META = "meta.json"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a job's CPU set, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], config: DataConfig, tokenizer: Any,
+          template: Template, seed: int, what: str, folder: Path) -> None:  # fmt: skip
+    """Tokenise the datasets of `specs` (or data from Python, `conversations`) into the cache folder `folder`, in a
+    child process; its one-line error is raised here. `what` names the data in errors ("the training data's")."""
+    names = ", ".join(spec.name for spec in specs) or "the data from Python"
+    workers = config.preprocessing_num_workers or available_cores()
+    say(f"data: reading and tokenising {names} with up to {workers} processes into {folder}")
+    context = multiprocessing.get_context("fork")  # inherits the tokenizer and the data given from Python as they are
+    receiving, sending = context.Pipe(duplex=False)
+    args = (sending, specs, conversations, config, tokenizer, template, seed, what, folder)
+    process = context.Process(target=_child, args=args, name="lorakit-data-build")
+    unset = "TOKENIZERS_PARALLELISM" not in os.environ
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else tokenizers warns on fork if it ran threads
+    try:
+        process.start()
+        sending.close()
+        try:
+            status, message = receiving.recv()
+        except EOFError:
+            status, message = "died", ""
+        process.join()
+    finally:
+        if unset:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        if process.is_alive():
+            process.terminate()
+            process.join()
+    if status == "error":
+        raise LorakitError(message)
+    if status == "crash":
+        raise RuntimeError(f"tokenising the data failed in lorakit's build process:\n{message}")
+    if status == "died":
+        raise LorakitError(f"the process tokenising the data into {folder} ended with exit code {process.exitcode} "
+                           "(killed, out of memory?); lower --preprocessing_num_workers, or free memory")  # fmt: skip
+
+
+def _child(sending: Any, *args: Any) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: the processes use the cores
+    import datasets
+
+    datasets.disable_progress_bars()  # a bad input is one line on stderr; the log says what is tokenised
+    datasets.logging.set_verbosity_error()
+    try:
+        _build(*args)
+        sending.send(("ok", ""))
+    except LorakitError as err:
+        sending.send(("error", str(err)))
+    except BaseException:  # noqa: BLE001 - reported in the parent, which raises it
+        sending.send(("crash", traceback.format_exc()))
+    finally:
+        sending.close()
+
+
+def _work_root() -> Path:
+    """The datasets cache, where `datasets` writes its own map results; the temporary folder where it cannot be."""
+    import datasets.config
+
+    root = Path(datasets.config.HF_DATASETS_CACHE)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(tempfile.gettempdir())
+    return root if os.access(root, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], config: DataConfig, tokenizer: Any,
+           template: Template, seed: int, what: str, folder: Path) -> None:  # fmt: skip
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=f"lorakit-build-{folder.name}-", dir=_work_root()))
+    try:
+        if specs:
+            files, arrows, read_error = raw_files(specs, config.max_samples, work)
+        else:
+            files, arrows, read_error = [], raw_conversations(conversations, work), None
+        read = time.perf_counter()
+        encoder = Encoder(tuple(specs), tuple(files), template, tokenizer, config)
+        workers = config.preprocessing_num_workers or available_cores()
+        tokens = tokenise(arrows, encoder, workers, work) if arrows else None
+        table = tokens.data.table if tokens is not None else None
+        tokenised = time.perf_counter()
+        _raise_first_error(table, read_error)
+        records = _records(table)
+        names = [spec.name for spec in specs] or ["data from Python"]
+        counts = np.bincount(records["dataset"], minlength=len(names)).tolist()
+        order, line = mix(names, counts, config, seed) if specs else (np.arange(len(records["dataset"])), "")
+        with_tools = np.flatnonzero(records["tools"][order])
+        meta = {"datasets": names, "records": counts, "examples": len(order), "line": line,
+                "tools_example": int(with_tools[0]) if len(with_tools) else None}  # fmt: skip
+        check_data(meta, config, template, what)
+        kept = records["targets"][order] > 0
+        if not kept.any():
+            raise LorakitError(f"no examples left: all {len(order)} lost every trained token to --cutoff_len "
+                               f"{config.cutoff_len}; raise --cutoff_len")  # fmt: skip
+        meta.update(truncated=int(records["truncated"][order].sum()), dropped=int((~kept).sum()), workers=workers,
+                    phases={"read": round(read - started, 3), "tokenise": round(tokenised - read, 3)})  # fmt: skip
+        _commit(table, records, order[kept], meta, folder, config.overwrite_cache, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _raise_first_error(table: pa.Table | None, read_error: str | None) -> None:
+    """The first problem in reading order: by file, then stage, then record (lorakit.data.arrow)."""
+    if table is not None:
+        bad = np.flatnonzero(pc.is_valid(table.column("error")).to_numpy(zero_copy_only=False))
+        if len(bad):
+            files = table.column("file").to_numpy()[bad]
+            stages = table.column("stage").to_numpy()[bad]
+            first = int(bad[np.lexsort((bad, stages, files))[0]])
+            raise LorakitError(table.column("error")[first].as_py())
+    if read_error is not None:  # the file after the last one read
+        raise LorakitError(read_error)
+
+
+def _records(table: pa.Table | None) -> dict[str, np.ndarray]:
+    """Per record (rows within --max_samples): its dataset, tool turns, truncation, trained tokens and length."""
+    names = ("dataset", "tools", "truncated", "targets")
+    if table is None:
+        return {name: np.zeros(0, np.int64) for name in (*names, "lengths")}
+    use = table.column("use").to_numpy()
+    columns = {name: table.column(name).to_numpy()[use] for name in names}
+    columns["tools"], columns["truncated"] = columns["tools"].astype(bool), columns["truncated"].astype(bool)
+    columns["lengths"] = pc.list_value_length(table.column("input_ids")).to_numpy()[use].astype(np.int64)
+    return columns
+
+
+def _flat(table: pa.Table, column: str, path: Path, total: int) -> None:
+    """Every row's list of a column, back to back, as one int32 .npy file (rows without tokens add none)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(total,))
+    position = 0
+    for chunk in table.column(column).chunks:
+        values = chunk.flatten().to_numpy()
+        out[position : position + len(values)] = values
+        position += len(values)
+    out.flush()
+    del out
+
+
+def _commit(table: pa.Table, records: dict[str, np.ndarray], examples: np.ndarray, meta: dict[str, Any],
+            folder: Path, replace: bool, started: float) -> None:  # fmt: skip
+    staging = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        offsets = np.concatenate([[0], np.cumsum(records["lengths"])]).astype(np.int64)
+        for column, name in (("input_ids", "ids"), ("labels", "labels")):
+            _flat(table, column, staging / f"{name}.npy", int(offsets[-1]))
+        np.save(staging / "offsets.npy", offsets)
+        np.save(staging / "targets.npy", records["targets"].astype(np.int32))
+        np.save(staging / "examples.npy", examples.astype(np.int64))
+        meta["seconds"] = round(time.perf_counter() - started, 3)  # reading, tokenising and writing
+        (staging / META).write_text(json.dumps(meta, ensure_ascii=False))
+        _install(staging, folder, replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(staging: Path, folder: Path, replace: bool) -> None:
+    """Rename the written folder into place; another build that got there first (a shared cache) keeps its own."""
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+    if replace and folder.exists():
+        os.rename(folder, old)
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+    shutil.rmtree(old, ignore_errors=True)
