@@ -32,7 +32,12 @@ from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
 from lorakit.engine.quantization import describe
 from lorakit.engine.streams import answer_current_stream_directly
 from lorakit.engine.variants import initial_adapter
-from lorakit.engine.zero3 import gather_updated_adapter_at_once, gather_whole_layers, keep_frozen_resident_weights
+from lorakit.engine.zero3 import (
+    gather_updated_adapter_at_once,
+    gather_whole_layers,
+    keep_frozen_resident_weights,
+    remember_module_parameters,
+)
 from lorakit.pissa import PissaStart
 
 
@@ -127,6 +132,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         kept_whole = ds_config["zero_optimization"].get("stage3_param_persistence_threshold", 0) > total - trainable
         notes += stage2_hint(plan.shape.weight_bytes, dist.device, kept_whole)
     trainable_params = parameter_groups(model, config.lora.loraplus_lr_ratio)
+    if zero3:
+        remember_module_parameters()
     if on_gpu:
         answer_current_stream_directly()
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting

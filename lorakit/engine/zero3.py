@@ -22,6 +22,9 @@ Qwen2.5-7B on 4 GPUs, 15 GB through NCCL and 339 frees a step (benchmarks/RESULT
 
 from __future__ import annotations
 
+import itertools
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -110,3 +113,30 @@ def keep_frozen_resident_weights(engine: Any) -> int:
 
     offload.partition_all_parameters = partition_all_but_resident_frozen
     return len(resident)
+
+
+def remember_module_parameters() -> bool:
+    """DeepSpeed lists a module's parameters afresh (`named_parameters`, a walk of every submodule) each time it
+    fetches, releases or traces a ZeRO-3 unit, several times per decoder layer per pass: 817,000 `named_modules`
+    calls in 5 kept-whole steps of Qwen2.5-7B (benchmarks/RESULTS.md, session 4). A module's own parameters do not
+    change once the engine exists (LoRA, DoRA and PiSSA are attached before it), so the list is kept per module,
+    weakly (a module that goes away takes its entry along; a new one is listed afresh); the parameters DeepSpeed
+    registers as external to a module are still asked for each time. True where DeepSpeed's function was replaced
+    (DeepSpeed 0.19's `partitioned_param_coordinator.get_all_parameters`); process-wide, once."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator as coordinator
+
+    original = getattr(coordinator, "get_all_parameters", None)
+    if original is None or getattr(original, "remembers", False):
+        return original is not None
+    listed: weakref.WeakKeyDictionary[torch.nn.Module, dict[bool, list]] = weakref.WeakKeyDictionary()
+
+    def get_all_parameters(sub_module: torch.nn.Module, recurse: bool = False) -> Iterator[tuple[str, Any]]:
+        by_recurse = listed.setdefault(sub_module, {})
+        named = by_recurse.get(recurse)
+        if named is None:
+            named = by_recurse[recurse] = list(sub_module.named_parameters(recurse=recurse))
+        return itertools.chain(named, sub_module.ds_external_parameters())
+
+    get_all_parameters.remembers = True  # type: ignore[attr-defined]
+    coordinator.get_all_parameters = get_all_parameters
+    return True
