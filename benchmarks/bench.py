@@ -50,6 +50,8 @@ RUNS = {
     "zero3-hfprefetch": ["--deepspeed", "{hfprefetch}"],  # lorakit's defaults but HF's prefetch bucket
     "zero3-persist-liger": ["--deepspeed", "{persist}"],  # lorakit's defaults, every frozen weight resident
     "zero2": ["--zero_stage", "2"],
+    "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
+    "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
     # rows of 8,192 tokens: one forward pass per rank where a step's share exceeds 4,096 tokens

@@ -79,6 +79,15 @@ class ModelConfig:
         ),  # fmt: skip
     )
 
+    torch_compile: bool = field(
+        default=False,
+        metadata=_doc(
+            "Compile each decoder layer's forward (and so its backward) with torch.compile (inductor, shapes "
+            "dynamic); DeepSpeed's hooks stay outside. Off by default until measured as a default "
+            "(benchmarks/RESULTS.md); with it, --enable_liger_kernel defaults to off (inductor fuses those ops)."
+        ),
+    )
+
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise LorakitError("--bf16 and --fp16 are both set; choose one precision")
@@ -90,6 +99,8 @@ class ModelConfig:
                                "quantises with bitsandbytes only (`bnb`)")  # fmt: skip
         if self.quantization_type not in QUANTIZATION_TYPES:
             raise LorakitError(f"--quantization_type {self.quantization_type} is unknown; use nf4 or fp4")
+        if self.torch_compile and self.quantization_bit is not None:  # bitsandbytes' kernels break dynamo's graphs
+            raise LorakitError("--torch_compile with --quantization_bit is not supported; drop --torch_compile")
 
 
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")

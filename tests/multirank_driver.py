@@ -5,7 +5,8 @@ and `deep` (micro-batch 1 x accumulation 4), both with lorakit's whole-layer gat
 with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the DeepSpeed file), and
 `checkpointed` (`wide` with gradient checkpointing: layers recomputed, and re-gathered, in backward), and
 `zero2` (`wide` under ZeRO-2: nothing partitioned, the reference for ZeRO-3's machinery over many steps), and
-`resident` (`wide` with every frozen weight kept whole: a persistence threshold above every parameter).
+`resident` (`wide` with every frozen weight kept whole: a persistence threshold above every parameter), and
+`compiled` (`resident` with --torch_compile: each decoder layer's forward through torch.compile's inductor).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs.
 Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
@@ -63,7 +64,7 @@ resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
 (workdir / "ds_resident.json").write_text(json.dumps(resident))
 results = {}
 runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1),
-        ("resident", 4, 1))  # fmt: skip
+        ("resident", 4, 1), ("compiled", 4, 1))  # fmt: skip
 for name, micro, accumulation in runs:
     config = lorakit.Config.from_flat(
         {
@@ -72,7 +73,8 @@ for name, micro, accumulation in runs:
             "per_device_train_batch_size": micro,
             "gradient_accumulation_steps": accumulation,
             **({"deepspeed": str(workdir / "ds_per_module.json")} if name == "per_module" else {}),
-            **({"deepspeed": str(workdir / "ds_resident.json")} if name == "resident" else {}),
+            **({"deepspeed": str(workdir / "ds_resident.json")} if name in ("resident", "compiled") else {}),
+            **({"torch_compile": True} if name == "compiled" else {}),
             **({"gradient_checkpointing": True} if name == "checkpointed" else {}),
             **({"zero_stage": 2} if name == "zero2" else {}),
         }

@@ -299,6 +299,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                                  "--quantization_method gptq", "bitsandbytes only"),
     "8-bit under ZeRO-3": (lambda w: w.train("--quantization_bit", "8"), "--quantization_bit 8",
                            "does not work under ZeRO-3"),
+    "torch_compile with quantisation": (lambda w: w.train("--torch_compile", "--quantization_bit", "4"),
+                                        "--torch_compile", "drop --torch_compile"),
     "PiSSA on a quantised base": (lambda w: w.train("--quantization_bit", "4", "--pissa_init"), "--pissa_init",
                                   "--quantization_bit 4 stores packed"),
     "quantization on the CPU": (lambda w: w.train("--quantization_bit", "4"), "--quantization_bit 4",

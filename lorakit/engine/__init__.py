@@ -17,7 +17,7 @@ from lorakit.engine.deepspeed_config import (
     resolve_deepspeed_config,
 )
 from lorakit.engine.jit import clear_stale_build_locks, settle_cuda_arch_list, watch_build_locks
-from lorakit.engine.kernels import apply_liger_kernel, use_liger_kernel
+from lorakit.engine.kernels import apply_liger_kernel, compile_decoder_layers, use_liger_kernel
 from lorakit.engine.memory import plan_memory
 from lorakit.engine.model import (
     add_neftune_noise,
@@ -117,7 +117,9 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
                      f"bitsandbytes while loading{', then partitioned by ZeRO-3' if zero3 else ''}")  # fmt: skip
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    liger, lines = use_liger_kernel(config.model.enable_liger_kernel, hf_config.model_type)
+    liger_flag = config.model.enable_liger_kernel
+    liger, lines = use_liger_kernel(False if liger_flag is None and config.model.torch_compile else liger_flag,
+                                    hf_config.model_type)  # fmt: skip
     notes += apply_liger_kernel(model) if liger else lines
     model = attach_lora(model, config.lora, config.train.seed, dist.device)
     pissa = None
@@ -125,6 +127,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         pissa = PissaStart(initial_adapter(model), config.lora.pissa_convert is not False)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)
+    if config.model.torch_compile:
+        notes += compile_decoder_layers(model)
     if whole_layers:
         notes += gather_whole_layers(model)
     trainable, total = parameter_counts(model)

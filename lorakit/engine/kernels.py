@@ -85,3 +85,23 @@ def apply_liger_kernel(model: Any) -> list[str]:
     for name, value in classes.items():
         setattr(family, name, value)
     return [f"liger-kernel: fused RMSNorm, rotary embedding and SwiGLU for {model.config.model_type}"]
+
+
+def compile_decoder_layers(model: Any, backend: str = "inductor") -> list[str]:
+    """--torch_compile: each decoder layer's `forward` through torch.compile; returns the log line. Only the layer's
+    own computation is compiled: ZeRO-3's gather and release hooks run around the module call, outside the graph.
+    Shapes are left to dynamo's automatic dynamic mode (a packed row's length changes every step: the second length
+    seen compiles once more, symbolically, and later lengths reuse it). `backend`: the tests' "aot_eager" on the
+    CPU checks the capture without inductor's code generation."""
+    from lorakit.engine.zero3 import decoder_layer_classes
+
+    classes = tuple(decoder_layer_classes(model))
+    layers = [m for m in model.modules() if classes and isinstance(m, classes)]
+    if not layers:
+        return ["--torch_compile: the model names no decoder layer class; nothing compiled"]
+    # one entry per layer and shape kind; the default limit (8) would fall back to eager past the 8th layer
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(layers))
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None)
+    return [f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({backend}); "
+            "the first steps include the compilation"]  # fmt: skip
