@@ -175,6 +175,22 @@ def keep_frozen_weights_resident(ds_config: dict[str, Any], parameters: int) -> 
     return resident
 
 
+def lorakit_fills(zero: dict[str, Any], key: str) -> bool:
+    """Whether the file's `zero_optimization` section (its stage settled) leaves `key` to lorakit: "auto", or
+    absent under stage 3 (HF's rule for these sizes)."""
+    return zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3)
+
+
+def persistence_left_to_lorakit(config: Config) -> bool:
+    """Whether the persistence threshold is lorakit's to choose (and so the memory plan's to raise): decided from
+    the DeepSpeed file as written, not from the resolved number, which a file could state on purpose."""
+    ds = read_deepspeed_file(config.train.deepspeed) if config.train.deepspeed else default_deepspeed_config()
+    zero = dict(ds.get("zero_optimization", {"stage": 3}))
+    if config.train.zero_stage is not None:
+        zero["stage"] = config.train.zero_stage
+    return lorakit_fills(zero, "stage3_param_persistence_threshold")
+
+
 def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> None:
     # HF's choices for the buckets (one hidden x hidden matrix). A prefetch bucket of one whole decoder layer
     # (so the next layer is gathered while this one computes) was measured 12 % slower a step on 4 H100s: the
@@ -189,7 +205,7 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> 
         "stage3_param_persistence_threshold": automatic_persistence_threshold(hidden_size, largest_lora),
     }
     for key, value in automatic.items():
-        if zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3):
+        if lorakit_fills(zero, key):
             zero[key] = value
     if zero.get(GRANULARITY) == "auto":  # lorakit's rule (whole decoder layers) is the absence of the key
         zero.pop(GRANULARITY)

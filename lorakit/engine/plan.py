@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import Config
-from lorakit.engine.deepspeed_config import automatic_persistence_threshold, resolve_deepspeed_config
+from lorakit.engine.deepspeed_config import persistence_left_to_lorakit, resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import lora_targets
 from lorakit.engine.quantization import quantized_bytes_per_weight
@@ -70,7 +70,5 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     parameters = sum(p.numel() for p in skeleton.parameters())
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,
                           *quantized_share(config, skeleton))  # fmt: skip
-    # lorakit's own number, from an "auto" or absent key (a file holding exactly this number is taken as lorakit's)
-    threshold = ds_config["zero_optimization"].get("stage3_param_persistence_threshold")
-    automatic = threshold == automatic_persistence_threshold(hf_config.hidden_size, largest_lora)
+    automatic = persistence_left_to_lorakit(config)  # an "auto" or absent key: the memory plan may raise it
     return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes), automatic)

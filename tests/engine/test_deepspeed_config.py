@@ -141,3 +141,25 @@ def test_memory_efficient_linear_is_off_where_lorakit_gathers_whole_layers(tmp_p
     (tmp_path / "ds.json").write_text(json.dumps(reference))
     ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
     assert ds["zero_optimization"].get("memory_efficient_linear") == expected
+
+
+@pytest.mark.parametrize(
+    ("threshold", "stage", "zero_stage", "left_to_lorakit"),
+    [
+        ("auto", 3, None, True),
+        (None, 3, None, True),  # absent under stage 3: HF's rule, lorakit fills it
+        (8 * 128 + 1, 3, None, False),  # lorakit's own number, written on purpose: the file decides
+        (10**12, 3, None, False),
+        (None, 2, 3, True),  # --zero_stage 3 over a stage-2 file without the key
+        (None, 3, 2, False),  # stage 2: no threshold at all
+    ],
+)
+def test_the_persistence_threshold_is_lorakits_only_where_the_file_leaves_it(
+    tmp_path: Path, threshold, stage: int, zero_stage, left_to_lorakit: bool
+):
+    from lorakit.engine.deepspeed_config import persistence_left_to_lorakit
+
+    zero = {"stage": stage} | ({} if threshold is None else {"stage3_param_persistence_threshold": threshold})
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": zero}))
+    config = _config(deepspeed=str(tmp_path / "ds.json"), **({} if zero_stage is None else {"zero_stage": zero_stage}))
+    assert persistence_left_to_lorakit(config) is left_to_lorakit
