@@ -76,8 +76,9 @@ def _settle(section: dict[str, Any], key: str, wanted: Any, flag: str, source: s
 
 def resolve_deepspeed_config(
     config: Config, world_size: int, hidden_size: int, on_gpu: bool, largest_lora: int = 0
-) -> tuple[dict[str, Any], list[str]]:
-    """The resolved config and the log lines that explain what lorakit changed."""
+) -> tuple[dict[str, Any], list[str], frozenset[str]]:
+    """The resolved config, the log lines that explain what lorakit changed, and the `zero_optimization` keys the
+    file left to lorakit ("auto" or absent under stage 3): the memory plan may raise only those."""
     source = f"DeepSpeed file {config.train.deepspeed}" if config.train.deepspeed else "lorakit's default config"
     ds = copy.deepcopy(
         read_deepspeed_file(config.train.deepspeed) if config.train.deepspeed else default_deepspeed_config()
@@ -101,11 +102,11 @@ def resolve_deepspeed_config(
     if train.zero_stage is not None and zero.get("stage", 0) != train.zero_stage:
         notes.append(f"{source}: ZeRO stage {zero.get('stage', 0)} replaced by --zero_stage {train.zero_stage}")
         zero["stage"] = train.zero_stage
-    _resolve_zero(zero, hidden_size, largest_lora)
+    filled = _resolve_zero(zero, hidden_size, largest_lora)
     ds.setdefault("steps_per_print", 10**9)  # lorakit prints its own progress
     _reject_leftover_auto(ds, source)
     check_with_deepspeed(ds, source)
-    return ds, notes
+    return ds, notes, filled
 
 
 SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization.", "DeepSpeedBF16Config": "bf16.", "DeepSpeedFP16Config": "fp16."}
@@ -175,23 +176,7 @@ def keep_frozen_weights_resident(ds_config: dict[str, Any], parameters: int) -> 
     return resident
 
 
-def lorakit_fills(zero: dict[str, Any], key: str) -> bool:
-    """Whether the file's `zero_optimization` section (its stage settled) leaves `key` to lorakit: "auto", or
-    absent under stage 3 (HF's rule for these sizes)."""
-    return zero.get(key) == "auto" or (key not in zero and zero.get("stage") == 3)
-
-
-def persistence_left_to_lorakit(config: Config) -> bool:
-    """Whether the persistence threshold is lorakit's to choose (and so the memory plan's to raise): decided from
-    the DeepSpeed file as written, not from the resolved number, which a file could state on purpose."""
-    ds = read_deepspeed_file(config.train.deepspeed) if config.train.deepspeed else default_deepspeed_config()
-    zero = dict(ds.get("zero_optimization", {"stage": 3}))
-    if config.train.zero_stage is not None:
-        zero["stage"] = config.train.zero_stage
-    return lorakit_fills(zero, "stage3_param_persistence_threshold")
-
-
-def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> None:
+def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> frozenset[str]:
     # HF's choices for the buckets (one hidden x hidden matrix). A prefetch bucket of one whole decoder layer
     # (so the next layer is gathered while this one computes) was measured 12 % slower a step on 4 H100s: the
     # step is bound by the CPU, and the larger in-flight gathers stall it (benchmarks/RESULTS.md, session 3).
@@ -204,9 +189,9 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> 
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "stage3_param_persistence_threshold": automatic_persistence_threshold(hidden_size, largest_lora),
     }
-    for key, value in automatic.items():
-        if lorakit_fills(zero, key):
-            zero[key] = value
+    # left to lorakit: "auto", or absent under stage 3 (HF's rule for these sizes)
+    filled = frozenset(k for k in automatic if zero.get(k) == "auto" or (k not in zero and zero.get("stage") == 3))
+    zero.update({key: automatic[key] for key in filled})
     if zero.get(GRANULARITY) == "auto":  # lorakit's rule (whole decoder layers) is the absence of the key
         zero.pop(GRANULARITY)
     if zero.get("stage") == 3 and GRANULARITY not in zero:
@@ -219,6 +204,7 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> 
     if zero.get("stage") != 3:  # stage-3-only keys would make DeepSpeed warn about settings it ignores
         for key in [k for k in zero if k.startswith("stage3_")]:
             zero.pop(key)
+    return filled
 
 
 def _reject_leftover_auto(node: Any, source: str, path: str = "") -> None:

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import Config
-from lorakit.engine.deepspeed_config import persistence_left_to_lorakit, resolve_deepspeed_config
+from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import lora_targets
 from lorakit.engine.quantization import quantized_bytes_per_weight
@@ -61,7 +61,7 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     """Resolve the DeepSpeed config and look at the model's module tree (on the meta device: nothing allocated);
     a contradiction in the DeepSpeed file or an unknown LoRA or additional target is a LorakitError."""
     largest_lora = largest_lora_matrix(config, hf_config)
-    ds_config, notes = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu, largest_lora)
+    ds_config, notes, filled = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu, largest_lora)
     with torch.device("meta"):  # a copy: transformers writes its dtype and attention choice into the config
         skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config),
                                                     trust_remote_code=config.model.trust_remote_code)  # fmt: skip
@@ -70,5 +70,5 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     parameters = sum(p.numel() for p in skeleton.parameters())
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,
                           *quantized_share(config, skeleton))  # fmt: skip
-    automatic = persistence_left_to_lorakit(config)  # an "auto" or absent key: the memory plan may raise it
+    automatic = "stage3_param_persistence_threshold" in filled  # the file left it to lorakit: the plan may raise it
     return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes), automatic)

@@ -24,8 +24,8 @@ def _config(**values) -> Config:
 
 
 def test_reference_file_resolves_every_auto_and_drops_its_scheduler():
-    ds, notes = resolve_deepspeed_config(_config(deepspeed=str(REFERENCE)), world_size=8, hidden_size=3584, on_gpu=True,
-                                         largest_lora=8 * 18944)  # fmt: skip
+    ds, notes, _ = resolve_deepspeed_config(_config(deepspeed=str(REFERENCE)), world_size=8, hidden_size=3584,
+                                            on_gpu=True, largest_lora=8 * 18944)  # fmt: skip
     assert "auto" not in json.dumps(ds)
     assert "scheduler" not in ds
     assert notes == [
@@ -53,13 +53,13 @@ def test_reference_file_resolves_every_auto_and_drops_its_scheduler():
 
 
 def test_precision_flags_fill_auto_and_cpu_uses_torch_adamw():
-    ds, _ = resolve_deepspeed_config(_config(deepspeed=str(REFERENCE), bf16=True), 2, 64, on_gpu=False)
+    ds, _, _ = resolve_deepspeed_config(_config(deepspeed=str(REFERENCE), bf16=True), 2, 64, on_gpu=False)
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["optimizer"]["params"]["torch_adam"] is True
 
 
 def test_default_config_is_zero3_without_a_file():
-    ds, notes = resolve_deepspeed_config(_config(), 2, 64, on_gpu=True)
+    ds, notes, _ = resolve_deepspeed_config(_config(), 2, 64, on_gpu=True)
     assert ds["zero_optimization"]["stage"] == 3 and notes == [] and "auto" not in json.dumps(ds)
 
 
@@ -121,7 +121,7 @@ def test_gathering_unit_is_lorakits_unless_the_file_sets_a_granularity(
     if granularity is not None:
         config["zero_optimization"]["stage3_module_granularity_threshold"] = granularity
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
+    ds, _, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
     assert lorakit_chooses_units(ds) is lorakit_units
     assert ds["zero_optimization"].get("stage3_module_granularity_threshold") == kept
 
@@ -139,7 +139,7 @@ def test_memory_efficient_linear_is_off_where_lorakit_gathers_whole_layers(tmp_p
     reference = json.loads(REFERENCE.read_text())
     reference["zero_optimization"].update(zero_settings)
     (tmp_path / "ds.json").write_text(json.dumps(reference))
-    ds, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
+    ds, _, _ = resolve_deepspeed_config(_config(deepspeed=str(tmp_path / "ds.json")), 2, 64, on_gpu=True)
     assert ds["zero_optimization"].get("memory_efficient_linear") == expected
 
 
@@ -157,9 +157,8 @@ def test_memory_efficient_linear_is_off_where_lorakit_gathers_whole_layers(tmp_p
 def test_the_persistence_threshold_is_lorakits_only_where_the_file_leaves_it(
     tmp_path: Path, threshold, stage: int, zero_stage, left_to_lorakit: bool
 ):
-    from lorakit.engine.deepspeed_config import persistence_left_to_lorakit
-
     zero = {"stage": stage} | ({} if threshold is None else {"stage3_param_persistence_threshold": threshold})
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": zero}))
     config = _config(deepspeed=str(tmp_path / "ds.json"), **({} if zero_stage is None else {"zero_stage": zero_stage}))
-    assert persistence_left_to_lorakit(config) is left_to_lorakit
+    _, _, filled = resolve_deepspeed_config(config, 2, 64, on_gpu=True, largest_lora=8 * 128)
+    assert ("stage3_param_persistence_threshold" in filled) is left_to_lorakit
