@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.config import Config, flat_fields
-from lorakit.distributed import launch_rank
+from lorakit.distributed import launch_rank, leave_distributed
 from lorakit.errors import LorakitError
 
 TRUE, FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
@@ -134,13 +134,14 @@ def parse_config(argv: list[str], prog: str = "lorakit") -> Config:
 
 def run_cli(action: Callable[[], Any]) -> int:
     """Run `action`, turning a LorakitError into one line on stderr (from rank 0) and exit status 2 (128 + N after
-    signal N stopped training)."""
+    signal N stopped training). A finished job leaves the process group on every rank before the process exits."""
     try:
         action()
     except LorakitError as err:
         if launch_rank() == 0:
             print(f"lorakit: error: {err}", file=sys.stderr, flush=True)
         return getattr(err, "exit_code", 2)
+    leave_distributed()
     return 0
 
 

@@ -110,6 +110,15 @@ def init_distributed() -> DistInfo:
     return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), device)
 
 
+def leave_distributed() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter does. Left to interpreter exit,
+    the group's threads meet torch.compile's worker pool and DeepSpeed's globals in whatever order finalisation picks;
+    one such exit aborted a rank ("terminate called without an active exception") after a finished run."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def _join_group(deepspeed: Any, device: torch.device) -> None:
     """deepspeed.init_distributed, which waits for every rank and, on a first run, builds DeepSpeed's CPU
     communication op (a JIT build behind a lock file): stale locks cleared first, and no wait silent past 60 s."""

@@ -103,3 +103,4 @@ for name, micro, accumulation in runs:
             torch.save({"input_ids": probe, "logits": logits.cpu()}, workdir / "wide_logits.pt")
 if torch.distributed.get_rank() == 0:
     (workdir / "metrics.json").write_text(json.dumps(results))
+lorakit.distributed.leave_distributed()  # every rank done before the interpreter tears the group down

@@ -64,3 +64,4 @@ for name, flags in RUNS.items():
 if torch.distributed.get_rank() == 0:
     torch.save({"input_ids": batch, "logits": logits}, workdir / "logits.pt")
     (workdir / "metrics.json").write_text(json.dumps({"world_size": torch.distributed.get_world_size()}))
+lorakit.distributed.leave_distributed()  # every rank done before the interpreter tears the group down

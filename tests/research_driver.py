@@ -81,3 +81,4 @@ template = lorakit.get_template("qwen", tokenizer)
 seen["after"] = lorakit.generate(result.engine, tokenizer, template, PROMPT, max_new_tokens=24)
 seen["example"] = research_inmemory.run(persona_model, workdir / "example", "qwen", 2e-2, 12)
 (workdir / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(seen))
+lorakit.distributed.leave_distributed()  # every rank done before the interpreter tears the group down

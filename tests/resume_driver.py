@@ -56,3 +56,4 @@ except lorakit.LorakitError as err:
     message = str(err)
 if torch.distributed.get_rank() == 0:
     Path(workdir, "diverge_error.txt").write_text(message)
+lorakit.distributed.leave_distributed()  # every rank done before the interpreter tears the group down

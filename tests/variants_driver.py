@@ -103,3 +103,4 @@ lorakit.train(lorakit.Config.from_flat({**flags, "output_dir": str(workdir / "do
 if torch.distributed.get_rank() == 0:
     (workdir / "metrics.json").write_text(json.dumps(results))
     torch.save(logits, workdir / "logits.pt")
+lorakit.distributed.leave_distributed()  # every rank done before the interpreter tears the group down
