@@ -36,7 +36,9 @@ from lorakit.engine.zero3 import (
     gather_updated_adapter_at_once,
     gather_whole_layers,
     keep_frozen_resident_weights,
+    quiet_deepspeed_bookkeeping,
     remember_module_parameters,
+    walk_only_parameter_owners,
 )
 from lorakit.pissa import PissaStart
 
@@ -138,6 +140,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     trainable_params = parameter_groups(model, config.lora.loraplus_lr_ratio)
     if zero3:
         remember_module_parameters()
+        quiet_deepspeed_bookkeeping()
     if on_gpu:
         answer_current_stream_directly()
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
@@ -145,6 +148,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if zero3:
         gather_updated_adapter_at_once(engine)
         keep_frozen_resident_weights(engine)
+        walk_only_parameter_owners(engine)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
 

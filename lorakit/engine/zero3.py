@@ -140,3 +140,77 @@ def remember_module_parameters() -> bool:
     get_all_parameters.remembers = True  # type: ignore[attr-defined]
     coordinator.get_all_parameters = get_all_parameters
     return True
+
+
+def quiet_deepspeed_bookkeeping() -> list[str]:
+    """Two pieces of DeepSpeed bookkeeping that run thousands of times a step and do nothing for a training run:
+    NVTX ranges around every hooked ZeRO-3 function (two calls into the accelerator and two `is_compiling` checks
+    each; DeepSpeed's own `engine.compile` switches them off the same way, through `deepspeed.utils.nvtx`), and
+    ZeRO-3's `print_rank_0`, which asks the process group for its rank before learning that nothing is to be printed
+    (1,600 calls a step). Measured on the CPU proxy with the walks below (benchmarks/RESULTS.md, session 5). A
+    profile in Nsight loses DeepSpeed's range names; torch.profiler does not use them. Returns the modules changed
+    (DeepSpeed 0.19's names; another layout keeps its own); process-wide, idempotent."""
+    import importlib
+    import inspect
+
+    import deepspeed.comm as ds_dist
+    import deepspeed.utils.nvtx as nvtx
+
+    nvtx.enable_nvtx = False
+    changed = []
+    for name in ("partition_parameters", "parameter_offload", "partitioned_param_coordinator", "stage3"):
+        try:
+            module = importlib.import_module(f"deepspeed.runtime.zero.{name}")
+        except ImportError:
+            continue
+        original = getattr(module, "print_rank_0", None)
+        if original is None or getattr(original, "quiet", False):
+            continue
+        if list(inspect.signature(original).parameters) != ["message", "debug", "force"]:
+            continue
+        emit = module.logger.info if name == "stage3" and hasattr(module, "logger") else print
+
+        def print_rank_0(message: str, debug: bool = False, force: bool = False, emit: Any = emit) -> None:
+            if (debug or force) and ds_dist.get_rank() == 0:
+                emit(message)
+
+        print_rank_0.quiet = True  # type: ignore[attr-defined]
+        module.print_rank_0 = print_rank_0
+        changed.append(name)
+    return changed
+
+
+def walk_only_parameter_owners(engine: Any) -> bool:
+    """Around each forward, DeepSpeed's ZeRO-3 engine walks every module of the model twice (`_forward_prologue`
+    and `_forward_epilogue`) to flag its parameter dict as in or out of a forward pass: the flag lets a dict notice
+    a partitioned parameter read by a module that does not own it. A LoRA Qwen2.5-7B has ~1,170 modules, and the
+    walk's nested generators made a fifth of a kept-whole step's Python calls (CPU proxy, benchmarks/RESULTS.md).
+    Only a module that owns parameters has anything to flag, and the module tree is fixed once the engine exists
+    (LoRA and its variants are attached before), so both walks go over that list, made once. DeepSpeed's own
+    prologue and epilogue still run (timers, profiler); only `modules()` answers from the list while they do.
+    True where applied: DeepSpeed 0.19's functions, which call `modules()` for this walk alone."""
+    import inspect
+
+    try:
+        names = ("_forward_prologue", "_forward_epilogue")
+        sources = [inspect.getsource(getattr(type(engine), name)) for name in names]
+    except (AttributeError, OSError, TypeError):
+        return False
+    if not all(s.count(".modules()") == 1 and "_in_forward" in s for s in sources):
+        return False
+    model = engine.module
+    owners = [module for module in model.modules() if module._parameters]
+
+    def listing_owners(run: Any) -> Any:
+        def run_over_owners(*args: Any) -> Any:
+            model.modules = lambda: iter(owners)  # an instance attribute: this model, this call only
+            try:
+                return run(*args)
+            finally:
+                del model.modules
+
+        return run_over_owners
+
+    engine._forward_prologue = listing_owners(engine._forward_prologue)
+    engine._forward_epilogue = listing_owners(engine._forward_epilogue)
+    return True

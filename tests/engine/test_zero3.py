@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from lorakit.engine.zero3 import decoder_layer_classes, make_layer_inputs_require_grad, remember_module_parameters
+from lorakit.engine.zero3 import (
+    decoder_layer_classes,
+    make_layer_inputs_require_grad,
+    quiet_deepspeed_bookkeeping,
+    remember_module_parameters,
+    walk_only_parameter_owners,
+)
 
 
 def test_decoder_layers_are_found_by_their_transformers_name(tiny_model: Path):
@@ -52,3 +58,72 @@ def test_deepspeed_lists_a_modules_parameters_once_and_its_external_ones_every_t
     other = torch.nn.Linear(2, 2)  # another module is listed afresh
     other.ds_external_parameters = lambda: iter([])
     assert list(coordinator.iter_params(other)) == [other.weight, other.bias]
+
+
+class FlaggedDict(dict):
+    """DeepSpeed's ZeROOrderedDict as far as the forward flag goes: a dict that takes an attribute."""
+
+
+class EngineLike:
+    """DeepSpeed 0.19's prologue and epilogue as far as the walk goes: flag every module's parameter dict."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module, self.walked = module, []
+
+    def _forward_prologue(self, inputs, kwargs):
+        for module in self.module.modules():
+            module._parameters = (
+                module._parameters if isinstance(module._parameters, FlaggedDict) else FlaggedDict(module._parameters)
+            )
+            module._parameters._in_forward = True
+            self.walked.append(module)
+
+    def _forward_epilogue(self):
+        for module in self.module.modules():
+            module._parameters._in_forward = False
+
+
+def test_the_forward_flag_walk_goes_over_the_modules_that_own_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(3, 2)))
+    engine = EngineLike(model)
+    assert walk_only_parameter_owners(engine)
+    engine._forward_prologue((), {})
+    owners = [model[0], model[1][1]]
+    assert engine.walked == owners  # the containers and the ReLU own nothing to flag
+    assert all(m._parameters._in_forward for m in owners)
+    assert "modules" not in vars(model) and len(list(model.modules())) == 5  # the model's own walk is back
+    engine._forward_epilogue()
+    assert not any(m._parameters._in_forward for m in owners)
+
+
+def test_the_walk_is_changed_only_where_deepspeeds_functions_walk_for_the_flag_alone():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    real = DeepSpeedEngine.__new__(DeepSpeedEngine)  # the installed DeepSpeed's functions, no process group needed
+    torch.nn.Module.__init__(real)
+    real.module = torch.nn.Linear(2, 2)
+    assert walk_only_parameter_owners(real)  # this speed path is live with the DeepSpeed lorakit runs on
+
+    class WalksForMore(EngineLike):
+        def _forward_prologue(self, inputs, kwargs):
+            self.hooked = list(self.module.modules())  # another use of the walk: must stay the model's own
+            for module in self.module.modules():
+                module._parameters._in_forward = True
+
+    assert not walk_only_parameter_owners(WalksForMore(torch.nn.Linear(2, 2)))
+
+
+def test_deepspeeds_per_call_bookkeeping_is_off_and_its_forced_messages_still_print(monkeypatch, capsys):
+    import deepspeed.comm as ds_dist
+    import deepspeed.utils.nvtx as nvtx
+    from deepspeed.runtime.zero import partition_parameters
+
+    assert "partition_parameters" in quiet_deepspeed_bookkeeping()
+    assert quiet_deepspeed_bookkeeping() == []  # once per process
+    assert nvtx.enable_nvtx is False
+    asked = []
+    monkeypatch.setattr(ds_dist, "get_rank", lambda: asked.append(1) or 0)
+    partition_parameters.print_rank_0("routine")
+    assert asked == [] and capsys.readouterr().out == ""  # nothing to print: the rank is not asked for
+    partition_parameters.print_rank_0("asked for", force=True)
+    assert asked == [1] and capsys.readouterr().out == "asked for\n"
