@@ -10,12 +10,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorakit.checkpoint import save_adapter
+from lorakit.checkpoint import ADAPTER_WEIGHTS, save_adapter
 from lorakit.config import Config, LoraSettings
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import attach_lora, lora_targets
 from lorakit.engine.variants import additional_targets, initial_adapter
 from lorakit.errors import LorakitError
+from lorakit.merge import merge
 from lorakit.pissa import PissaStart
 from lorakit.resume import lora_variants
 
@@ -71,6 +72,22 @@ def test_converted_pissa_keeps_doras_magnitudes_and_full_modules(tiny_model: Pat
     assert any("lora_magnitude_vector" in k for k in saved) and "base_model.model.lm_head.weight" in saved
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path)
     torch.testing.assert_close(_logits(loaded), trained, rtol=1e-4, atol=1e-4)
+
+
+def test_unconverted_pissa_with_full_modules_saves_and_merges(tiny_model: Path, tmp_path: Path):
+    """--pissa_convert false with --additional_target: pissa_init/ is a whole PEFT adapter (PEFT's modules_to_save
+    needs a tensor per trained module; saving it raised KeyError), and merge, which converts from it, gives the
+    trained model."""
+    settings = LoraSettings(lora_rank=4, lora_alpha=8, use_dora=True, pissa_init=True,
+                            additional_target=("lm_head",))  # fmt: skip
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model), settings, seed=5)
+    start = PissaStart(initial_adapter(model), convert=False)
+    _train_a_little(model)
+    trained = _logits(model)
+    save_adapter(model, tmp_path / "adapter", True, start)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter" / "pissa_init" / ADAPTER_WEIGHTS)
+    merged = merge(str(tiny_model), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged)), trained, rtol=1e-4, atol=1e-4)
 
 
 def test_pissa_seeds_each_layer_so_the_decomposition_repeats(tiny_model: Path):
