@@ -117,6 +117,10 @@ def test_additional_targets_match_whole_name_components(tiny_model: Path):
         _targets(model, "q_proj")
     with pytest.raises(LorakitError, match="--additional_target layers.0 is .*model.layers.0.self_attn.q_proj"):
         _targets(model, "layers.0")
+    with pytest.raises(LorakitError, match="--additional_target down_proj is inside model.layers.0.mlp, which"):
+        _targets(model, "mlp", "down_proj", lora=("q_proj",))  # PEFT's wrapper inside a wrapper: no adapter saved
+    with pytest.raises(LorakitError, match="--additional_target down_proj is inside model.layers.0.mlp, which"):
+        _targets(model, "down_proj", "mlp", lora=("q_proj",))
     assert _targets(model, "q_proj", lora=("v_proj",)) == ["model.layers.0.self_attn.q_proj",
                                                            "model.layers.1.self_attn.q_proj"]  # fmt: skip
 
