@@ -126,6 +126,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "pissa_convert without pissa": (lambda w: w.train("--pissa_convert", "false"), "--pissa_convert",
                                     "applies to PiSSA only"),
     "pissa_iter -2": (lambda w: w.train("--pissa_init", "--pissa_iter", "-2"), "--pissa_iter -2", "must be -1"),
+    "pissa rank above a weight's side": (lambda w: w.train("--pissa_init", "--lora_rank", "40"), "--lora_rank 40",
+                                         "model.layers.0.self_attn.k_proj has 32"),
     "unknown additional target": (lambda w: w.train("--additional_target", "embed"), "--additional_target embed",
                                   "matches no module of the model; modules with weights are named down_proj, embed"),
     "additional target LoRA adapts": (lambda w: w.train("--additional_target", "q_proj"),

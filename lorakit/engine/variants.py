@@ -71,6 +71,19 @@ def _check_not_nested(found: list[tuple[str, str]]) -> None:
                                f"{outer[0]} trains in full already; drop --additional_target {target}")  # fmt: skip
 
 
+def check_pissa_rank(model: Any, rank: int, lora_targets: list[str]) -> None:
+    """PiSSA takes --lora_rank singular vectors of each adapted weight, which has min(out, in) of them: PEFT
+    silently builds a smaller adapter there, whose shapes then contradict the rank in adapter_config.json (PEFT
+    cannot load the saved adapter)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets:
+            side = min(module.in_features, module.out_features)
+            if side < rank:
+                raise LorakitError(f"--lora_rank {rank} with --pissa_init: {name} has {side} singular vectors (its "
+                                   f"weight is {module.out_features} x {module.in_features}); use --lora_rank {side} "
+                                   f"or less, or leave {name.rsplit('.', 1)[-1]} out of --lora_target")  # fmt: skip
+
+
 def full_parameters(model: Any, names: list[str]) -> int:
     """Weights of the named modules, a tied one counted once (the trained copies --additional_target makes)."""
     modules = dict(model.named_modules())
