@@ -90,6 +90,23 @@ def test_unconverted_pissa_with_full_modules_saves_and_merges(tiny_model: Path, 
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged)), trained, rtol=1e-4, atol=1e-4)
 
 
+def test_merge_converts_from_a_pissa_init_folder_peft_saved(tiny_model: Path, tmp_path: Path):
+    """PEFT's documented route saves the whole initial model in pissa_init/, DoRA's magnitudes and modules_to_save
+    included: merge converts with its A0 and B0 alone (a magnitude was taken for a B0 and failed to concatenate)."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa_niter_4",
+                      use_dora=True, modules_to_save=["lm_head"], task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora)
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "adapter" / "pissa_init")
+    model.peft_config["default"].init_lora_weights = "pissa_niter_4"
+    _train_a_little(model)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    assert any("lora_magnitude_vector" in k for k in load_file(tmp_path / "adapter" / "pissa_init" / ADAPTER_WEIGHTS))
+    merged = merge(str(tiny_model), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged)), trained, rtol=1e-4, atol=1e-4)
+
+
 def test_pissa_seeds_each_layer_so_the_decomposition_repeats(tiny_model: Path):
     """The fast SVD's random start comes from --seed and the layer, not from the global RNG's history."""
     settings = LoraSettings(lora_rank=4, pissa_init=True, pissa_iter=2)
