@@ -25,6 +25,7 @@ from bad_input_world import (
     _empty_safetensors,
     _existing_checkpoint,
     _header_longer_than_file,
+    _pissa_start_of_rank,
     _remove,
     _set,
     _sharded_with_missing_shard,
@@ -247,6 +248,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "merge unconverted pissa without its start": (
         lambda w: w.merge(w.adapter_copy(_adapter_config(init_lora_weights="pissa_niter_16"))), "pissa_init",
         "is missing"),
+    "merge unconverted pissa with another start": (lambda w: w.merge(w.adapter_copy(_pissa_start_of_rank(2))),
+                                                    "pissa_init", "is not the starting point of"),
     "chat unconverted pissa": (lambda w: w.chat(w.adapter_copy(_adapter_config(init_lora_weights="pissa"))),
                                "adapter", "merge it first"),
     "merge full module of another shape": (lambda w: w.merge(w.adapter_copy(_embedding_of_width(32))),
