@@ -122,6 +122,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "learning_rate 0": (lambda w: w.train("--learning_rate", "0"), "--learning_rate 0", "positive"),
     "learning_rate nan": (lambda w: w.train("--learning_rate", "nan"), "--learning_rate nan", "positive"),
     "lora_rank 0": (lambda w: w.train("--lora_rank", "0"), "--lora_rank 0", "at least 1"),
+    "lora_target all among names": (lambda w: w.train("--lora_target", "all,q_proj"), "--lora_target all,q_proj",
+                                    "give `all` alone"),
     "lora_dropout 1": (lambda w: w.train("--lora_dropout", "1"), "--lora_dropout 1", "must be in [0, 1)"),
     "pissa_iter without pissa": (lambda w: w.train("--pissa_iter", "4"), "--pissa_iter", "add --pissa_init"),
     "pissa_convert without pissa": (lambda w: w.train("--pissa_convert", "false"), "--pissa_convert",
