@@ -271,6 +271,9 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "chat full module of another shape": (  # PEFT's size-mismatch traceback after loading the model
         lambda w: w.chat(w.adapter_copy(lambda f: (_embedding_of_width(32)(f), _adapter_config(
             modules_to_save=["embed_tokens"])(f)))), "model.embed_tokens.weight", "does not fit the base model"),
+    "chat adapter onto a quantised base": (lambda w: w.chat(w.adapter, model=w.model_copy(_config_with(
+        quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}))), "model",
+        "already-quantised model"),
     "chat empty adapter": (lambda w: w.chat(w.adapter_copy(_empty_safetensors)), "adapter_model.safetensors",
                            "holds no LoRA weights"),
     "chat adapter without config": (lambda w: w.chat(w.adapter_copy(_remove("adapter_config.json"))), "adapter",
