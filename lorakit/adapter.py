@@ -20,7 +20,7 @@ from lorakit.config import ModelConfig
 from lorakit.engine.model import weight_index
 from lorakit.engine.quantization import describe
 from lorakit.errors import LorakitError
-from lorakit.pissa import INITIAL_FOLDER, converted_state, is_pissa
+from lorakit.pissa import INITIAL_FOLDER, converted_state, is_lora_matrix, is_pissa
 from lorakit.run_record import has_run_record, read_run_flags
 
 QUANTIZATION_FLAGS = ("quantization_bit", "quantization_method", "quantization_type", "double_quantization")
@@ -48,7 +48,7 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     adapter_tensors(adapter_dir)  # whole, with LoRA weights: an empty adapter would "merge" into the unchanged base
     tensors = load_file(weights_file)
     if is_pissa(config):  # trained on a residual base: converted against its starting point (lorakit.pissa)
-        tensors = converted_state(tensors, pissa_start(adapter_dir))
+        tensors = converted_state(tensors, pissa_start(adapter_dir, tensors))
     pairs = {}
     for key, tensor in tensors.items():
         if ".lora_A." in key:
@@ -60,8 +60,9 @@ def lora_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     return pairs, scale
 
 
-def pissa_start(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """The starting point of an unconverted PiSSA adapter, from the pissa_init/ folder saved beside it."""
+def pissa_start(adapter_dir: Path, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The starting point of the unconverted PiSSA adapter `trained`, from the pissa_init/ folder saved beside it:
+    its A0 and B0 by the same names and shapes (another run's, of another rank, would convert without an error)."""
     initial = adapter_dir / INITIAL_FOLDER / "adapter_model.safetensors"
     if not initial.is_file():
         raise LorakitError(
@@ -70,7 +71,15 @@ def pissa_start(adapter_dir: Path) -> dict[str, torch.Tensor]:
             f"{initial} (its starting point, to convert it) is missing; train with --pissa_convert (the default), "
             "or copy the adapter folder whole"
         )
-    return load_file(initial)
+    start = load_file(initial)
+    shapes = [{k: list(v.shape) for k, v in tensors.items() if is_lora_matrix(k)} for tensors in (trained, start)]
+    if shapes[0] != shapes[1]:
+        first = next(k for k in sorted(shapes[0].keys() | shapes[1].keys()) if shapes[0].get(k) != shapes[1].get(k))
+        name, there, here = first.removeprefix(ADAPTER_PREFIX), shapes[1].get(first), shapes[0].get(first)
+        raise LorakitError(f"{initial} is not the starting point of --adapter {adapter_dir} ({name} is "
+                           f"{there or 'missing'} there, {here or 'missing'} in the adapter); copy the adapter folder "
+                           "whole, as its run saved it")  # fmt: skip
+    return start
 
 
 def full_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,14 @@ from typing import Any, TextIO
 
 from transformers import AutoModelForCausalLM, TextStreamer
 
-from lorakit.adapter import check_belongs, lora_deltas, qlora_base_line
+from lorakit.adapter import (
+    check_belongs,
+    check_full_weights,
+    check_unquantized_base,
+    full_weights,
+    lora_deltas,
+    qlora_base_line,
+)
 from lorakit.checks import check_model_weights
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.errors import LorakitError
@@ -36,7 +43,10 @@ def load_chat_model(model_dir: str, adapter_dir: str | None = None,
             raise LorakitError(f"--adapter {adapter_dir} is an unconverted PiSSA adapter (--pissa_convert false), "
                                "valid only on its residual base; merge it first (python -m lorakit merge), then "
                                "chat with the merged model")  # fmt: skip
-        check_belongs(lora_deltas(Path(adapter_dir))[0], model_dir, adapter_dir)
+        check_unquantized_base(config, model_dir)  # the adapter applies to the unquantised weights, as in merge
+        index = check_belongs(lora_deltas(Path(adapter_dir))[0], model_dir, adapter_dir)
+        tied = bool(getattr(config, "tie_word_embeddings", False))  # modules trained in full, as merge checks them
+        check_full_weights(full_weights(Path(adapter_dir)), index, tied, f"the adapter {adapter_dir}")
         qlora_line = qlora_base_line(Path(adapter_dir), model_dir, config)
         if qlora_line:  # stderr: a one-shot reply on stdout stays the reply alone
             print(f"chat: {qlora_line}", file=sys.stderr, flush=True)

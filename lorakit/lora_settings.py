@@ -73,6 +73,9 @@ class LoraSettings:
             raise LorakitError(f"--lora_dropout {self.lora_dropout} must be in [0, 1)")
         if not self.lora_target:
             raise LorakitError("--lora_target is empty; name modules (q_proj,v_proj,...) or use `all`")
+        if "all" in self.lora_target and len(self.lora_target) > 1:  # else `all` is looked up as a module name
+            raise LorakitError(f"--lora_target {','.join(self.lora_target)}: `all` already means every linear layer; "
+                               "give `all` alone, or module names only")  # fmt: skip
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             # alpha 0 scales every update to nothing: a run that trains nothing and saves a useless adapter
             raise LorakitError(f"--lora_alpha {self.lora_alpha} must be a positive number (the adapter's scale is "

@@ -55,6 +55,10 @@ def merge(base: str, adapter: str, out: str, overwrite: bool = False, trust_remo
     destination, adapter_dir = Path(out), Path(adapter)
     if destination.exists() and not overwrite:
         raise LorakitError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+    for flag, source in (("--adapter", adapter_dir), ("--base", Path(base))):  # read first, then deleted
+        if destination.exists() and destination.resolve() in (source.resolve(), *source.resolve().parents):
+            raise LorakitError(f"--out {out} is (or holds) {source}: --overwrite would delete the {flag} folder "
+                               "being merged; choose another --out")  # fmt: skip
     check_output_dir_writable(out, "--out")
     base_config = model_config(base, trust_remote_code)
     check_unquantized_base(base_config, base)

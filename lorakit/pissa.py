@@ -10,8 +10,8 @@ keeps what PEFT's conversion drops: DoRA's magnitudes (valid as they are: the co
 the same W_res + s * B @ A) and the modules trained in full (--additional_target).
 
 --pissa_convert false saves the trained adapter as PEFT does without conversion, with its starting point
-(A0, B0, init_lora_weights true) in `pissa_init/` beside it: PEFT's path_initial_model_for_weight_conversion
-folder, from which `lorakit merge` (or PEFT) converts it later.
+(A0, B0, init_lora_weights true; the modules trained in full as trained) in `pissa_init/` beside it: PEFT's
+path_initial_model_for_weight_conversion folder, from which `lorakit merge` (or PEFT) converts it later.
 """
 
 from __future__ import annotations
@@ -37,10 +37,16 @@ def converted_state(state: dict[str, torch.Tensor], initial: dict[str, torch.Ten
     """`state` (trained tensors by parameter name) with every A stacked over A0 and every B beside -B0."""
     out = dict(state)
     for name, start in initial.items():
+        if not is_lora_matrix(name):  # a starting point's modules trained in full: no part of the conversion
+            continue
         trained = state[name]
         start = start.to(trained.dtype)
         out[name] = torch.cat([trained, start], 0) if ".lora_A." in name else torch.cat([trained, -start], 1)
     return out
+
+
+def is_lora_matrix(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def converted_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +70,11 @@ def write_adapter(model: Any, folder: Path, state: dict[str, torch.Tensor], piss
     if pissa.convert:
         rewrite_config(folder, converted_config)
         return
-    model.save_pretrained(folder / INITIAL_FOLDER, state_dict=pissa.initial, safe_serialization=True)
+    # PEFT saves a tensor for every module trained in full (modules_to_save); no conversion reads them (PEFT's
+    # and lorakit's take A0 and B0 only), so they go as trained, not kept from the start in memory for this
+    full = {name: tensor for name, tensor in state.items() if "lora_" not in name}
+    initial = {**full, **pissa.initial}
+    model.save_pretrained(folder / INITIAL_FOLDER, state_dict=initial, safe_serialization=True)
     rewrite_config(folder / INITIAL_FOLDER, lambda config: {**config, "init_lora_weights": True})
 
 

@@ -127,6 +127,20 @@ def _adapter_config(**values: object) -> Callable[[Path], None]:
     return change
 
 
+def _pissa_start_of_rank(rank: int) -> Callable[[Path], None]:
+    """An unconverted PiSSA adapter whose pissa_init/ is another run's: its A0 and B0 of rank `rank`."""
+
+    def change(folder: Path) -> None:
+        _adapter_config(init_lora_weights="pissa_niter_16")(folder)
+        tensors = load_file(folder / ADAPTER_WEIGHTS)
+        start = {k: (v[:rank] if ".lora_A." in k else v[:, :rank]).contiguous() for k, v in tensors.items()}
+        (folder / "pissa_init").mkdir()
+        shutil.copyfile(folder / "adapter_config.json", folder / "pissa_init" / "adapter_config.json")
+        save_file(start, folder / "pissa_init" / ADAPTER_WEIGHTS)
+
+    return change
+
+
 def _empty_safetensors(folder: Path) -> None:
     save_file({}, folder / "adapter_model.safetensors")
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.config import LoraSettings, ModelConfig
 from lorakit.engine.quantization import load_quantized_model, true_numel
-from lorakit.engine.variants import additional_targets, pissa_gathered, ties_embeddings
+from lorakit.engine.variants import additional_targets, check_pissa_rank, pissa_gathered, ties_embeddings
 from lorakit.errors import LorakitError
 
 
@@ -215,6 +215,8 @@ def attach_lora(model: Any, settings: LoraSettings, seed: int, device: torch.dev
     PiSSA decomposes weights that are not partitioned (the accelerator; default the CPU)."""
     targets = lora_targets(model, settings)
     full = additional_targets(model, settings, targets)
+    if settings.pissa_init:
+        check_pissa_rank(model, settings.lora_rank, targets)
     torch.manual_seed(seed)  # the same initial adapter on every rank
     lora = LoraConfig(
         r=settings.lora_rank,

@@ -20,7 +20,7 @@ from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import lora_targets
 from lorakit.engine.quantization import quantized_bytes_per_weight
-from lorakit.engine.variants import additional_targets, full_parameters
+from lorakit.engine.variants import additional_targets, check_pissa_rank, full_parameters
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,16 @@ def quantized_share(config: Config, skeleton: Any) -> tuple[int, float]:
 
 def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -> EnginePlan:
     """Resolve the DeepSpeed config and look at the model's module tree (on the meta device: nothing allocated);
-    a contradiction in the DeepSpeed file or an unknown LoRA or additional target is a LorakitError."""
+    a contradiction in the DeepSpeed file, an unknown LoRA or additional target or a PiSSA rank above a
+    weight's is a LorakitError."""
     largest_lora = largest_lora_matrix(config, hf_config)
     ds_config, notes, filled = resolve_deepspeed_config(config, world_size, hf_config.hidden_size, on_gpu, largest_lora)
     with torch.device("meta"):  # a copy: transformers writes its dtype and attention choice into the config
         skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config),
                                                     trust_remote_code=config.model.trust_remote_code)  # fmt: skip
     targets = lora_targets(skeleton, config.lora)
+    if config.lora.pissa_init:
+        check_pissa_rank(skeleton, config.lora.lora_rank, targets)
     trained_full = full_parameters(skeleton, additional_targets(skeleton, config.lora, targets))
     parameters = sum(p.numel() for p in skeleton.parameters())
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,

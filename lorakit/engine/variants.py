@@ -42,9 +42,9 @@ def _matches(name: str, target: str) -> bool:
 def additional_targets(model: Any, settings: LoraSettings, lora_targets: list[str]) -> list[str]:
     """The full names of the modules --additional_target trains in full: every module with a weight whose name
     ends in a given name (whole components: `norm` is the final norm, not input_layernorm). An unknown name, or a
-    module LoRA adapts (or one holding such a module), is a LorakitError."""
+    module LoRA adapts (or one holding such a module), or one inside another named one, is a LorakitError."""
     modules = [(name, m) for name, m in model.named_modules() if name]
-    found = []
+    found: list[tuple[str, str]] = []  # (the name given, a module's full name)
     for target in settings.additional_target:
         hits = [name for name, m in modules if _matches(name, target) and any(True for _ in m.parameters())]
         if not hits:
@@ -56,8 +56,32 @@ def additional_targets(model: Any, settings: LoraSettings, lora_targets: list[st
             raise LorakitError(f"--additional_target {target} is (or holds) a module LoRA adapts ({adapted[0]}); a "
                                "module is either adapted or trained in full: drop it from --lora_target or from "
                                "--additional_target")  # fmt: skip
-        found += [h for h in hits if h not in found]
-    return found
+        found += [(target, h) for h in hits if h not in [name for _, name in found]]
+    _check_not_nested(found)
+    return [name for _, name in found]
+
+
+def _check_not_nested(found: list[tuple[str, str]]) -> None:
+    """PEFT wraps each named module in a ModulesToSaveWrapper: one inside another trains a copy of a copy, and its
+    state dict then has no key for the inner one, so no adapter could be saved (a KeyError at the first save)."""
+    for target, name in found:
+        outer = next(((t, n) for t, n in found if name.startswith(f"{n}.")), None)
+        if outer is not None:
+            raise LorakitError(f"--additional_target {target} is inside {outer[1]}, which --additional_target "
+                               f"{outer[0]} trains in full already; drop --additional_target {target}")  # fmt: skip
+
+
+def check_pissa_rank(model: Any, rank: int, lora_targets: list[str]) -> None:
+    """PiSSA takes --lora_rank singular vectors of each adapted weight, which has min(out, in) of them: PEFT
+    silently builds a smaller adapter there, whose shapes then contradict the rank in adapter_config.json (PEFT
+    cannot load the saved adapter)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets:
+            side = min(module.in_features, module.out_features)
+            if side < rank:
+                raise LorakitError(f"--lora_rank {rank} with --pissa_init: {name} has {side} singular vectors (its "
+                                   f"weight is {module.out_features} x {module.in_features}); use --lora_rank {side} "
+                                   f"or less, or leave {name.rsplit('.', 1)[-1]} out of --lora_target")  # fmt: skip
 
 
 def full_parameters(model: Any, names: list[str]) -> int:

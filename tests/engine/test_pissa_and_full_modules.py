@@ -10,12 +10,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorakit.checkpoint import save_adapter
+from lorakit.checkpoint import ADAPTER_WEIGHTS, save_adapter
 from lorakit.config import Config, LoraSettings
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import attach_lora, lora_targets
 from lorakit.engine.variants import additional_targets, initial_adapter
 from lorakit.errors import LorakitError
+from lorakit.merge import merge
 from lorakit.pissa import PissaStart
 from lorakit.resume import lora_variants
 
@@ -73,6 +74,39 @@ def test_converted_pissa_keeps_doras_magnitudes_and_full_modules(tiny_model: Pat
     torch.testing.assert_close(_logits(loaded), trained, rtol=1e-4, atol=1e-4)
 
 
+def test_unconverted_pissa_with_full_modules_saves_and_merges(tiny_model: Path, tmp_path: Path):
+    """--pissa_convert false with --additional_target: pissa_init/ is a whole PEFT adapter (PEFT's modules_to_save
+    needs a tensor per trained module; saving it raised KeyError), and merge, which converts from it, gives the
+    trained model."""
+    settings = LoraSettings(lora_rank=4, lora_alpha=8, use_dora=True, pissa_init=True,
+                            additional_target=("lm_head",))  # fmt: skip
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model), settings, seed=5)
+    start = PissaStart(initial_adapter(model), convert=False)
+    _train_a_little(model)
+    trained = _logits(model)
+    save_adapter(model, tmp_path / "adapter", True, start)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter" / "pissa_init" / ADAPTER_WEIGHTS)
+    merged = merge(str(tiny_model), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged)), trained, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_converts_from_a_pissa_init_folder_peft_saved(tiny_model: Path, tmp_path: Path):
+    """PEFT's documented route saves the whole initial model in pissa_init/, DoRA's magnitudes and modules_to_save
+    included: merge converts with its A0 and B0 alone (a magnitude was taken for a B0 and failed to concatenate)."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa_niter_4",
+                      use_dora=True, modules_to_save=["lm_head"], task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora)
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "adapter" / "pissa_init")
+    model.peft_config["default"].init_lora_weights = "pissa_niter_4"
+    _train_a_little(model)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    assert any("lora_magnitude_vector" in k for k in load_file(tmp_path / "adapter" / "pissa_init" / ADAPTER_WEIGHTS))
+    merged = merge(str(tiny_model), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged)), trained, rtol=1e-4, atol=1e-4)
+
+
 def test_pissa_seeds_each_layer_so_the_decomposition_repeats(tiny_model: Path):
     """The fast SVD's random start comes from --seed and the layer, not from the global RNG's history."""
     settings = LoraSettings(lora_rank=4, pissa_init=True, pissa_iter=2)
@@ -100,6 +134,10 @@ def test_additional_targets_match_whole_name_components(tiny_model: Path):
         _targets(model, "q_proj")
     with pytest.raises(LorakitError, match="--additional_target layers.0 is .*model.layers.0.self_attn.q_proj"):
         _targets(model, "layers.0")
+    with pytest.raises(LorakitError, match="--additional_target down_proj is inside model.layers.0.mlp, which"):
+        _targets(model, "mlp", "down_proj", lora=("q_proj",))  # PEFT's wrapper inside a wrapper: no adapter saved
+    with pytest.raises(LorakitError, match="--additional_target down_proj is inside model.layers.0.mlp, which"):
+        _targets(model, "down_proj", "mlp", lora=("q_proj",))
     assert _targets(model, "q_proj", lora=("v_proj",)) == ["model.layers.0.self_attn.q_proj",
                                                            "model.layers.1.self_attn.q_proj"]  # fmt: skip
 
