@@ -21,6 +21,7 @@ from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import lora_targets
 from lorakit.engine.quantization import quantized_bytes_per_weight
 from lorakit.engine.variants import additional_targets, check_pissa_rank, full_parameters
+from lorakit.errors import LorakitError
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,29 @@ def quantized_share(config: Config, skeleton: Any) -> tuple[int, float]:
     the output head, the ones transformers replaces with bitsandbytes layers; (0, 0.0) without it."""
     if config.model.quantization_bit is None:
         return 0, 0.0
-    head = skeleton.get_output_embeddings()
-    linears = [m for m in skeleton.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    linears = quantized_linears(skeleton).values()
     return sum(m.weight.numel() for m in linears), quantized_bytes_per_weight(config.model)
+
+
+def quantized_linears(skeleton: Any) -> dict[str, torch.nn.Linear]:
+    """The linear layers --quantization_bit stores packed, by name: every one but the output head."""
+    head = skeleton.get_output_embeddings()
+    return {name: m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def check_full_modules_unpacked(config: Config, skeleton: Any, full: list[str]) -> None:
+    """A module trained in full under --quantization_bit must not be (or hold) a packed linear layer: its weight
+    is bitsandbytes' uint8 storage, which has no gradient (PEFT's copy of it fails on the GPU, after loading)."""
+    bits = config.model.quantization_bit
+    if bits is None:
+        return
+    packed = quantized_linears(skeleton)
+    for name in full:
+        inside = next((n for n in packed if n == name or n.startswith(f"{name}.")), None)
+        if inside is not None:
+            raise LorakitError(f"--additional_target trains {name} in full, and it is (or holds) the linear layer "
+                               f"{inside}, which --quantization_bit {bits} stores packed: a packed weight cannot "
+                               "train; adapt it with LoRA (--lora_target), or drop --quantization_bit")  # fmt: skip
 
 
 def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -> EnginePlan:
@@ -69,7 +90,9 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     targets = lora_targets(skeleton, config.lora)
     if config.lora.pissa_init:
         check_pissa_rank(skeleton, config.lora.lora_rank, targets)
-    trained_full = full_parameters(skeleton, additional_targets(skeleton, config.lora, targets))
+    full = additional_targets(skeleton, config.lora, targets)
+    check_full_modules_unpacked(config, skeleton, full)
+    trained_full = full_parameters(skeleton, full)
     parameters = sum(p.numel() for p in skeleton.parameters())
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,
                           *quantized_share(config, skeleton))  # fmt: skip

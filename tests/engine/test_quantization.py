@@ -21,6 +21,7 @@ from lorakit.config import Config, ModelConfig
 from lorakit.engine.memory import GiB, ModelShape, plan_memory
 from lorakit.engine.plan import plan_engine
 from lorakit.engine.quantization import bnb_config, describe, quantized_bytes_per_weight
+from lorakit.errors import LorakitError
 from lorakit.resume import run_fingerprint
 
 H100 = 79 * GiB
@@ -72,6 +73,29 @@ def test_the_plan_counts_the_decoders_linear_weights_at_their_quantised_bytes():
     assert int8.weight_bytes == rest + linears  # 8.1 GiB
     assert 17.5 * GiB < _shape(QWEN25_32B, 4).weight_bytes < 18.5 * GiB  # the 32B: 61 GiB in bf16
     assert quantized_bytes_per_weight(ModelConfig(quantization_bit=8)) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("lora_target", "additional_target", "refused"),
+    [
+        ("q_proj", "v_proj", "model.layers.0.self_attn.v_proj"),  # a packed linear layer
+        ("q_proj", "mlp", "model.layers.0.mlp.gate_proj"),  # a module holding packed ones
+        ("all", "lm_head", None),  # the output head stays unpacked: trainable in full
+        ("all", "embed_tokens,norm", None),  # no linear layer
+    ],
+)
+def test_a_module_trained_in_full_under_quantisation_holds_no_packed_weight(lora_target, additional_target, refused):
+    flags = {"bf16": True, "zero_stage": 2, "lora_target": (lora_target,),
+             "additional_target": tuple(additional_target.split(","))}  # fmt: skip
+    small = Qwen2Config(**{**QWEN25_7B, "num_hidden_layers": 2})
+    for bits in (None, 4):  # without --quantization_bit every one of them is a module to train in full
+        config = Config.from_flat({**flags, "quantization_bit": bits})
+        if bits and refused:
+            with pytest.raises(LorakitError, match=f"it is \\(or holds\\) the linear layer {refused}, which "
+                                                   "--quantization_bit 4 stores packed"):  # fmt: skip
+                plan_engine(config, small, 1, on_gpu=True)
+        else:
+            assert plan_engine(config, small, 1, on_gpu=True).shape.parameters > 0
 
 
 def test_a_4_bit_32b_is_kept_whole_under_zero3_on_80_gb_cards_where_bf16_is_partitioned():
