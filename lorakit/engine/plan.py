@@ -65,7 +65,8 @@ def quantized_linears(skeleton: Any) -> dict[str, torch.nn.Linear]:
 
 def check_full_modules_unpacked(config: Config, skeleton: Any, full: list[str]) -> None:
     """A module trained in full under --quantization_bit must not be (or hold) a packed linear layer: its weight
-    is bitsandbytes' uint8 storage, which has no gradient (PEFT's copy of it fails on the GPU, after loading)."""
+    is bitsandbytes' uint8 storage, which cannot require a gradient (PEFT's copy of the module would meet that on
+    the GPU, after loading; not run there)."""
     bits = config.model.quantization_bit
     if bits is None:
         return
