@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -39,6 +40,7 @@ from lorakit.reporting import say
 from lorakit.templates import Message, Template
 
 META = "meta.json"
+POLL_S = 0.2  # how often the rank looks whether its build process has ended
 
 
 def available_cores() -> int:
@@ -62,16 +64,21 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
     try:
         process.start()
         sending.close()
+        while not receiving.poll(POLL_S) and not _ended(process.pid):  # its map workers hold the pipe and the
+            pass  # process's sentinel too: a killed build sends no EOF while they live
         try:
-            status, message = receiving.recv()
+            status, message = receiving.recv() if receiving.poll() else ("died", "")
         except EOFError:
             status, message = "died", ""
+        if status == "died":
+            _kill_group(process.pid)  # the workers of a killed build, before it is reaped (its group id stays ours)
         process.join()
     finally:
         if unset:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        if process.is_alive():
-            process.terminate()
+        if process.is_alive():  # interrupted: the build and its workers, which Ctrl-C no longer reaches
+            _kill_group(process.pid)
+            process.kill()  # in case it had not made its group yet
             process.join()
     if status == "error":
         raise LorakitError(message)
@@ -82,7 +89,20 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
                            "(killed, out of memory?); lower --preprocessing_num_workers, or free memory")  # fmt: skip
 
 
+def _ended(pid: int) -> bool:
+    """Whether the child has ended, leaving it unreaped (its process group id is still ours to kill)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # killed before it made its group: it had no workers
+        pass
+
+
 def _child(sending: Any, *args: Any) -> None:
+    os.setpgid(0, 0)  # a group of its own, with its map workers, for `build` to end together
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: the processes use the cores
     import datasets
 
