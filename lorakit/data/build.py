@@ -13,6 +13,7 @@ turns, the truncated and dropped counts, and how long tokenising took.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -113,10 +114,19 @@ def _child(sending: Any, *args: Any) -> None:
         sending.send(("ok", ""))
     except LorakitError as err:
         sending.send(("error", str(err)))
+    except OSError as err:  # a full disk; anything else is a crash, with its traceback
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        sending.send(("error", _no_space(err, args[-1])) if full else ("crash", traceback.format_exc()))
     except BaseException:  # noqa: BLE001 - reported in the parent, which raises it
         sending.send(("crash", traceback.format_exc()))
     finally:
         sending.close()
+
+
+def _no_space(err: OSError, folder: Path) -> str:
+    return (f"the disk filled up while tokenising the data ({os.strerror(err.errno)}): lorakit writes its "
+            f"intermediate files in {_work_root()} (HF_DATASETS_CACHE) and the cache in {folder.parent} "
+            "(--data_cache_dir); free space there or point them at a larger disk")  # fmt: skip
 
 
 def _work_root() -> Path:
@@ -205,11 +215,12 @@ def _flat(table: pa.Table, column: str, path: Path, total: int) -> None:
 
 def _commit(table: pa.Table, records: dict[str, np.ndarray], examples: np.ndarray, meta: dict[str, Any],
             folder: Path, replace: bool, started: float) -> None:  # fmt: skip
+    offsets = np.concatenate([[0], np.cumsum(records["lengths"])]).astype(np.int64)
+    _check_room(folder.parent, 8 * int(offsets[-1]) + 20 * len(offsets) + 8 * len(examples) + (1 << 16))
     staging = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        offsets = np.concatenate([[0], np.cumsum(records["lengths"])]).astype(np.int64)
         for column, name in (("input_ids", "ids"), ("labels", "labels")):
             _flat(table, column, staging / f"{name}.npy", int(offsets[-1]))
         np.save(staging / "offsets.npy", offsets)
@@ -220,6 +231,16 @@ def _commit(table: pa.Table, records: dict[str, np.ndarray], examples: np.ndarra
         _install(staging, folder, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_room(root: Path, need: int) -> None:
+    """Room for the cache's files on the disk of --data_cache_dir: they are written through memory maps, and a map
+    past a full disk's end kills the process (SIGBUS) instead of raising."""
+    existing = next(path for path in (root, *root.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise LorakitError(f"--data_cache_dir {root} has {free / 2**20:.1f} MiB free on its disk; the tokenised data "
+                           f"needs {need / 2**20:.1f} MiB: free space there or choose another folder")  # fmt: skip
 
 
 def _install(staging: Path, folder: Path, replace: bool) -> None:

@@ -2,6 +2,7 @@
 of a node (local rank 0 builds, the others wait for the folder), written whole or not at all."""
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -128,3 +129,30 @@ def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer
     assert "ended with exit code -9 (killed, out of memory?)" in str(caught.value) and "\n" not in str(caught.value)
     assert len(killed) == 1 and raised - killed[0][1] < 10, "the build's workers outlived it and the rank waited"
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 256 KiB disk (tmpfs), where this user may mount one (root, as in CI containers)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("full", ["--data_cache_dir", "HF_DATASETS_CACHE"])
+def test_a_full_disk_is_one_line_naming_it(full: str, small_disk: Path, tiny_model: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    import datasets.config
+
+    tiny.write_dataset(tmp_path / "data", tiny.alpaca_records(3000))
+    cache_dir = small_disk if full == "--data_cache_dir" else tmp_path / "cache"
+    if full == "HF_DATASETS_CACHE":
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(small_disk))  # as the variable sets it
+    tokenizer = load_tokenizer(str(tiny_model))
+    with pytest.raises(LorakitError) as caught:
+        prepare_data(_config(tmp_path / "data", cache_dir), tokenizer, get_template("qwen", tokenizer))
+    assert str(small_disk) in str(caught.value) and full in str(caught.value) and "\n" not in str(caught.value)
+    assert list(small_disk.iterdir()) == [] and not (tmp_path / "cache").exists()
