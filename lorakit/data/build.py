@@ -3,8 +3,9 @@
 The build runs in a process forked for it, so what reading a large file costs in memory (a JSON list is parsed
 whole) leaves with that process and never stays in the rank's resident memory. Its intermediate Arrow files go
 in a temporary folder under the datasets cache (`$HF_DATASETS_CACHE`, where `datasets` keeps its own map
-results) and are removed when it ends; nothing is written to the lorakit cache until every check has passed.
-The folder is written under a temporary name and renamed, so a killed build never leaves a half-written cache.
+results) and are removed when it ends (by the rank, which ends its map workers too, when it is killed); nothing
+is written to the lorakit cache until every check has passed. The folder is written under a temporary name and
+renamed, so a killed build never leaves a half-written cache.
 
 Its files (lorakit.data.tokens reads them): ids.npy, labels.npy, offsets.npy, targets.npy, examples.npy and
 meta.json: the datasets and their record counts, the mixture's size and log line, the first example with tool
@@ -72,13 +73,13 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
         except EOFError:
             status, message = "died", ""
         if status == "died":
-            _kill_group(process.pid)  # the workers of a killed build, before it is reaped (its group id stays ours)
+            _kill_group(process.pid, folder)  # its workers, before it is reaped (its group id stays ours)
         process.join()
     finally:
         if unset:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         if process.is_alive():  # interrupted: the build and its workers, which Ctrl-C no longer reaches
-            _kill_group(process.pid)
+            _kill_group(process.pid, folder)
             process.kill()  # in case it had not made its group yet
             process.join()
     if status == "error":
@@ -95,11 +96,19 @@ def _ended(pid: int) -> bool:
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int, folder: Path) -> None:
+    """End the build process `pid` and its map workers, and remove the Arrow files it had written."""
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:  # killed before it made its group: it had no workers
         pass
+    for work in _work_root().glob(f"{_work_prefix(folder, pid)}*"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _work_prefix(folder: Path, pid: int) -> str:
+    """The name of a build's temporary folder, up to its random part: its parent can find it if it is killed."""
+    return f"lorakit-build-{folder.name}-{socket.gethostname()}-{pid}-"
 
 
 def _child(sending: Any, *args: Any) -> None:
@@ -144,7 +153,7 @@ def _work_root() -> Path:
 def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], config: DataConfig, tokenizer: Any,
            template: Template, seed: int, what: str, folder: Path) -> None:  # fmt: skip
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f"lorakit-build-{folder.name}-", dir=_work_root()))
+    work = Path(tempfile.mkdtemp(prefix=_work_prefix(folder, os.getpid()), dir=_work_root()))
     try:
         if specs:
             files, arrows, read_error = raw_files(specs, config.max_samples, work)

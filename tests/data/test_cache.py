@@ -115,7 +115,11 @@ def _kill_build(killed: list[tuple[int, float]]) -> None:
         process.kill()
 
 
-def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer, tmp_path: Path):
+def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))  # as the variable sets it
     records = [{"instruction": f"{'word ' * 300}{i}", "output": "x " * 100} for i in range(4000)]
     tiny.write_dataset(tmp_path / "data", records)
     config = _config(tmp_path / "data", tmp_path / "cache", preprocessing_num_workers=2)
@@ -128,7 +132,7 @@ def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer
     killer.join()
     assert "ended with exit code -9 (killed, out of memory?)" in str(caught.value) and "\n" not in str(caught.value)
     assert len(killed) == 1 and raised - killed[0][1] < 10, "the build's workers outlived it and the rank waited"
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache").exists() and list((tmp_path / "hf").iterdir()) == []  # nor its Arrow files
 
 
 @pytest.fixture
