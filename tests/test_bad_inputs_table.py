@@ -155,6 +155,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "max_samples 0": (lambda w: w.train("--max_samples", "0"), "--max_samples 0", "at least 1"),
     "preprocessing_num_workers 0": (lambda w: w.train("--preprocessing_num_workers", "0"),
                                     "--preprocessing_num_workers 0", "at least 1"),
+    "data_cache_dir is a file": (lambda w: w.train("--data_cache_dir", _touch(w.tmp / "cache")), "--data_cache_dir",
+                                 "is a file, not a folder"),
     "unknown scheduler": (lambda w: w.train("--lr_scheduler_type", "step"), "--lr_scheduler_type step", "unknown"),
     "llama3 template on a chatml tokenizer": (lambda w: w.train("--template", "llama3"), "--template llama3",
                                               "this template's special tokens do not exist in this tokenizer"),

@@ -3,8 +3,9 @@
 The build runs in a process forked for it, so what reading a large file costs in memory (a JSON list is parsed
 whole) leaves with that process and never stays in the rank's resident memory. Its intermediate Arrow files go
 in a temporary folder under the datasets cache (`$HF_DATASETS_CACHE`, where `datasets` keeps its own map
-results) and are removed when it ends; nothing is written to the lorakit cache until every check has passed.
-The folder is written under a temporary name and renamed, so a killed build never leaves a half-written cache.
+results) and are removed when it ends (by the rank, which ends its map workers too, when it is killed); nothing
+is written to the lorakit cache until every check has passed. The folder is written under a temporary name and
+renamed, so a killed build never leaves a half-written cache.
 
 Its files (lorakit.data.tokens reads them): ids.npy, labels.npy, offsets.npy, targets.npy, examples.npy and
 meta.json: the datasets and their record counts, the mixture's size and log line, the first example with tool
@@ -13,10 +14,12 @@ turns, the truncated and dropped counts, and how long tokenising took.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -39,6 +42,7 @@ from lorakit.reporting import say
 from lorakit.templates import Message, Template
 
 META = "meta.json"
+POLL_S = 0.2  # how often the rank looks whether its build process has ended
 
 
 def available_cores() -> int:
@@ -62,16 +66,21 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
     try:
         process.start()
         sending.close()
+        while not receiving.poll(POLL_S) and not _ended(process.pid):  # its map workers hold the pipe and the
+            pass  # process's sentinel too: a killed build sends no EOF while they live
         try:
-            status, message = receiving.recv()
+            status, message = receiving.recv() if receiving.poll() else ("died", "")
         except EOFError:
             status, message = "died", ""
+        if status == "died":
+            _kill_group(process.pid, folder)  # its workers, before it is reaped (its group id stays ours)
         process.join()
     finally:
         if unset:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        if process.is_alive():
-            process.terminate()
+        if process.is_alive():  # interrupted: the build and its workers, which Ctrl-C no longer reaches
+            _kill_group(process.pid, folder)
+            process.kill()  # in case it had not made its group yet
             process.join()
     if status == "error":
         raise LorakitError(message)
@@ -82,7 +91,28 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
                            "(killed, out of memory?); lower --preprocessing_num_workers, or free memory")  # fmt: skip
 
 
+def _ended(pid: int) -> bool:
+    """Whether the child has ended, leaving it unreaped (its process group id is still ours to kill)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _kill_group(pid: int, folder: Path) -> None:
+    """End the build process `pid` and its map workers, and remove the Arrow files it had written."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # killed before it made its group: it had no workers
+        pass
+    for work in _work_root().glob(f"{_work_prefix(folder, pid)}*"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _work_prefix(folder: Path, pid: int) -> str:
+    """The name of a build's temporary folder, up to its random part: its parent can find it if it is killed."""
+    return f"lorakit-build-{folder.name}-{socket.gethostname()}-{pid}-"
+
+
 def _child(sending: Any, *args: Any) -> None:
+    os.setpgid(0, 0)  # a group of its own, with its map workers, for `build` to end together
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: the processes use the cores
     import datasets
 
@@ -93,10 +123,19 @@ def _child(sending: Any, *args: Any) -> None:
         sending.send(("ok", ""))
     except LorakitError as err:
         sending.send(("error", str(err)))
+    except OSError as err:  # a full disk; anything else is a crash, with its traceback
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        sending.send(("error", _no_space(err, args[-1])) if full else ("crash", traceback.format_exc()))
     except BaseException:  # noqa: BLE001 - reported in the parent, which raises it
         sending.send(("crash", traceback.format_exc()))
     finally:
         sending.close()
+
+
+def _no_space(err: OSError, folder: Path) -> str:
+    return (f"the disk filled up while tokenising the data ({os.strerror(err.errno)}): lorakit writes its "
+            f"intermediate files in {_work_root()} (HF_DATASETS_CACHE) and the cache in {folder.parent} "
+            "(--data_cache_dir); free space there or point them at a larger disk")  # fmt: skip
 
 
 def _work_root() -> Path:
@@ -114,7 +153,7 @@ def _work_root() -> Path:
 def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], config: DataConfig, tokenizer: Any,
            template: Template, seed: int, what: str, folder: Path) -> None:  # fmt: skip
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f"lorakit-build-{folder.name}-", dir=_work_root()))
+    work = Path(tempfile.mkdtemp(prefix=_work_prefix(folder, os.getpid()), dir=_work_root()))
     try:
         if specs:
             files, arrows, read_error = raw_files(specs, config.max_samples, work)
@@ -185,11 +224,12 @@ def _flat(table: pa.Table, column: str, path: Path, total: int) -> None:
 
 def _commit(table: pa.Table, records: dict[str, np.ndarray], examples: np.ndarray, meta: dict[str, Any],
             folder: Path, replace: bool, started: float) -> None:  # fmt: skip
+    offsets = np.concatenate([[0], np.cumsum(records["lengths"])]).astype(np.int64)
+    _check_room(folder.parent, 8 * int(offsets[-1]) + 20 * len(offsets) + 8 * len(examples) + (1 << 16))
     staging = folder.with_name(f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        offsets = np.concatenate([[0], np.cumsum(records["lengths"])]).astype(np.int64)
         for column, name in (("input_ids", "ids"), ("labels", "labels")):
             _flat(table, column, staging / f"{name}.npy", int(offsets[-1]))
         np.save(staging / "offsets.npy", offsets)
@@ -200,6 +240,16 @@ def _commit(table: pa.Table, records: dict[str, np.ndarray], examples: np.ndarra
         _install(staging, folder, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_room(root: Path, need: int) -> None:
+    """Room for the cache's files on the disk of --data_cache_dir: they are written through memory maps, and a map
+    past a full disk's end kills the process (SIGBUS) instead of raising."""
+    existing = next(path for path in (root, *root.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise LorakitError(f"--data_cache_dir {root} has {free / 2**20:.1f} MiB free on its disk; the tokenised data "
+                           f"needs {need / 2**20:.1f} MiB: free space there or choose another folder")  # fmt: skip
 
 
 def _install(staging: Path, folder: Path, replace: bool) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.checks import check_output_dir_writable
 from lorakit.config import DataConfig
 from lorakit.data.build import META, build
 from lorakit.data.checks import check_data
@@ -104,7 +105,7 @@ def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, 
 def read_meta(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / META).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not built yet; a cache root that is a file: `ready` says so
         return None
 
 
@@ -115,6 +116,7 @@ def ready(source: DataSource, config: DataConfig, tokenizer: Any, template: Temp
     folder = cache_folder(config, source.key)
     cached = read_meta(folder) is not None and not config.overwrite_cache
     if not cached and builds:
+        check_output_dir_writable(str(folder.parent), "--data_cache_dir")  # a cache built before may be read-only
         build(source.specs, source.conversations, config, tokenizer, template, seed, what, folder)
     meta = read_meta(folder) if cached or builds else _wait_for(folder)
     assert meta is not None  # built above, or waited for

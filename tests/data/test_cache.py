@@ -2,17 +2,21 @@
 of a node (local rank 0 builds, the others wait for the folder), written whole or not at all."""
 
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+import tiny
 
 from lorakit.config import DataConfig
 from lorakit.data import cache, prepare_data, read_source, ready
 from lorakit.data.tokens import TokenizedData
 from lorakit.engine import load_tokenizer
+from lorakit.errors import LorakitError
 from lorakit.templates import get_template
 
 
@@ -94,3 +98,65 @@ def test_the_cache_files_follow_the_umask(tiny_model: Path, tiny_data: Path, tmp
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o750
     assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o640}
+
+
+def _kill_build(killed: list[tuple[int, float]]) -> None:
+    """SIGKILL the build process (as the OOM killer may) once its map workers run; `killed` gets (its pid, when),
+    then every process of the build still there 30 s later (the rank was left waiting for them)."""
+    me = psutil.Process()
+    while not (builds := [c for c in me.children() if len(c.children()) >= 3]):
+        time.sleep(0.01)
+    build, workers = builds[0], builds[0].children()
+    killed.append((build.pid, time.monotonic()))
+    build.kill()
+    _, left = psutil.wait_procs(workers, timeout=30)  # not the build: lorakit reaps it (its exit code)
+    for process in left:
+        killed.append((process.pid, time.monotonic()))
+        process.kill()
+
+
+def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))  # as the variable sets it
+    records = [{"instruction": f"{'word ' * 300}{i}", "output": "x " * 100} for i in range(4000)]
+    tiny.write_dataset(tmp_path / "data", records)
+    config = _config(tmp_path / "data", tmp_path / "cache", preprocessing_num_workers=2)
+    killed: list[tuple[int, float]] = []
+    killer = threading.Thread(target=_kill_build, args=(killed,))
+    killer.start()
+    with pytest.raises(LorakitError) as caught:
+        prepare_data(config, qwen_tokenizer, get_template("qwen", qwen_tokenizer))
+    raised = time.monotonic()
+    killer.join()
+    assert "ended with exit code -9 (killed, out of memory?)" in str(caught.value) and "\n" not in str(caught.value)
+    assert len(killed) == 1 and raised - killed[0][1] < 10, "the build's workers outlived it and the rank waited"
+    assert not (tmp_path / "cache").exists() and list((tmp_path / "hf").iterdir()) == []  # nor its Arrow files
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 256 KiB disk (tmpfs), where this user may mount one (root, as in CI containers)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("full", ["--data_cache_dir", "HF_DATASETS_CACHE"])
+def test_a_full_disk_is_one_line_naming_it(full: str, small_disk: Path, tiny_model: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    import datasets.config
+
+    tiny.write_dataset(tmp_path / "data", tiny.alpaca_records(3000))
+    cache_dir = small_disk if full == "--data_cache_dir" else tmp_path / "cache"
+    if full == "HF_DATASETS_CACHE":
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(small_disk))  # as the variable sets it
+    tokenizer = load_tokenizer(str(tiny_model))
+    with pytest.raises(LorakitError) as caught:
+        prepare_data(_config(tmp_path / "data", cache_dir), tokenizer, get_template("qwen", tokenizer))
+    assert str(small_disk) in str(caught.value) and full in str(caught.value) and "\n" not in str(caught.value)
+    assert list(small_disk.iterdir()) == [] and not (tmp_path / "cache").exists()
