@@ -66,7 +66,7 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
     try:
         process.start()
         sending.close()
-        while not receiving.poll(POLL_S) and not _ended(process.pid):  # its map workers hold the pipe and the
+        while not receiving.poll(POLL_S) and not _ended(process):  # its map workers hold the pipe and the
             pass  # process's sentinel too: a killed build sends no EOF while they live
         try:
             status, message = receiving.recv() if receiving.poll() else ("died", "")
@@ -91,9 +91,12 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
                            "(killed, out of memory?); lower --preprocessing_num_workers, or free memory")  # fmt: skip
 
 
-def _ended(pid: int) -> bool:
-    """Whether the child has ended, leaving it unreaped (its process group id is still ours to kill)."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+def _ended(process: Any) -> bool:
+    """Whether the child has ended, leaving it unreaped (its process group id is still ours to kill). Where
+    os.waitid is missing (macOS), it is reaped: its group lives on while a worker does, and is killed the same."""
+    if not hasattr(os, "waitid"):
+        return process.exitcode is not None
+    return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def _kill_group(pid: int, folder: Path) -> None:
