@@ -72,7 +72,7 @@ def build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]], 
             status, message = receiving.recv() if receiving.poll() else ("died", "")
         except EOFError:
             status, message = "died", ""
-        if status == "died":
+        if status != "ok":
             _kill_group(process.pid, folder)  # its workers, before it is reaped (its group id stays ours)
         process.join()
     finally:
@@ -121,6 +121,7 @@ def _child(sending: Any, *args: Any) -> None:
 
     datasets.disable_progress_bars()  # a bad input is one line on stderr; the log says what is tokenised
     datasets.logging.set_verbosity_error()
+    _stop_when_a_worker_is_killed(sending)
     try:
         _build(*args)
         sending.send(("ok", ""))
@@ -133,6 +134,27 @@ def _child(sending: Any, *args: Any) -> None:
         sending.send(("crash", traceback.format_exc()))
     finally:
         sending.close()
+
+
+def _stop_when_a_worker_is_killed(sending: Any) -> None:
+    """A map worker killed by a signal (the out-of-memory killer's SIGKILL) would leave `datasets` waiting on its
+    pool forever: the pool starts a replacement, and its clean-up waits on a lock the dead worker held. The pool's
+    worker handler (multiprocess, as `datasets` uses it) notices the death first; here it reports the death and
+    ends the build process, whose group `build` then ends. Workers end by a signal only so while the pool runs: at
+    its close the handler is stopped before the workers are."""
+    import multiprocess.pool
+
+    join_exited_workers = multiprocess.pool.Pool._join_exited_workers
+
+    def stop_on_a_killed_worker(pool: list) -> bool:
+        killed = next((worker.exitcode for worker in pool if (worker.exitcode or 0) < 0), None)
+        if killed is not None:
+            sending.send(("error", f"a process tokenising the data was killed (signal {-killed}: out of memory?); "
+                                   "lower --preprocessing_num_workers, or free memory"))  # fmt: skip
+            os._exit(1)
+        return join_exited_workers(pool)
+
+    multiprocess.pool.Pool._join_exited_workers = staticmethod(stop_on_a_killed_worker)
 
 
 def _no_space(err: OSError, folder: Path) -> str:

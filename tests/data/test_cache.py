@@ -115,6 +115,45 @@ def _kill_build(killed: list[tuple[int, float]]) -> None:
         process.kill()
 
 
+def _kill_a_worker(killed: list[tuple[int, float]]) -> None:
+    """SIGKILL one map worker of the build (as the OOM killer may); `killed` gets (its pid, when), then every
+    process of the build still there 30 s later."""
+    me = psutil.Process()
+    while not (builds := [c for c in me.children() if len(c.children()) >= 3]):
+        time.sleep(0.01)
+    build = builds[0]
+    worker = next(c for c in build.children() if c.name() != "lorakit-data-build" and c.children() == [])
+    everyone = [build, *build.children(recursive=True)]
+    killed.append((worker.pid, time.monotonic()))
+    worker.kill()
+    _, left = psutil.wait_procs([p for p in everyone if p.pid not in (worker.pid, build.pid)], timeout=30)
+    if build.is_running() and build.status() != psutil.STATUS_ZOMBIE:  # waiting on its pool; not reaped here:
+        left.append(build)  # lorakit reaps it (its exit code)
+    for process in left:
+        killed.append((process.pid, time.monotonic()))
+        process.kill()
+
+
+def test_a_killed_map_worker_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    records = [{"instruction": f"{'word ' * 300}{i}", "output": "x " * 100} for i in range(4000)]
+    tiny.write_dataset(tmp_path / "data", records)
+    config = _config(tmp_path / "data", tmp_path / "cache", preprocessing_num_workers=2)
+    killed: list[tuple[int, float]] = []
+    killer = threading.Thread(target=_kill_a_worker, args=(killed,))
+    killer.start()
+    with pytest.raises(LorakitError) as caught:
+        prepare_data(config, qwen_tokenizer, get_template("qwen", qwen_tokenizer))
+    raised = time.monotonic()
+    killer.join()
+    assert "a process tokenising the data was killed (signal 9: out of memory?)" in str(caught.value)
+    assert len(killed) == 1 and raised - killed[0][1] < 10, "the build waited on its pool, or left processes"
+    assert not (tmp_path / "cache").exists() and list((tmp_path / "hf").iterdir()) == []
+
+
 def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch):  # fmt: skip
     import datasets.config
