@@ -79,11 +79,15 @@ class ChatMLTemplate:
         return segments
 
     def generation_prompt(self, messages: Sequence[Message]) -> str:
-        # Earlier replies come before the last user message, so Qwen3 writes them bare, as render() does.
+        # Earlier replies come before the last user message, so Qwen3 writes them bare, as render() does, and
+        # without the reasoning a chat's history keeps from the model's own replies (its template drops it).
         system, turns = self._system(messages)
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         for message in turns:
-            text += f"<|im_start|>{message.role}\n{message.content}<|im_end|>\n"
+            content = message.content
+            if self.empty_think and message.role == "assistant" and "</think>" in content:
+                content = content.split("</think>")[-1].lstrip("\n")
+            text += f"<|im_start|>{message.role}\n{content}<|im_end|>\n"
         return text + "<|im_start|>assistant\n"
 
     @property

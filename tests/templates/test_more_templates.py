@@ -167,6 +167,15 @@ def test_qwen3_refuses_replies_with_reasoning(qwen_tokenizer):
         get_template("qwen3", qwen_tokenizer).render(messages)
 
 
+def test_qwen3_generation_prompt_drops_the_reasoning_of_earlier_replies_as_qwen3_does(qwen_tokenizer):
+    """`lorakit chat` keeps the model's replies, think block included, in the history; Qwen3's template writes
+    earlier replies without their reasoning, and so must the prompt for the next reply."""
+    messages = [Message("user", "Hi"), Message("assistant", "<think>\nhmm\n</think>\n\nHello"), Message("user", "Bye")]
+    messages += [Message("assistant", "<think>\n\n</think>\n\nSee you"), Message("user", "?")]
+    prompt = qwen_tokenizer.apply_chat_template(as_chat(messages), tokenize=False, add_generation_prompt=True)
+    assert get_template("qwen3", qwen_tokenizer).generation_prompt(messages) == prompt
+
+
 def test_stop_strings(qwen_tokenizer):
     stops = {name: get_template(name, qwen_tokenizer).stop_strings for name in ("qwen3", "chatml", "llama3")}
     assert stops == {"qwen3": ("<|im_end|>",), "chatml": ("<|im_end|>",), "llama3": ("<|eot_id|>",)}
