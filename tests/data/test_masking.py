@@ -21,6 +21,14 @@ def _trained(tokenizer, example) -> str:
         (False, False, "first answer<|im_end|>second answer<|im_end|>"),
         (False, True, "second answer<|im_end|>"),
         (True, False, None),  # every token
+        # LLaMA-Factory's meaning of both: the prompts, and of the replies only the last
+        (
+            True,
+            True,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+            "<|im_end|>\n<|im_start|>user\nfirst question<|im_end|>\n<|im_start|>assistant\n\n<|im_start|>user\n"
+            "second question<|im_end|>\n<|im_start|>assistant\nsecond answer<|im_end|>\n",
+        ),
     ],
 )
 def test_masking_choices(qwen_tokenizer, train_on_prompt, mask_history, expected):
