@@ -16,6 +16,7 @@ from lorakit.data.records import resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
 from lorakit.engine.model import load_tokenizer, model_config
 from lorakit.templates import get_template
+from lorakit.templates.tools import has_tools, refuse_tools
 
 
 def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
@@ -33,6 +34,8 @@ def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     records = []
     for index, messages in enumerate(conversations):
         messages = with_system(messages, data.system, data.default_system)
+        if has_tools(messages) and not getattr(template, "renders_tools", False):  # as training refuses it
+            refuse_tools(template, index, "the training data's")
         example = encode_conversation(messages, template, tokenizer, data.cutoff_len, data.train_on_prompt,
                                       data.mask_history)  # fmt: skip
         record = example_record(example.input_ids, example.labels, tokenizer, index)

@@ -298,6 +298,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
         lambda w: ["preview", *w.broken_model(_remove("tokenizer.json"))[1:]], "model", "has no tokenizer files"),
     "preview json object wrapping the list": (
         lambda w: ["preview", *w.data_file(json.dumps({"data": ALPACA}))[1:]], "d.json", "under 'data'"),
+    "preview tool data, default template": (
+        lambda w: ["preview", *_tools(w, 1, "default")[1:]], "--template default", "cannot render tool calls"),
 }
 # fmt: on
 _find_spec = importlib.util.find_spec
