@@ -45,7 +45,8 @@ from lorakit.templates.base import SIDES  # the tool turns stand where the user'
 
 __all__ = [  # the names of dataset_info.json and the readers, as this module offered them before it was split
     "ALPACA_COLUMNS", "FILE_TYPES", "FORMATS", "OPENAI_COLUMNS", "OPENAI_TAGS", "SHAREGPT_COLUMNS", "SHAREGPT_TAGS",
-    "DatasetSpec", "alpaca_messages", "data_files", "load_conversations", "load_datasets", "read_records",
+    "DatasetSpec", "alpaca_messages", "data_files", "load_conversations", "load_datasets", "load_records",
+    "read_records",
     "record_messages", "resolve_datasets", "sharegpt_layout", "sharegpt_messages",
 ]  # fmt: skip
 
@@ -182,10 +183,15 @@ def _dataset_records(spec: DatasetSpec, max_samples: int | None) -> Iterator[tup
             index += 1
 
 
+def load_records(specs: list[DatasetSpec], max_samples: int | None) -> list[list[tuple[str, list[Message]]]]:
+    """Each dataset's (file and record index, conversation) pairs, in --dataset order, at most max_samples of each."""
+    return [[(where, record_messages(spec, record, where)) for where, record in _dataset_records(spec, max_samples)]
+            for spec in specs]  # fmt: skip
+
+
 def load_datasets(specs: list[DatasetSpec], max_samples: int | None) -> list[list[list[Message]]]:
     """Each dataset's conversations, in --dataset order, at most max_samples of each (lorakit.data.mixing mixes)."""
-    return [[record_messages(spec, record, where) for where, record in _dataset_records(spec, max_samples)]
-            for spec in specs]  # fmt: skip
+    return [[conversation for _, conversation in dataset] for dataset in load_records(specs, max_samples)]
 
 
 def load_conversations(specs: list[DatasetSpec], max_samples: int | None) -> list[list[Message]]:
