@@ -245,6 +245,16 @@ def test_a_llama_31_tokenizer_is_matched_by_llama3_1_not_llama3(llama31_tokenize
     assert get_template("auto", llama31_tokenizer).named_equivalent() is get_template("llama3_1", llama31_tokenizer)
 
 
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_auto_splits_a_template_that_trims_the_replies(llama31_tokenizer, qwen_tokenizer, name):
+    """Meta's template trims every message, so a padded reply is not in the rendering as given; and a reply that
+    the think block holds ("in") is found where the reply is, not inside the block."""
+    for tokenizer, named in ((llama31_tokenizer, "llama3_1"), (qwen_tokenizer, "qwen3")):
+        messages = [*CONVERSATIONS[name][:-1], Message("assistant", "in")] if named == "qwen3" else CONVERSATIONS[name]
+        auto, exact = (get_template(t, tokenizer).render(messages) for t in ("auto", named))
+        assert [s for s in auto if s.text] == [s for s in exact if s.text]
+
+
 def test_llama3_1_exports_metas_own_template(llama31_tokenizer, llama31_chat_template):
     jinja = get_template("llama3_1", llama31_tokenizer).chat_template_jinja()
     assert jinja == llama31_chat_template.replace("{{- bos_token }}", "{{- '<|begin_of_text|>' }}", 1)
