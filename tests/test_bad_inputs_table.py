@@ -98,6 +98,10 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "sharegpt messages not a list": (
         lambda w: w.data_file(json.dumps([{"conversations": "hi"}]), entry={"formatting": "sharegpt"}), "d.json",
         "must be a list of messages"),
+    "openai tool_calls": (lambda w: w.data_file(json.dumps([{"messages": [
+        {"role": "user", "content": "?"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}]), entry={"formatting": "sharegpt"}),
+        "d.json record 0", "message 1 has OpenAI 'tool_calls'"),
     "empty list": (lambda w: w.data_file("[]"), "'d'", "no examples left"),
     # dataset_info.json
     "info not utf-8": (lambda w: w.info(b'{"d": {"file_name": "d.json", "x": "\xff"}}'), "dataset_info.json",

@@ -146,8 +146,15 @@ def _role_and_text(item: Any, position: int, tags: dict[str, str], where: str) -
             "dataset_info.json)"
         )
     text = item.get(content_key)
+    if text is None and item.get("tool_calls"):  # OpenAI's calls: not a layout lorakit reads (null content)
+        call = '{"name": ..., "arguments": {...}}'
+        raise LorakitError(
+            f"{where}: message {position} has OpenAI 'tool_calls', which lorakit does not read; write each call as a "
+            f"'{tags['function_tag']}' message whose text is the JSON {call}"
+        )
     if not isinstance(text, str):
-        got = f"no '{content_key}' field" if text is None else f"a {type(text).__name__} '{content_key}'"
+        kind = "null" if text is None else type(text).__name__
+        got = f"no '{content_key}' field" if content_key not in item else f"a {kind} '{content_key}'"
         raise LorakitError(f"{where}: message {position} has {got}; each message needs its text as a string")
     return roles[role], text
 
