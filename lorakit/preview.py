@@ -15,7 +15,9 @@ from lorakit.data.mixing import load_mixed
 from lorakit.data.records import resolve_datasets
 from lorakit.data.system_prompt import system_template, with_system
 from lorakit.engine.model import load_tokenizer, model_config
+from lorakit.errors import LorakitError
 from lorakit.templates import get_template
+from lorakit.templates.tools import has_tools, refuse_tools
 
 
 def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
@@ -29,12 +31,17 @@ def preview(config: Config, num_examples: int) -> list[dict[str, Any]]:
     template = system_template(get_template(config.model.template, tokenizer), data.system, data.default_system)
     check_special_tokens(template, tokenizer, config.model.template)
     specs = resolve_datasets(data.dataset_dir, data.dataset)
-    conversations = load_mixed(specs, data, config.train.seed).conversations[:num_examples]  # in training's order
+    mixed = load_mixed(specs, data, config.train.seed)  # in training's order
     records = []
-    for index, messages in enumerate(conversations):
+    for index, (messages, where) in enumerate(zip(mixed.conversations[:num_examples], mixed.wheres)):
         messages = with_system(messages, data.system, data.default_system)
-        example = encode_conversation(messages, template, tokenizer, data.cutoff_len, data.train_on_prompt,
-                                      data.mask_history)  # fmt: skip
+        if has_tools(messages) and not getattr(template, "renders_tools", False):  # as training refuses it
+            refuse_tools(template, index, "the training data's")
+        try:
+            example = encode_conversation(messages, template, tokenizer, data.cutoff_len, data.train_on_prompt,
+                                          data.mask_history)  # fmt: skip
+        except LorakitError as err:  # the template's own checks on a record, named as training names it
+            raise LorakitError(f"{where}: {err}") from None
         record = example_record(example.input_ids, example.labels, tokenizer, index)
         records.append({**record, "truncated": example.truncated})
     return records

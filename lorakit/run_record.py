@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.config import Config
-from lorakit.data.system_prompt import system_template
+from lorakit.data.system_prompt import served_template
 from lorakit.templates import Template, get_template
 
 CONFIG_FILE = "lorakit_config.json"
@@ -46,4 +46,4 @@ def training_template(folder: Path, tokenizer: Any) -> Template | None:
         return None
     flags = read_run_flags(folder)
     template = get_template(flags["template"], tokenizer)
-    return system_template(template, flags.get("system"), flags.get("default_system"))
+    return served_template(template, flags.get("system"), flags.get("default_system"))

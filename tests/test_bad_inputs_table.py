@@ -44,6 +44,12 @@ from lorakit.checkpoint import ADAPTER_WEIGHTS, STATE_FILE, TRAINER_STATE
 from lorakit.rng import rng_file
 
 
+def _reasoning(world: World) -> list[str]:
+    """A reply with its reasoning (record 1), trained with qwen3, which writes replies without it."""
+    records = [{**ALPACA[0], "output": "b"}, {**ALPACA[0], "output": "<think>\nhmm\n</think>\n\nb"}]
+    return [*world.data_file(json.dumps(records)), "--template", "qwen3"]
+
+
 def _adapter(base: Path, folder: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -92,6 +98,10 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "sharegpt messages not a list": (
         lambda w: w.data_file(json.dumps([{"conversations": "hi"}]), entry={"formatting": "sharegpt"}), "d.json",
         "must be a list of messages"),
+    "openai tool_calls": (lambda w: w.data_file(json.dumps([{"messages": [
+        {"role": "user", "content": "?"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}]), entry={"formatting": "sharegpt"}),
+        "d.json record 0", "message 1 has OpenAI 'tool_calls'"),
     "empty list": (lambda w: w.data_file("[]"), "'d'", "no examples left"),
     # dataset_info.json
     "info not utf-8": (lambda w: w.info(b'{"d": {"file_name": "d.json", "x": "\xff"}}'), "dataset_info.json",
@@ -161,6 +171,7 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "llama3 template on a chatml tokenizer": (lambda w: w.train("--template", "llama3"), "--template llama3",
                                               "this template's special tokens do not exist in this tokenizer"),
     "unknown template": (lambda w: w.train("--template", "vicuna"), "--template vicuna", "is unknown"),
+    "reasoning data, qwen3": (_reasoning, "d.json record 1", "contains </think>"),
     "tool data, default template": (lambda w: _tools(w, 1, "default"), "--template default",
                                     "cannot render tool calls"),
     "bf16 and fp16": (lambda w: w.train("--bf16", "--fp16"), "--bf16 and --fp16", "choose one precision"),
@@ -300,6 +311,10 @@ CASES: dict[str, tuple[Setup, str, str]] = {
         lambda w: ["preview", *w.broken_model(_remove("tokenizer.json"))[1:]], "model", "has no tokenizer files"),
     "preview json object wrapping the list": (
         lambda w: ["preview", *w.data_file(json.dumps({"data": ALPACA}))[1:]], "d.json", "under 'data'"),
+    "preview reasoning data, qwen3": (lambda w: ["preview", *_reasoning(w)[1:]], "d.json record 1",
+                                      "contains </think>"),
+    "preview tool data, default template": (
+        lambda w: ["preview", *_tools(w, 1, "default")[1:]], "--template default", "cannot render tool calls"),
 }
 # fmt: on
 _find_spec = importlib.util.find_spec

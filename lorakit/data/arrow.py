@@ -210,8 +210,8 @@ class Encoder:
                 conversation = with_system(conversation, config.system, config.default_system)
                 tools[position] = has_tools(conversation)
                 if not tools[position] or renders_tools:  # tool data for another template: refused after the map
-                    todo.append((position, conversation, render_for_encoding(conversation, self.template,
-                                                                             config.mask_history)))  # fmt: skip
+                    todo.append((position, conversation, render_for_encoding(
+                        conversation, self.template, config.mask_history, config.train_on_prompt)))  # fmt: skip
             except _RowError as err:
                 errors[position], stages[position] = str(err), err.stage
             except LorakitError as err:  # the template's own checks on a conversation

@@ -45,9 +45,10 @@ def encode_conversation(
 ) -> EncodedExample:
     """One conversation as ids + labels, truncated to cutoff_len tokens.
 
-    train_on_prompt: every token is a target, prompts included. mask_history: only the last reply is a target,
-    and a conversation too long for cutoff_len first loses its earliest turns (the system prompt stays), so what
-    is trained keeps its context; only a last turn still too long is cut at its end.
+    train_on_prompt: every token is a target, prompts included. mask_history: only the last reply is a target (with
+    train_on_prompt: every token but the earlier replies, as in LLaMA-Factory), and a conversation too long for
+    cutoff_len first loses its earliest turns (the system prompt stays), so what is trained keeps its context; only
+    a last turn still too long is cut at its end.
     """
     ids, labels = _ids_and_labels(messages, template, tokenizer, train_on_prompt, mask_history)
     dropped_turns = False
@@ -64,9 +65,10 @@ def encode_conversation(
 def _ids_and_labels(
     messages: Sequence[Message], template: Template, tokenizer: Any, train_on_prompt: bool, mask_history: bool
 ) -> tuple[list[int], list[int]]:
-    rendered = render_for_encoding(messages, template, mask_history)
+    rendered = render_for_encoding(messages, template, mask_history, train_on_prompt)
     encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = token_labels(encoding["input_ids"], encoding["offset_mapping"], rendered, train_on_prompt)
+    every = train_on_prompt and not mask_history
+    ids, labels = token_labels(encoding["input_ids"], encoding["offset_mapping"], rendered, every)
     return ids.tolist(), labels.tolist()
 
 
@@ -79,11 +81,12 @@ class Rendered:
     ends: np.ndarray
 
 
-def render_for_encoding(messages: Sequence[Message], template: Template, mask_history: bool) -> Rendered:
+def render_for_encoding(messages: Sequence[Message], template: Template, mask_history: bool,
+                        train_on_prompt: bool = False) -> Rendered:  # fmt: skip
     segments = template.render(messages)
-    if mask_history:  # only the last reply stays trained
+    if mask_history:  # only the last reply stays trained (with train_on_prompt, the prompts too: LLaMA-Factory's)
         last = max(i for i, segment in enumerate(segments) if segment.trained)
-        segments = [Segment(s.text, s.trained and i == last) for i, s in enumerate(segments)]
+        segments = [Segment(s.text, i == last if s.trained else train_on_prompt) for i, s in enumerate(segments)]
     text, starts, ends = "", [], []
     for segment in segments:
         if segment.trained:
@@ -129,7 +132,7 @@ def encode_rendered(
             examples.append((np.asarray(example.input_ids, np.int32), np.asarray(example.labels, np.int32),
                              example.truncated))  # fmt: skip
             continue
-        token_ids, labels = token_labels(ids, offsets, rendered[index], train_on_prompt)
+        token_ids, labels = token_labels(ids, offsets, rendered[index], train_on_prompt and not mask_history)
         examples.append((token_ids[:cutoff_len], labels[:cutoff_len], len(token_ids) > cutoff_len))
     return examples
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lorakit.config import DataConfig
-from lorakit.data.records import DatasetSpec, load_datasets
+from lorakit.data.records import DatasetSpec, load_records
 from lorakit.errors import LorakitError
 from lorakit.templates import Message
 
@@ -38,6 +38,7 @@ class MixedData:
     conversations: list[list[Message]]
     digest: str = ""  # sha256 of the mixture's order, for the cache key ("": data from Python, keyed by content)
     line: str = ""  # the realised proportions, logged at start ("": one dataset)
+    wheres: list[str] = field(default_factory=list)  # each conversation's file and record, as errors name it
 
 
 def mixture_order(lengths: Sequence[int], strategy: str, probs: Sequence[float], seed: int) -> np.ndarray:
@@ -107,8 +108,9 @@ def mix(names: Sequence[str], lengths: Sequence[int], config: DataConfig, seed: 
 def load_mixed(specs: list[DatasetSpec], config: DataConfig, seed: int) -> MixedData:
     """The datasets of `specs` read (in this process: the reference path, `lorakit preview`) and mixed as `config`
     says (--max_samples applies to each before mixing)."""
-    datasets = load_datasets(specs, config.max_samples)
+    datasets = load_records(specs, config.max_samples)
     order, line = mix([s.name for s in specs], [len(dataset) for dataset in datasets], config, seed)
-    flat = [conversation for dataset in datasets for conversation in dataset]
+    flat = [pair for dataset in datasets for pair in dataset]
     digest = hashlib.sha256(np.ascontiguousarray(order, np.int64).tobytes()).hexdigest()
-    return MixedData([flat[i] for i in order.tolist()], digest, line)
+    mixed = [flat[i] for i in order.tolist()]
+    return MixedData([c for _, c in mixed], digest, line, [where for where, _ in mixed])

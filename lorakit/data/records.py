@@ -45,7 +45,8 @@ from lorakit.templates.base import SIDES  # the tool turns stand where the user'
 
 __all__ = [  # the names of dataset_info.json and the readers, as this module offered them before it was split
     "ALPACA_COLUMNS", "FILE_TYPES", "FORMATS", "OPENAI_COLUMNS", "OPENAI_TAGS", "SHAREGPT_COLUMNS", "SHAREGPT_TAGS",
-    "DatasetSpec", "alpaca_messages", "data_files", "load_conversations", "load_datasets", "read_records",
+    "DatasetSpec", "alpaca_messages", "data_files", "load_conversations", "load_datasets", "load_records",
+    "read_records",
     "record_messages", "resolve_datasets", "sharegpt_layout", "sharegpt_messages",
 ]  # fmt: skip
 
@@ -145,8 +146,15 @@ def _role_and_text(item: Any, position: int, tags: dict[str, str], where: str) -
             "dataset_info.json)"
         )
     text = item.get(content_key)
+    if text is None and item.get("tool_calls"):  # OpenAI's calls: not a layout lorakit reads (null content)
+        call = '{"name": ..., "arguments": {...}}'
+        raise LorakitError(
+            f"{where}: message {position} has OpenAI 'tool_calls', which lorakit does not read; write each call as a "
+            f"'{tags['function_tag']}' message whose text is the JSON {call}"
+        )
     if not isinstance(text, str):
-        got = f"no '{content_key}' field" if text is None else f"a {type(text).__name__} '{content_key}'"
+        kind = "null" if text is None else type(text).__name__
+        got = f"no '{content_key}' field" if content_key not in item else f"a {kind} '{content_key}'"
         raise LorakitError(f"{where}: message {position} has {got}; each message needs its text as a string")
     return roles[role], text
 
@@ -182,10 +190,15 @@ def _dataset_records(spec: DatasetSpec, max_samples: int | None) -> Iterator[tup
             index += 1
 
 
+def load_records(specs: list[DatasetSpec], max_samples: int | None) -> list[list[tuple[str, list[Message]]]]:
+    """Each dataset's (file and record index, conversation) pairs, in --dataset order, at most max_samples of each."""
+    return [[(where, record_messages(spec, record, where)) for where, record in _dataset_records(spec, max_samples)]
+            for spec in specs]  # fmt: skip
+
+
 def load_datasets(specs: list[DatasetSpec], max_samples: int | None) -> list[list[list[Message]]]:
     """Each dataset's conversations, in --dataset order, at most max_samples of each (lorakit.data.mixing mixes)."""
-    return [[record_messages(spec, record, where) for where, record in _dataset_records(spec, max_samples)]
-            for spec in specs]  # fmt: skip
+    return [[conversation for _, conversation in dataset] for dataset in load_records(specs, max_samples)]
 
 
 def load_conversations(specs: list[DatasetSpec], max_samples: int | None) -> list[list[Message]]:

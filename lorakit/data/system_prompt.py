@@ -31,6 +31,17 @@ def system_template(template: Template, system: str | None, default_system: str 
     return template
 
 
+def served_template(template: Template, system: str | None, default_system: str | None) -> Template:
+    """The trained template as a chat that brings no system prompt meets it (lorakit chat, the merged model's
+    chat_template, the ollama SYSTEM line): with the system prompt the records without one were trained with
+    (--system, else --default_system) as its default, where the format writes one (the ChatML family)."""
+    template = system_template(template, system, default_system)
+    trained = system if system is not None else default_system
+    if trained and hasattr(template, "default_system"):
+        return dataclasses.replace(template, default_system=trained)  # type: ignore[type-var]
+    return template
+
+
 def with_system(messages: list[Message], system: str | None, default_system: str | None) -> list[Message]:
     has_own = bool(messages) and messages[0].role == "system"
     body = messages[1:] if has_own else messages

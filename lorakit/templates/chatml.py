@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from lorakit.errors import LorakitError
 from lorakit.templates.base import Message, OllamaFormat, Segment, check_alternation, jinja_literal
 from lorakit.templates.qwen3_jinja import qwen3_jinja
-from lorakit.templates.tools import tool_calls_text, tool_response, tools_section
+from lorakit.templates.tools import has_tools, tool_calls_text, tool_response, tools_section
 
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -79,11 +79,17 @@ class ChatMLTemplate:
         return segments
 
     def generation_prompt(self, messages: Sequence[Message]) -> str:
-        # Earlier replies come before the last user message, so Qwen3 writes them bare, as render() does.
+        if self.renders_tools and has_tools(messages):  # the text before a reply, as render() writes it
+            return "".join(s.text for s in self.render([*messages, Message("assistant", "")])[:-2])
+        # Earlier replies come before the last user message, so Qwen3 writes them bare, as render() does, and
+        # without the reasoning a chat's history keeps from the model's own replies (its template drops it).
         system, turns = self._system(messages)
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         for message in turns:
-            text += f"<|im_start|>{message.role}\n{message.content}<|im_end|>\n"
+            content = message.content
+            if self.empty_think and message.role == "assistant" and "</think>" in content:
+                content = content.split("</think>")[-1].lstrip("\n")
+            text += f"<|im_start|>{message.role}\n{content}<|im_end|>\n"
         return text + "<|im_start|>assistant\n"
 
     @property

@@ -54,6 +54,21 @@ class TokenizerTemplate:
                 return reply_end + len(token)
         return reply_end
 
+    def _reply_end(self, text: str, start: int, content: str) -> int:
+        """Where the reply's content ends in `text` (-1: not found), as given or trimmed (Llama 3's templates trim
+        every message): preferably where a special token follows, not at an earlier occurrence inside the reply's
+        opening (Qwen3's think block holds a reply "in"); else at the first occurrence from `start`."""
+        ends = []
+        for wanted in dict.fromkeys((content, content.strip())):
+            at = text.find(wanted, start)
+            while at >= 0:
+                end = at + len(wanted)
+                if self._end_of_turn(text, end) > end:
+                    return end
+                ends.append(end)
+                at = text.find(wanted, at + 1)
+        return ends[0] if ends else -1
+
     def render(self, messages: Sequence[Message]) -> list[Segment]:
         check_alternation(messages)
         full = self._text(messages, add_generation_prompt=False)
@@ -62,14 +77,14 @@ class TokenizerTemplate:
             if message.role != "assistant":
                 continue
             prompt = self._text(messages[:index], add_generation_prompt=True)
-            content_at = full.find(message.content, len(prompt))
-            if not full.startswith(prompt) or len(prompt) < position or content_at < 0:
+            content_end = self._reply_end(full, len(prompt), message.content)
+            if not full.startswith(prompt) or len(prompt) < position or content_end < 0:
                 raise LorakitError(
                     f"the chat_template of {self.tokenizer.name_or_path} cannot be split into prompt and reply "
                     "(rendering a prefix of the conversation does not give a prefix of the whole); "
                     "pass a named template such as --template qwen"
                 )
-            reply_end = self._end_of_turn(full, content_at + len(message.content))
+            reply_end = self._end_of_turn(full, content_end)
             segments += [Segment(full[position : len(prompt)], False), Segment(full[len(prompt) : reply_end], True)]
             position = reply_end
         segments.append(Segment(full[position:], False))

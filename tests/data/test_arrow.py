@@ -113,9 +113,9 @@ def reference_encode(messages: Any, template: Any, tokenizer: Any, cutoff_len: i
 def _reference_ids_and_labels(messages: Any, template: Any, tokenizer: Any, train_on_prompt: bool,
                               mask_history: bool) -> tuple[list[int], list[int]]:  # fmt: skip
     segments = template.render(messages)
-    if mask_history:
+    if mask_history:  # with train_on_prompt: the prompts and the last reply (LLaMA-Factory's meaning)
         last = max(i for i, segment in enumerate(segments) if segment.trained)
-        segments = [Segment(s.text, s.trained and i == last) for i, s in enumerate(segments)]
+        segments = [Segment(s.text, i == last if s.trained else train_on_prompt) for i, s in enumerate(segments)]
     text, starts, ends = "", [], []
     for segment in segments:
         if segment.trained:
@@ -124,7 +124,7 @@ def _reference_ids_and_labels(messages: Any, template: Any, tokenizer: Any, trai
         text += segment.text
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
-    if train_on_prompt:
+    if train_on_prompt and not mask_history:
         return ids, list(ids)
     labels = []
     for token_id, (start, _) in zip(ids, encoding["offset_mapping"]):
@@ -155,6 +155,8 @@ CASES = {
     "truncated and dropped, prompts trained": dict(dataset=ALL, cutoff_len=48, train_on_prompt=True),
     "truncated, earliest turns dropped": dict(dataset=("alpaca", "sharegpt", "tools"), cutoff_len=90,
                                               mask_history=True),
+    "earlier replies masked, prompts trained": dict(dataset=("sharegpt", "tools"), cutoff_len=90, mask_history=True,
+                                                   train_on_prompt=True),
     "no system prompt at all": dict(dataset=("alpaca", "sharegpt"), system=""),
     "a default system prompt": dict(dataset=("alpaca", "openai", "tools"), default_system="Be brief, 甄嬛."),
     "interleaved at random, max_samples": dict(dataset=("alpaca", "sharegpt", "parts"), max_samples=120,

@@ -1,11 +1,15 @@
 """Masking choices and system-prompt flags, on Qwen's real tokenizer and the `qwen` template."""
 
+import json
+
 import pytest
 
 from lorakit.data.encode import IGNORE_INDEX, encode_conversation
 from lorakit.data.system_prompt import system_template, with_system
 from lorakit.errors import LorakitError
+from lorakit.run_record import CONFIG_FILE, training_template
 from lorakit.templates import Message, get_template
+from lorakit.templates.base import as_chat
 
 TURNS = [Message("user", "first question"), Message("assistant", "first answer"),
          Message("user", "second question"), Message("assistant", "second answer")]  # fmt: skip
@@ -21,6 +25,14 @@ def _trained(tokenizer, example) -> str:
         (False, False, "first answer<|im_end|>second answer<|im_end|>"),
         (False, True, "second answer<|im_end|>"),
         (True, False, None),  # every token
+        # LLaMA-Factory's meaning of both: the prompts, and of the replies only the last
+        (
+            True,
+            True,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+            "<|im_end|>\n<|im_start|>user\nfirst question<|im_end|>\n<|im_start|>assistant\n\n<|im_start|>user\n"
+            "second question<|im_end|>\n<|im_start|>assistant\nsecond answer<|im_end|>\n",
+        ),
     ],
 )
 def test_masking_choices(qwen_tokenizer, train_on_prompt, mask_history, expected):
@@ -72,3 +84,21 @@ def test_system_replaces_a_records_own_and_default_keeps_it(qwen_tokenizer):
 def test_no_system_cannot_silence_a_tokenizers_own_template(qwen_tokenizer):
     with pytest.raises(LorakitError, match="cannot switch off the default system prompt"):
         system_template(get_template("auto", qwen_tokenizer), "", None)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [({"default_system": "You are Zhen Huan."}, "You are Zhen Huan."), ({"system": "Always rhyme."}, "Always rhyme.")],
+)
+def test_the_trained_system_prompt_is_the_default_of_chat_merge_and_export(qwen_tokenizer, tmp_path, flags, expected):
+    """Records without a system prompt were trained with the flag's; a chat that brings none (lorakit chat, the merged
+    model's chat_template, the ollama Modelfile's SYSTEM) is prompted with it too, not with the template's own."""
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"lorakit": {"template": "qwen", **flags}}))
+    template = training_template(tmp_path, qwen_tokenizer)
+    trained = "".join(s.text for s in template.render(with_system(TURNS[:2], flags.get("system"),
+                                                                   flags.get("default_system"))))  # fmt: skip
+    prompt = template.generation_prompt(TURNS[:1])
+    assert trained.startswith(prompt) and prompt.startswith(f"<|im_start|>system\n{expected}<|im_end|>\n")
+    merged = qwen_tokenizer.apply_chat_template(as_chat(TURNS[:1]), chat_template=template.chat_template_jinja(),
+                                                tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert merged == prompt and template.ollama_format().system == expected

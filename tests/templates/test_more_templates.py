@@ -167,6 +167,15 @@ def test_qwen3_refuses_replies_with_reasoning(qwen_tokenizer):
         get_template("qwen3", qwen_tokenizer).render(messages)
 
 
+def test_qwen3_generation_prompt_drops_the_reasoning_of_earlier_replies_as_qwen3_does(qwen_tokenizer):
+    """`lorakit chat` keeps the model's replies, think block included, in the history; Qwen3's template writes
+    earlier replies without their reasoning, and so must the prompt for the next reply."""
+    messages = [Message("user", "Hi"), Message("assistant", "<think>\nhmm\n</think>\n\nHello"), Message("user", "Bye")]
+    messages += [Message("assistant", "<think>\n\n</think>\n\nSee you"), Message("user", "?")]
+    prompt = qwen_tokenizer.apply_chat_template(as_chat(messages), tokenize=False, add_generation_prompt=True)
+    assert get_template("qwen3", qwen_tokenizer).generation_prompt(messages) == prompt
+
+
 def test_stop_strings(qwen_tokenizer):
     stops = {name: get_template(name, qwen_tokenizer).stop_strings for name in ("qwen3", "chatml", "llama3")}
     assert stops == {"qwen3": ("<|im_end|>",), "chatml": ("<|im_end|>",), "llama3": ("<|eot_id|>",)}
@@ -234,6 +243,16 @@ def test_a_llama_31_tokenizer_is_matched_by_llama3_1_not_llama3(llama31_tokenize
     assert message is not None and "Cutting Knowledge Date" in message
     # `auto` on a Llama 3.1 model exports its ollama Modelfile as llama3_1 (the named format it matches)
     assert get_template("auto", llama31_tokenizer).named_equivalent() is get_template("llama3_1", llama31_tokenizer)
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_auto_splits_a_template_that_trims_the_replies(llama31_tokenizer, qwen_tokenizer, name):
+    """Meta's template trims every message, so a padded reply is not in the rendering as given; and a reply that
+    the think block holds ("in") is found where the reply is, not inside the block."""
+    for tokenizer, named in ((llama31_tokenizer, "llama3_1"), (qwen_tokenizer, "qwen3")):
+        messages = [*CONVERSATIONS[name][:-1], Message("assistant", "in")] if named == "qwen3" else CONVERSATIONS[name]
+        auto, exact = (get_template(t, tokenizer).render(messages) for t in ("auto", named))
+        assert [s for s in auto if s.text] == [s for s in exact if s.text]
 
 
 def test_llama3_1_exports_metas_own_template(llama31_tokenizer, llama31_chat_template):

@@ -129,13 +129,13 @@ def test_tool_calls_render_as_the_families_own_templates(request, tmp_path: Path
     for run, reply in zip(runs, replies):  # each call trained whole; no result, no prompt in any trained run
         assert (family.call in run) == (reply.role == "function_call")
         assert not any(marker in run for marker in family.prompt_markers)
-    if template == "llama3_1":  # its generation prompt writes tool turns too (qwen's and qwen3's: plain chats only)
-        for index in (i for i, m in enumerate(messages) if m.role in ("assistant", "function_call")):
-            prefix = _as_hf(messages[:index])[0]
-            asked = tokenizer.apply_chat_template(
-                prefix, tools=tools, tokenize=False, add_generation_prompt=True, chat_template=reference
-            )
-            assert lorakit.generation_prompt(messages[:index]) == asked
+    # The prompt for each reply (lorakit.generate during training, tool turns included) is the family's too.
+    for index in (i for i, m in enumerate(messages) if m.role in ("assistant", "function_call")):
+        prefix = _as_hf(messages[:index])[0]
+        asked = tokenizer.apply_chat_template(
+            prefix, tools=tools, tokenize=False, add_generation_prompt=True, chat_template=reference
+        )
+        assert lorakit.generation_prompt(messages[:index]) == asked
     # The exported chat_template (what a merged model carries) renders the same tokens, tools included.
     exported = tokenizer.apply_chat_template(
         chat, tools=tools, tokenize=False, chat_template=lorakit.chat_template_jinja()
