@@ -198,6 +198,12 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
     if checkpoint is None:
         return None, notes
     state = read_state(checkpoint)
+    step, max_steps = state["position"]["step"], config.train.max_steps
+    if 0 < max_steps < step:  # the loop counts up to --max_steps: from past it, it would train every epoch left
+        raise LorakitError(
+            f"cannot resume {checkpoint} with --max_steps {max_steps}: it is at step {step} already; pass "
+            f"--max_steps {step} or more (or -1), or resume an earlier checkpoint"
+        )
     if is_legacy(state):
         notes.append(f"warning: resuming {checkpoint.name} of lorakit's earlier layout (--unpickle_legacy_checkpoint): "
                      "its files are not verified and its RNG files are unpickled")  # fmt: skip

@@ -247,6 +247,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "auto finds none that verifies": (
         lambda w: (_truncate(TRAINER_STATE, -10)(write_checkpoint(w.out, 3)), w.train("--resume_from_checkpoint",
                    "auto"))[1], "checkpoint-3", "no checkpoint in"),
+    "checkpoint past --max_steps": (lambda w: [*w.checkpoint(lambda _: None), "--max_steps", "2"], "checkpoint-4",
+                                    "--max_steps 2"),
     "resume and overwrite": (lambda w: w.train("--resume_from_checkpoint", "auto", "--overwrite_output_dir"),
                              "--resume_from_checkpoint and --overwrite_output_dir", "contradict"),
     # merge
