@@ -78,7 +78,8 @@ def write_checkpoint(folder: Path, step: int, legacy: bool = False) -> Path:
     save_safetensors({"lora_A::master": torch.randn(4, 8)}, checkpoint / TRAINER_STATE)
     (checkpoint / "adapter_config.json").write_text("{}")
     (checkpoint / CONFIG_FILE).write_text(json.dumps({"lorakit": {}}))
-    state = {"position": {"step": step, "epoch": 0, "offset": 8 * step}, "world_size": 1}
+    state = {"position": {"step": step, "epoch": 0, "offset": 8 * step}, "world_size": 1,
+             "optimizer_steps": [float(step)], "fingerprint": {}, "loss_sum": 0.0}  # fmt: skip
     if legacy:
         torch.save({"torch": torch.get_rng_state()}, checkpoint / legacy_rng_file(0))
     else:
