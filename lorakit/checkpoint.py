@@ -245,8 +245,11 @@ def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / STATE_FILE).is_file() and (checkpoint / TRAINER_STATE).is_file()
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (keep = 0: delete none)."""
-    complete = [p for p in checkpoint_folders(output_dir) if is_complete(p)]
+def prune_checkpoints(output_dir: Path, keep: int, saved: Path | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep = 0: delete none). `saved`, the one just written,
+    counts as the newest whatever its step: a run resumed from an older checkpoint writes below the steps the earlier
+    run left behind, and must not delete its own checkpoints (and the one it resumed from) while keeping those."""
+    complete = [p for p in checkpoint_folders(output_dir) if is_complete(p) and p != saved]
+    complete += [saved] if saved is not None else []
     for old in complete[: max(0, len(complete) - keep)] if keep else []:
         shutil.rmtree(old, ignore_errors=True)

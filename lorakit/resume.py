@@ -138,6 +138,7 @@ def checkpoint_problem(checkpoint: Path, unpickle_legacy: bool) -> str | None:
     the earlier layout is an error, unless --unpickle_legacy_checkpoint lets it through unverified."""
     try:
         state = read_state(checkpoint)
+        _read_fields(state)
         if not is_legacy(state):
             return first_difference(checkpoint, state)
     except OSError as err:  # the state file or a listed one (permissions, a vanished mount)
@@ -147,6 +148,14 @@ def checkpoint_problem(checkpoint: Path, unpickle_legacy: bool) -> str | None:
     if not unpickle_legacy:
         raise legacy_error(checkpoint)
     return None
+
+
+def _read_fields(state: dict[str, Any]) -> None:
+    """Every field a resume reads, read once here (lorakit_state.json is not in its own file list, so an edited one
+    verifies): a missing or mistyped one raises here, not mid-resume."""
+    Position(**state["position"])
+    dict(state["fingerprint"]), float(state["loss_sum"]), int(state["world_size"])
+    [float(count) for count in state["optimizer_steps"]]
 
 
 def find_checkpoint(config: Config) -> tuple[Path | None, list[str]]:
@@ -198,6 +207,12 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
     if checkpoint is None:
         return None, notes
     state = read_state(checkpoint)
+    step, max_steps = state["position"]["step"], config.train.max_steps
+    if 0 < max_steps < step:  # the loop counts up to --max_steps: from past it, it would train every epoch left
+        raise LorakitError(
+            f"cannot resume {checkpoint} with --max_steps {max_steps}: it is at step {step} already; pass "
+            f"--max_steps {step} or more (or -1), or resume an earlier checkpoint"
+        )
     if is_legacy(state):
         notes.append(f"warning: resuming {checkpoint.name} of lorakit's earlier layout (--unpickle_legacy_checkpoint): "
                      "its files are not verified and its RNG files are unpickled")  # fmt: skip

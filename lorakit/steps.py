@@ -68,7 +68,8 @@ def total_steps(num_examples: int, world_size: int, micro_batch: int, accumulati
     """The step count at which the run ends: from `start` (made on any world size), the rest of its epoch's order
     cut by this run's global batch, then whole epochs; at most --max_steps when that is set (> 0)."""
     per_step = global_batch(world_size, micro_batch, accumulation)
-    rest_of_epoch = math.ceil((num_examples - start.offset) / per_step)
+    # a run resumed at its end (epoch == num_epochs, offset 0) has no epoch left to finish
+    rest_of_epoch = math.ceil((num_examples - start.offset) / per_step) if start.epoch < num_epochs else 0
     later_epochs = max(0, num_epochs - start.epoch - 1) * steps_per_epoch(num_examples, world_size, micro_batch,
                                                                           accumulation)  # fmt: skip
     total = start.step + rest_of_epoch + later_epochs

@@ -237,7 +237,7 @@ def train(
                 extra = {"fingerprint": checked.fingerprint, "loss_sum": reporter.loss_sum()}
                 saved = save_checkpoint(engine, run.output_dir, position, extra, dist, run.built.pissa)
                 if dist.is_main:
-                    prune_checkpoints(run.output_dir, train_config.save_total_limit)
+                    prune_checkpoints(run.output_dir, train_config.save_total_limit, saved)
             if signal_number:
                 raise TrainingInterrupted(signal_number, position.step, saved)
             if stopping:

@@ -78,7 +78,8 @@ def write_checkpoint(folder: Path, step: int, legacy: bool = False) -> Path:
     save_safetensors({"lora_A::master": torch.randn(4, 8)}, checkpoint / TRAINER_STATE)
     (checkpoint / "adapter_config.json").write_text("{}")
     (checkpoint / CONFIG_FILE).write_text(json.dumps({"lorakit": {}}))
-    state = {"position": {"step": step, "epoch": 0, "offset": 8 * step}, "world_size": 1}
+    state = {"position": {"step": step, "epoch": 0, "offset": 8 * step}, "world_size": 1,
+             "optimizer_steps": [float(step)], "fingerprint": {}, "loss_sum": 0.0}  # fmt: skip
     if legacy:
         torch.save({"torch": torch.get_rng_state()}, checkpoint / legacy_rng_file(0))
     else:
@@ -225,3 +226,18 @@ def test_the_cli_refuses_in_one_line_before_anything_is_loaded(tiny_model: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lorakit: error: cannot resume ") and message in err[0], err
     assert {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == before
+
+
+def test_save_total_limit_never_deletes_the_checkpoint_just_written(tmp_path: Path):
+    """A run resumed from checkpoint-4 into the output_dir that also holds the earlier run's checkpoint-8: with
+    --save_total_limit 1 its new checkpoint-6 is the one kept, not deleted at once with the one it resumed from."""
+    from lorakit.checkpoint import prune_checkpoints
+
+    for step in (4, 6, 8):
+        write_checkpoint(tmp_path, step)
+    prune_checkpoints(tmp_path, keep=1, saved=tmp_path / "checkpoint-6")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+    for step in (8, 10):
+        write_checkpoint(tmp_path, step)
+    prune_checkpoints(tmp_path, keep=2, saved=tmp_path / "checkpoint-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-8"]

@@ -53,6 +53,7 @@ TOTALS = [
     (48, 4, 4, 2, 6, -1, Position(4, 1, 16), 13),  # on 4 ranks (batch 32): 4 + 1 + 4 epochs x 2
     (37, 3, 2, 3, 2, -1, Position(1, 0, 18), 6),  # uneven: 19 examples left (2 steps), then an epoch of 3
     (48, 1, 4, 2, 6, 20, Position(4, 1, 16), 20),  # resumed, then cut by --max_steps
+    (48, 2, 4, 2, 6, -1, Position(18, 6, 0), 18),  # a finished run resumed (relaunched with `auto`): none left
 ]
 
 
@@ -76,8 +77,9 @@ def test_the_epoch_plans_walked_from_a_start_end_where_the_total_says(examples, 
     assert position.step == total
     if max_steps < 0:
         assert (position.epoch, position.offset, position.epochs_done(examples)) == (epochs, 0, float(epochs))
-        order = np.random.default_rng([3, start.epoch]).permutation(examples)
-        assert sorted(used) == sorted(order[start.offset :].tolist())  # the same examples, whatever the world size
+        order = np.random.default_rng([3, start.epoch]).permutation(examples)[start.offset :]
+        left = sorted(order.tolist()) if start.epoch < epochs else []  # a finished run resumed has none left
+        assert sorted(used) == left  # the same examples, whatever the world size
 
 
 def test_step_math_from_flags_and_a_resumed_position():

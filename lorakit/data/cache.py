@@ -80,7 +80,9 @@ def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, 
     """Everything the ids depend on: data bytes and entries (with no entries, data from Python: the
     `conversations` themselves), the mixing flags and the seed where they draw at random, the data flags, the
     template, the tokenizer."""
-    datasets = [[s.name, repr(s), _file_digest(s.path)] for s in specs]
+    # the entry without its folder: the same data copied elsewhere (another machine's mount) is the same data, and a
+    # checkpoint's fingerprint holds this key (lorakit.resume)
+    datasets = [[s.name, repr(dataclasses.replace(s, path=Path(s.path.name))), _file_digest(s.path)] for s in specs]
     draws = len(specs) > 1 and config.mix_strategy != "concat" and bool(config.interleave_probs)
     parts = {
         "format": CACHE_FORMAT,

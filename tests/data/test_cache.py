@@ -2,6 +2,7 @@
 of a node (local rank 0 builds, the others wait for the folder), written whole or not at all."""
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -43,6 +44,19 @@ def test_second_run_reuses_the_cache_and_inputs_change_the_key(tiny_model: Path,
     rebuilt, _, was_cached = prepare_data(_config(tiny_data, tmp_path, overwrite_cache=True), tokenizer, template)
     assert not was_cached and np.array_equal(rebuilt.labels, first.labels)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({path.name, other.name, auto_path.name})
+
+
+def test_the_same_data_in_another_folder_has_the_same_key(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    """The key is also the data part of a checkpoint's fingerprint (lorakit.resume): a checkpoint resumed on another
+    machine, whose copy of the data lives under another path, is the same run."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    template = get_template("qwen", tokenizer)
+    moved = shutil.copytree(tiny_data, tmp_path / "elsewhere" / "data")
+    _, path, _ = prepare_data(_config(tiny_data, tmp_path / "cache"), tokenizer, template)
+    _, again, cached = prepare_data(_config(moved, tmp_path / "cache"), tokenizer, template)
+    assert again == path and cached
+    (moved / "tiny.json").write_text((moved / "tiny.json").read_text().replace("cat", "cow"))
+    assert prepare_data(_config(moved, tmp_path / "cache"), tokenizer, template)[1] != path  # the bytes still count
 
 
 def test_the_tokens_are_memory_mapped_and_released(tiny_model: Path, tiny_data: Path, tmp_path: Path):
