@@ -67,9 +67,26 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _wrong_shape(annotation: str, value: Any) -> str | None:
+    """Why a config file's value cannot be this field's, before it is turned into text: YAML and JSON give lists,
+    mappings, null and booleans where flags give strings, and str() of one is a folder named "['a', 'b']"."""
+    if value is None and "None" not in annotation:
+        return "expected a value, got null (leave the key out for the default)"
+    if isinstance(value, dict):
+        return f"expected {'a list' if annotation.startswith('tuple') else 'one value'}, got a mapping"
+    if isinstance(value, (list, tuple)) and not annotation.startswith("tuple"):
+        return f"expected one value, got a list {value}"
+    if isinstance(value, bool) and annotation.split(" ")[0] in ("int", "float"):
+        return f"expected a number, got {str(value).lower()} (YAML reads yes/no/on/off as booleans)"
+    return None
+
+
 def coerce(name: str, value: Any) -> Any:
     """A flag's or a config file's value as the field's type; a one-line error if it is not one."""
     annotation = str(flat_fields()[name].type)
+    wrong = _wrong_shape(annotation, value)
+    if wrong:
+        raise LorakitError(f"--{name}: {wrong}")
     try:
         return PARSERS[annotation](value)
     except (TypeError, ValueError) as err:

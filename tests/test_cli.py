@@ -109,3 +109,22 @@ def test_report_to_is_a_list_flag_as_in_hugging_face(tmp_path: Path, argv: list[
     path.write_text(yaml or "{}\n")
     config = parse_config([str(path), *argv, "--run_name", "first try"])
     assert config.train.trackers == expected and config.train.run_name == "first try"
+
+
+@pytest.mark.parametrize(
+    "yaml, expected",
+    [
+        ("learning_rate: 1e-4\n", 1e-4),  # YAML 1.1 reads 1e-4 (no dot) as a string
+        ("learning_rate: '2e-4'\n", 2e-4),
+        ("max_samples: null\n", None),  # an optional field: null is its default
+        ("bf16: no\n", False),
+        ("lora_target: [q_proj, v_proj]\n", ("q_proj", "v_proj")),
+        ("num_train_epochs: 2.0\n", 2),
+    ],
+)
+def test_config_file_values_that_are_right(tmp_path: Path, yaml: str, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml)
+    name = yaml.split(":")[0]
+    value = parse_config([str(path)]).to_flat()[name]
+    assert value == (list(expected) if isinstance(expected, tuple) else expected)
