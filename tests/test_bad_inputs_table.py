@@ -171,6 +171,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                                        "got a mapping"),
     "config file boolean for a count": (lambda w: w.train(_yaml(w, "num_train_epochs: yes\n")),
                                         "--num_train_epochs", "expected a number, got true"),
+    "unknown command": (lambda w: ["trian", *w.train()[1:]], "trian", "unknown command"),
+    "no command": (lambda w: [], "no command", "train, preview, merge or chat"),
     "max_samples 0": (lambda w: w.train("--max_samples", "0"), "--max_samples 0", "at least 1"),
     "preprocessing_num_workers 0": (lambda w: w.train("--preprocessing_num_workers", "0"),
                                     "--preprocessing_num_workers 0", "at least 1"),

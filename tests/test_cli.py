@@ -128,3 +128,12 @@ def test_config_file_values_that_are_right(tmp_path: Path, yaml: str, expected):
     name = yaml.split(":")[0]
     value = parse_config([str(path)]).to_flat()[name]
     assert value == (list(expected) if isinstance(expected, tuple) else expected)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["help"]])
+def test_lorakit_help_prints_the_commands_and_succeeds(argv: list[str], capsys: pytest.CaptureFixture):
+    from lorakit.__main__ import entry
+
+    assert entry(argv) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("train", "preview", "merge", "chat"))
