@@ -149,6 +149,15 @@ def parse_config(argv: list[str], prog: str = "lorakit") -> Config:
     return Config.from_flat({name: coerce(name, value) for name, value in values.items()})
 
 
+def _close_progress_bars() -> None:
+    """An open bar's line ends in a carriage return: closing it ends the line, so an error raised mid-training (a
+    non-finite loss, a full disk, a signal) is a line of its own in a log file, not glued after the bar."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(action: Callable[[], Any]) -> int:
     """Run `action`, turning a LorakitError into one line on stderr (from rank 0) and exit status 2 (128 + N after
     signal N stopped training). A finished job leaves the process group on every rank before the process exits."""
@@ -156,6 +165,7 @@ def run_cli(action: Callable[[], Any]) -> int:
         action()
     except LorakitError as err:
         if launch_rank() == 0:
+            _close_progress_bars()
             print(f"lorakit: error: {err}", file=sys.stderr, flush=True)
         return getattr(err, "exit_code", 2)
     leave_distributed()

@@ -137,3 +137,22 @@ def test_lorakit_help_prints_the_commands_and_succeeds(argv: list[str], capsys: 
     assert entry(argv) == 0
     out = capsys.readouterr().out
     assert all(command in out for command in ("train", "preview", "merge", "chat"))
+
+
+def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_data: Path, tmp_path: Path,
+                                                       capfd: pytest.CaptureFixture):  # fmt: skip
+    """The progress bar's line ends in a carriage return, not a newline: an error raised while it is open (a
+    non-finite loss, a full disk at a save, a signal) was printed after it, mid-line, in a log file."""
+    from lorakit.cli import run_cli
+    from lorakit.errors import LorakitError
+    from lorakit.train import train
+
+    def fail(_step: object) -> None:
+        raise LorakitError("the step failed")
+
+    argv = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(tiny_data),
+            "--dataset", "tiny", "--output_dir", str(tmp_path / "out"), "--max_steps", "2"]  # fmt: skip
+    assert run_cli(lambda: train(parse_config(argv), on_step=fail)) == 2
+    err = capfd.readouterr().err
+    assert "train:" in err  # the bar was open
+    assert "lorakit: error: the step failed" in err.replace("\r", "\n").splitlines()
