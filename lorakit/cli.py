@@ -124,7 +124,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise LorakitError(f"config file {path} not found")
     text = file.read_text(encoding="utf-8")
     try:
-        if file.suffix in (".yaml", ".yml"):
+        if file.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             values = yaml.safe_load(text) or {}

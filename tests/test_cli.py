@@ -156,3 +156,9 @@ def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_da
     err = capfd.readouterr().err
     assert "train:" in err  # the bar was open
     assert "lorakit: error: the step failed" in err.replace("\r", "\n").splitlines()
+
+
+@pytest.mark.parametrize("name", ["run.YAML", "run.Yml"])
+def test_a_config_files_suffix_is_read_whatever_its_case(tmp_path: Path, name: str):
+    (tmp_path / name).write_text("learning_rate: 3e-4\n")
+    assert parse_config([str(tmp_path / name)]).train.learning_rate == 3e-4
