@@ -39,13 +39,14 @@ def _preview(argv: list[str]) -> None:
     from lorakit.preview import preview
 
     count = 3
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--num_examples=") else [arg])]
     if "--num_examples" in argv:
         at = argv.index("--num_examples")
         if at + 1 >= len(argv) or not argv[at + 1].isdigit():
             raise LorakitError("--num_examples needs a whole number")
         count = int(argv[at + 1])
         argv = argv[:at] + argv[at + 2 :]
-    config = parse_config(argv, "lorakit preview")
+    config = parse_config(argv, "lorakit preview [--num_examples N (default 3)]")
     _say_remote_code(config.model.trust_remote_code, config.model.model_name_or_path)
     for record in preview(config, count):
         print(json.dumps(record, ensure_ascii=False))
@@ -105,10 +106,17 @@ def _chat(argv: list[str]) -> None:
 COMMANDS = {"preview": _preview, "merge": _merge, "chat": _chat}
 
 
+def _no_command(argv: list[str]) -> None:
+    given = f"unknown command {argv[0]!r}" if argv else "no command given"
+    raise LorakitError(f"{given}; start with train, preview, merge or chat (python -m lorakit --help lists them)")
+
+
 def entry(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
+        print(f"{USAGE}\n{__doc__}")
+        return 0
     if not argv or argv[0] not in ("train", *COMMANDS):
-        print(USAGE, file=sys.stderr)
-        return 2
+        return run_cli(lambda: _no_command(argv))
     if argv[0] == "train":
         return main(argv[1:], "lorakit train")
     return run_cli(lambda: COMMANDS[argv[0]](argv[1:]))

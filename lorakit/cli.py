@@ -67,9 +67,26 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _wrong_shape(annotation: str, value: Any) -> str | None:
+    """Why a config file's value cannot be this field's, before it is turned into text: YAML and JSON give lists,
+    mappings, null and booleans where flags give strings, and str() of one is a folder named "['a', 'b']"."""
+    if value is None and "None" not in annotation:
+        return "expected a value, got null (leave the key out for the default)"
+    if isinstance(value, dict):
+        return f"expected {'a list' if annotation.startswith('tuple') else 'one value'}, got a mapping"
+    if isinstance(value, (list, tuple)) and not annotation.startswith("tuple"):
+        return f"expected one value, got a list {value}"
+    if isinstance(value, bool) and annotation.split(" ")[0] in ("int", "float"):
+        return f"expected a number, got {str(value).lower()} (YAML reads yes/no/on/off as booleans)"
+    return None
+
+
 def coerce(name: str, value: Any) -> Any:
     """A flag's or a config file's value as the field's type; a one-line error if it is not one."""
     annotation = str(flat_fields()[name].type)
+    wrong = _wrong_shape(annotation, value)
+    if wrong:
+        raise LorakitError(f"--{name}: {wrong}")
     try:
         return PARSERS[annotation](value)
     except (TypeError, ValueError) as err:
@@ -107,7 +124,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise LorakitError(f"config file {path} not found")
     text = file.read_text(encoding="utf-8")
     try:
-        if file.suffix in (".yaml", ".yml"):
+        if file.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             values = yaml.safe_load(text) or {}
@@ -132,6 +149,15 @@ def parse_config(argv: list[str], prog: str = "lorakit") -> Config:
     return Config.from_flat({name: coerce(name, value) for name, value in values.items()})
 
 
+def _close_progress_bars() -> None:
+    """An open bar's line ends in a carriage return: closing it ends the line, so an error raised mid-training (a
+    non-finite loss, a full disk, a signal) is a line of its own in a log file, not glued after the bar."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(action: Callable[[], Any]) -> int:
     """Run `action`, turning a LorakitError into one line on stderr (from rank 0) and exit status 2 (128 + N after
     signal N stopped training). A finished job leaves the process group on every rank before the process exits."""
@@ -139,6 +165,7 @@ def run_cli(action: Callable[[], Any]) -> int:
         action()
     except LorakitError as err:
         if launch_rank() == 0:
+            _close_progress_bars()
             print(f"lorakit: error: {err}", file=sys.stderr, flush=True)
         return getattr(err, "exit_code", 2)
     leave_distributed()

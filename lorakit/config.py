@@ -160,7 +160,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.cutoff_len < 8:
             raise LorakitError(f"--cutoff_len {self.cutoff_len} is too small; use at least 8 tokens")
-        if self.val_size < 0 or (self.val_size >= 1 and not float(self.val_size).is_integer()):
+        val_size = self.val_size  # nan passes every comparison, then fails as a count of examples at the split
+        if not math.isfinite(val_size) or val_size < 0 or (val_size >= 1 and not float(val_size).is_integer()):
             raise LorakitError(f"--val_size {self.val_size} must be a fraction below 1 or a whole number of examples")
         if self.val_size and self.eval_dataset:
             raise LorakitError("--val_size and --eval_dataset both choose the evaluation data; give one")

@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,11 +55,14 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, Scalar]:
 class TensorBoardTracker:
     """Event files in output_dir/runs/<run_name>; a resumed run appends a new event file to the same folder."""
 
-    def __init__(self, output_dir: Path, run_name: str, params: dict[str, Scalar]):
+    def __init__(self, output_dir: Path, run_name: str, params: dict[str, Scalar], start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "runs" / run_name))
+        # TensorBoard drops the folder's earlier events from purge_step on: a run started afresh in the same
+        # output_dir would otherwise draw both runs' curves as one, a resumed run the steps after its checkpoint twice
+        purge_step = start_step + 1 if start_step else 0
+        self.writer = SummaryWriter(log_dir=str(output_dir / "runs" / run_name), purge_step=purge_step)
         # SummaryWriter.add_hparams would open a second writer in a time-stamped sub-folder (a second "run" in
         # TensorBoard's list); the three hparams summaries go into this run's own event file instead
         for summary in hparams(params, {}):
@@ -128,9 +132,11 @@ BACKENDS: dict[str, Callable[[Path, str, dict[str, Scalar]], Tracker]] = {
 }
 
 
-def start_trackers(names: tuple[str, ...], output_dir: Path, run_name: str, resolved: dict[str, Any]) -> list[Tracker]:
+def start_trackers(names: tuple[str, ...], output_dir: Path, run_name: str, resolved: dict[str, Any],
+                   start_step: int = 0) -> list[Tracker]:  # fmt: skip
     """One tracker per name, each with `resolved` (lorakit_config.json's content) as hyper-parameters; `run_name`
-    "" is output_dir's folder name."""
+    "" is output_dir's folder name; `start_step`: a resumed run's checkpoint step (0: a run started afresh)."""
     run_name = run_name or output_dir.resolve().name
     params = flat_params(resolved)
-    return [BACKENDS[name](output_dir, run_name, params) for name in names]
+    backends = {**BACKENDS, "tensorboard": partial(TensorBoardTracker, start_step=start_step)}
+    return [backends[name](output_dir, run_name, params) for name in names]

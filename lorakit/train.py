@@ -154,7 +154,7 @@ def set_up(checked: RunPlan) -> Run:
     if dist.is_main:
         save_run_files(output_dir, tokenizer, config, built.ds_config)
         trackers = start_trackers(config.train.trackers, output_dir, config.train.run_name,
-                                  resolved_config(config, built.ds_config))  # fmt: skip
+                                  resolved_config(config, built.ds_config), start.step)  # fmt: skip
     for note in checked.notes + built.notes + memory_lines:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "

@@ -162,6 +162,17 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "neftune negative": (lambda w: w.train("--neftune_noise_alpha", "-1"), "--neftune_noise_alpha -1", ">= 0"),
     "zero_stage 4": (lambda w: w.train("--zero_stage", "4"), "--zero_stage 4", "must be 0, 1, 2 or 3"),
     "val_size 1.5": (lambda w: w.train("--val_size", "1.5"), "--val_size 1.5", "fraction below 1"),
+    "val_size nan": (lambda w: w.train("--val_size", "nan"), "--val_size nan", "fraction below 1"),
+    "config file list for a path": (lambda w: w.train(_yaml(w, "data_cache_dir: [a, b]\n")), "--data_cache_dir",
+                                    "expected one value, got a list"),
+    "config file null for a path": (lambda w: w.train(_yaml(w, "data_cache_dir:\n")), "--data_cache_dir",
+                                    "expected a value, got null"),
+    "config file mapping for a list": (lambda w: w.train(_yaml(w, "lora_target: {q_proj: 1}\n")), "--lora_target",
+                                       "got a mapping"),
+    "config file boolean for a count": (lambda w: w.train(_yaml(w, "num_train_epochs: yes\n")),
+                                        "--num_train_epochs", "expected a number, got true"),
+    "unknown command": (lambda w: ["trian", *w.train()[1:]], "trian", "unknown command"),
+    "no command": (lambda w: [], "no command", "train, preview, merge or chat"),
     "max_samples 0": (lambda w: w.train("--max_samples", "0"), "--max_samples 0", "at least 1"),
     "preprocessing_num_workers 0": (lambda w: w.train("--preprocessing_num_workers", "0"),
                                     "--preprocessing_num_workers 0", "at least 1"),
@@ -341,6 +352,12 @@ def _without_position(checkpoint: Path) -> None:
     state = json.loads((checkpoint / STATE_FILE).read_text())
     del state["position"]
     (checkpoint / STATE_FILE).write_text(json.dumps(state))
+
+
+def _yaml(world: World, text: str) -> Path:
+    path = world.tmp / "run.yaml"
+    path.write_text(text)
+    return path
 
 
 def _touch(path: Path) -> Path:

@@ -109,3 +109,56 @@ def test_report_to_is_a_list_flag_as_in_hugging_face(tmp_path: Path, argv: list[
     path.write_text(yaml or "{}\n")
     config = parse_config([str(path), *argv, "--run_name", "first try"])
     assert config.train.trackers == expected and config.train.run_name == "first try"
+
+
+@pytest.mark.parametrize(
+    "yaml, expected",
+    [
+        ("learning_rate: 1e-4\n", 1e-4),  # YAML 1.1 reads 1e-4 (no dot) as a string
+        ("learning_rate: '2e-4'\n", 2e-4),
+        ("max_samples: null\n", None),  # an optional field: null is its default
+        ("bf16: no\n", False),
+        ("lora_target: [q_proj, v_proj]\n", ("q_proj", "v_proj")),
+        ("num_train_epochs: 2.0\n", 2),
+    ],
+)
+def test_config_file_values_that_are_right(tmp_path: Path, yaml: str, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml)
+    name = yaml.split(":")[0]
+    value = parse_config([str(path)]).to_flat()[name]
+    assert value == (list(expected) if isinstance(expected, tuple) else expected)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["help"]])
+def test_lorakit_help_prints_the_commands_and_succeeds(argv: list[str], capsys: pytest.CaptureFixture):
+    from lorakit.__main__ import entry
+
+    assert entry(argv) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("train", "preview", "merge", "chat"))
+
+
+def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_data: Path, tmp_path: Path,
+                                                       capfd: pytest.CaptureFixture):  # fmt: skip
+    """The progress bar's line ends in a carriage return, not a newline: an error raised while it is open (a
+    non-finite loss, a full disk at a save, a signal) was printed after it, mid-line, in a log file."""
+    from lorakit.cli import run_cli
+    from lorakit.errors import LorakitError
+    from lorakit.train import train
+
+    def fail(_step: object) -> None:
+        raise LorakitError("the step failed")
+
+    argv = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(tiny_data),
+            "--dataset", "tiny", "--output_dir", str(tmp_path / "out"), "--max_steps", "2"]  # fmt: skip
+    assert run_cli(lambda: train(parse_config(argv), on_step=fail)) == 2
+    err = capfd.readouterr().err
+    assert "train:" in err  # the bar was open
+    assert "lorakit: error: the step failed" in err.replace("\r", "\n").splitlines()
+
+
+@pytest.mark.parametrize("name", ["run.YAML", "run.Yml"])
+def test_a_config_files_suffix_is_read_whatever_its_case(tmp_path: Path, name: str):
+    (tmp_path / name).write_text("learning_rate: 3e-4\n")
+    assert parse_config([str(tmp_path / name)]).train.learning_rate == 3e-4

@@ -34,3 +34,15 @@ def test_preview_reports_bad_input_in_one_line(tiny_model: Path, tmp_path: Path,
         == 2
     )
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_preview_takes_num_examples_as_any_flag_is_spelled(tiny_model: Path, tiny_data: Path, capsys):
+    """`--num_examples=1`, as argparse accepts `--flag=value` for every other flag, and --help lists it."""
+    flags = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(tiny_data)]
+    assert entry(["preview", "--num_examples=1", *flags, "--dataset", "tiny"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    try:
+        entry(["preview", "--help"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    assert "--num_examples" in capsys.readouterr().out

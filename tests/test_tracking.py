@@ -180,3 +180,20 @@ def test_a_missing_tracker_library_or_a_bad_value_is_one_line_before_anything_lo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"lorakit: error: {message}"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("start_step, expected", [(0, [(1, 10.0), (2, 20.0), (3, 30.0)]),
+                                                  (2, [(1, 1.0), (2, 2.0), (3, 30.0)])])  # fmt: skip
+def test_tensorboard_holds_only_this_runs_steps_after_a_restart(tmp_path: Path, start_step: int, expected: list):
+    """A run started afresh in the same output_dir (--overwrite_output_dir, or no checkpoint to resume) replaces the
+    earlier run's curve; a resumed one replaces the steps after its checkpoint, which the earlier run had logged and
+    the resumed run logs again (trainer_log.jsonl keeps the records up to the checkpoint likewise)."""
+    earlier = start_trackers(("tensorboard",), tmp_path, "r", {"lorakit.seed": 1})[0]
+    for step in (1, 2, 3, 4):
+        earlier.log(step, {"loss": float(step)})
+    earlier.close()
+    later = start_trackers(("tensorboard",), tmp_path, "r", {"lorakit.seed": 1}, start_step)[0]
+    for step in range(start_step + 1, 4):
+        later.log(step, {"loss": 10.0 * step})
+    later.close()
+    assert tensorboard_scalars(tmp_path / "runs" / "r")["loss"] == expected
