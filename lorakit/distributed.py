@@ -96,6 +96,7 @@ def init_distributed() -> DistInfo:
     """Join (or create) the process group: NCCL on GPUs, gloo on the CPU."""
     import deepspeed  # deferred: importing deepspeed costs seconds, and config errors should not wait for it
 
+    made_up_port = "RANK" not in os.environ and "MASTER_PORT" not in os.environ
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -105,8 +106,15 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not torch_dist.is_initialized():
-        _join_group(deepspeed, device)
+    for attempt in range(3 if made_up_port else 1):
+        if torch_dist.is_initialized():
+            break
+        try:
+            _join_group(deepspeed, device)
+        except RuntimeError as err:  # torch's DistNetworkError: the port found free was taken before the store bound it
+            if attempt == 2 or not made_up_port or "EADDRINUSE" not in str(err):
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())  # this process chose it, so it may choose another
     return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), device)
 
 
