@@ -1,7 +1,10 @@
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from launch import REPO, _env
 
 from lorakit.cli import parse_config
 from lorakit.config import Config, flat_fields
@@ -139,23 +142,35 @@ def test_lorakit_help_prints_the_commands_and_succeeds(argv: list[str], capsys: 
     assert all(command in out for command in ("train", "preview", "merge", "chat"))
 
 
-def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_data: Path, tmp_path: Path,
-                                                       capfd: pytest.CaptureFixture):  # fmt: skip
+def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_data: Path, tmp_path: Path):
     """The progress bar's line ends in a carriage return, not a newline: an error raised while it is open (a
-    non-finite loss, a full disk at a save, a signal) was printed after it, mid-line, in a log file."""
-    from lorakit.cli import run_cli
-    from lorakit.errors import LorakitError
-    from lorakit.train import train
-
-    def fail(_step: object) -> None:
-        raise LorakitError("the step failed")
-
-    argv = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(tiny_data),
-            "--dataset", "tiny", "--output_dir", str(tmp_path / "out"), "--max_steps", "2"]  # fmt: skip
-    assert run_cli(lambda: train(parse_config(argv), on_step=fail)) == 2
-    err = capfd.readouterr().err
-    assert "train:" in err  # the bar was open
-    assert "lorakit: error: the step failed" in err.replace("\r", "\n").splitlines()
+    non-finite loss, a full disk at a save, a signal) was printed after it, mid-line, in a log file. A process of
+    its own: a process group made in the test process would outlive the test (and its environment, the next
+    launch's)."""
+    argv = [
+        "--model_name_or_path",
+        str(tiny_model),
+        "--template",
+        "qwen",
+        "--dataset_dir",
+        str(tiny_data),
+        "--dataset",
+        "tiny",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "4",
+        "--learning_rate",
+        "1e30",
+        "--max_grad_norm",
+        "0",
+    ]  # fmt: skip  (the loss is no longer finite at the second step)
+    done = subprocess.run([sys.executable, "examples/sft.py", *argv], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "train:" in done.stderr  # the bar was open
+    lines = done.stderr.replace("\r", "\n").splitlines()
+    assert any(line.startswith("lorakit: error: ") and "finite" in line for line in lines), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ["run.YAML", "run.Yml"])
