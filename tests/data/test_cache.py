@@ -114,62 +114,36 @@ def test_the_cache_files_follow_the_umask(tiny_model: Path, tiny_data: Path, tmp
     assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o640}
 
 
-def _kill_build(killed: list[tuple[int, float]]) -> None:
-    """SIGKILL the build process (as the OOM killer may) once its map workers run; `killed` gets (its pid, when),
-    then every process of the build still there 30 s later (the rank was left waiting for them)."""
-    me = psutil.Process()
-    while not (builds := [c for c in me.children() if len(c.children()) >= 3]):
-        time.sleep(0.01)
-    build, workers = builds[0], builds[0].children()
-    killed.append((build.pid, time.monotonic()))
-    build.kill()
-    _, left = psutil.wait_procs(workers, timeout=30)  # not the build: lorakit reaps it (its exit code)
-    for process in left:
-        killed.append((process.pid, time.monotonic()))
-        process.kill()
-
-
-def _kill_a_worker(killed: list[tuple[int, float]]) -> None:
-    """SIGKILL one map worker of the build (as the OOM killer may); `killed` gets (its pid, when), then every
-    process of the build still there 30 s later."""
+def _kill(victim: str, killed: list[tuple[int, float]]) -> None:
+    """SIGKILL the build process or one of its map workers (as the OOM killer may) once the workers run; `killed`
+    gets (its pid, when), then every process of the build still there 30 s later (the rank was left waiting for
+    them). The build is never waited on here: lorakit reaps it (its exit code)."""
     me = psutil.Process()
     while not (builds := [c for c in me.children() if len(c.children()) >= 3]):
         time.sleep(0.01)
     build = builds[0]
-    worker = next(c for c in build.children() if c.name() != "lorakit-data-build" and c.children() == [])
-    everyone = [build, *build.children(recursive=True)]
-    killed.append((worker.pid, time.monotonic()))
-    worker.kill()
-    _, left = psutil.wait_procs([p for p in everyone if p.pid not in (worker.pid, build.pid)], timeout=30)
-    if build.is_running() and build.status() != psutil.STATUS_ZOMBIE:  # waiting on its pool; not reaped here:
-        left.append(build)  # lorakit reaps it (its exit code)
+    workers = build.children(recursive=True)
+    target = build if victim == "build" else next(c for c in workers if c.children() == [])
+    killed.append((target.pid, time.monotonic()))
+    target.kill()
+    _, left = psutil.wait_procs([p for p in workers if p.pid != target.pid], timeout=30)
+    if victim != "build" and build.is_running() and build.status() != psutil.STATUS_ZOMBIE:
+        left.append(build)  # still waiting on its pool
     for process in left:
         killed.append((process.pid, time.monotonic()))
         process.kill()
 
 
-def test_a_killed_map_worker_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch):  # fmt: skip
-    import datasets.config
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    records = [{"instruction": f"{'word ' * 300}{i}", "output": "x " * 100} for i in range(4000)]
-    tiny.write_dataset(tmp_path / "data", records)
-    config = _config(tmp_path / "data", tmp_path / "cache", preprocessing_num_workers=2)
-    killed: list[tuple[int, float]] = []
-    killer = threading.Thread(target=_kill_a_worker, args=(killed,))
-    killer.start()
-    with pytest.raises(LorakitError) as caught:
-        prepare_data(config, qwen_tokenizer, get_template("qwen", qwen_tokenizer))
-    raised = time.monotonic()
-    killer.join()
-    assert "a process tokenising the data was killed (signal 9: out of memory?)" in str(caught.value)
-    assert len(killed) == 1 and raised - killed[0][1] < 10, "the build waited on its pool, or left processes"
-    assert not (tmp_path / "cache").exists() and list((tmp_path / "hf").iterdir()) == []
-
-
-def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+@pytest.mark.parametrize(
+    ("victim", "line"),
+    [
+        ("build", "ended with exit code -9 (killed, out of memory?)"),
+        ("worker", "a process tokenising the data was killed (signal 9: out of memory?)"),
+    ],
+)
+def test_a_killed_build_or_map_worker_is_one_line_at_once_and_leaves_no_process(
+    victim: str, line: str, qwen_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))  # as the variable sets it
@@ -177,14 +151,14 @@ def test_a_killed_build_is_one_line_at_once_and_leaves_no_process(qwen_tokenizer
     tiny.write_dataset(tmp_path / "data", records)
     config = _config(tmp_path / "data", tmp_path / "cache", preprocessing_num_workers=2)
     killed: list[tuple[int, float]] = []
-    killer = threading.Thread(target=_kill_build, args=(killed,))
+    killer = threading.Thread(target=_kill, args=(victim, killed))
     killer.start()
     with pytest.raises(LorakitError) as caught:
         prepare_data(config, qwen_tokenizer, get_template("qwen", qwen_tokenizer))
     raised = time.monotonic()
     killer.join()
-    assert "ended with exit code -9 (killed, out of memory?)" in str(caught.value) and "\n" not in str(caught.value)
-    assert len(killed) == 1 and raised - killed[0][1] < 10, "the build's workers outlived it and the rank waited"
+    assert line in str(caught.value) and "\n" not in str(caught.value)
+    assert len(killed) == 1 and raised - killed[0][1] < 10, "the rank waited on the build's processes, or left some"
     assert not (tmp_path / "cache").exists() and list((tmp_path / "hf").iterdir()) == []  # nor its Arrow files
 
 
