@@ -46,6 +46,12 @@ def launch(command: list[str], log: Path) -> str:
     return done.stdout
 
 
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `command` to the end from the repository root, its output captured, whatever its exit status (for a
+    command that is to fail, or in-process state that must not outlive it)."""
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def start(command: list[str], log: Path) -> subprocess.Popen:
     """Start `command` without waiting (to signal or kill it mid-run); its output goes to `log`."""
     return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)

@@ -1,10 +1,9 @@
 import dataclasses
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from launch import REPO, _env
+from launch import run
 
 from lorakit.cli import parse_config
 from lorakit.config import Config, flat_fields
@@ -147,26 +146,10 @@ def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_da
     non-finite loss, a full disk at a save, a signal) was printed after it, mid-line, in a log file. A process of
     its own: a process group made in the test process would outlive the test (and its environment, the next
     launch's)."""
-    argv = [
-        "--model_name_or_path",
-        str(tiny_model),
-        "--template",
-        "qwen",
-        "--dataset_dir",
-        str(tiny_data),
-        "--dataset",
-        "tiny",
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--max_steps",
-        "4",
-        "--learning_rate",
-        "1e30",
-        "--max_grad_norm",
-        "0",
-    ]  # fmt: skip  (the loss is no longer finite at the second step)
-    done = subprocess.run([sys.executable, "examples/sft.py", *argv], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    argv = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(tiny_data),
+            "--dataset", "tiny", "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
+            "--learning_rate", "1e30", "--max_grad_norm", "0"]  # fmt: skip
+    done = run([sys.executable, "examples/sft.py", *argv])  # the loss is no longer finite at the second step
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train:" in done.stderr  # the bar was open
     lines = done.stderr.replace("\r", "\n").splitlines()

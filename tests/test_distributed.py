@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
-from launch import REPO, _env
+from launch import run
 
 TAKEN_PORT = """
 import os, socket
@@ -23,7 +22,6 @@ print("joined", info.rank, info.world_size, os.environ["MASTER_PORT"] != str(por
 
 
 def test_a_single_process_takes_another_port_when_the_one_it_found_is_taken_meanwhile():
-    done = subprocess.run([sys.executable, "-c", TAKEN_PORT], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = run([sys.executable, "-c", TAKEN_PORT])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "joined 0 1 True"
