@@ -106,16 +106,22 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    for attempt in range(3 if made_up_port else 1):
-        if torch_dist.is_initialized():
-            break
-        try:
-            _join_group(deepspeed, device)
-        except RuntimeError as err:  # torch's DistNetworkError: the port found free was taken before the store bound it
-            if attempt == 2 or not made_up_port or "EADDRINUSE" not in str(err):
-                raise
-            os.environ["MASTER_PORT"] = str(_free_port())  # this process chose it, so it may choose another
+    if not torch_dist.is_initialized():
+        join = _join_group_on_its_own_port if made_up_port else _join_group
+        join(deepspeed, device)
     return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), device)
+
+
+def _join_group_on_its_own_port(deepspeed: Any, device: torch.device, tries: int = 3) -> None:
+    """A single process's made-up group: the port found free may be taken before the store binds it (torch's
+    DistNetworkError, EADDRINUSE); this process chose it, so it may choose another."""
+    for attempt in range(tries):
+        try:
+            return _join_group(deepspeed, device)
+        except RuntimeError as err:
+            if attempt == tries - 1 or "EADDRINUSE" not in str(err):
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
 
 
 def leave_distributed() -> None:
