@@ -220,8 +220,9 @@ def run(mode: str, data: Path, cache: Path, workers: int, max_samples: int | Non
     command = [sys.executable, __file__, "--mode", mode, "--data", str(data), "--cache", str(cache), "--workers",
                str(workers)] + (["--max_samples", str(max_samples)] if max_samples else []) + ([] if epoch else
                ["--no_epoch"])  # fmt: skip
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # keep e.g. a --target folder
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if done.returncode:
         sys.exit(f"{mode} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
