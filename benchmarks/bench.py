@@ -38,15 +38,18 @@ REFERENCE_FLAGS = ["--stage", "sft", "--do_train", "True", "--finetuning_type", 
                    "--bf16", "True", "--logging_steps", "5", "--overwrite_output_dir", "--seed", "42"]  # fmt: skip
 # A run is NAME or NAME@GPUS (2 GPUs when not given): NAME's extra flags on the reference command, launched on that
 # many GPUs of the host. "{file}" names a DeepSpeed variant written by `write_variants`.
+PLAIN = ["--enable_liger_kernel", "false", "--torch_compile", "false"]  # eager layers, no fused kernels
 RUNS = {
-    "zero3": [],  # the reference DeepSpeed file as it is: lorakit's defaults (whole layers per gather, Liger if there)
-    "zero3-plain": ["--enable_liger_kernel", "false"],  # without the fused kernels
-    "zero2-plain": ["--zero_stage", "2", "--enable_liger_kernel", "false"],
+    "zero3": [],  # the reference DeepSpeed file as it is: lorakit's defaults (whole layers per gather, compiled layers)
+    "zero3-eager": ["--torch_compile", "false"],  # the defaults before session 6: eager layers, Liger if there
+    "zero2-eager": ["--zero_stage", "2", "--torch_compile", "false"],
+    "zero3-plain": PLAIN,
+    "zero2-plain": ["--zero_stage", "2", *PLAIN],
     # ZeRO-3 settings against zero3-plain (no fused kernels in any of them)
-    "zero3-permodule": ["--deepspeed", "{per_module}", "--enable_liger_kernel", "false"],  # DeepSpeed's own units
-    "zero3-persist": ["--deepspeed", "{persist}", "--enable_liger_kernel", "false"],  # frozen weights resident
-    "zero3-bigfetch": ["--deepspeed", "{bigfetch}", "--enable_liger_kernel", "false"],
-    "zero3-hfpersist": ["--deepspeed", "{hfpersist}", "--enable_liger_kernel", "false"],
+    "zero3-permodule": ["--deepspeed", "{per_module}", *PLAIN],  # DeepSpeed's own units
+    "zero3-persist": ["--deepspeed", "{persist}", *PLAIN],  # frozen weights resident
+    "zero3-bigfetch": ["--deepspeed", "{bigfetch}", *PLAIN],
+    "zero3-hfpersist": ["--deepspeed", "{hfpersist}", *PLAIN],
     "zero3-hfprefetch": ["--deepspeed", "{hfprefetch}"],  # lorakit's defaults but HF's prefetch bucket
     "zero3-persist-liger": ["--deepspeed", "{persist}"],  # lorakit's defaults, every frozen weight resident
     "zero2": ["--zero_stage", "2"],

@@ -79,12 +79,13 @@ class ModelConfig:
         ),  # fmt: skip
     )
 
-    torch_compile: bool = field(
-        default=False,
+    torch_compile: bool | None = field(
+        default=None,
         metadata=_doc(
             "Compile each decoder layer's forward (and so its backward) with torch.compile (inductor, shapes "
-            "dynamic); DeepSpeed's hooks stay outside. Off by default until measured as a default "
-            "(benchmarks/RESULTS.md); with it, --enable_liger_kernel defaults to off (inductor fuses those ops)."
+            "dynamic); DeepSpeed's hooks stay outside. Default: on for a CUDA GPU with triton, unless "
+            "--quantization_bit, --enable_liger_kernel true or --additional_target is set (the log says why it is "
+            "off); with it, --enable_liger_kernel defaults to off (inductor fuses those ops)."
         ),
     )
 

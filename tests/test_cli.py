@@ -86,6 +86,8 @@ def test_auto_booleans(argv: list[str], expected):
     assert parse_config(argv).train.gradient_checkpointing is expected
     liger = [a.replace("gradient_checkpointing", "enable_liger_kernel") for a in argv]
     assert parse_config(liger).model.enable_liger_kernel is expected
+    compiled = [a.replace("gradient_checkpointing", "torch_compile") for a in argv]
+    assert parse_config(compiled).model.torch_compile is expected
 
 
 @pytest.mark.parametrize(

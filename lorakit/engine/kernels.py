@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from lorakit.config import ModelConfig
 from lorakit.errors import LorakitError
+from lorakit.lora_settings import LoraSettings
 
 INSTALL = "pip install 'lorakit[kernels]' (liger-kernel)"
 
@@ -85,6 +87,37 @@ def apply_liger_kernel(model: Any) -> list[str]:
     for name, value in classes.items():
         setattr(family, name, value)
     return [f"liger-kernel: fused RMSNorm, rotary embedding and SwiGLU for {model.config.model_type}"]
+
+
+def compile_unavailable(model: ModelConfig, lora: LoraSettings, on_gpu: bool) -> str | None:
+    """Why the default leaves the decoder layers eager here, or None when it compiles them. The default compiles
+    only what is measured to pay (a GPU: +40 % tokens/s under ZeRO-3 on 2 H100s, benchmarks/RESULTS.md session 6)
+    and tested to compute what the eager layers compute (tests/engine/test_compile.py: plain LoRA, rsLoRA, DoRA,
+    gradient checkpointing)."""
+    if not on_gpu:
+        return "the CPU"  # inductor's C++ code generation takes minutes there, for no measured gain
+    if model.quantization_bit is not None:
+        return "--quantization_bit: bitsandbytes' kernels break dynamo's graphs"
+    if model.enable_liger_kernel:
+        return "--enable_liger_kernel true: Liger's kernels instead"
+    if lora.additional_target:
+        return "--additional_target: modules trained in full are not tested compiled"
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return "triton, which inductor's GPU kernels need, does not import"
+    return None
+
+
+def use_torch_compile(model: ModelConfig, lora: LoraSettings, on_gpu: bool) -> tuple[bool, list[str]]:
+    """The decision and its log line: an explicit --torch_compile is obeyed; unset, the layers are compiled where
+    compile_unavailable finds nothing against it, and a GPU run that stays eager says why."""
+    if model.torch_compile is not None:
+        return model.torch_compile, []
+    reason = compile_unavailable(model, lora, on_gpu)
+    if reason and on_gpu:
+        return False, [f"torch.compile: off ({reason}); --torch_compile true compiles the decoder layers anyway"]
+    return reason is None, []
 
 
 def compile_decoder_layers(model: Any, backend: str = "inductor") -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lorakit.config import LoraSettings, ModelConfig
-from lorakit.engine.kernels import compile_decoder_layers
+from lorakit.engine.kernels import compile_decoder_layers, use_torch_compile
 from lorakit.engine.model import attach_lora
 from lorakit.errors import LorakitError
 from lorakit.loss import model_loss_sum
@@ -21,11 +21,16 @@ from lorakit.loss import model_loss_sum
 CUDA = torch.cuda.is_available()
 
 
-def _model(tiny_model: Path, dtype: torch.dtype, device: str):
+def _model(tiny_model: Path, dtype: torch.dtype, device: str, variant: str = "lora"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
-    model = attach_lora(model, LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target=("all",)), 0)
+    if variant == "checkpointed":  # as lorakit turns it on (lorakit.engine.build_engine): recompute in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    settings = LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target=("all",),
+                            use_dora=variant == "dora", use_rslora=variant == "rslora")  # fmt: skip
+    model = attach_lora(model, settings, 0)
+    model.train()
     for name, param in model.named_parameters():  # LoRA B starts at zero; give it values so every path matters
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
@@ -40,26 +45,31 @@ def _loss_and_grads(model, lengths: list[int], device: str) -> tuple[float, dict
     loss = model_loss_sum(model, {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)},
                           input_ids.clone())  # fmt: skip
     loss.backward()
-    return float(loss), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-CASES = [("cpu", "aot_eager", torch.float32, 1e-5)]
+# The variants the default (lorakit.engine.kernels.use_torch_compile) compiles: plain LoRA, the layers recomputed
+# in backward (the memory plan's gradient checkpointing), rsLoRA's scale, DoRA's magnitude and weight norm.
+VARIANTS = ("lora", "checkpointed", "rslora", "dora")
+CASES = [("cpu", "aot_eager", torch.float32, 1e-5, variant) for variant in VARIANTS if variant != "rslora"]  # a scale
 if CUDA:
-    CASES += [("cuda", "inductor", torch.float32, 1e-4), ("cuda", "inductor", torch.bfloat16, 3e-2)]
+    CASES += [("cuda", "inductor", torch.float32, 1e-4, variant) for variant in VARIANTS]
+    CASES += [("cuda", "inductor", torch.bfloat16, 3e-2, variant) for variant in VARIANTS]
 
 
-@pytest.mark.parametrize(("device", "backend", "dtype", "tolerance"), CASES)
-def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backend, dtype, tolerance):
+@pytest.mark.parametrize(("device", "backend", "dtype", "tolerance", "variant"), CASES)
+def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backend, dtype, tolerance, variant):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    eager, compiled = _model(tiny_model, dtype, device), _model(tiny_model, dtype, device)
+    eager, compiled = _model(tiny_model, dtype, device, variant), _model(tiny_model, dtype, device, variant)
     (line,) = compile_decoder_layers(compiled, backend=backend)
     assert line.startswith("torch.compile: the forward of each of 2 Qwen2DecoderLayers compiled")
     for lengths in ([37, 90, 1], [12, 64, 33, 5], [200]):  # three row lengths: static, then dynamic, then reused
         eager_loss, eager_grads = _loss_and_grads(eager, lengths, device)
         compiled_loss, compiled_grads = _loss_and_grads(compiled, lengths, device)
         assert compiled_loss == pytest.approx(eager_loss, rel=tolerance)
-        assert eager_grads.keys() == compiled_grads.keys() and len(eager_grads) == 2 * 7 * 2
+        assert eager_grads.keys() == compiled_grads.keys()
+        assert len(eager_grads) == 2 * 7 * (3 if variant == "dora" else 2)  # A, B (and DoRA's magnitude) a linear
         for name, expected in eager_grads.items():
             error = (compiled_grads[name] - expected).norm() / expected.norm()
             assert error < tolerance, f"{lengths} {name}: relative gradient error {error:.2e}"
@@ -70,3 +80,36 @@ def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backen
 def test_torch_compile_is_refused_with_quantisation():
     with pytest.raises(LorakitError, match="--torch_compile with --quantization_bit is not supported"):
         ModelConfig(torch_compile=True, quantization_bit=4)
+
+
+@pytest.mark.parametrize(
+    ("flag", "on_gpu", "model", "lora", "compiled", "line"),
+    [
+        (None, True, {}, {}, True, None),  # the default on a GPU: compiled, compile_decoder_layers says so
+        (None, False, {}, {}, False, None),  # the CPU: eager, nothing to say
+        (None, True, {"quantization_bit": 4}, {}, False, "--quantization_bit"),
+        (None, True, {"enable_liger_kernel": True}, {}, False, "--enable_liger_kernel true"),
+        (None, True, {}, {"additional_target": ("embed_tokens",)}, False, "--additional_target"),
+        (None, True, {}, {"use_dora": True}, True, None),  # tested above, so compiled
+        (False, True, {}, {}, False, None),  # explicit: obeyed, silently
+        (True, False, {}, {}, True, None),
+        (True, True, {}, {"additional_target": ("embed_tokens",)}, True, None),
+    ],
+)
+def test_the_default_compiles_on_a_gpu_where_tested(monkeypatch, flag, on_gpu, model, lora, compiled, line):
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    model_config = ModelConfig(torch_compile=flag, **model)
+    settings = LoraSettings(**lora)
+    decided, lines = use_torch_compile(model_config, settings, on_gpu)
+    assert decided is compiled
+    if line is None:
+        assert lines == []
+    else:
+        (only,) = lines
+        assert only.startswith("torch.compile: off (") and line in only and "--torch_compile true" in only
+
+
+def test_the_default_stays_eager_without_triton(monkeypatch):
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
+    decided, (line,) = use_torch_compile(ModelConfig(), LoraSettings(), on_gpu=True)
+    assert not decided and "triton" in line
