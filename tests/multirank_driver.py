@@ -6,7 +6,9 @@ with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the D
 `checkpointed` (`wide` with gradient checkpointing: layers recomputed, and re-gathered, in backward), and
 `zero2` (`wide` under ZeRO-2: nothing partitioned, the reference for ZeRO-3's machinery over many steps), and
 `resident` (`wide` with every frozen weight kept whole: a persistence threshold above every parameter), and
-`compiled` (`resident` with --torch_compile: each decoder layer's forward through torch.compile's inductor).
+`compiled` (`resident` with --torch_compile: each decoder layer's forward through torch.compile's inductor, saving a
+checkpoint every 5 steps: a save partitions the adapter it gathered, and with every weight resident lorakit, not
+DeepSpeed's removed hooks, gathers it again before the next compiled forward).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs.
 Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
@@ -75,6 +77,8 @@ for name, micro, accumulation in runs:
             **({"deepspeed": str(workdir / "ds_per_module.json")} if name == "per_module" else {}),
             **({"deepspeed": str(workdir / "ds_resident.json")} if name in ("resident", "compiled") else {}),
             **({"torch_compile": True} if name == "compiled" else {}),
+            # checkpoints mid-run: saving partitions the adapter it gathered, which the next forward must gather again
+            **({"save_steps": 5} if name == "compiled" else {}),
             **({"gradient_checkpointing": True} if name == "checkpointed" else {}),
             **({"zero_stage": 2} if name == "zero2" else {}),
         }
@@ -87,7 +91,9 @@ for name, micro, accumulation in runs:
 
     result = lorakit.train(config, on_step=note_first_step)
     parameters = list(result.engine.module.parameters())
+    offload = getattr(result.engine.optimizer, "parameter_offload", None)  # ZeRO-3's fetch/release hooks, if any
     results[name] = result.metrics | {
+        "unit_hooks": None if offload is None else len(offload.forward_hooks) + len(offload.backward_hooks),
         "recomputes": result.engine.module.get_base_model().is_gradient_checkpointing,
         "all_gathers": all_gathers[0] - gathers_before,
         "elements_gathered_a_step": (gathered_elements[0] - after_first_step[0]) / 11,  # steps 2-12

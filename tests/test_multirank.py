@@ -112,11 +112,15 @@ def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_do
     # each optimizer step and gathered the whole frozen model again: 129 k elements a step here, 8 k now)
     resident_run = metrics["resident"]
     assert resident_run["elements_gathered_a_step"] < resident_run["frozen_elements"] / 4, resident_run
+    # every weight resident: ZeRO-3's per-unit fetch/release hooks are off (lorakit.engine.zero3), the same updates
+    assert resident_run["unit_hooks"] == 0 and metrics["compiled"]["unit_hooks"] == 0
+    assert metrics["wide"]["unit_hooks"] > 0 and metrics["zero2"]["unit_hooks"] is None
 
 
 def test_compiled_layers_train_as_eager_layers_under_zero3(driver_run: Path):
-    """--torch_compile (inductor on the CPU here) with ZeRO-3's hooks around each compiled layer: the same losses
-    and gradient norms as the eager run, step for step (dropout off, so no random stream differs)."""
+    """--torch_compile (inductor on the CPU here) under ZeRO-3 with every weight resident: the same losses and
+    gradient norms as the eager run, step for step (dropout off, so no random stream differs), through checkpoints
+    saved every 5 steps (each partitions the adapter it gathered; the next compiled forward needs it whole)."""
     eager, compiled = (_log(driver_run / name / "trainer_log.jsonl") for name in ("resident", "compiled"))
     assert len(compiled) == 12
     for a, b in zip(eager, compiled):  # inductor's fused kernels sum in another order: fp32 rounding, amplified

@@ -38,6 +38,7 @@ from lorakit.engine.zero3 import (
     keep_frozen_resident_weights,
     quiet_deepspeed_bookkeeping,
     remember_module_parameters,
+    skip_unit_hooks_when_all_resident,
     walk_only_parameter_owners,
 )
 from lorakit.pissa import PissaStart
@@ -149,6 +150,11 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         gather_updated_adapter_at_once(engine)
         keep_frozen_resident_weights(engine)
         walk_only_parameter_owners(engine)
+        if skip_unit_hooks_when_all_resident(engine):
+            notes.append(
+                "ZeRO-3: every weight stays gathered between steps, so the per-layer fetch and release "
+                "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
+            )
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
 

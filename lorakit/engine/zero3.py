@@ -214,3 +214,44 @@ def walk_only_parameter_owners(engine: Any) -> bool:
     engine._forward_prologue = listing_owners(engine._forward_prologue)
     engine._forward_epilogue = listing_owners(engine._forward_epilogue)
     return True
+
+
+def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
+    """Where every parameter stays gathered between steps (the memory plan keeps the frozen weights whole, the LoRA
+    matrices sit under the persistence threshold, and the adapter is re-gathered right after each step by
+    `gather_updated_adapter_at_once`), ZeRO-3's fetch and release hooks around each unit have nothing to fetch or
+    release, yet each one walks the unit's parameters, its trace and its prefetch queue: four hooks a decoder layer
+    a micro-batch, plus the autograd functions they wrap around each output. Those hooks (DeepSpeed's own lists,
+    removed with DeepSpeed's own handles) go; what stays is everything that moves data or gradients: the
+    start-of-forward reset, the per-layer gradient reduce-scatter hooks of stage 3's optimizer, the step's release
+    and re-gather of the adapter, the external-parameter check of each parameter dict; added: one look before each
+    forward for a weight a GatheredParameters block released (below). Nothing is removed while any parameter is
+    partitioned, or under QLoRA (its GPU tests have not run with this). True where removed."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    hooks = [getattr(offload, "forward_hooks", None), getattr(offload, "backward_hooks", None)]
+    if offload is None or any(not isinstance(h, list) for h in hooks):
+        return False
+    parameters = list(offload.module.parameters())
+    if not parameters or not all(getattr(p, "ds_persist", False) for p in parameters):
+        return False
+    if any(hasattr(p, "quant_state") or type(p).__name__.startswith("Params4bit") for p in parameters):
+        return False
+
+    def gather_any_released(*_: Any) -> None:
+        pending = [p for p in parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if pending:
+            pending[0].all_gather_coalesced(pending).wait()
+
+    gather_any_released()
+    for handle in itertools.chain(*hooks):
+        handle.remove()
+    for handles in hooks:
+        handles.clear()
+    # A GatheredParameters block (lorakit's checkpoint save and load) partitions what it gathered on leaving, resident
+    # or not; the removed hooks would have gathered those weights again. This does it before each forward, in one
+    # collective where any is missing (a look at ~700 flags where none is): never inside a compiled layer, whose
+    # trace would see the empty partition.
+    engine.lorakit_gather_hook = offload.module.register_forward_pre_hook(gather_any_released)
+    return True

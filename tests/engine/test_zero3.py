@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -12,6 +14,7 @@ from lorakit.engine.zero3 import (
     make_layer_inputs_require_grad,
     quiet_deepspeed_bookkeeping,
     remember_module_parameters,
+    skip_unit_hooks_when_all_resident,
     walk_only_parameter_owners,
 )
 
@@ -127,3 +130,76 @@ def test_deepspeeds_per_call_bookkeeping_is_off_and_its_forced_messages_still_pr
     assert asked == [] and capsys.readouterr().out == ""  # nothing to print: the rank is not asked for
     partition_parameters.print_rank_0("asked for", force=True)
     assert asked == [1] and capsys.readouterr().out == "asked for\n"
+
+
+class OffloadLike:
+    """DeepSpeed 0.19's DeepSpeedZeRoOffload as far as the hook switch reads it: the module, the two hook lists."""
+
+    def __init__(self, model: torch.nn.Module, calls: list[str]):
+        self.module = model
+        self.forward_hooks = [m.register_forward_pre_hook(lambda *_: calls.append("fetch")) for m in model]
+        self.backward_hooks = [m.register_forward_hook(lambda *_: calls.append("release")) for m in model]
+
+
+def _zero3_model(persist: list[bool], available: list[bool]) -> torch.nn.Module:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    gathered = []
+    for layer, persistent, present in zip(model, persist, available):
+        param = layer.weight
+        param.ds_persist = persistent
+        param.ds_status = ZeroParamStatus.AVAILABLE if present else ZeroParamStatus.NOT_AVAILABLE
+
+        class Handle:
+            def wait(self):
+                pass
+
+        def all_gather_coalesced(params, _gathered=gathered):
+            _gathered.extend(params)
+            for p in params:
+                p.ds_status = ZeroParamStatus.AVAILABLE
+            return Handle()
+
+        param.all_gather_coalesced = all_gather_coalesced
+    model.gathered = gathered
+    return model
+
+
+@pytest.mark.parametrize(
+    ("persist", "available", "removed"),
+    [
+        ([True, True], [True, True], True),  # every weight resident: the hooks have nothing to do
+        ([True, True], [True, False], True),  # resident, one not yet gathered: gathered now, in one collective
+        ([True, False], [True, True], False),  # one partitioned weight: the hooks gather it, so they stay
+    ],
+)
+def test_zero3_unit_hooks_go_only_where_every_weight_stays_gathered(persist, available, removed):
+    calls: list[str] = []
+    model = _zero3_model(persist, available)
+    offload = OffloadLike(model, calls)
+    engine = SimpleNamespace(optimizer=SimpleNamespace(parameter_offload=offload))
+    assert skip_unit_hooks_when_all_resident(engine) is removed
+    model(torch.ones(1, 2))
+    assert calls == ([] if removed else ["fetch", "release", "fetch", "release"])
+    assert (offload.forward_hooks == [] and offload.backward_hooks == []) is removed
+    if removed:
+        assert [id(p) for p in model.gathered] == [id(w) for w, a in zip((m.weight for m in model), available) if not a]
+        # a GatheredParameters block (a checkpoint save) released a resident weight: the next forward gathers it
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        model.gathered.clear()
+        model[0].weight.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        model(torch.ones(1, 2))
+        assert model.gathered == [model[0].weight] and model[0].weight.ds_status == ZeroParamStatus.AVAILABLE
+        model(torch.ones(1, 2))
+        assert model.gathered == [model[0].weight]  # nothing missing: nothing gathered
+
+
+def test_zero3_unit_hooks_stay_without_deepspeeds_hook_lists_or_under_qlora():
+    assert not skip_unit_hooks_when_all_resident(SimpleNamespace(optimizer=SimpleNamespace()))  # ZeRO-2
+    model = _zero3_model([True, True], [True, True])
+    model[0].weight.quant_state = object()  # bitsandbytes' 4-bit weight: its GPU tests have not run this way
+    calls: list[str] = []
+    engine = SimpleNamespace(optimizer=SimpleNamespace(parameter_offload=OffloadLike(model, calls)))
+    assert not skip_unit_hooks_when_all_resident(engine)
