@@ -84,8 +84,9 @@ class ModelConfig:
         metadata=_doc(
             "Compile each decoder layer's forward (and so its backward) with torch.compile (inductor, shapes "
             "dynamic); DeepSpeed's hooks stay outside. Default: on for a CUDA GPU with triton, unless "
-            "--quantization_bit, --enable_liger_kernel true or --additional_target is set (the log says why it is "
-            "off); with it, --enable_liger_kernel defaults to off (inductor fuses those ops)."
+            "--quantization_bit, --enable_liger_kernel true, --additional_target, --use_dora or gradient "
+            "checkpointing is set (the log says why it is off); with it, --enable_liger_kernel defaults to off "
+            "(inductor fuses those ops)."
         ),
     )
 

@@ -89,11 +89,12 @@ def apply_liger_kernel(model: Any) -> list[str]:
     return [f"liger-kernel: fused RMSNorm, rotary embedding and SwiGLU for {model.config.model_type}"]
 
 
-def compile_unavailable(model: ModelConfig, lora: LoraSettings, on_gpu: bool) -> str | None:
+def compile_unavailable(model: ModelConfig, lora: LoraSettings, checkpointing: bool, on_gpu: bool) -> str | None:
     """Why the default leaves the decoder layers eager here, or None when it compiles them. The default compiles
     only what is measured to pay (a GPU: +40 % tokens/s under ZeRO-3 on 2 H100s, benchmarks/RESULTS.md session 6)
-    and tested to compute what the eager layers compute (tests/engine/test_compile.py: plain LoRA, rsLoRA, DoRA,
-    gradient checkpointing)."""
+    and whose GPU test has passed (tests/engine/test_compile.py with inductor: plain LoRA, fp32 and bf16). DoRA and
+    gradient checkpointing pass that test on the CPU (dynamo's capture, aot_eager) but have not yet run it on a GPU,
+    so they stay eager by default; rsLoRA changes only LoRA's scale, a constant of the same graph."""
     if not on_gpu:
         return "the CPU"  # inductor's C++ code generation takes minutes there, for no measured gain
     if model.quantization_bit is not None:
@@ -102,6 +103,10 @@ def compile_unavailable(model: ModelConfig, lora: LoraSettings, on_gpu: bool) ->
         return "--enable_liger_kernel true: Liger's kernels instead"
     if lora.additional_target:
         return "--additional_target: modules trained in full are not tested compiled"
+    if lora.use_dora:
+        return "--use_dora: its GPU test has not run yet"
+    if checkpointing:
+        return "gradient checkpointing: its GPU test has not run yet"
     from torch.utils._triton import has_triton
 
     if not has_triton():
@@ -109,12 +114,15 @@ def compile_unavailable(model: ModelConfig, lora: LoraSettings, on_gpu: bool) ->
     return None
 
 
-def use_torch_compile(model: ModelConfig, lora: LoraSettings, on_gpu: bool) -> tuple[bool, list[str]]:
+def use_torch_compile(
+    model: ModelConfig, lora: LoraSettings, checkpointing: bool, on_gpu: bool
+) -> tuple[bool, list[str]]:
     """The decision and its log line: an explicit --torch_compile is obeyed; unset, the layers are compiled where
-    compile_unavailable finds nothing against it, and a GPU run that stays eager says why."""
+    compile_unavailable finds nothing against it, and a GPU run that stays eager says why. `checkpointing`: the
+    gradient checkpointing the run settled on (the memory plan's choice or the flag)."""
     if model.torch_compile is not None:
         return model.torch_compile, []
-    reason = compile_unavailable(model, lora, on_gpu)
+    reason = compile_unavailable(model, lora, checkpointing, on_gpu)
     if reason and on_gpu:
         return False, [f"torch.compile: off ({reason}); --torch_compile true compiles the decoder layers anyway"]
     return reason is None, []
