@@ -241,7 +241,7 @@ def results_line(result: dict, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", choices=("7b", "32b"), default="7b", help="Qwen2.5-7B's or -32B's architecture")
+    parser.add_argument("--arch", choices=("7b", "32b", "72b"), default="7b", help="Qwen2.5-7B's, -32B's or -72B's")
     parser.add_argument("--model_dir", type=Path, help="default: /tmp/qwen25-ARCH-random (made if absent)")
     parser.add_argument("--data_dir", type=Path, default=Path("/tmp/huanhuan"))
     parser.add_argument("--huanhuan", type=Path, default=REPO.parent / "shared/data/huanhuan.json")

@@ -29,7 +29,11 @@ QWEN25_7B = {
 # exists for (benchmarks/bench.py --arch 32b)
 QWEN25_32B = QWEN25_7B | {"hidden_size": 5120, "intermediate_size": 27648, "max_window_layers": 64,
                           "num_attention_heads": 40, "num_hidden_layers": 64, "num_key_value_heads": 8}  # fmt: skip
-ARCHITECTURES = {"7b": QWEN25_7B, "32b": QWEN25_32B}
+# Qwen2.5-72B-Instruct's architecture (80 layers, 64 query and 8 key/value heads; 145 GB of safetensors: a host with
+# the disk for it, e.g. 4 x H200's 235 GiB)
+QWEN25_72B = QWEN25_7B | {"hidden_size": 8192, "intermediate_size": 29568, "max_window_layers": 80,
+                          "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8}  # fmt: skip
+ARCHITECTURES = {"7b": QWEN25_7B, "32b": QWEN25_32B, "72b": QWEN25_72B}
 
 
 def qwen_tokenizer_files() -> Path:

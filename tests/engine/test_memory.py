@@ -155,3 +155,15 @@ def test_rows_are_planned_from_a_ranks_share_of_a_step(step_tokens, expected_row
     plan = plan_memory(QWEN32B, H100, True, 4, 1024, 0, None, step_tokens=step_tokens)
     assert plan.pack_tokens == expected_rows and plan.gradient_checkpointing  # 32B activations need recompute here
     assert expected_peak in plan.lines[0]
+
+
+def test_qwen72b_on_four_h200s_plans_partitioned_checkpointed_rows_that_fit():
+    """Issue 11's 72B case, by the plan (no 4-GPU machine was lent to run it): 145 GB of bf16 weights, partitioned
+    over 4 H200s (too large to keep whole), the rows sized from a rank's share of the reference's 128-example step
+    (~2,300 tokens on 4 GPUs; ~4,700 with 8 examples a GPU more), recomputation on, no warning."""
+    qwen72b = ModelShape(layers=80, hidden=8192, intermediate=29568, vocab=152064, parameters=72_706_203_648,
+                         dtype_bytes=2)  # fmt: skip
+    for step_tokens, rows, peak in ((2300, 4096, "about 54 GiB"), (4700, 8192, "about 63 GiB")):
+        plan = plan_memory(qwen72b, H200, True, 4, 1024, 0, None, step_tokens=step_tokens, may_keep_frozen=True)
+        assert (plan.pack_tokens, plan.gradient_checkpointing, plan.keep_frozen) == (rows, True, False)
+        assert len(plan.lines) == 1 and peak in plan.lines[0]
