@@ -45,10 +45,12 @@ def _log(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "run",
-    ["rslora_zero3", "loraplus_zero3", "dora_zero3", "dora_per_module", "pissa_zero3", "full_zero3", "tied_zero3"],
-)
+    ["rslora_zero3", "loraplus_zero3", "dora_zero3", "dora_per_module", "pissa_zero3", "full_zero3", "tied_zero3",
+     "dora_resident", "pissa_resident", "full_resident"],
+)  # fmt: skip
 def test_zero3_trains_each_variant_as_zero2_does_over_every_step(variants_run: Path, run: str):
-    """`dora_per_module`: DeepSpeed's per-module gathering rather than lorakit's whole layers."""
+    """`dora_per_module`: DeepSpeed's per-module gathering rather than lorakit's whole layers; `_resident`: every
+    weight kept whole, so without ZeRO-3's per-unit hooks, through checkpoint saves."""
     variant = run.split("_")[0]
     zero3 = _log(variants_run / run / "trainer_log.jsonl")
     zero2 = _log(variants_run / f"{variant}_zero2" / "trainer_log.jsonl")
@@ -57,6 +59,12 @@ def test_zero3_trains_each_variant_as_zero2_does_over_every_step(variants_run: P
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     assert zero3[-1]["loss"] < zero3[0]["loss"]  # it trains
+
+
+def test_every_weight_resident_removes_zero3s_unit_hooks_for_each_variant(variants_run: Path):
+    metrics = json.loads((variants_run / "metrics.json").read_text())
+    assert {name: metrics[name]["unit_hooks"] for name in metrics if name.endswith("_resident")} == {
+        "dora_resident": 0, "pissa_resident": 0, "full_resident": 0}  # fmt: skip
 
 
 def test_variants_train_differently(variants_run: Path):

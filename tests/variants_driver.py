@@ -7,8 +7,9 @@ data, in one process group; ZeRO-2's PiSSA run saves its adapter unconverted (--
 training, DoRA's magnitude vectors and PiSSA's (exact-SVD) residual base and adapter as a ZeRO-3 engine
 initialises them (from base weights partitioned at birth) are gathered and saved. Rank 0 writes what the test
 compares: each run's trainer_log.jsonl (in its output_dir; LoRA+, DoRA, PiSSA and full-module runs resumed from
-checkpoint-3 beside them), `dora_magnitudes.pt`, `pissa_start.pt`, `logits.pt` (every trained model's logits on
-PROBE, the live engine's) and `metrics.json` with every run's final per-group learning rates.
+checkpoint-3 beside them; DoRA, PiSSA and full modules again under ZeRO-3 with every weight kept whole),
+`dora_magnitudes.pt`, `pissa_start.pt`, `logits.pt` (every trained model's logits on PROBE, the live engine's) and
+`metrics.json` with every run's final per-group learning rates.
 """
 
 import json
@@ -100,6 +101,16 @@ per_module["zero_optimization"]["stage3_module_granularity_threshold"] = 0
 (workdir / "ds_per_module.json").write_text(json.dumps(per_module))
 flags = {**common, **VARIANTS["dora"], "deepspeed": str(workdir / "ds_per_module.json")}
 lorakit.train(lorakit.Config.from_flat({**flags, "output_dir": str(workdir / "dora_per_module")}))
+# every weight kept whole (as the memory plan does where they fit): ZeRO-3's per-unit hooks are removed, and the
+# checkpoints saved every 3 steps partition the adapter, which must be gathered again before the next forward
+resident = json.loads(Path(sys.argv[4]).read_text())
+resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
+(workdir / "ds_resident.json").write_text(json.dumps(resident))
+for variant in ("dora", "pissa", "full"):
+    flags = {**common, **VARIANTS[variant], "deepspeed": str(workdir / "ds_resident.json")}
+    result = lorakit.train(lorakit.Config.from_flat({**flags, "output_dir": str(workdir / f"{variant}_resident")}))
+    offload = result.engine.optimizer.parameter_offload
+    results[f"{variant}_resident"] = {"unit_hooks": len(offload.forward_hooks) + len(offload.backward_hooks)}
 if torch.distributed.get_rank() == 0:
     (workdir / "metrics.json").write_text(json.dumps(results))
     torch.save(logits, workdir / "logits.pt")
