@@ -1,6 +1,7 @@
 """PiSSA's saved forms and --additional_target's module matching, on one process (no DeepSpeed). The 2-rank
 ZeRO-3 behaviour is in tests/test_variants.py."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -56,6 +57,38 @@ def test_lorakit_converts_pissa_as_peft_documents(tiny_model: Path, tmp_path: Pa
     for key in ("r", "lora_alpha", "init_lora_weights", "use_rslora"):
         assert settings[0][key] == pytest.approx(settings[1][key])
     assert settings[0]["r"] == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_converted_pissa_on_the_original_base_is_as_close_as_peft_s_in_the_training_dtype(
+    tiny_model: Path, tmp_path: Path, dtype: torch.dtype
+):
+    """In bf16 (fp16) training PEFT's conversion concatenates the trained A, B with A0, B0 loaded back in fp32, so
+    its file is fp32, where lorakit's keeps the adapter's dtype. No precision is lost: PEFT casts A0, B0 to the
+    base's dtype right after the decomposition (autocast_adapter_dtype=False, as lorakit trains), so both files
+    hold the same numbers, give the same logits on the original base, and stay within twice the trained model's
+    own rounding in that dtype (its logits against the same weights computed in fp32)."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+    model = attach_lora(base, LoraSettings(lora_rank=4, lora_alpha=8, pissa_init=True), seed=5)
+    start = PissaStart(initial_adapter(model), convert=True)
+    assert {t.dtype for t in start.initial.values()} == {dtype}  # the start the trained model moved from
+    model.peft_config["default"].init_lora_weights = True
+    model.save_pretrained(tmp_path / "pissa_init")
+    model.peft_config["default"].init_lora_weights = "pissa_niter_16"
+    _train_a_little(model)
+    trained, exact = _logits(model).float(), _logits(copy.deepcopy(model).float())
+    save_adapter(model, tmp_path / "lorakit", True, start)
+    model.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "pissa_init"))
+    ours, peft = (load_file(tmp_path / d / ADAPTER_WEIGHTS) for d in ("lorakit", "peft"))
+    assert {t.dtype for t in ours.values()} == {dtype} and {t.dtype for t in peft.values()} == {torch.float32}
+    assert ours.keys() == peft.keys() and all(torch.equal(ours[k].float(), peft[k]) for k in ours)
+    loaded = [_logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype),
+                                                tmp_path / d)).float() for d in ("lorakit", "peft")]  # fmt: skip
+    assert torch.equal(loaded[0], loaded[1])
+    noise, error = (trained - exact).abs(), (loaded[0] - trained).abs()
+    moved = (_logits(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)).float() - trained).abs()
+    assert error.mean() <= 2 * noise.mean() + 1e-6 and error.max() <= 2 * noise.max() + 1e-5
+    assert error.mean() < moved.mean() / 2  # the bound is well below what training changed
 
 
 def test_converted_pissa_keeps_doras_magnitudes_and_full_modules(tiny_model: Path, tmp_path: Path):
