@@ -37,6 +37,30 @@ def counted_all_gather(*args, **kwargs):
 torch.distributed.all_gather_into_tensor = counted_all_gather
 TORCH_LINEAR = torch.nn.functional.linear  # DeepSpeed's zero.Init may replace it process-wide
 
+
+
+def forward_past_peft_after_save(model) -> dict:
+    """The base (HF) model's logits and greedy tokens, called directly (as PEFT's `generate` does) right after a
+    checkpoint's GatheredParameters block partitioned the adapter, against the PEFT model's own forward."""
+    from lorakit.checkpoint import gather_adapter_state
+
+    probe, found = torch.arange(3, 40).reshape(1, -1), {}
+    model.eval()
+    with torch.no_grad():
+        for key, call in (("base_logits", lambda: model.get_base_model()(input_ids=probe, use_cache=False).logits),
+                          ("generated", lambda: model.generate(input_ids=probe, max_new_tokens=3, do_sample=False))):
+            gather_adapter_state(model, torch.distributed.get_rank() == 0)  # as save_checkpoint does
+            try:
+                found[key] = call()
+            except RuntimeError as error:  # a partitioned (empty) weight met in a forward
+                found[key] = str(error)[:200]
+        logits = model(input_ids=probe, use_cache=False).logits
+    model.train()
+    base = found["base_logits"]
+    return {"base_logits_error": base if isinstance(base, str) else float((base - logits).abs().max()),
+            "generated": found["generated"] if isinstance(found["generated"], str) else found["generated"].tolist()}
+
+
 workdir, model, data = (Path(p) for p in sys.argv[1:4])
 common = {
     "model_name_or_path": str(model),
@@ -100,6 +124,8 @@ for name, micro, accumulation in runs:
         "frozen_elements": sum(getattr(p, "ds_numel", p.numel()) for p in parameters if not p.requires_grad),
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,
     }
+    if name in ("wide", "resident"):  # after a save, which partitioned the adapter: the HF model called directly
+        results[name] |= forward_past_peft_after_save(result.engine.module)
     if name == "wide":
         probe = torch.arange(3, 40).reshape(1, -1)
         result.engine.module.eval()

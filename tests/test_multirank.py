@@ -117,6 +117,17 @@ def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_do
     assert metrics["wide"]["unit_hooks"] > 0 and metrics["zero2"]["unit_hooks"] is None
 
 
+def test_the_hf_model_called_past_peft_after_a_save_gathers_what_the_save_released(driver_run: Path):
+    """A checkpoint's GatheredParameters block partitions the adapter on leaving. PEFT's `generate` (and research
+    code's `get_base_model()(...)`) calls the HF model itself, not the PEFT model: DeepSpeed's unit hooks gathered
+    the adapter there; with every weight resident (those hooks removed) lorakit's look must run there too."""
+    metrics = json.loads((driver_run / "metrics.json").read_text())
+    for name in ("wide", "resident"):
+        assert metrics[name]["base_logits_error"] == pytest.approx(0.0, abs=1e-5), (name, metrics[name])
+        assert isinstance(metrics[name]["generated"], list), (name, metrics[name]["generated"])
+    assert metrics["resident"]["generated"] == metrics["wide"]["generated"]  # the same training: the same reply
+
+
 def test_compiled_layers_train_as_eager_layers_under_zero3(driver_run: Path):
     """--torch_compile (inductor on the CPU here) under ZeRO-3 with every weight resident: the same losses and
     gradient norms as the eager run, step for step (dropout off, so no random stream differs), through checkpoints
