@@ -38,7 +38,6 @@ torch.distributed.all_gather_into_tensor = counted_all_gather
 TORCH_LINEAR = torch.nn.functional.linear  # DeepSpeed's zero.Init may replace it process-wide
 
 
-
 def forward_past_peft_after_save(model) -> dict:
     """The base (HF) model's logits and greedy tokens, called directly (as PEFT's `generate` does) right after a
     checkpoint's GatheredParameters block partitioned the adapter, against the PEFT model's own forward."""
@@ -47,8 +46,10 @@ def forward_past_peft_after_save(model) -> dict:
     probe, found = torch.arange(3, 40).reshape(1, -1), {}
     model.eval()
     with torch.no_grad():
-        for key, call in (("base_logits", lambda: model.get_base_model()(input_ids=probe, use_cache=False).logits),
-                          ("generated", lambda: model.generate(input_ids=probe, max_new_tokens=3, do_sample=False))):
+        for key, call in (
+            ("base_logits", lambda: model.get_base_model()(input_ids=probe, use_cache=False).logits),
+            ("generated", lambda: model.generate(input_ids=probe, max_new_tokens=3, do_sample=False)),
+        ):
             gather_adapter_state(model, torch.distributed.get_rank() == 0)  # as save_checkpoint does
             try:
                 found[key] = call()
@@ -57,8 +58,10 @@ def forward_past_peft_after_save(model) -> dict:
         logits = model(input_ids=probe, use_cache=False).logits
     model.train()
     base = found["base_logits"]
-    return {"base_logits_error": base if isinstance(base, str) else float((base - logits).abs().max()),
-            "generated": found["generated"] if isinstance(found["generated"], str) else found["generated"].tolist()}
+    return {
+        "base_logits_error": base if isinstance(base, str) else float((base - logits).abs().max()),
+        "generated": found["generated"] if isinstance(found["generated"], str) else found["generated"].tolist(),
+    }
 
 
 workdir, model, data = (Path(p) for p in sys.argv[1:4])
