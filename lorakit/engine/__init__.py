@@ -121,7 +121,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpointing = bool(config.train.gradient_checkpointing)
-    compiled, compile_lines = use_torch_compile(config.model, config.lora, checkpointing, on_gpu)
+    compiled, compile_lines = use_torch_compile(config.model, config.lora, checkpointing, zero3 and not whole_layers,
+                                                on_gpu)  # fmt: skip
     liger_flag = config.model.enable_liger_kernel  # unset: off under torch.compile, whose inductor fuses the same ops
     liger, lines = use_liger_kernel(False if liger_flag is None and compiled else liger_flag, hf_config.model_type)
     notes += (apply_liger_kernel(model) if liger else lines) + compile_lines

@@ -89,12 +89,16 @@ def apply_liger_kernel(model: Any) -> list[str]:
     return [f"liger-kernel: fused RMSNorm, rotary embedding and SwiGLU for {model.config.model_type}"]
 
 
-def compile_unavailable(model: ModelConfig, lora: LoraSettings, checkpointing: bool, on_gpu: bool) -> str | None:
+def compile_unavailable(
+    model: ModelConfig, lora: LoraSettings, checkpointing: bool, per_module_units: bool, on_gpu: bool
+) -> str | None:
     """Why the default leaves the decoder layers eager here, or None when it compiles them. The default compiles
     only what is measured to pay (a GPU: +40 % tokens/s under ZeRO-3 on 2 H100s, benchmarks/RESULTS.md session 6)
     and whose GPU test has passed (tests/engine/test_compile.py with inductor: plain LoRA, fp32 and bf16). DoRA and
     gradient checkpointing pass that test on the CPU (dynamo's capture, aot_eager) but have not yet run it on a GPU,
-    so they stay eager by default; rsLoRA changes only LoRA's scale, a constant of the same graph."""
+    so they stay eager by default; rsLoRA changes only LoRA's scale, a constant of the same graph.
+    `per_module_units`: ZeRO-3 gathers per module, not per decoder layer (a stage3_module_granularity_threshold in
+    the DeepSpeed file), so its hooks would sit inside each compiled layer."""
     if not on_gpu:
         return "the CPU"  # inductor's C++ code generation takes minutes there, for no measured gain
     if model.quantization_bit is not None:
@@ -107,6 +111,8 @@ def compile_unavailable(model: ModelConfig, lora: LoraSettings, checkpointing: b
         return "--use_dora: its GPU test has not run yet"
     if checkpointing:
         return "gradient checkpointing: its GPU test has not run yet"
+    if per_module_units:
+        return "ZeRO-3 gathers per module here, so its hooks would run inside each compiled layer"
     from torch.utils._triton import has_triton
 
     if not has_triton():
@@ -115,14 +121,15 @@ def compile_unavailable(model: ModelConfig, lora: LoraSettings, checkpointing: b
 
 
 def use_torch_compile(
-    model: ModelConfig, lora: LoraSettings, checkpointing: bool, on_gpu: bool
+    model: ModelConfig, lora: LoraSettings, checkpointing: bool, per_module_units: bool, on_gpu: bool
 ) -> tuple[bool, list[str]]:
     """The decision and its log line: an explicit --torch_compile is obeyed; unset, the layers are compiled where
     compile_unavailable finds nothing against it, and a GPU run that stays eager says why. `checkpointing`: the
-    gradient checkpointing the run settled on (the memory plan's choice or the flag)."""
+    gradient checkpointing the run settled on (the memory plan's choice or the flag); `per_module_units`: ZeRO-3
+    without lorakit's whole-layer units."""
     if model.torch_compile is not None:
         return model.torch_compile, []
-    reason = compile_unavailable(model, lora, checkpointing, on_gpu)
+    reason = compile_unavailable(model, lora, checkpointing, per_module_units, on_gpu)
     if reason and on_gpu:
         return False, [f"torch.compile: off ({reason}); --torch_compile true compiles the decoder layers anyway"]
     return reason is None, []
@@ -140,8 +147,13 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> list[str]:
     layers = [m for m in model.modules() if classes and isinstance(m, classes)]
     if not layers:
         return ["--torch_compile: the model names no decoder layer class; nothing compiled"]
-    # one entry per layer and shape kind; the default limit (8) would fall back to eager past the 8th layer
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(layers))
+    # Every layer shares one code object (the class's forward), so dynamo counts each layer's entries (static and
+    # dynamic shapes, training and evaluation) against that object's limits: the per-object one (8 by default)
+    # would fall back to eager past the 8th layer, the accumulated one (256) past ~64 layers of a 72B's 80.
+    settings = torch._dynamo.config
+    for limit in ("cache_size_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if isinstance(getattr(settings, limit, None), int):
+            setattr(settings, limit, max(getattr(settings, limit), 8 * len(layers)))
     for layer in layers:
         layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None)
     return [f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({backend}); "

@@ -85,27 +85,27 @@ def test_torch_compile_is_refused_with_quantisation():
 
 
 @pytest.mark.parametrize(
-    ("flag", "on_gpu", "model", "lora", "checkpointing", "compiled", "line"),
+    ("flag", "on_gpu", "model", "lora", "run", "compiled", "line"),
     [
-        (None, True, {}, {}, False, True, None),  # the default on a GPU: compiled, compile_decoder_layers says so
-        (None, True, {}, {"use_rslora": True}, False, True, None),  # a scale constant: the same graph
-        (None, False, {}, {}, False, False, None),  # the CPU: eager, nothing to say
-        (None, True, {"quantization_bit": 4}, {}, False, False, "--quantization_bit"),
-        (None, True, {"enable_liger_kernel": True}, {}, False, False, "--enable_liger_kernel true"),
-        (None, True, {}, {"additional_target": ("embed_tokens",)}, False, False, "--additional_target"),
-        (None, True, {}, {"use_dora": True}, False, False, "--use_dora"),  # its GPU case has not run yet
-        (None, True, {}, {}, True, False, "gradient checkpointing"),  # likewise
-        (False, True, {}, {}, False, False, None),  # explicit: obeyed, silently
-        (True, False, {}, {}, False, True, None),
-        (True, True, {}, {"use_dora": True}, True, True, None),
+        (None, True, {}, {}, {}, True, None),  # the default on a GPU: compiled, compile_decoder_layers says so
+        (None, True, {}, {"use_rslora": True}, {}, True, None),  # a scale constant: the same graph
+        (None, False, {}, {}, {}, False, None),  # the CPU: eager, nothing to say
+        (None, True, {"quantization_bit": 4}, {}, {}, False, "--quantization_bit"),
+        (None, True, {"enable_liger_kernel": True}, {}, {}, False, "--enable_liger_kernel true"),
+        (None, True, {}, {"additional_target": ("embed_tokens",)}, {}, False, "--additional_target"),
+        (None, True, {}, {"use_dora": True}, {}, False, "--use_dora"),  # its GPU case has not run yet
+        (None, True, {}, {}, {"checkpointing": True}, False, "gradient checkpointing"),  # likewise
+        (None, True, {}, {}, {"per_module_units": True}, False, "gathers per module"),  # hooks inside the layer
+        (False, True, {}, {}, {}, False, None),  # explicit: obeyed, silently
+        (True, False, {}, {}, {}, True, None),
+        (True, True, {}, {"use_dora": True}, {"checkpointing": True, "per_module_units": True}, True, None),
     ],
 )
-def test_the_default_compiles_on_a_gpu_where_tested(
-    monkeypatch, flag, on_gpu, model, lora, checkpointing, compiled, line
-):
+def test_the_default_compiles_on_a_gpu_where_tested(monkeypatch, flag, on_gpu, model, lora, run, compiled, line):
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
-    decided, lines = use_torch_compile(ModelConfig(torch_compile=flag, **model), LoraSettings(**lora), checkpointing,
-                                       on_gpu)  # fmt: skip
+    settled = {"checkpointing": False, "per_module_units": False} | run
+    decided, lines = use_torch_compile(ModelConfig(torch_compile=flag, **model), LoraSettings(**lora),
+                                       settled["checkpointing"], settled["per_module_units"], on_gpu)  # fmt: skip
     assert decided is compiled
     if line is None:
         assert lines == []
@@ -116,5 +116,20 @@ def test_the_default_compiles_on_a_gpu_where_tested(
 
 def test_the_default_stays_eager_without_triton(monkeypatch):
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
-    decided, (line,) = use_torch_compile(ModelConfig(), LoraSettings(), False, on_gpu=True)
+    decided, (line,) = use_torch_compile(ModelConfig(), LoraSettings(), False, False, on_gpu=True)
     assert not decided and "triton" in line
+
+
+def test_dynamos_limits_hold_every_layer_of_a_deep_model(monkeypatch):
+    """All layers share one code object: 80 layers x (static, dynamic) x (training, evaluation) entries must not
+    reach dynamo's per-object or accumulated limits, where it would silently fall back to eager."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    settings = torch._dynamo.config
+    for limit in ("cache_size_limit", "accumulated_recompile_limit"):
+        monkeypatch.setattr(settings, limit, getattr(settings, limit))  # restored after the test
+    config = Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=80,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    (line,) = compile_decoder_layers(Qwen2ForCausalLM(config), backend="aot_eager")
+    assert "each of 80 Qwen2DecoderLayers" in line
+    assert settings.cache_size_limit >= 4 * 80 and settings.accumulated_recompile_limit >= 4 * 80
