@@ -52,6 +52,7 @@ RUNS = {
     "zero3-hfpersist": ["--deepspeed", "{hfpersist}", *PLAIN],
     "zero3-hfprefetch": ["--deepspeed", "{hfprefetch}"],  # lorakit's defaults but HF's prefetch bucket
     "zero3-persist-liger": ["--deepspeed", "{persist}"],  # lorakit's defaults, every frozen weight resident
+    "zero3-keephalf": ["--deepspeed", "{keephalf}"],  # --arch 32b: half the weights resident, half partitioned
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
@@ -85,6 +86,9 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     # above the largest LoRA matrix of the 7B and 32B at r=8 (221,184), below their smallest frozen weight (k_proj,
     # 459k packed 4-bit elements in the 7B): every frozen weight partitioned, the adapter resident
     "partitioned": {"stage3_param_persistence_threshold": 300_000},
+    # the first ~half of the 32B's weights kept whole (DeepSpeed marks parameters persistent in model order until
+    # the model threshold's total): fewer gathers a step where the rest is partitioned (issue 11's 32B lever)
+    "keephalf": {"stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 16 * 10**9},
     # larger prefetch and live-parameter budgets, so NCCL moves large messages
     "bigfetch": {
         "stage3_prefetch_bucket_size": 5 * 10**8,
