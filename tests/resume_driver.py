@@ -4,7 +4,9 @@ In one process group: the uninterrupted run `full` (6 epochs of 3 steps, a check
 NEFTune on so RNG state matters), then `mid` resumed from checkpoint-4 (mid-epoch) and `boundary` from
 checkpoint-3 (an epoch boundary), then `legacy` from checkpoint-4 rewritten in lorakit's earlier layout (pickled
 RNG files, no file list) with --unpickle_legacy_checkpoint, then `diverge`, whose huge learning rate must stop it
-at a non-finite loss.
+at a non-finite loss. Last, `compiled_full` (2 epochs, the decoder layers through torch.compile's inductor, whose
+dropout draws its seeds from torch's generator each time a graph runs) and `compiled_mid` resumed from its
+checkpoint-4.
 """
 
 import json
@@ -56,4 +58,11 @@ except lorakit.LorakitError as err:
     message = str(err)
 if torch.distributed.get_rank() == 0:
     Path(workdir, "diverge_error.txt").write_text(message)
+compiled = [*base, "--torch_compile", "true", "--num_train_epochs", "2"]
+lorakit.train(parse_config([*compiled, "--output_dir", f"{workdir}/compiled_full"]))
+# A resumed process compiles anew: static shapes at its first step, where the uninterrupted run was already on its
+# dynamic-shape graphs. Dropping dynamo's graphs does the same here (inductor's on-disk cache keeps it quick).
+torch._dynamo.reset()
+lorakit.train(parse_config([*compiled, "--resume_from_checkpoint", f"{workdir}/compiled_full/checkpoint-4",
+                            "--output_dir", f"{workdir}/compiled_mid"]))  # fmt: skip
 lorakit.distributed.leave_distributed()  # every rank done before the interpreter tears the group down
