@@ -1,9 +1,9 @@
 """Checkpoints, exact resume and faults, on 2 gloo ranks (slow: shared module fixtures, few launches).
 
-The uninterrupted run and the two resumed runs come from one driver launch (tests/resume_driver.py), under
-umask 027 so that every file it writes can be checked against it; the kill -9, SIGTERM, different-world-size and
-2-node runs are launches of their own. Every resumed run must match the uninterrupted one exactly: fp32 on the
-CPU, same data order, same RNG streams.
+The uninterrupted runs (eager, and compiled with inductor) and their resumed runs come from one driver launch
+(tests/resume_driver.py), under umask 027 so that every file it writes can be checked against it; the kill -9,
+SIGTERM, different-world-size and 2-node runs are launches of their own. Every resumed run must match the
+uninterrupted one exactly: fp32 on the CPU, same data order, same RNG streams.
 """
 
 from __future__ import annotations
