@@ -65,20 +65,26 @@ def gather_updated_adapter_at_once(engine: Any) -> None:
     Qwen2.5-7B's adapter, more than half of all its collectives (counted in tests/test_multirank.py on the CPU).
     This gathers them first in one coalesced all-gather, DeepSpeed's own (the one its forward fetches use), so
     the step's gather finds nothing left to do."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     optimizer = engine.optimizer
     if not hasattr(optimizer, "_post_step") or not hasattr(optimizer, "persistent_parameters"):
         return  # another DeepSpeed layout: its own per-parameter gather stays, correct and slower
     post_step = optimizer._post_step  # DeepSpeed 0.19: called at the end of every step, gathers the resident ones
 
     def gather_then_post_step(*args: Any) -> Any:
-        pending = [p for p in optimizer.persistent_parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        if pending:
-            pending[0].all_gather_coalesced(pending).wait()
+        gather_released(optimizer.persistent_parameters)
         return post_step(*args)
 
     optimizer._post_step = gather_then_post_step
+
+
+def gather_released(parameters: list[Any]) -> None:
+    """The ZeRO-3 parameters of `parameters` that are released (partitioned), gathered in one coalesced all-gather,
+    DeepSpeed's own (the one its forward fetches use); nothing where none is."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    pending = [p for p in parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if pending:
+        pending[0].all_gather_coalesced(pending).wait()
 
 
 def keep_frozen_resident_weights(engine: Any) -> int:
@@ -227,8 +233,6 @@ def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
     and re-gather of the adapter, the external-parameter check of each parameter dict; added: one look before each
     forward for a weight a GatheredParameters block released (below). Nothing is removed while any parameter is
     partitioned, or under QLoRA (its GPU tests have not run with this). True where removed."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     offload = getattr(engine.optimizer, "parameter_offload", None)
     hooks = [getattr(offload, "forward_hooks", None), getattr(offload, "backward_hooks", None)]
     if offload is None or any(not isinstance(h, list) for h in hooks):
@@ -240,9 +244,7 @@ def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
         return False
 
     def gather_any_released(*_: Any) -> None:
-        pending = [p for p in parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        if pending:
-            pending[0].all_gather_coalesced(pending).wait()
+        gather_released(parameters)
 
     gather_any_released()
     for handle in itertools.chain(*hooks):
