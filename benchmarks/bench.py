@@ -56,6 +56,10 @@ RUNS = {
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
+    # the compiled layers replayed as CUDA graphs (one per row length; every weight at a fixed address)
+    "zero3-graphs": ["--torch_compile_mode", "reduce-overhead"],
+    "zero2-graphs": ["--zero_stage", "2", "--torch_compile_mode", "reduce-overhead"],
+    "full-zero3-graphs": ["--max_steps", "-1", "--torch_compile_mode", "reduce-overhead"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
     # rows of 8,192 tokens: one forward pass per rank where a step's share exceeds 4,096 tokens

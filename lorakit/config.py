@@ -25,6 +25,9 @@ def _doc(text: str, **extra: Any) -> dict[str, Any]:
 
 
 QUANTIZATION_TYPES = ("nf4", "fp4")
+# torch.compile's modes (HF's --torch_compile_mode takes the same): "reduce-overhead" and the plain "max-autotune"
+# replay each layer's kernels as CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,16 @@ class ModelConfig:
             "(inductor fuses those ops)."
         ),
     )
+    torch_compile_mode: str | None = field(
+        default=None,
+        metadata=_doc(
+            "torch.compile's mode for the compiled layers (HF's flag): default, reduce-overhead (each layer's "
+            "kernels replayed as CUDA graphs, one per row length), max-autotune or max-autotune-no-cudagraphs. "
+            "Setting it compiles the layers. Default: default. CUDA graphs asked for where a weight does not stay at "
+            "one address (ZeRO-3 gathering weights into new memory each step) or with gradient checkpointing fall "
+            "back to default, with a log line."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
@@ -103,6 +116,16 @@ class ModelConfig:
             raise LorakitError(f"--quantization_type {self.quantization_type} is unknown; use nf4 or fp4")
         if self.torch_compile and self.quantization_bit is not None:  # bitsandbytes' kernels break dynamo's graphs
             raise LorakitError("--torch_compile with --quantization_bit is not supported; drop --torch_compile")
+        if self.torch_compile_mode is not None:
+            if self.torch_compile_mode not in COMPILE_MODES:
+                raise LorakitError(f"--torch_compile_mode {self.torch_compile_mode} is unknown; use one of "
+                                   f"{', '.join(COMPILE_MODES)}")  # fmt: skip
+            if self.torch_compile is False:
+                raise LorakitError("--torch_compile_mode with --torch_compile false: the mode is for compiled "
+                                   "layers; drop one of the two")  # fmt: skip
+            if self.quantization_bit is not None:
+                raise LorakitError("--torch_compile_mode with --quantization_bit is not supported (bitsandbytes' "
+                                   "kernels break dynamo's graphs); drop --torch_compile_mode")  # fmt: skip
 
 
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")

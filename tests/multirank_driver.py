@@ -110,11 +110,15 @@ for name, micro, accumulation in runs:
             **({"zero_stage": 2} if name == "zero2" else {}),
         }
     )
-    gathers_before, after_first_step = all_gathers[0], []
+    gathers_before, after_first_step, addresses, moved = all_gathers[0], [], {}, [0]
 
-    def note_first_step(info, noted=after_first_step):
+    def note_first_step(info, noted=after_first_step, seen=addresses, moved=moved):
+        lora = [(n, p.data_ptr()) for n, p in info.model.engine.module.named_parameters() if p.requires_grad]
         if info.step == 1:
             noted.append(gathered_elements[0])
+            seen.update(lora)
+        else:  # a save (after this hook) may have released the adapter: 0 until the next forward gathers it
+            moved[0] += sum(pointer not in (0, seen[n]) for n, pointer in lora)
 
     result = lorakit.train(config, on_step=note_first_step)
     parameters = list(result.engine.module.parameters())
@@ -126,6 +130,8 @@ for name, micro, accumulation in runs:
         "elements_gathered_a_step": (gathered_elements[0] - after_first_step[0]) / 11,  # steps 2-12
         "frozen_elements": sum(getattr(p, "ds_numel", p.numel()) for p in parameters if not p.requires_grad),
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,
+        # LoRA matrices now at another address than after step 1 (released and gathered at every step, and by saves)
+        "adapter_moved": moved[0],
     }
     if name in ("wide", "resident"):  # after a save, which partitioned the adapter: the HF model called directly
         results[name] |= forward_past_peft_after_save(result.engine.module)

@@ -115,6 +115,10 @@ def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_do
     # every weight resident: ZeRO-3's per-unit fetch/release hooks are off (lorakit.engine.zero3), the same updates
     assert resident_run["unit_hooks"] == 0 and metrics["compiled"]["unit_hooks"] == 0
     assert metrics["wide"]["unit_hooks"] > 0 and metrics["zero2"]["unit_hooks"] is None
+    # the adapter, released and gathered at every step and by the compiled run's saves, stays at one address (what
+    # CUDA graphs replay on; DeepSpeed's gather alone puts it in new memory each time: `wide` shows it moving)
+    assert resident_run["adapter_moved"] == 0 and metrics["compiled"]["adapter_moved"] == 0
+    assert metrics["wide"]["adapter_moved"] > 0
 
 
 def test_the_hf_model_called_past_peft_after_a_save_gathers_what_the_save_released(driver_run: Path):

@@ -17,7 +17,13 @@ from lorakit.engine.deepspeed_config import (
     resolve_deepspeed_config,
 )
 from lorakit.engine.jit import clear_stale_build_locks, settle_cuda_arch_list, watch_build_locks
-from lorakit.engine.kernels import apply_liger_kernel, compile_decoder_layers, use_liger_kernel, use_torch_compile
+from lorakit.engine.kernels import (
+    apply_liger_kernel,
+    compile_decoder_layers,
+    settle_compile_mode,
+    use_liger_kernel,
+    use_torch_compile,
+)
 from lorakit.engine.memory import plan_memory
 from lorakit.engine.model import (
     add_neftune_noise,
@@ -132,8 +138,6 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         pissa = PissaStart(initial_adapter(model), config.lora.pissa_convert is not False)
     if config.train.neftune_noise_alpha > 0:
         add_neftune_noise(model, config.train.neftune_noise_alpha)
-    if compiled:
-        notes += compile_decoder_layers(model)
     if whole_layers:
         notes += gather_whole_layers(model)
     trainable, total = parameter_counts(model)
@@ -148,15 +152,19 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         answer_current_stream_directly()
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
+    weights_fixed = not zero3
     if zero3:
         gather_updated_adapter_at_once(engine)
         keep_frozen_resident_weights(engine)
         walk_only_parameter_owners(engine)
-        if skip_unit_hooks_when_all_resident(engine):
+        if weights_fixed := skip_unit_hooks_when_all_resident(engine):
             notes.append(
                 "ZeRO-3: every weight stays gathered between steps, so the per-layer fetch and release "
                 "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
             )
+    if compiled:  # after DeepSpeed, which decides where the weights live (CUDA graphs need them at one address)
+        mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, weights_fixed, checkpointing)
+        notes += mode_lines + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
 

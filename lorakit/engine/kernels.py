@@ -127,20 +127,49 @@ def use_torch_compile(
     compile_unavailable finds nothing against it, and a GPU run that stays eager says why. `checkpointing`: the
     gradient checkpointing the run settled on (the memory plan's choice or the flag); `per_module_units`: ZeRO-3
     without lorakit's whole-layer units."""
-    if model.torch_compile is not None:
-        return model.torch_compile, []
+    if model.torch_compile is not None or model.torch_compile_mode is not None:  # a mode asks for compiled layers
+        return model.torch_compile is not False, []
     reason = compile_unavailable(model, lora, checkpointing, per_module_units, on_gpu)
     if reason and on_gpu:
         return False, [f"torch.compile: off ({reason}); --torch_compile true compiles the decoder layers anyway"]
     return reason is None, []
 
 
-def compile_decoder_layers(model: Any, backend: str = "inductor") -> list[str]:
+# The modes whose layers replay as CUDA graphs (inductor's cudagraph trees), and the same mode without them
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def settle_compile_mode(requested: str | None, weights_fixed: bool, checkpointing: bool) -> tuple[str, list[str]]:
+    """torch.compile's mode for the layers and its log line. A CUDA graph replays kernels on the memory it was
+    recorded with: each weight must stay at one address (`weights_fixed`: ZeRO-2, or ZeRO-3 with every weight kept
+    whole and its per-layer hooks removed; a partitioned ZeRO-3 weight is gathered into new memory at every call,
+    where the graph would be recorded again each time). Gradient checkpointing recomputes a layer inside backward,
+    which the GPU test has not covered under CUDA graphs. Where either rules them out, the same mode without CUDA
+    graphs, said in the log."""
+    mode = requested or "default"
+    if mode not in CUDA_GRAPH_MODES:
+        return mode, []
+    reason = None
+    if not weights_fixed:
+        reason = "ZeRO-3 gathers the weights into new memory each step, so a graph would be recorded at every call"
+    elif checkpointing:
+        reason = "gradient checkpointing recomputes the layers inside backward; not tested under CUDA graphs"
+    if reason is None:
+        return mode, []
+    fallback = CUDA_GRAPH_MODES[mode]
+    return fallback, [f"torch.compile: mode {fallback}, not {mode} ({reason})"]
+
+
+def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "default") -> list[str]:
     """--torch_compile: each decoder layer's `forward` through torch.compile; returns the log line. Only the layer's
     own computation is compiled: ZeRO-3's gather and release hooks run around the module call, outside the graph.
     Shapes are left to dynamo's automatic dynamic mode (a packed row's length changes every step: the second length
     seen compiles once more, symbolically, and later lengths reuse it). `backend`: the tests' "aot_eager" on the
-    CPU checks the capture without inductor's code generation."""
+    CPU checks the capture without inductor's code generation. `mode` (inductor's): with CUDA graphs
+    (reduce-overhead), each row length seen is recorded once, forward and backward, in one memory pool that the
+    layers of a step share, then replayed: one launch a layer for the ~30 kernels it runs. No step marking: the
+    graphs' own bookkeeping frees a replay's outputs only once nothing holds them (DeepSpeed copies each LoRA
+    gradient into its buckets before the next micro-batch)."""
     from lorakit.engine.zero3 import decoder_layer_classes
 
     classes = tuple(decoder_layer_classes(model))
@@ -154,7 +183,14 @@ def compile_decoder_layers(model: Any, backend: str = "inductor") -> list[str]:
     for limit in ("cache_size_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if isinstance(getattr(settings, limit, None), int):
             setattr(settings, limit, max(getattr(settings, limit), 8 * len(layers)))
+    graphs = mode in CUDA_GRAPH_MODES and backend == "inductor"
+    if graphs:  # one graph per row length is the design here (rows are multiples of 128), not a warning's matter
+        torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
+    options = {"mode": mode} if backend == "inductor" else {}
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None)
-    return [f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({backend}); "
-            "the first steps include the compilation"]  # fmt: skip
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None, **options)
+    shown = f"{backend}, {mode}" if backend == "inductor" else backend
+    return [
+        f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({shown}"
+        f"{': CUDA graphs, one per row length' if graphs else ''}); the first steps include the compilation"
+    ]

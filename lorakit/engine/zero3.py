@@ -71,20 +71,30 @@ def gather_updated_adapter_at_once(engine: Any) -> None:
     post_step = optimizer._post_step  # DeepSpeed 0.19: called at the end of every step, gathers the resident ones
 
     def gather_then_post_step(*args: Any) -> Any:
-        gather_released(optimizer.persistent_parameters)
+        gather_released(optimizer.persistent_parameters, getattr(engine, "lorakit_fixed_addresses", None))
         return post_step(*args)
 
     optimizer._post_step = gather_then_post_step
 
 
-def gather_released(parameters: list[Any]) -> None:
+def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | None = None) -> None:
     """The ZeRO-3 parameters of `parameters` that are released (partitioned), gathered in one coalesced all-gather,
-    DeepSpeed's own (the one its forward fetches use); nothing where none is."""
+    DeepSpeed's own (the one its forward fetches use); nothing where none is. `addresses` (where every weight stays
+    gathered): each gathered weight is copied back into the memory it had before, so it never moves. DeepSpeed's
+    gather puts each weight in new memory, and a CUDA graph replays on the addresses it was recorded with: the
+    adapter, released and gathered at every step, would otherwise be recorded again every step."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     pending = [p for p in parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if pending:
         pending[0].all_gather_coalesced(pending).wait()
+    if addresses is None:
+        return
+    for param in pending:
+        home = addresses.setdefault(id(param), param.data)  # the first gather's memory becomes its home
+        if home.data_ptr() != param.data.data_ptr():
+            home.copy_(param.data)
+            param.data = home
 
 
 def keep_frozen_resident_weights(engine: Any) -> int:
@@ -244,9 +254,11 @@ def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
         return False
 
     def gather_any_released(*_: Any) -> None:
-        gather_released(parameters)
+        gather_released(parameters, getattr(engine, "lorakit_fixed_addresses", None))
 
     gather_any_released()
+    # from here on, a released weight is gathered back into the memory it has now (a CUDA graph's addresses)
+    engine.lorakit_fixed_addresses = {id(p): p.data for p in parameters}
     for handle in itertools.chain(*hooks):
         handle.remove()
     for handles in hooks:

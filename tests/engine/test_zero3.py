@@ -157,7 +157,8 @@ def _zero3_model(persist: list[bool], available: list[bool]) -> torch.nn.Module:
 
         def all_gather_coalesced(params, _gathered=gathered):
             _gathered.extend(params)
-            for p in params:
+            for p in params:  # DeepSpeed's gather puts each weight in new memory
+                p.data = torch.full((2, 2), float(len(_gathered)))
                 p.ds_status = ZeroParamStatus.AVAILABLE
             return Handle()
 
@@ -189,9 +190,13 @@ def test_zero3_unit_hooks_go_only_where_every_weight_stays_gathered(persist, ava
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         model.gathered.clear()
-        model[0].weight.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        weight = model[0].weight
+        home = weight.data_ptr()
+        weight.ds_status, weight.data = ZeroParamStatus.NOT_AVAILABLE, torch.empty(0)  # as DeepSpeed releases it
         model(torch.ones(1, 2))
-        assert model.gathered == [model[0].weight] and model[0].weight.ds_status == ZeroParamStatus.AVAILABLE
+        assert model.gathered == [weight] and weight.ds_status == ZeroParamStatus.AVAILABLE
+        # gathered back into the memory it had (a CUDA graph's address), holding what the gather brought
+        assert weight.data_ptr() == home and torch.equal(weight.data, torch.full((2, 2), 1.0))
         model(torch.ones(1, 2))
         assert model.gathered == [model[0].weight]  # nothing missing: nothing gathered
 

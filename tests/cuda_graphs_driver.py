@@ -1,0 +1,60 @@
+"""Launched by tests/engine/test_cuda_graphs.py as `torchrun --nproc_per_node N cuda_graphs_driver.py WORKDIR MODEL
+DATA` on N CUDA GPUs (2 where the host has them).
+
+The same training four ways, in one process group: compiled layers in torch.compile's default mode and in
+reduce-overhead (CUDA graphs), each under ZeRO-2 and under ZeRO-3 with every weight kept whole (the tiny model
+fits, so lorakit removes ZeRO-3's per-layer hooks). Two micro-batches a step (a replay's outputs must not be
+overwritten while DeepSpeed still holds a LoRA gradient of the previous micro-batch), packed rows of two lengths
+(128 and 256 tokens: one graph each, replayed many times), an evaluation every 4 steps (graphs recorded without
+autograd), LoRA dropout off (the two modes draw different random numbers), checkpoints saved under ZeRO-3 every 5
+steps (a save partitions the adapter; gathered again, it sits at a new address, where the graphs record again).
+Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed
+from torch._dynamo.utils import counters
+
+import lorakit
+
+workdir, model, data = (Path(p) for p in sys.argv[1:4])
+common = {
+    "model_name_or_path": str(model),
+    "template": "qwen",
+    "dataset_dir": str(data),
+    "dataset": ("tiny",),
+    "cutoff_len": 256,
+    "bf16": True,
+    "enable_liger_kernel": False,
+    "learning_rate": 1e-2,
+    "num_train_epochs": 4,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "lora_target": ("all",),
+    "lora_rank": 8,
+    "lora_dropout": 0.0,
+    "seed": 7,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "val_size": 8,
+    "eval_steps": 4,
+}
+RUNS = {
+    "zero2_default": {"zero_stage": 2, "torch_compile_mode": "default"},
+    "zero2_graphs": {"zero_stage": 2, "torch_compile_mode": "reduce-overhead"},
+    "zero3_default": {"torch_compile_mode": "default", "save_steps": 5},
+    "zero3_graphs": {"torch_compile_mode": "reduce-overhead", "save_steps": 5},
+}
+results = {}
+for name, flags in RUNS.items():
+    counters.clear()
+    result = lorakit.train(lorakit.Config.from_flat({**common, **flags, "output_dir": str(workdir / name)}))
+    results[name] = result.metrics | {"cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    del result
+if torch.distributed.get_rank() == 0:
+    (workdir / "metrics.json").write_text(json.dumps({"world_size": torch.distributed.get_world_size(), **results}))
+lorakit.distributed.leave_distributed()
