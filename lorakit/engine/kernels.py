@@ -160,6 +160,10 @@ def settle_compile_mode(requested: str | None, weights_fixed: bool, checkpointin
     return fallback, [f"torch.compile: mode {fallback}, not {mode} ({reason})"]
 
 
+def start_a_round_of_graphs(*_: Any) -> None:
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "default") -> list[str]:
     """--torch_compile: each decoder layer's `forward` through torch.compile; returns the log line. Only the layer's
     own computation is compiled: ZeRO-3's gather and release hooks run around the module call, outside the graph.
@@ -167,9 +171,13 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
     seen compiles once more, symbolically, and later lengths reuse it). `backend`: the tests' "aot_eager" on the
     CPU checks the capture without inductor's code generation. `mode` (inductor's): with CUDA graphs
     (reduce-overhead), each row length seen is recorded once, forward and backward, in one memory pool that the
-    layers of a step share, then replayed: one launch a layer for the ~30 kernels it runs. No step marking: the
-    graphs' own bookkeeping frees a replay's outputs only once nothing holds them (DeepSpeed copies each LoRA
-    gradient into its buckets before the next micro-batch)."""
+    layers of a step share, then replayed: one launch a layer for the ~30 kernels it runs. Each forward of the whole
+    model starts a new round of the graphs (torch.compiler.cudagraph_mark_step_begin, before the model and before
+    the HF model inside PEFT's, which generation calls directly): without it the graphs cannot tell one micro-batch
+    from the next, run their slow path ("pending, uninvoked backwards") and, in an evaluation, read a layer's
+    output after the next layer's replay overwrote it. A new round frees the previous one's outputs: by then
+    DeepSpeed has copied each LoRA gradient of the previous micro-batch into its own buckets (the GPU test trains
+    with two micro-batches a step against the same layers without graphs)."""
     from lorakit.engine.zero3 import decoder_layer_classes
 
     classes = tuple(decoder_layer_classes(model))
@@ -186,6 +194,10 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
     graphs = mode in CUDA_GRAPH_MODES and backend == "inductor"
     if graphs:  # one graph per row length is the design here (rows are multiples of 128), not a warning's matter
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
+    if graphs:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else None
+        for top in [model, *([base] if isinstance(base, torch.nn.Module) and base is not model else [])]:
+            top.register_forward_pre_hook(start_a_round_of_graphs)
     options = {"mode": mode} if backend == "inductor" else {}
     for layer in layers:
         layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None, **options)
