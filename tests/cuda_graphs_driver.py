@@ -1,13 +1,13 @@
 """Launched by tests/engine/test_cuda_graphs.py as `torchrun --nproc_per_node N cuda_graphs_driver.py WORKDIR MODEL
 DATA` on N CUDA GPUs (2 where the host has them).
 
-The same training four ways, in one process group: compiled layers in torch.compile's default mode and in
-reduce-overhead (CUDA graphs), each under ZeRO-2 and under ZeRO-3 with every weight kept whole (the tiny model
-fits, so lorakit removes ZeRO-3's per-layer hooks). Two micro-batches a step (a replay's outputs must not be
-overwritten while DeepSpeed still holds a LoRA gradient of the previous micro-batch), packed rows of two lengths
-(128 and 256 tokens: one graph each, replayed many times), an evaluation every 4 steps (graphs recorded without
-autograd), LoRA dropout off (the two modes draw different random numbers), checkpoints saved under ZeRO-3 every 5
-steps (a save partitions the adapter; gathered again, it sits at a new address, where the graphs record again).
+The same training four ways, in one process group: compiled layers in torch.compile's default mode and with
+reduce-overhead (CUDA graphs) asked for, each under ZeRO-2 and under ZeRO-3 with every weight kept whole (the tiny
+model fits, so lorakit removes ZeRO-3's per-layer hooks; lorakit runs ZeRO-3 without the graphs, saying so). Two
+micro-batches a step (a replay's outputs must not be overwritten while DeepSpeed still holds a LoRA gradient of the
+previous micro-batch), packed rows of two lengths (128 and 256 tokens: one graph each, replayed many times), an
+evaluation every 4 steps (graphs recorded without autograd), LoRA dropout off (the two modes draw different random
+numbers), checkpoints saved under ZeRO-3 every 5 steps.
 Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record.
 """
 

@@ -152,18 +152,17 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         answer_current_stream_directly()
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
-    weights_fixed = not zero3
     if zero3:
         gather_updated_adapter_at_once(engine)
         keep_frozen_resident_weights(engine)
         walk_only_parameter_owners(engine)
-        if weights_fixed := skip_unit_hooks_when_all_resident(engine):
+        if skip_unit_hooks_when_all_resident(engine):
             notes.append(
                 "ZeRO-3: every weight stays gathered between steps, so the per-layer fetch and release "
                 "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
             )
-    if compiled:  # after DeepSpeed, which decides where the weights live (CUDA graphs need them at one address)
-        mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, weights_fixed, checkpointing)
+    if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
+        mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3, checkpointing)
         notes += mode_lines + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
