@@ -101,6 +101,7 @@ def test_zero3_asked_for_cuda_graphs_runs_the_layers_without_them(trained: tuple
     workdir, output = trained
     assert "torch.compile: mode default, not reduce-overhead (ZeRO-3:" in output
     graphs, plain = (_log(workdir / name / "trainer_log.jsonl") for name in ("zero3_graphs", "zero3_default"))
+
     def numbers(log: list[dict]) -> list[dict]:  # not the timings
         return [{k: e[k] for k in ("step", "loss", "grad_norm", "eval_loss") if k in e} for e in log]
 
