@@ -94,7 +94,10 @@ def generate(
     prompt = template.generation_prompt(messages)
     stops = set(stop_token_ids(tokenizer, template))
     reply: list[int] = []
-    with inference(engine_or_model) as model:
+    # Compiled layers run eagerly while decoding: one token at a time through a growing cache would compile (and,
+    # with CUDA graphs, record) each cache length anew, and a round of graphs frees the previous round's outputs,
+    # which is where the cache's keys and values would live.
+    with inference(engine_or_model) as model, torch.compiler.set_stance("force_eager"):
         device = next(model.parameters()).device
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         cache_name, past = _cache_argument(model), None

@@ -8,7 +8,7 @@ micro-batches a step (a replay's outputs must not be overwritten while DeepSpeed
 previous micro-batch), packed rows of two lengths (128 and 256 tokens: one graph each, replayed many times), an
 evaluation every 4 steps (graphs recorded without autograd), LoRA dropout off (the two modes draw different random
 numbers), checkpoints saved under ZeRO-3 every 5 steps.
-Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record.
+Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record, and the graphs recorded.
 """
 
 import json
@@ -49,11 +49,29 @@ RUNS = {
     "zero3_default": {"torch_compile_mode": "default", "save_steps": 5},
     "zero3_graphs": {"torch_compile_mode": "reduce-overhead", "save_steps": 5},
 }
+
+
+def recorded_graphs() -> int:
+    """The CUDA graphs inductor's graph trees hold on this GPU (recorded, not merely warmed up)."""
+    from torch._inductor.cudagraph_trees import get_manager
+
+    manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    nodes = [node for roots in manager.roots.values() for node in roots] if manager is not None else []
+    count = 0
+    while nodes:
+        node = nodes.pop()
+        count += 1
+        nodes += [child for children in node.children.values() for child in children]
+    return count
+
+
 results = {}
 for name, flags in RUNS.items():
+    torch._dynamo.reset()  # each run compiles and records afresh (and clears the graphs of the run before)
     counters.clear()
     result = lorakit.train(lorakit.Config.from_flat({**common, **flags, "output_dir": str(workdir / name)}))
-    results[name] = result.metrics | {"cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    results[name] = result.metrics | {"cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+                                      "graphs": recorded_graphs()}  # fmt: skip
     del result
 if torch.distributed.get_rank() == 0:
     (workdir / "metrics.json").write_text(json.dumps({"world_size": torch.distributed.get_world_size(), **results}))

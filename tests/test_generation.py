@@ -39,3 +39,25 @@ def test_generate_gives_the_merged_models_greedy_text_and_restores_mode_and_rng(
     assert model.training and torch.equal(torch.rand(3), expected_draw)  # as if generate had not run
     merged = _adapted(tiny_model).merge_and_unload().eval()
     assert text and text == generate_reply(merged, tokenizer, template, MESSAGES, max_new_tokens=24)
+
+
+def test_generate_runs_compiled_layers_eagerly(tiny_model: Path):
+    """Decoding one token at a time would compile (and with CUDA graphs record) each cache length anew, and a new
+    round of graphs frees the cache the last one wrote: generation runs the layers' own eager code, with the same
+    reply, and compiles nothing."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    template = get_template("qwen", tokenizer)
+    expected = lorakit.generate(_adapted(tiny_model), tokenizer, template, MESSAGES, max_new_tokens=12)
+    compiled = _adapted(tiny_model)
+    captured = []
+
+    def counting_backend(graph, example_inputs):
+        captured.append(graph)
+        return graph.forward
+
+    for layer in compiled.get_base_model().model.layers:
+        layer.forward = torch.compile(layer.forward, backend=counting_backend)
+    assert lorakit.generate(compiled, tokenizer, template, MESSAGES, max_new_tokens=12) == expected
+    assert captured == []
+    compiled.eval()(input_ids=torch.tensor([[5, 6, 7]]))  # outside generation the layers are compiled
+    assert captured

@@ -162,7 +162,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
                 "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
             )
     if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
-        mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3, checkpointing)
+        mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3, checkpointing,
+                                               config.train.packing, on_gpu)  # fmt: skip
         notes += mode_lines + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 

@@ -93,8 +93,8 @@ def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | 
     if addresses is None:
         return
     for param in pending:
-        home = addresses.setdefault(id(param), param.data)  # the first gather's memory becomes its home
-        if home.data_ptr() != param.data.data_ptr():
+        home = addresses.get(id(param))
+        if home is not None and home.data_ptr() != param.data.data_ptr():
             home.copy_(param.data)
             param.data = home
 
@@ -259,8 +259,10 @@ def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
         gather_released(parameters, getattr(engine, "lorakit_fixed_addresses", None))
 
     gather_any_released()
-    # from here on, a released weight is gathered back into the memory it has now (a CUDA graph's addresses)
-    engine.lorakit_fixed_addresses = {id(p): p.data for p in parameters}
+    # From here on, a released trainable weight (released and gathered at every step) is gathered back into the
+    # memory it has now (a CUDA graph's addresses); a frozen one stays gathered, and is not held here should
+    # anything partition it.
+    engine.lorakit_fixed_addresses = {id(p): p.data for p in parameters if p.requires_grad}
     for handle in itertools.chain(*hooks):
         handle.remove()
     for handles in hooks:

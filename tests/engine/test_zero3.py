@@ -178,6 +178,7 @@ def _zero3_model(persist: list[bool], available: list[bool]) -> torch.nn.Module:
 def test_zero3_unit_hooks_go_only_where_every_weight_stays_gathered(persist, available, removed):
     calls: list[str] = []
     model = _zero3_model(persist, available)
+    model[1].weight.requires_grad_(False)  # a frozen weight beside a trainable one, as under LoRA
     offload = OffloadLike(model, calls)
     engine = SimpleNamespace(optimizer=SimpleNamespace(parameter_offload=offload))
     assert skip_unit_hooks_when_all_resident(engine) is removed
@@ -186,6 +187,7 @@ def test_zero3_unit_hooks_go_only_where_every_weight_stays_gathered(persist, ava
     assert (offload.forward_hooks == [] and offload.backward_hooks == []) is removed
     if removed:
         assert [id(p) for p in model.gathered] == [id(w) for w, a in zip((m.weight for m in model), available) if not a]
+        assert list(engine.lorakit_fixed_addresses) == [id(model[0].weight)]  # the trainable one is kept in place
         # a GatheredParameters block (a checkpoint save) released a resident weight: the next forward gathers it
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
