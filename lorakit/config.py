@@ -96,10 +96,10 @@ class ModelConfig:
         default=None,
         metadata=_doc(
             "torch.compile's mode for the compiled layers (HF's flag): default, reduce-overhead (each layer's "
-            "kernels replayed as CUDA graphs, one per row length: +7 to +20 % tokens/s under ZeRO-2 on 2 H100s), "
-            "max-autotune or max-autotune-no-cudagraphs. Setting it compiles the layers. Default: default. CUDA "
-            "graphs run under ZeRO-2 with packed rows on a GPU, without gradient checkpointing; elsewhere the same "
-            "mode without graphs, with a log line (README, CUDA graphs)."
+            "kernels replayed as CUDA graphs, one per row length: 7 to 20 per cent more tokens/s under ZeRO-2 on "
+            "2 H100s), max-autotune or max-autotune-no-cudagraphs. Setting it compiles the layers. Default: "
+            "default. CUDA graphs run under ZeRO-2 with packed rows on a GPU, without gradient checkpointing; "
+            "elsewhere the same mode without graphs, with a log line (README, CUDA graphs)."
         ),
     )
 
