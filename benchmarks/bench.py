@@ -56,9 +56,15 @@ RUNS = {
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
-    # the compiled layers replayed as CUDA graphs (one per row length; every weight at a fixed address)
+    # the compiled layers replayed as CUDA graphs (one per row length; ZeRO-3 falls back to the mode without them)
     "zero3-graphs": ["--torch_compile_mode", "reduce-overhead"],
     "zero2-graphs": ["--zero_stage", "2", "--torch_compile_mode", "reduce-overhead"],
+    # the gradient reduction on the backward's own stream: no host synchronisation at the end of each micro-batch's
+    # backward under ZeRO-2 (stage 3 still synchronises), and stage 3's bucket copies ordered with CUDA graphs
+    "zero3-nooverlap": ["--deepspeed", "{nooverlap}"],
+    "zero2-nooverlap": ["--zero_stage", "2", "--deepspeed", "{nooverlap}"],
+    "zero2-graphs-nooverlap": ["--zero_stage", "2", "--deepspeed", "{nooverlap}", "--torch_compile_mode",
+                               "reduce-overhead"],
     "full-zero3-graphs": ["--max_steps", "-1", "--torch_compile_mode", "reduce-overhead"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
@@ -90,6 +96,7 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     # above the largest LoRA matrix of the 7B and 32B at r=8 (221,184), below their smallest frozen weight (k_proj,
     # 459k packed 4-bit elements in the 7B): every frozen weight partitioned, the adapter resident
     "partitioned": {"stage3_param_persistence_threshold": 300_000},
+    "nooverlap": {"overlap_comm": False},  # DeepSpeed's reduction stream off (RESULTS.md session 7 says why)
     # the first ~half of the 32B's weights kept whole (DeepSpeed marks parameters persistent in model order until
     # the model threshold's total): fewer gathers a step where the rest is partitioned (issue 11's 32B lever)
     "keephalf": {"stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 16 * 10**9},
