@@ -266,7 +266,11 @@ class TrainConfig:
         ),
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata=_doc("Start afresh in an output_dir that holds checkpoints (they are deleted).")
+        default=False,
+        metadata=_doc(
+            "Start afresh in an output_dir that holds checkpoints (they are deleted) or a finished run's adapter "
+            "(replaced at the end)."
+        ),
     )
     unpickle_legacy_checkpoint: bool = field(
         default=False,

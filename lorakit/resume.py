@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.checkpoint import (
+    ADAPTER_WEIGHTS,
     CHECKPOINT_NAME,
     STATE_FILE,
     checkpoint_folders,
@@ -113,15 +114,56 @@ WHAT = {
 
 
 def check_output_dir(config: Config) -> None:
+    """Nothing an earlier run left in output_dir is replaced unless a flag says so: its checkpoints, or its trained
+    adapter where its checkpoints were deleted (or never saved). A run resumes only its own output_dir's
+    checkpoints into it: a checkpoint from elsewhere goes into a folder holding no other run."""
     train = config.train
-    existing = checkpoint_folders(Path(train.output_dir))
-    if existing and not train.resume_from_checkpoint and not train.overwrite_output_dir:
-        names = ", ".join(p.name for p in existing[-3:])
+    output_dir = Path(train.output_dir)
+    existing = checkpoint_folders(output_dir)
+    adapter = output_dir / ADAPTER_WEIGHTS
+    if train.overwrite_output_dir or not (existing or adapter.is_file()):
+        return
+    held = f"checkpoints ({', '.join(p.name for p in existing[-3:])})" if existing else f"a trained adapter ({adapter})"
+    if not train.resume_from_checkpoint:
+        resume = "--resume_from_checkpoint auto to continue it, " if existing else ""
         raise LorakitError(
-            f"--output_dir {train.output_dir} already holds checkpoints ({names}) from an earlier run; pass "
-            "--resume_from_checkpoint auto to continue it, --overwrite_output_dir to start afresh (they are "
-            "deleted), or choose a new --output_dir"
+            f"--output_dir {train.output_dir} already holds {held} from an earlier run; pass {resume}"
+            "--overwrite_output_dir to start afresh (its checkpoints are deleted, its adapter replaced), or choose a "
+            "new --output_dir"
         )
+    if train.resume_from_checkpoint == "auto":
+        if not existing:  # a finished run without checkpoints: "auto" would start afresh over its adapter
+            raise LorakitError(
+                f"--resume_from_checkpoint auto: --output_dir {train.output_dir} holds {held} and no checkpoint to "
+                "continue; pass --overwrite_output_dir to start afresh over it, or choose a new --output_dir"
+            )
+        return
+    checkpoint = Path(train.resume_from_checkpoint)
+    if checkpoint.resolve().parent != output_dir.resolve():
+        raise LorakitError(
+            f"--output_dir {train.output_dir} holds {held} of another run, and --resume_from_checkpoint "
+            f"{checkpoint} is not one of its checkpoints; resume into that checkpoint's own folder "
+            f"({checkpoint.parent}) or into a new --output_dir"
+        )
+
+
+def set_aside_later_checkpoints(output_dir: Path, step: int) -> list[str]:
+    """A run resumed from an older checkpoint of its output_dir branches off: the checkpoints past it belong to the
+    run it branches from. They are renamed `checkpoint-N.abandoned` (kept, not deleted), so that neither
+    `--resume_from_checkpoint auto` after a later interruption nor --save_total_limit mistakes them for this
+    run's. Rank 0, before the first step; returns the log line."""
+    later = [p for p in checkpoint_folders(output_dir) if int(CHECKPOINT_NAME.match(p.name).group(1)) > step]
+    for folder in later:
+        target, copy = folder.with_name(f"{folder.name}.abandoned"), 1
+        while target.exists():
+            copy += 1
+            target = folder.with_name(f"{folder.name}.abandoned-{copy}")
+        folder.rename(target)
+    if not later:
+        return []
+    names = ", ".join(p.name for p in later)
+    return [f"set aside {names} (past step {step}, of the run this one branches from) as checkpoint-N.abandoned: "
+            "`auto` and --save_total_limit ignore them"]  # fmt: skip
 
 
 def legacy_error(checkpoint: Path) -> LorakitError:
@@ -219,7 +261,7 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
     differs = [key for key in WHAT if state["fingerprint"].get(key) != fingerprint.get(key)]
     if differs:
         what = "; ".join(WHAT[key] for key in differs)
-        detail = f" (was {state['fingerprint']['lora']}, now {fingerprint['lora']})" if "lora" in differs else ""
+        detail = f" (was {state['fingerprint'].get('lora')}, now {fingerprint['lora']})" if "lora" in differs else ""
         raise LorakitError(
             f"cannot resume {checkpoint}: {what} changed since the run that wrote it{detail}; resume with the same "
             "inputs, or start afresh with --overwrite_output_dir or a new --output_dir"

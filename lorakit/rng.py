@@ -63,8 +63,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> 
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     version, gauss_next = scalars["python"]
     random.setstate((version, tuple(int(word) for word in tensors["python_words"].tolist()), gauss_next))
-    if scalars["cuda_devices"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"cuda_{index}"] for index in range(scalars["cuda_devices"])])
+    if scalars["cuda_devices"] and torch.cuda.is_available():  # the devices both runs see (a rank sees its own)
+        for index in range(min(scalars["cuda_devices"], torch.cuda.device_count())):
+            torch.cuda.set_rng_state(tensors[f"cuda_{index}"], index)
 
 
 def load_legacy_rng_state(path: Path) -> None:

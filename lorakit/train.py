@@ -52,6 +52,7 @@ from lorakit.hooks import EvalHook, Hooks, LiveModel, StepHook
 from lorakit.loss import model_loss_sum
 from lorakit.plan import RunPlan
 from lorakit.reporting import Reporter, say
+from lorakit.resume import set_aside_later_checkpoints
 from lorakit.run_record import resolved_config, save_run_files
 from lorakit.schedule import learning_rate_at
 from lorakit.signals import StopSignals
@@ -138,6 +139,9 @@ def set_up(checked: RunPlan) -> Run:
     if dist.is_main and config.train.overwrite_output_dir:
         for old in checkpoint_folders(output_dir):
             shutil.rmtree(old)
+    set_aside = []
+    if dist.is_main and checked.resume is not None:  # before any save of this run
+        set_aside = set_aside_later_checkpoints(output_dir, checked.resume.position.step)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, source=checked.train_data)
     data, held_out = split_eval_data(checked, data)
     train = config.train
@@ -155,7 +159,7 @@ def set_up(checked: RunPlan) -> Run:
         save_run_files(output_dir, tokenizer, config, built.ds_config)
         trackers = start_trackers(config.train.trackers, output_dir, config.train.run_name,
                                   resolved_config(config, built.ds_config), start.step)  # fmt: skip
-    for note in checked.notes + built.notes + memory_lines:
+    for note in checked.notes + set_aside + built.notes + memory_lines:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
         f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "

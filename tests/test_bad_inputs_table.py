@@ -44,6 +44,18 @@ from lorakit.checkpoint import ADAPTER_WEIGHTS, STATE_FILE, TRAINER_STATE
 from lorakit.rng import rng_file
 
 
+def _finished_run(world: World, extra: tuple[str, ...]) -> list[str]:
+    """An output_dir holding the adapter a finished run saved, its checkpoints deleted to free the disk."""
+    world.out.mkdir(parents=True, exist_ok=True)
+    (world.out / ADAPTER_WEIGHTS).write_bytes(b"the trained adapter")
+    return world.train(*extra)
+
+
+def _foreign_resume(world: World) -> list[str]:
+    write_checkpoint(world.out, 2)  # this output_dir's own run
+    return world.train("--resume_from_checkpoint", write_checkpoint(world.tmp / "other", 4))
+
+
 def _reasoning(world: World) -> list[str]:
     """A reply with its reasoning (record 1), trained with qwen3, which writes replies without it."""
     records = [{**ALPACA[0], "output": "b"}, {**ALPACA[0], "output": "<think>\nhmm\n</think>\n\nb"}]
@@ -251,6 +263,14 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "output_dir parent is a file": (lambda w: w.train(out=_touch(w.tmp / "plain") / "out"), "plain",
                                     "cannot be created"),
     "output_dir holds checkpoints": (_existing_checkpoint, "out", "already holds checkpoints"),
+    "output_dir holds a finished run's adapter": (lambda w: _finished_run(w, ()), "out",
+                                                  "already holds a trained adapter"),
+    "auto over a finished run without checkpoints": (lambda w: _finished_run(w, ("--resume_from_checkpoint", "auto")),
+                                                     "out", "no checkpoint to continue"),
+    "another folder's checkpoint into a used output_dir": (_foreign_resume, "checkpoint-4",
+                                                           "is not one of its checkpoints"),
+    "a checkpoint of other settings": (lambda w: w.checkpoint(lambda _: None), "checkpoint-4",
+                                       "changed since the run that wrote it (was None, now {"),
     # checkpoints
     "trainer state truncated": (lambda w: w.checkpoint(_truncate(TRAINER_STATE, -10)), "checkpoint-4",
                                 "trainer_state.safetensors has"),

@@ -21,6 +21,7 @@ from lorakit.checkpoint import (
     ADAPTER_WEIGHTS,
     STATE_FILE,
     TRAINER_STATE,
+    checkpoint_folders,
     file_list,
     first_difference,
     read_state,
@@ -241,3 +242,26 @@ def test_save_total_limit_never_deletes_the_checkpoint_just_written(tmp_path: Pa
         write_checkpoint(tmp_path, step)
     prune_checkpoints(tmp_path, keep=2, saved=tmp_path / "checkpoint-8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-8"]
+
+
+def test_a_branch_sets_aside_the_checkpoints_past_the_one_it_resumed(tmp_path: Path):
+    """Resumed from checkpoint-4 of a run that went on to 8: 6 and 8 belong to the abandoned branch. Renamed (kept),
+    so that `auto` after a later interruption, and --save_total_limit, see only this run's checkpoints; a second
+    branch from the same point keeps the first one's copies apart."""
+    from lorakit.resume import set_aside_later_checkpoints
+
+    for step in (2, 4, 6, 8):
+        write_checkpoint(tmp_path, step)
+    (line,) = set_aside_later_checkpoints(tmp_path, 4)
+    assert "checkpoint-6, checkpoint-8" in line and "abandoned" in line
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "checkpoint-8.abandoned" / STATE_FILE).is_file()  # nothing deleted
+    write_checkpoint(tmp_path, 6)  # the branch saves its own checkpoint-6, then is interrupted again
+    config = Config.from_flat({"output_dir": str(tmp_path), "resume_from_checkpoint": "auto"})
+    assert find_checkpoint(config)[0] == tmp_path / "checkpoint-6"  # its own, not the abandoned checkpoint-8
+    write_checkpoint(tmp_path, 8)
+    set_aside_later_checkpoints(tmp_path, 4)
+    abandoned = sorted(p.name for p in tmp_path.iterdir() if "abandoned" in p.name)
+    assert abandoned == ["checkpoint-6.abandoned", "checkpoint-6.abandoned-2", "checkpoint-8.abandoned",
+                         "checkpoint-8.abandoned-2"]  # fmt: skip
+    assert set_aside_later_checkpoints(tmp_path, 4) == []  # nothing past step 4 is left

@@ -192,6 +192,26 @@ def test_resume_on_a_different_number_of_ranks_works(runs: Path, tiny_model: Pat
     assert records[max(records)]["epoch"] == 6.0
 
 
+def test_a_run_branched_from_an_older_checkpoint_sets_the_later_ones_aside(
+    runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path
+):
+    """Resumed from checkpoint-4 of a finished run, in its own output_dir: checkpoints 5-18 belong to the run it
+    branches from. They are renamed, not deleted, before this run saves its own checkpoint-5 and -6, so `auto`
+    after an interruption continues this branch (checkpoint-6), not the abandoned checkpoint-18."""
+    import shutil
+
+    output = Path(shutil.copytree(runs / "full", tmp_path / "full"))
+    command = [sys.executable, "examples/sft.py", *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint",
+               str(output / "checkpoint-4"), "--max_steps", "6")]  # fmt: skip
+    log = launch(command, tmp_path / "branch.log")
+    assert "set aside checkpoint-5, checkpoint-6, checkpoint-7" in log
+    assert sorted(p.name for p in output.glob("checkpoint-*.abandoned")) == sorted(
+        f"checkpoint-{step}.abandoned" for step in range(5, STEPS + 1)
+    )
+    config = parse_config(_args(tiny_model, tiny_data, output, "--resume_from_checkpoint", "auto"))
+    assert find_checkpoint(config)[0] == output / "checkpoint-6"
+
+
 def test_two_nodes_of_one_rank_each(tiny_model: Path, tiny_data: Path, tmp_path: Path):
     port, output = str(free_port()), tmp_path / "two-nodes"
     nodes = [
