@@ -255,6 +255,12 @@ def plan_resume(config: Config, fingerprint: dict[str, Any], world_size: int) ->
             f"cannot resume {checkpoint} with --max_steps {max_steps}: it is at step {step} already; pass "
             f"--max_steps {step} or more (or -1), or resume an earlier checkpoint"
         )
+    epoch, epochs = state["position"]["epoch"], config.train.num_train_epochs
+    if max_steps <= 0 and (epoch > epochs or (epoch == epochs and state["position"]["offset"] > 0)):
+        raise LorakitError(  # past the last epoch asked for: it would train nothing and report success
+            f"cannot resume {checkpoint} with --num_train_epochs {epochs}: it is in epoch {epoch + 1} already; "
+            f"pass --num_train_epochs {epoch + 1} or more, or resume an earlier checkpoint"
+        )
     if is_legacy(state):
         notes.append(f"warning: resuming {checkpoint.name} of lorakit's earlier layout (--unpickle_legacy_checkpoint): "
                      "its files are not verified and its RNG files are unpickled")  # fmt: skip

@@ -51,6 +51,15 @@ def _finished_run(world: World, extra: tuple[str, ...]) -> list[str]:
     return world.train(*extra)
 
 
+def _in_epoch(epoch: int) -> Callable[[Path], None]:
+    def move(checkpoint: Path) -> None:  # the state file is not in its own file list: the checkpoint still verifies
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        state["position"]["epoch"] = epoch
+        (checkpoint / STATE_FILE).write_text(json.dumps(state))
+
+    return move
+
+
 def _foreign_resume(world: World) -> list[str]:
     write_checkpoint(world.out, 2)  # this output_dir's own run
     return world.train("--resume_from_checkpoint", write_checkpoint(world.tmp / "other", 4))
@@ -269,6 +278,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                                                      "out", "no checkpoint to continue"),
     "another folder's checkpoint into a used output_dir": (_foreign_resume, "checkpoint-4",
                                                            "is not one of its checkpoints"),
+    "a checkpoint past the epochs asked for": (lambda w: [*w.checkpoint(_in_epoch(2)), "--num_train_epochs", "1"],
+                                               "checkpoint-4", "with --num_train_epochs 1: it is in epoch 3 already"),
     "a checkpoint of other settings": (lambda w: w.checkpoint(lambda _: None), "checkpoint-4",
                                        "changed since the run that wrote it (was None, now {"),
     # checkpoints
