@@ -30,7 +30,8 @@ from lorakit.data.tokens import TokenizedData, load_tokens
 from lorakit.distributed import notice_after
 from lorakit.templates import Message, Template
 
-CACHE_FORMAT = 4  # 4: labels of --train_on_prompt with --mask_history, and --template auto splits (session 5)
+CACHE_FORMAT = 5  # 4: labels of --train_on_prompt with --mask_history, and --template auto splits (session 5);
+# 5: an example's first token is never a label (--train_on_prompt trained it across packed examples; session 7)
 WAIT_S = 60.0  # a rank waiting this long for the cache says so
 POLL_S = 0.2
 _TURNS = [Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2"), Message("assistant", "A2")]

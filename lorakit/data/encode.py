@@ -98,16 +98,21 @@ def render_for_encoding(messages: Sequence[Message], template: Template, mask_hi
 
 def token_labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]], rendered: Rendered,
                  train_on_prompt: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """int32 ids and labels: a token is a target when its first character lies inside a trained segment."""
+    """int32 ids and labels: a token is a target when its first character lies inside a trained segment, except
+    the example's first token: nothing of the example predicts it, and in a packed row the previous example's last
+    token would (with --train_on_prompt, whose first token is in a trained segment)."""
     ids = np.asarray(ids, np.int32)
     if train_on_prompt:
-        return ids, ids.copy()
-    if not len(ids) or not len(rendered.starts):
-        return ids, np.full(len(ids), IGNORE_INDEX, np.int32)
-    token_starts = np.fromiter((start for start, _ in offsets), np.int64, len(ids))  # 4x np.asarray's speed here
-    segment = np.searchsorted(rendered.starts, token_starts, side="right") - 1  # the last span starting at or before
-    inside = (segment >= 0) & (token_starts < rendered.ends[np.maximum(segment, 0)])
-    return ids, np.where(inside, ids, IGNORE_INDEX).astype(np.int32)
+        labels = ids.copy()
+    elif not len(ids) or not len(rendered.starts):
+        labels = np.full(len(ids), IGNORE_INDEX, np.int32)
+    else:
+        token_starts = np.fromiter((start for start, _ in offsets), np.int64, len(ids))  # 4x np.asarray's speed
+        segment = np.searchsorted(rendered.starts, token_starts, side="right") - 1  # last span starting at or before
+        inside = (segment >= 0) & (token_starts < rendered.ends[np.maximum(segment, 0)])
+        labels = np.where(inside, ids, IGNORE_INDEX).astype(np.int32)
+    labels[:1] = IGNORE_INDEX
+    return ids, labels
 
 
 def encode_rendered(

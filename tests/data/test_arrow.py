@@ -124,13 +124,12 @@ def _reference_ids_and_labels(messages: Any, template: Any, tokenizer: Any, trai
         text += segment.text
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
-    if train_on_prompt and not mask_history:
-        return ids, list(ids)
     labels = []
     for token_id, (start, _) in zip(ids, encoding["offset_mapping"]):
         i = bisect.bisect_right(starts, start) - 1
-        labels.append(token_id if i >= 0 and start < ends[i] else -100)
-    return ids, labels
+        every = train_on_prompt and not mask_history
+        labels.append(token_id if every or (i >= 0 and start < ends[i]) else -100)
+    return ids, [-100, *labels[1:]] if labels else labels  # the first token: nothing of the example predicts it
 
 
 def reference_examples(config: DataConfig, template: Any, tokenizer: Any, seed: int) -> tuple[list, int, int]:

@@ -24,12 +24,12 @@ def _trained(tokenizer, example) -> str:
     [
         (False, False, "first answer<|im_end|>second answer<|im_end|>"),
         (False, True, "second answer<|im_end|>"),
-        (True, False, None),  # every token
+        (True, False, None),  # every token but the first (nothing of the example predicts it)
         # LLaMA-Factory's meaning of both: the prompts, and of the replies only the last
         (
             True,
             True,
-            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+            "system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
             "<|im_end|>\n<|im_start|>user\nfirst question<|im_end|>\n<|im_start|>assistant\n\n<|im_start|>user\n"
             "second question<|im_end|>\n<|im_start|>assistant\nsecond answer<|im_end|>\n",
         ),
@@ -38,8 +38,11 @@ def _trained(tokenizer, example) -> str:
 def test_masking_choices(qwen_tokenizer, train_on_prompt, mask_history, expected):
     template = get_template("qwen", qwen_tokenizer)
     example = encode_conversation(TURNS, template, qwen_tokenizer, 4096, train_on_prompt, mask_history)
+    # what packing relies on: no example's first token is a target, or the example before it in a row would be
+    # trained to predict it
+    assert example.labels[0] == IGNORE_INDEX
     if expected is None:
-        assert example.labels == example.input_ids
+        assert example.labels == [-100, *example.input_ids[1:]]
     else:
         assert _trained(qwen_tokenizer, example) == expected
 
