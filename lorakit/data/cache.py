@@ -31,7 +31,8 @@ from lorakit.distributed import notice_after
 from lorakit.templates import Message, Template
 
 CACHE_FORMAT = 5  # 4: labels of --train_on_prompt with --mask_history, and --template auto splits (session 5);
-# 5: an example's first token is never a label (--train_on_prompt trained it across packed examples; session 7)
+# 5: an example's first token is never a label (--train_on_prompt trained it across packed examples), and the key
+# holds the template's jinja (session 7)
 WAIT_S = 60.0  # a rank waiting this long for the cache says so
 POLL_S = 0.2
 _TURNS = [Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2"), Message("assistant", "A2")]
@@ -99,7 +100,13 @@ def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, 
             list(config.interleave_probs),
         ],  # fmt: skip
         "mixture": seed if draws else None,
-        "template": [template.name, [[[s.text, s.trained] for s in template.render(p)] for p in PROBES]],
+        # the name, what it writes on the probes, and its jinja (--template auto's is the tokenizer's chat_template,
+        # which an edit can change beyond what the probes show)
+        "template": [
+            template.name,
+            [[[s.text, s.trained] for s in template.render(p)] for p in PROBES],
+            template.chat_template_jinja(),
+        ],  # fmt: skip
         "tokenizer": _tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

@@ -46,6 +46,17 @@ def test_second_run_reuses_the_cache_and_inputs_change_the_key(tiny_model: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({path.name, other.name, auto_path.name})
 
 
+def test_an_edited_chat_template_is_another_key_under_template_auto(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    """An edit the probe conversations do not show (a mark before any message that mentions a zebra, which no probe
+    does) still changes what --template auto writes for some data: it must not reuse the cache."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    _, path, _ = prepare_data(_config(tiny_data, tmp_path), tokenizer, get_template("auto", tokenizer))
+    mark = "{% for m in messages %}{% if 'zebra' in m['content'] %}[zebra]{% endif %}{% endfor %}"
+    tokenizer.chat_template = mark + tokenizer.chat_template
+    _, edited, cached = prepare_data(_config(tiny_data, tmp_path), tokenizer, get_template("auto", tokenizer))
+    assert edited != path and not cached
+
+
 def test_the_same_data_in_another_folder_has_the_same_key(tiny_model: Path, tiny_data: Path, tmp_path: Path):
     """The key is also the data part of a checkpoint's fingerprint (lorakit.resume): a checkpoint resumed on another
     machine, whose copy of the data lives under another path, is the same run."""
