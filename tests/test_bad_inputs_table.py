@@ -267,6 +267,11 @@ CASES: dict[str, tuple[Setup, str, str]] = {
                                     '"zero_optimization.sub_group_size": "auto"'),
     "ds lr contradicts the flag": (lambda w: w.ds(lambda c: c["optimizer"]["params"].update(lr=1.0)), "ds.json",
                                    "but --learning_rate gives"),
+    "ds betas contradict the flags": (lambda w: w.ds(lambda c: c["optimizer"]["params"].update(betas=[0.9, 0.95])),
+                                      "ds.json", "sets betas=[0.9, 0.95] but --adam_beta1/--adam_beta2 gives"),
+    "ds weight_decay contradicts the flag": (
+        lambda w: w.ds(lambda c: c["optimizer"]["params"].update(weight_decay=0.5)), "ds.json",
+        "but --weight_decay gives"),
     # output folders
     "output_dir is a file": (lambda w: w.train(out=_touch(w.tmp / "out")), "out", "is a file, not a folder"),
     "output_dir parent is a file": (lambda w: w.train(out=_touch(w.tmp / "plain") / "out"), "plain",

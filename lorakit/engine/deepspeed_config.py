@@ -141,13 +141,11 @@ def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:
         raise LorakitError(f"{source}: optimizer type {optimizer.get('type')} is unsupported; use AdamW")
     params = optimizer.setdefault("params", {})
     _settle(params, "lr", train.learning_rate, "--learning_rate", source)
-    for key, value in (
-        ("betas", [train.adam_beta1, train.adam_beta2]),
-        ("eps", train.adam_epsilon),
-        ("weight_decay", train.weight_decay),
-    ):
-        if params.get(key, "auto") == "auto":
-            params[key] = value
+    if isinstance(params.get("betas"), tuple | list):  # JSON's list, compared with the flags' pair
+        params["betas"] = [float(beta) for beta in params["betas"]]
+    _settle(params, "betas", [train.adam_beta1, train.adam_beta2], "--adam_beta1/--adam_beta2", source)
+    _settle(params, "eps", train.adam_epsilon, "--adam_epsilon", source)
+    _settle(params, "weight_decay", train.weight_decay, "--weight_decay", source)
     # torch's AdamW everywhere: LoRA's optimizer state is tiny, and DeepSpeed's fused Adam is a CUDA extension
     # compiled on first use (one to two minutes on every fresh machine) that does not exist on the CPU at all.
     params.setdefault("torch_adam", True)
