@@ -60,6 +60,11 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
     validate_precision(config)
     if config.model.enable_liger_kernel:  # explicitly asked for: must be able to run
         check_liger_kernel(hf_config.model_type)
+    if not config.train.packing and config.train.pack_tokens:  # (the memory plan sets it later, packing or not)
+        raise LorakitError(
+            f"--pack_tokens {config.train.pack_tokens} sets the length of packed rows, and --packing false packs "
+            "none; drop one of the two"
+        )
     if config.train.packing and 0 < config.train.pack_tokens < config.data.cutoff_len:
         raise LorakitError(
             f"--pack_tokens {config.train.pack_tokens} is below --cutoff_len {config.data.cutoff_len}: the longest "

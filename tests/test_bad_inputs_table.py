@@ -265,6 +265,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "ds sgd": (lambda w: w.ds(_set("optimizer", "type", "SGD")), "ds.json", "optimizer type SGD is unsupported"),
     "ds auto lorakit cannot fill": (lambda w: w.ds(_set("zero_optimization", "sub_group_size", "auto")), "ds.json",
                                     '"zero_optimization.sub_group_size": "auto"'),
+    "pack_tokens without packing": (lambda w: w.train("--packing", "false", "--pack_tokens", "512"),
+                                    "--pack_tokens 512", "--packing false packs none"),
     "ds lr contradicts the flag": (lambda w: w.ds(lambda c: c["optimizer"]["params"].update(lr=1.0)), "ds.json",
                                    "but --learning_rate gives"),
     "ds betas contradict the flags": (lambda w: w.ds(lambda c: c["optimizer"]["params"].update(betas=[0.9, 0.95])),
