@@ -131,6 +131,11 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "info is a list": (lambda w: w.info('[{"file_name": "d.json"}]'), "dataset_info.json", "must be a JSON object"),
     "info entry without file_name": (lambda w: w.info('{"d": {"name": "d.json"}}'), "dataset_info.json",
                                      "needs a string 'file_name'"),
+    "info entry with LLaMA-Factory's num_samples": (
+        lambda w: w.info('{"d": {"file_name": "d.json", "num_samples": 3}}'), "dataset 'd'",
+        "num_samples not supported (for num_samples: --max_samples)"),
+    "info entry with a typo": (lambda w: w.info('{"d": {"file_name": "d.json", "fromatting": "alpaca"}}'),
+                               "dataset 'd'", "fromatting not supported"),
     "info unknown formatting": (lambda w: w.info('{"d": {"file_name": "d.json", "formatting": "openai"}}'),
                                 "dataset_info.json", "formatting 'openai' is unsupported"),
     "info unknown column": (lambda w: w.info('{"d": {"file_name": "d.json", "columns": {"answer": "a"}}}'),

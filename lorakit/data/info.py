@@ -70,6 +70,10 @@ class DatasetSpec:
         return data_files(self.path)
 
 
+# what an entry may hold; file_sha1 (LLaMA-Factory's former checksum) is accepted and unused: lorakit hashes the files
+ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "file_sha1"}
+
+
 def resolve_datasets(dataset_dir: str, names: tuple[str, ...]) -> list[DatasetSpec]:
     """Look the --dataset names up in dataset_info.json; check that each file exists and is readable."""
     info_path = Path(dataset_dir) / "dataset_info.json"
@@ -97,6 +101,11 @@ def _spec(name: str, entry: Any, dataset_dir: Path, info_path: Path) -> DatasetS
     if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
         raise LorakitError(f"dataset '{name}' in {info_path} needs a string 'file_name'")
     where = f"dataset '{name}' in {info_path}"
+    unknown = sorted(set(entry) - ENTRY_KEYS)
+    if unknown:  # e.g. LLaMA-Factory's num_samples, split, ranking or a hub URL: each would change what trains
+        hint = " (for num_samples: --max_samples)" if "num_samples" in unknown else ""
+        raise LorakitError(f"{where}: {', '.join(unknown)} not supported{hint}; lorakit reads "
+                           f"{', '.join(sorted(ENTRY_KEYS - {'file_sha1'}))}: remove the rest")  # fmt: skip
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATS:
         raise LorakitError(f"{where}: formatting '{formatting}' is unsupported; use {FORMATS}")
