@@ -123,6 +123,9 @@ CASES: dict[str, tuple[Setup, str, str]] = {
         {"role": "user", "content": "?"}, {"role": "assistant", "content": None, "tool_calls": [
             {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}]), entry={"formatting": "sharegpt"}),
         "d.json record 0", "message 1 has OpenAI 'tool_calls'"),
+    "val_size counting an example cut to nothing": (lambda w: [*w.data_file(json.dumps(
+        [ALPACA[0], {**ALPACA[0], "instruction": "long " * 2000}, ALPACA[0]])), "--val_size", "2"],
+        "--val_size 2", "leaves no training examples of 2"),
     "empty list": (lambda w: w.data_file("[]"), "'d'", "no examples left"),
     # dataset_info.json
     "info not utf-8": (lambda w: w.info(b'{"d": {"file_name": "d.json", "x": "\xff"}}'), "dataset_info.json",

@@ -198,12 +198,13 @@ def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]],
         with_tools = np.flatnonzero(records["tools"][order])
         meta = {"datasets": names, "records": counts, "examples": len(order), "line": line,
                 "tools_example": int(with_tools[0]) if len(with_tools) else None}  # fmt: skip
-        check_data(meta, config, template, what)
         kept = records["targets"][order] > 0
+        meta["dropped"] = int((~kept).sum())
+        check_data(meta, config, template, what)  # on the examples that train
         if not kept.any():
             raise LorakitError(f"no examples left: all {len(order)} lost every trained token to --cutoff_len "
                                f"{config.cutoff_len}; raise --cutoff_len")  # fmt: skip
-        meta.update(truncated=int(records["truncated"][order].sum()), dropped=int((~kept).sum()), workers=workers,
+        meta.update(truncated=int(records["truncated"][order].sum()), workers=workers,
                     phases={"read": round(read - started, 3), "tokenise": round(tokenised - read, 3)})  # fmt: skip
         _commit(table, records, order[kept], meta, folder, config.overwrite_cache, started)
     finally:

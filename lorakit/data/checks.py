@@ -20,6 +20,6 @@ def held_out_count(val_size: float, num_examples: int) -> int:
 
 def check_data(meta: dict[str, Any], config: DataConfig, template: Any, what: str) -> None:
     """`meta`: the cache's description of the data (lorakit.data.build); `what`: "the training data's"."""
-    held_out_count(config.val_size, meta["examples"])
+    held_out_count(config.val_size, meta["examples"] - meta["dropped"])  # those left to split, as the split counts
     if meta["tools_example"] is not None and not getattr(template, "renders_tools", False):
         refuse_tools(template, meta["tools_example"], what)
