@@ -78,6 +78,8 @@ def _wrong_shape(annotation: str, value: Any) -> str | None:
         return f"expected one value, got a list {value}"
     if isinstance(value, bool) and annotation.split(" ")[0] in ("int", "float"):
         return f"expected a number, got {str(value).lower()} (YAML reads yes/no/on/off as booleans)"
+    if isinstance(value, bool | int | float) and annotation in ("str", "str | None"):
+        return f"expected text, got {value!r} (YAML reads 010 as 8, 1.10 as 1.1 and no as false: quote it)"
     return None
 
 
@@ -146,7 +148,7 @@ def parse_config(argv: list[str], prog: str = "lorakit") -> Config:
     if unknown:
         raise LorakitError(f"config file {config_file} has unknown key(s) {unknown}; keys are flag names")
     values.update(given)
-    return Config.from_flat({name: coerce(name, value) for name, value in values.items()})
+    return Config.from_flat(values)  # which reads each value as its flag's (coerce)
 
 
 def _close_progress_bars() -> None:

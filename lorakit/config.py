@@ -390,9 +390,14 @@ class Config:
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> Config:
+        """Each value read as its flag's would be ("false", "5e-4", "a,b" and typed values alike): research code
+        passing {"packing": "false"} gets what `--packing false` gets, not a truthy string."""
+        from lorakit.cli import coerce  # the CLI's parsers; it imports this module
+
         unknown = set(values) - set(flat_fields())
         if unknown:
             raise LorakitError(f"unknown option(s) {sorted(unknown)}; run with --help to list every flag")
+        values = {name: coerce(name, value) for name, value in values.items()}
         groups = {}
         for group_name, group_class in GROUPS.items():
             names = {f.name for f in dataclasses.fields(group_class)}

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -162,3 +163,32 @@ def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_da
 def test_a_config_files_suffix_is_read_whatever_its_case(tmp_path: Path, name: str):
     (tmp_path / name).write_text("learning_rate: 3e-4\n")
     assert parse_config([str(tmp_path / name)]).train.learning_rate == 3e-4
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "expected"),
+    [
+        ({"packing": "false"}, ("train", "packing"), False),  # a truthy string, read as the flag reads it
+        ({"learning_rate": "5e-4"}, ("train", "learning_rate"), 5e-4),
+        ({"dataset": "a,b"}, ("data", "dataset"), ("a", "b")),  # not the letters of "a,b"
+        ({"lora_target": "all"}, ("lora", "lora_target"), ("all",)),
+        ({"num_train_epochs": 2.0}, ("train", "num_train_epochs"), 2),
+    ],
+)
+def test_research_code_values_are_read_as_flags_are(values, field, expected):
+    group, name = field
+    assert getattr(getattr(Config.from_flat(values), group), name) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"num_train_epochs": 1.5}, "--num_train_epochs: expected a whole number, got 1.5"),
+        ({"bf16": "perhaps"}, "--bf16: expected true or false"),
+        ({"output_dir": 10}, "--output_dir: expected text, got 10"),  # YAML's `output_dir: 010`
+        ({"system": False}, "--system: expected text, got False"),  # YAML's `system: no`
+    ],
+)
+def test_values_that_are_no_flags_value_are_one_line_errors(values, message):
+    with pytest.raises(LorakitError, match=re.escape(message)):
+        Config.from_flat(values)
