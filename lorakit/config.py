@@ -236,7 +236,13 @@ class TrainConfig:
     )
     learning_rate: float = field(default=5e-5, metadata=_doc("Peak learning rate."))
     num_train_epochs: int = field(default=3, metadata=_doc("Whole passes over the data (an integer)."))
-    max_steps: int = field(default=-1, metadata=_doc("Stop after this many optimizer steps (-1: run every epoch)."))
+    max_steps: int = field(
+        default=-1,
+        metadata=_doc(
+            "Stop after this many optimizer steps (-1: run every epoch); a cap, not HF's override: past the "
+            "epochs' end the run ends with them, and the log says so."
+        ),
+    )
     per_device_train_batch_size: int = field(default=8, metadata=_doc("Examples per micro-batch on each rank."))
     gradient_accumulation_steps: int = field(default=1, metadata=_doc("Micro-batches per optimizer step."))
     lr_scheduler_type: str = field(

@@ -169,6 +169,10 @@ def set_up(checked: RunPlan) -> Run:
     say(f"first example: {first}", dist.is_main)
     for line in counts.lines(built.trainable_parameters, built.total_parameters):
         say(line, dist.is_main)
+    if counts.total_steps < config.train.max_steps:  # a cap here, where HF's Trainer would train on past the epochs
+        say(f"note: --max_steps {config.train.max_steps} is past the end of --num_train_epochs "
+            f"{config.train.num_train_epochs} ({counts.total_steps} steps): the run ends with the epochs; raise "
+            "--num_train_epochs to train longer", dist.is_main)  # fmt: skip
     if held_out is not None:
         say(
             f"evaluation: {len(held_out):,} examples, {int(held_out.target_counts.sum()):,} trained tokens",

@@ -184,9 +184,11 @@ def test_resume_on_a_different_number_of_ranks_works(runs: Path, tiny_model: Pat
     """A 2-rank checkpoint continued by one plain process: same example order, global batch 8 instead of 16."""
     output = tmp_path / "single"
     command = [sys.executable, "examples/sft.py", *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint",
-               str(runs / "full" / "checkpoint-4"))]  # fmt: skip
+               str(runs / "full" / "checkpoint-4"), "--max_steps", "1000")]  # fmt: skip
     log = launch(command, tmp_path / "single.log")
     assert "written by 2 ranks) on 1" in log
+    # a cap past the epochs' end (HF's Trainer would train on): said, and the epochs' count stands
+    assert "note: --max_steps 1000 is past the end of --num_train_epochs 6 (32 steps)" in log
     records = _records(output)
     assert min(records) == 5 and max(records) == 4 + 4 + 4 * 6  # rest of epoch 1: 32 examples; epochs 2-5: 6 each
     assert records[max(records)]["epoch"] == 6.0
