@@ -141,8 +141,6 @@ def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:
         raise LorakitError(f"{source}: optimizer type {optimizer.get('type')} is unsupported; use AdamW")
     params = optimizer.setdefault("params", {})
     _settle(params, "lr", train.learning_rate, "--learning_rate", source)
-    if isinstance(params.get("betas"), tuple | list):  # JSON's list, compared with the flags' pair
-        params["betas"] = [float(beta) for beta in params["betas"]]
     _settle(params, "betas", [train.adam_beta1, train.adam_beta2], "--adam_beta1/--adam_beta2", source)
     _settle(params, "eps", train.adam_epsilon, "--adam_epsilon", source)
     _settle(params, "weight_decay", train.weight_decay, "--weight_decay", source)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lorakit.config import ModelConfig
+from lorakit.engine.model import model_and_inner_model
 from lorakit.errors import LorakitError
 from lorakit.lora_settings import LoraSettings
 
@@ -206,9 +207,7 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
     graphs = mode in CUDA_GRAPH_MODES and backend == "inductor"
     if graphs:  # one graph per row length is the design here (rows are multiples of 128), not a warning's matter
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
-    if graphs:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else None
-        for top in [model, *([base] if isinstance(base, torch.nn.Module) and base is not model else [])]:
+        for top in model_and_inner_model(model):
             top.register_forward_pre_hook(start_a_round_of_graphs)
     options = {"mode": mode} if backend == "inductor" else {}
     for layer in layers:

@@ -290,3 +290,11 @@ def parameter_counts(model: Any) -> tuple[int, int]:
         total += count
         trainable += count if param.requires_grad else 0
     return trainable, total
+
+
+def model_and_inner_model(model: Any) -> list[torch.nn.Module]:
+    """The model and, for a PEFT model, the HF model inside it: a forward pre-hook that must run before every forward
+    goes on both, since PEFT's `generate` and research code's `get_base_model()(...)` call the inner one directly
+    (PEFT's own forward calls its `forward`, not the module, so a training step runs such a hook once)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    return [model, *([base] if isinstance(base, torch.nn.Module) and base is not model else [])]

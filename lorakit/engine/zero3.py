@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lorakit.engine.model import model_and_inner_model
+
 
 def decoder_layer_classes(model: Any) -> list[type]:
     """The model's repeated block classes, as transformers names them in `_no_split_modules`."""
@@ -270,11 +272,8 @@ def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
     # A GatheredParameters block (lorakit's checkpoint save and load) partitions what it gathered on leaving, resident
     # or not; the removed hooks would have gathered those weights again. This does it before each forward, in one
     # collective where any is missing (a look at ~700 flags where none is): never inside a compiled layer, whose
-    # trace would see the empty partition. The HF model inside PEFT's gets the look too: PEFT's `generate` and
-    # `get_base_model()(...)` call it directly, past the PEFT model's forward (PEFT's own forward calls its
-    # `forward`, not the module, so a training step still looks once).
-    tops = [offload.module]
-    base = offload.module.get_base_model() if hasattr(offload.module, "get_base_model") else None
-    tops += [base] if isinstance(base, torch.nn.Module) and base is not offload.module else []
-    engine.lorakit_gather_hooks = [top.register_forward_pre_hook(gather_any_released) for top in tops]
+    # trace would see the empty partition. The HF model inside PEFT's gets the look too (model_and_inner_model).
+    engine.lorakit_gather_hooks = [
+        top.register_forward_pre_hook(gather_any_released) for top in model_and_inner_model(offload.module)
+    ]
     return True
