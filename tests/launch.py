@@ -31,8 +31,10 @@ def torchrun(nproc: int = 2, port: int | None = None) -> list[str]:
 def _env() -> dict[str, str]:
     # this checkout first; what the caller's PYTHONPATH held after it (e.g. packages installed with --target)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    # one inductor compile thread: no compile worker pool beside each rank on a 2-core machine
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    # one inductor compile thread: no compile worker pool beside each rank on a 2-core machine (a GPU host's run
+    # may set more: its compiled-layer tests compile afresh in every case)
+    threads = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": threads}
 
 
 def launch(command: list[str], log: Path) -> str:
