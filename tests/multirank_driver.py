@@ -35,6 +35,22 @@ def counted_all_gather(*args, **kwargs):
 
 
 torch.distributed.all_gather_into_tensor = counted_all_gather
+adapter_releases = [0]  # a trainable weight's gathered memory freed (DeepSpeed's release: it is gathered again later)
+
+
+def count_adapter_releases() -> None:
+    from deepspeed.runtime.zero import partition_parameters
+
+    free_param = partition_parameters.free_param
+
+    def counted_free_param(param):
+        adapter_releases[0] += param.requires_grad
+        return free_param(param)
+
+    partition_parameters.free_param = counted_free_param
+
+
+count_adapter_releases()
 TORCH_LINEAR = torch.nn.functional.linear  # DeepSpeed's zero.Init may replace it process-wide
 
 
@@ -116,9 +132,11 @@ for name, micro, accumulation in runs:
         lora = [(n, p.data_ptr()) for n, p in info.model.engine.module.named_parameters() if p.requires_grad]
         if info.step == 1:
             noted.append(gathered_elements[0])
+            noted.append(adapter_releases[0])
             seen.update(lora)
         else:  # a save (after this hook) may have released the adapter: 0 until the next forward gathers it
             moved[0] += sum(pointer not in (0, seen[n]) for n, pointer in lora)
+        noted[2:] = [adapter_releases[0]]  # as of this step's end (the final save, after the last, releases it)
 
     result = lorakit.train(config, on_step=note_first_step)
     parameters = list(result.engine.module.parameters())
@@ -132,6 +150,7 @@ for name, micro, accumulation in runs:
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,
         # LoRA matrices now at another address than after step 1 (released and gathered at every step, and by saves)
         "adapter_moved": moved[0],
+        "adapter_releases_after_step_1": after_first_step[2] - after_first_step[1],
     }
     if name in ("wide", "resident"):  # after a save, which partitioned the adapter: the HF model called directly
         results[name] |= forward_past_peft_after_save(result.engine.module)

@@ -41,7 +41,7 @@ from lorakit.engine.variants import initial_adapter
 from lorakit.engine.zero3 import (
     gather_updated_adapter_at_once,
     gather_whole_layers,
-    keep_frozen_resident_weights,
+    keep_resident_weights,
     quiet_deepspeed_bookkeeping,
     remember_module_parameters,
     skip_unit_hooks_when_all_resident,
@@ -153,8 +153,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
-        gather_updated_adapter_at_once(engine)
-        keep_frozen_resident_weights(engine)
+        keep_resident_weights(engine, gather_updated_adapter_at_once(engine))
         walk_only_parameter_owners(engine)
         if skip_unit_hooks_when_all_resident(engine):
             notes.append(

@@ -17,7 +17,7 @@ Where the memory plan keeps the frozen weights whole (a persistence threshold ab
 released every resident weight at the start of each optimizer step and gathered the whole model again after it
 (its `_post_step` re-gathers all persistent parameters, because the trainable ones among them changed): for
 Qwen2.5-7B on 4 GPUs, 15 GB through NCCL and 339 frees a step (benchmarks/RESULTS.md, session 4).
-`keep_frozen_resident_weights` leaves the frozen ones in place; only the adapter is partitioned and re-gathered.
+`keep_resident_weights` leaves them in place; the adapter is refreshed in place after each step.
 """
 
 from __future__ import annotations
@@ -61,22 +61,88 @@ def gather_whole_layers(model: Any) -> list[str]:
             "the DeepSpeed file hands this choice back to DeepSpeed)"]  # fmt: skip
 
 
-def gather_updated_adapter_at_once(engine: Any) -> None:
+def gather_updated_adapter_at_once(engine: Any) -> list[Any]:
     """After every optimizer step ZeRO-3 re-gathers each updated resident parameter (the LoRA matrices, which its
     optimizer updates partition by partition) with an all-gather of its own: 392 collectives a step for
     Qwen2.5-7B's adapter, more than half of all its collectives (counted in tests/test_multirank.py on the CPU).
-    This gathers them first in one coalesced all-gather, DeepSpeed's own (the one its forward fetches use), so
-    the step's gather finds nothing left to do."""
+    Where DeepSpeed keeps the updated partitions in its plain flat buffers (`adapter_partition_layout`), the
+    gathered adapter is instead refreshed where it lies, one all-gather per optimizer sub-group
+    (`refresh_in_place`), and DeepSpeed need not release it at the step's start (`keep_resident_weights` is told
+    which weights these are: returned). Elsewhere the released ones are gathered in one coalesced all-gather,
+    DeepSpeed's own (the one its forward fetches use), so the step's own gather finds nothing left to do."""
     optimizer = engine.optimizer
     if not hasattr(optimizer, "_post_step") or not hasattr(optimizer, "persistent_parameters"):
-        return  # another DeepSpeed layout: its own per-parameter gather stays, correct and slower
+        return []  # another DeepSpeed layout: its own per-parameter gather stays, correct and slower
     post_step = optimizer._post_step  # DeepSpeed 0.19: called at the end of every step, gathers the resident ones
+    layout = adapter_partition_layout(optimizer)
 
     def gather_then_post_step(*args: Any) -> Any:
+        if layout:
+            refresh_in_place(layout)
         gather_released(optimizer.persistent_parameters, getattr(engine, "lorakit_fixed_addresses", None))
         return post_step(*args)
 
     optimizer._post_step = gather_then_post_step
+    return [param for _, _, entries in layout or () for param, _, _ in entries]
+
+
+# (flat buffer of one optimizer sub-group's partitions, its process group, [(parameter, offset, partition size)])
+PartitionLayout = list[tuple[torch.Tensor, Any, list[tuple[Any, int, int]]]]
+
+
+def adapter_partition_layout(optimizer: Any) -> PartitionLayout | None:
+    """Where each trainable weight's updated partition lies: DeepSpeed 0.19's stage-3 optimizer keeps every
+    sub-group's partitions back to back in one flat buffer (`fp16_partitioned_groups_flat`, each weight's
+    `ds_tensor` a view of it), rank r's partition of a weight being its r-th slice. None where that is not the
+    layout, or a trainable weight is not resident: offloaded parameters or optimizer, hpZ's secondary partitions,
+    MiCS's shards, a weight gathered per use (DeepSpeed's own release and gather stay there)."""
+    groups, flats = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3" or groups is None or flats is None:
+        return None
+    if optimizer.offload_optimizer or optimizer.offload_param or getattr(optimizer, "zero_hpz_partition_size", 1) > 1:
+        return None
+    layout: PartitionLayout = []
+    for params, flat in zip(groups, flats, strict=True):
+        if flat is None or not all(getattr(p, "ds_persist", False) for p in params):
+            return None
+        entries, offset = [], 0
+        for param in params:
+            size = param.partition_numel()
+            if size and param.ds_tensor.data_ptr() != flat[offset:].data_ptr():
+                return None
+            entries.append((param, offset, size))
+            offset += size
+        if offset != flat.numel() or len({id(p.ds_process_group) for p in params}) > 1:
+            return None
+        layout.append((flat, params[0].ds_process_group if params else None, entries))
+    return layout
+
+
+def refresh_in_place(layout: PartitionLayout) -> None:
+    """Bring each gathered trainable weight up to its updated partitions: one all-gather of each sub-group's flat
+    buffer, then every weight's slices copied into the memory it already has (one batched copy). What DeepSpeed's
+    release-then-gather computes, without ~400 releases, per-weight allocations and a new address for every weight
+    each step. A weight released meanwhile (a GatheredParameters block) is left to `gather_released`."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for flat, group, entries in layout:
+        world = torch.distributed.get_world_size(group)
+        rows = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+        torch.distributed.all_gather_into_tensor(rows, flat, group=group)
+        rows = rows.view(world, flat.numel())
+        targets, sources = [], []
+        for param, offset, size in entries:
+            if not size or param.ds_status != ZeroParamStatus.AVAILABLE:
+                continue
+            whole = param.data.view(-1)
+            full = whole.numel() // size  # partitions wholly inside the weight; the last one may be padded
+            targets.append(whole[: full * size].view(full, size))
+            sources.append(rows[:full, offset : offset + size])
+            if whole.numel() > full * size:
+                targets.append(whole[full * size :])
+                sources.append(rows[full, offset : offset + whole.numel() - full * size])
+        if targets:
+            torch._foreach_copy_(targets, sources)
 
 
 def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | None = None) -> None:
@@ -101,10 +167,11 @@ def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | 
             param.data = home
 
 
-def keep_frozen_resident_weights(engine: Any) -> int:
-    """Stop ZeRO-3 releasing (and then re-gathering) resident frozen weights at every optimizer step; returns how
-    many weights stay in place. A frozen weight never changes, so its gathered copy is always current; the
-    trainable ones go through DeepSpeed's release and re-gather as before (their partitions are what Adam updates).
+def keep_resident_weights(engine: Any, refreshed: list[Any]) -> int:
+    """Stop ZeRO-3 releasing (and then re-gathering) resident weights at every optimizer step; returns how many
+    weights stay in place. A frozen weight never changes, so its gathered copy is always current; a trainable one
+    in `refreshed` is brought up to date in place after the step (`gather_updated_adapter_at_once`); any other
+    trainable one goes through DeepSpeed's release and re-gather as before (its partition is what Adam updates).
     DeepSpeed 0.19's coordinator is used through its own release function; another layout keeps DeepSpeed's way."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -115,7 +182,9 @@ def keep_frozen_resident_weights(engine: Any) -> int:
     if release is None or inflight is None or not hasattr(offload, "partition_all_parameters"):
         return 0
     module_parameters = list(offload.module.parameters())  # fixed once the engine exists: LoRA is attached before
+    in_place = {id(p) for p in refreshed}
     resident = [p for p in module_parameters if getattr(p, "ds_persist", False) and not p.requires_grad]
+    resident += [p for p in module_parameters if id(p) in in_place]
     if not resident:
         return 0
     kept = {id(p) for p in resident}
