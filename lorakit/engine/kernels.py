@@ -180,9 +180,10 @@ def start_a_round_of_graphs(*_: Any) -> None:
 def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "default") -> list[str]:
     """--torch_compile: each decoder layer's `forward` through torch.compile; returns the log line. Only the layer's
     own computation is compiled: ZeRO-3's gather and release hooks run around the module call, outside the graph.
-    Shapes are left to dynamo's automatic dynamic mode (a packed row's length changes every step: the second length
-    seen compiles once more, symbolically, and later lengths reuse it). `backend`: the tests' "aot_eager" on the
-    CPU checks the capture without inductor's code generation. `mode` (inductor's): with CUDA graphs
+    A packed row's length changes every step, so it is symbolic from the first call (`row_length_dynamic`): one
+    compile serves every length (dynamo's automatic mode compiled the first length as a constant, then everything
+    again symbolically at the second: twice the compile time in a run's first steps). `backend`: the tests'
+    "aot_eager" on the CPU checks the capture without inductor's code generation. `mode` (inductor's): with CUDA graphs
     (reduce-overhead), each row length seen is recorded once, forward and backward, in one memory pool that the
     layers of a step share, then replayed: one launch a layer for the ~30 kernels it runs. Each forward of the whole
     model starts a new round of the graphs (torch.compiler.cudagraph_mark_step_begin, before the model and before
@@ -211,9 +212,33 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
             top.register_forward_pre_hook(start_a_round_of_graphs)
     options = {"mode": mode} if backend == "inductor" else {}
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=None, **options)
+        layer.forward = row_length_dynamic(torch.compile(layer.forward, backend=backend, dynamic=None, **options))
     shown = f"{backend}, {mode}" if backend == "inductor" else backend
     return [
         f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({shown}"
         f"{': CUDA graphs, one per row length' if graphs else ''}); the first steps include the compilation"
     ]
+
+
+def row_length_dynamic(compiled: Any) -> Any:
+    """`compiled`, called with every dimension of its tensor inputs (after the batch dimension) that has the row's
+    length marked dynamic: the hidden states, position ids, rotary cos/sin and any mask. `maybe_mark_dynamic`: a
+    model whose code needs the length as a constant gets it specialised, not an error."""
+
+    def mark(value: Any, length: int) -> None:
+        if isinstance(value, torch.Tensor):
+            for dim in range(1, value.dim()):
+                if value.shape[dim] == length:
+                    torch._dynamo.maybe_mark_dynamic(value, dim)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                mark(item, length)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() > 1 and hidden.shape[1] > 1:
+            for value in (*args, *kwargs.values()):
+                mark(value, hidden.shape[1])
+        return compiled(*args, **kwargs)
+
+    return forward
