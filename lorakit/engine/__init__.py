@@ -153,7 +153,11 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
-        keep_resident_weights(engine, gather_updated_adapter_at_once(engine))
+        if keep_resident_weights(engine, refreshed := gather_updated_adapter_at_once(engine)) and refreshed:
+            notes.append(
+                f"ZeRO-3: the {len(refreshed)} adapter weights stay gathered; each step refreshes them in "
+                "place from DeepSpeed's updated partitions (one all-gather)"
+            )
         walk_only_parameter_owners(engine)
         if skip_unit_hooks_when_all_resident(engine):
             notes.append(
