@@ -34,3 +34,27 @@ def trained_text(tokenizer: Any, example: Any) -> list[str]:
             assert label == token
             current.append(token)
     return runs + ([tokenizer.decode(current)] if current else [])
+
+
+def _tool(name: str, parameter: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "parameters": {"type": "object", "properties": {parameter: schema}, "required": [parameter]}}
+
+
+# Records whose objects have different keys (messages, tools, a tool's parameters; the record's own columns): Arrow
+# gives each column one type holding every key of every row, so they test that a row reads back as written.
+MIXED_KEY_RECORDS = [
+    {
+        "conversations": [
+            {"from": "human", "value": "Area of a circle of radius 4?"},
+            {"from": "function_call", "value": '{"name": "area", "arguments": {"radius": 4}}'},
+            {"from": "observation", "value": '{"area": 50.24}'},
+            {"from": "gpt", "value": "About 50.24.", "weight": 1.0},
+        ],
+        "tools": [{**_tool("area", "radius", {"type": "number"}), "description": "A circle's area"}],
+        "system": "Be brief.",  # in the first record: pyarrow's from_pylist takes the columns from the first
+    },
+    {
+        "conversations": [{"from": "human", "value": "Find owls", "lang": "en"}, {"from": "gpt", "value": "Owls."}],
+        "tools": [_tool("search", "query", {"type": "string", "enum": ["owls", "foxes"]})],
+    },
+]

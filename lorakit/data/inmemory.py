@@ -9,18 +9,21 @@ A list (or any iterable, e.g. a `datasets.Dataset`) whose items are each one of:
   of `{"role", "content"}`), told apart as a sharegpt entry without tags tells them apart.
 
 Each item goes through the same reader as a file's record, so the checks and the one-line errors are the same,
-with `train_data record 3` where a file's error says `data.json record 3`. The tokenised-data cache is keyed by
-the conversations read (lorakit.data.cache), so the same content in any of these forms shares one cache file.
+with `train_data record 3` where a file's error says `data.json record 3`; a `datasets.Dataset`'s records lose the
+null keys Arrow adds, as a Parquet file's do. The tokenised-data cache is keyed by the conversations read
+(lorakit.data.cache), so the same content in any of these forms shares one cache file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lorakit.config import DataConfig
+from lorakit.data.readers import without_nulls
 from lorakit.data.records import (
     ALPACA_COLUMNS,
     OPENAI_COLUMNS,
@@ -48,13 +51,23 @@ def conversations_from(data: Any, name: str, max_samples: int | None) -> list[li
             f"{name} must be a list of conversations or records (or a datasets.Dataset), got {type(data).__name__}"
         )
     conversations = []
+    arrow = _arrow_backed(data)
     for index, item in enumerate(data):
         if max_samples is not None and index >= max_samples:
             break
+        item = without_nulls(item) if arrow and isinstance(item, Mapping) else item
         conversations.append(item_messages(item, f"{name} record {index}"))
     if not conversations:
         raise LorakitError(f"no examples left: {name} holds no records")
     return conversations
+
+
+def _arrow_backed(data: Any) -> bool:
+    """Whether `data` is a datasets.Dataset (or IterableDataset), whose rows hold a null for every key of their
+    column's type that the record lacked, as a Parquet file's do (lorakit.data.readers.without_nulls). A Python
+    list's records are read as given."""
+    datasets = sys.modules.get("datasets")  # not imported: `data` cannot be one of its datasets
+    return datasets is not None and isinstance(data, (datasets.Dataset, datasets.IterableDataset))
 
 
 def item_messages(item: Any, where: str) -> list[Message]:

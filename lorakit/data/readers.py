@@ -3,7 +3,8 @@
 Every problem is one line naming the file and the line or record, never skipped silently. `.json` is a JSON list
 when its text starts with "[", otherwise JSON Lines (a pretty-printed object wrapping the list is an error naming
 the key). CSV: a header row; every value is a string, an empty cell is "". A UTF-8 byte-order mark (as Windows
-editors and Excel write) is accepted and dropped.
+editors and Excel write) is accepted and dropped. Parquet: a null value is a missing key, at any depth (Arrow gives
+every row every key of its column's type; `without_nulls`).
 
 `read_records` parses a whole file (the reference path, `lorakit preview`); the Arrow path (lorakit.data.arrow)
 takes JSON Lines as `json_lines` gives them, unparsed, and parses them in its worker processes.
@@ -171,6 +172,26 @@ def _read_parquet(path: Path) -> list[Any]:
     import pyarrow.parquet
 
     try:
-        return pyarrow.parquet.read_table(path).to_pylist()
+        rows = pyarrow.parquet.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as err:
         raise LorakitError(f"{path} is not a readable Parquet file: {err}") from None
+    return [without_nulls(row) for row in rows]
+
+
+def without_nulls(value: Any) -> Any:
+    """An Arrow row (Parquet, a datasets.Dataset) as the record it was written from: every key whose value is null
+    dropped, from the record and from every object inside it, at any depth.
+
+    Arrow gives all rows of a column one type: a list of objects is a list of one struct holding every key that any
+    object of any row had, so a sharegpt message {from, value} comes back with `role: None` where another record
+    had OpenAI messages, and a tool's `parameters.properties` with every other tool's parameters as None. A key
+    that was written as null comes back the same way (Arrow cannot tell the two apart) and is dropped too: lorakit
+    reads a null field as a missing one (no system prompt, no text, no tools), so what trains is unchanged (a
+    message with null text is still an error, naming the text as missing rather than null); what is lost is a
+    literal null inside a tool's definition (e.g. `"default": null`), which the tools text would otherwise show.
+    Null items of a list are kept: they were written (Arrow adds none)."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value

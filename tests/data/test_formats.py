@@ -7,10 +7,10 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet
 import pytest
-from conversations import trained_text
+from conversations import MIXED_KEY_RECORDS, trained_text
 
 from lorakit.data.encode import encode_conversation
-from lorakit.data.records import load_conversations, resolve_datasets
+from lorakit.data.records import load_conversations, read_records, resolve_datasets
 from lorakit.errors import LorakitError
 from lorakit.templates import Message, get_template
 
@@ -242,6 +242,17 @@ def test_parquet_alpaca_and_openai_messages(tmp_path: Path):
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     conversations = load_conversations(resolve_datasets(str(tmp_path), ("a", "o")), None)
     assert conversations == [[Message("user", "Q"), Message("assistant", "A")], EXPECTED, EXPECTED]
+
+
+def test_parquet_records_read_back_as_written(tmp_path: Path):
+    """Arrow adds every other record's keys to each object as nulls (a message's, a tool's parameters'); lorakit
+    drops them, so the tools text a template shows is the record's own."""
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(MIXED_KEY_RECORDS), tmp_path / "t.parquet")
+    assert read_records(tmp_path / "t.parquet") == MIXED_KEY_RECORDS
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"t": {"file_name": "t.parquet", "formatting": "sharegpt"}}))
+    conversations = load_conversations(resolve_datasets(str(tmp_path), ("t",)), None)
+    tools = [next(m.content for m in c if m.role == "tools") for c in conversations]
+    assert tools == [json.dumps(r["tools"]) for r in MIXED_KEY_RECORDS]
 
 
 def test_unreadable_parquet(tmp_path: Path):

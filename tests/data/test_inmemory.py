@@ -9,10 +9,12 @@ import datasets
 import numpy as np
 import pytest
 import tiny
+from conversations import MIXED_KEY_RECORDS
 
 from lorakit import Message
 from lorakit.config import Config
 from lorakit.data import prepare_data
+from lorakit.data.inmemory import conversations_from
 from lorakit.errors import LorakitError
 from lorakit.validate import validate
 
@@ -99,3 +101,10 @@ def test_data_from_python_and_from_files_together_is_an_error(tiny_model, tiny_d
         validate(_config(tiny_model, tmp_path, dataset_dir=str(tiny_data), dataset=("tiny",)), train_data=records)
     with pytest.raises(LorakitError, match="^eval_data and --eval_dataset / --val_size both"):
         validate(_config(tiny_model, tmp_path, val_size=2), train_data=records, eval_data=records)
+
+
+def test_a_datasets_dataset_reads_its_records_as_written():
+    """A datasets.Dataset gives every object every key of its column's Arrow type (null where the record had none),
+    as a Parquet file does: the records read as the Python list they were made from."""
+    from_list = conversations_from(MIXED_KEY_RECORDS, "train_data", None)
+    assert conversations_from(datasets.Dataset.from_list(MIXED_KEY_RECORDS), "train_data", None) == from_list
