@@ -148,7 +148,7 @@ class DataConfig:
     )
     val_size: float = field(
         default=0.0,
-        metadata=_doc("Hold out this fraction (< 1) or number (>= 1) of examples for evaluation, split by --seed."),
+        metadata=_doc("Hold out this fraction (< 1) or number (>= 1) of records for evaluation, split by --seed."),
     )
     eval_dataset: tuple[str, ...] = field(
         default=(),

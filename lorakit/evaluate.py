@@ -1,7 +1,8 @@
 """Evaluation data and the evaluation loss.
 
---val_size holds out a fraction (below 1) or a number of the training examples, chosen by a permutation seeded
-by --seed alone, so the same flags always hold out the same examples; --eval_dataset evaluates on other
+--val_size holds out a fraction (below 1) or a number of the training records, chosen by a permutation seeded
+by --seed alone, so the same flags always hold out the same records (a record the mixture repeats is held out with
+every copy: `split_train_eval`); --eval_dataset evaluates on other
 datasets of dataset_info.json instead. The eval loss is the mean token loss over every target token of the eval
 set, on every rank, computed with the same packing and loss path as training, without gradients.
 """
@@ -24,11 +25,22 @@ if TYPE_CHECKING:  # lorakit.validate, which makes the plan, imports this module
 
 
 def split_train_eval(data: TokenizedData, val_size: float, seed: int) -> tuple[TokenizedData, TokenizedData | None]:
-    count = held_out_count(val_size, len(data))
+    """--val_size holds out records, not examples: interleave_over repeats the smaller datasets' records, and a split
+    of the examples would put copies of one record on both sides. The records are taken in the order of their first
+    example, so where none repeats (concat, interleave_under) this is the example split lorakit always made. Each
+    held-out record is evaluated once (at its first example); every copy of it leaves the training side, which keeps
+    the other records' repeats (the mixture's oversampling)."""
+    records = np.arange(len(data)) if data.index is None else data.index  # a record: its dataset and its index
+    _, firsts, example_record = np.unique(records, return_index=True, return_inverse=True)
+    count = held_out_count(val_size, len(firsts))
     if not count:
         return data, None
-    order = np.random.default_rng([seed, 0x5EED]).permutation(len(data))
-    return data.subset(np.sort(order[count:])), data.subset(np.sort(order[:count]))
+    by_first = np.argsort(firsts)  # the distinct records in the order of their first example
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(firsts))
+    held_out = np.zeros(len(firsts), bool)
+    held_out[by_first[order[:count]]] = True
+    train = np.flatnonzero(~held_out[example_record.reshape(-1)])
+    return data.subset(train), data.subset(np.sort(firsts[held_out]))
 
 
 def eval_data(plan: RunPlan, train: TokenizedData) -> tuple[TokenizedData, TokenizedData | None]:

@@ -23,6 +23,7 @@ from lorakit.checks import (
 from lorakit.config import Config, DataConfig
 from lorakit.data import EVALUATION, TRAINING, DataSource, ready
 from lorakit.data.cache import cache_key
+from lorakit.data.checks import split_key
 from lorakit.data.info import DatasetSpec, resolve_datasets
 from lorakit.data.inmemory import check_sources, conversations_from
 from lorakit.data.system_prompt import system_template
@@ -89,7 +90,7 @@ def validate(config: Config, train_data: Any = None, eval_data: Any = None) -> R
     train_data = data_source(train_records, config.data, template, tokenizer, seed)
     eval_data = data_source(eval_records, config.data.for_eval(), template, tokenizer, seed) if eval_records else None
     targets = list(engine.lora_targets)
-    fingerprint = run_fingerprint(config, f"{train_data.key}:val_size={config.data.val_size}", targets)
+    fingerprint = run_fingerprint(config, split_key(config.data, train_data.key), targets)
     resume, notes = plan_resume(config, fingerprint, launch_world_size())
     train_data, eval_data = ready_data(config, tokenizer, template, train_data, eval_data)
     warning = [f"WARNING: {mismatch}\nWARNING: training continues with --template {template.name}; the model "

@@ -175,6 +175,16 @@ def _tools(world: World, calls: int, template: str) -> list[str]:
     return [*world.data_file(json.dumps([record]), entry=entry), "--template", template]
 
 
+def _repeating_mixture(world: World, val_size: int) -> list[str]:
+    """Datasets of 3 records and 1, interleaved over: 6 examples of 4 records (the small one's record 3 times)."""
+    folder = world.tmp / "data"
+    folder.mkdir()
+    for name, records in (("big", ALPACA[:3]), ("small", ALPACA[:1])):
+        (folder / f"{name}.json").write_text(json.dumps(records))
+    (folder / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in ("big", "small")}))
+    return world.train("--mix_strategy", "interleave_over", "--val_size", val_size, data=folder, dataset="big,small")
+
+
 def _existing_checkpoint(world: World) -> list[str]:
     write_checkpoint(world.out, 2)
     return world.train()

@@ -27,6 +27,7 @@ from bad_input_world import (
     _header_longer_than_file,
     _pissa_start_of_rank,
     _remove,
+    _repeating_mixture,
     _set,
     _sharded_with_missing_shard,
     _tools,
@@ -126,6 +127,8 @@ CASES: dict[str, tuple[Setup, str, str]] = {
     "val_size counting an example cut to nothing": (lambda w: [*w.data_file(json.dumps(
         [ALPACA[0], {**ALPACA[0], "instruction": "long " * 2000}, ALPACA[0]])), "--val_size", "2"],
         "--val_size 2", "leaves no training examples of 2"),
+    "val_size holding out every record a mixture repeats": (lambda w: _repeating_mixture(w, 4), "--val_size 4",
+                                                            "leaves no training examples of 4 records"),
     "empty list": (lambda w: w.data_file("[]"), "'d'", "no examples left"),
     # dataset_info.json
     "info not utf-8": (lambda w: w.info(b'{"d": {"file_name": "d.json", "x": "\xff"}}'), "dataset_info.json",

@@ -9,7 +9,7 @@ renamed, so a killed build never leaves a half-written cache.
 
 Its files (lorakit.data.tokens reads them): ids.npy, labels.npy, offsets.npy, targets.npy, examples.npy and
 meta.json: the datasets and their record counts, the mixture's size and log line, the first example with tool
-turns, the truncated and dropped counts, and how long tokenising took.
+turns, the truncated and dropped counts, the distinct records the examples come from, and how long tokenising took.
 """
 
 from __future__ import annotations
@@ -200,6 +200,7 @@ def _build(specs: Sequence[DatasetSpec], conversations: Sequence[list[Message]],
                 "tools_example": int(with_tools[0]) if len(with_tools) else None}  # fmt: skip
         kept = records["targets"][order] > 0
         meta["dropped"] = int((~kept).sum())
+        meta["distinct_records"] = len(np.unique(order[kept]))  # what --val_size splits (interleave_over repeats)
         check_data(meta, config, template, what)  # on the examples that train
         if not kept.any():
             raise LorakitError(f"no examples left: all {len(order)} lost every trained token to --cutoff_len "

@@ -19,6 +19,7 @@ from lorakit.data import plan_epoch, prepare_data
 from lorakit.data.mixing import load_mixed, mixture_order
 from lorakit.data.records import resolve_datasets
 from lorakit.errors import LorakitError
+from lorakit.evaluate import eval_data
 from lorakit.validate import validate
 
 STOPPING = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted"}
@@ -181,6 +182,22 @@ def _examples(plan: Any) -> list[list[int]]:
     """The training set's examples, in order, as the loop reads them from the cache."""
     data, _, _ = prepare_data(plan.config.data, plan.tokenizer, plan.template, source=plan.train_data)
     return [data.example(i)[0].tolist() for i in range(len(data))]
+
+
+def test_val_size_holds_out_records_of_an_oversampled_mixture(tiny_model: Path, tmp_path: Path):
+    """interleave_over repeats the small dataset's records; --val_size holds records out with every copy, so none is
+    both trained and evaluated (a record: its dataset and index in it, the record index in the datasets'
+    concatenation), and the training side still oversamples the small dataset."""
+    folder = _two_datasets(tmp_path / "data")  # big: records 0-29, small: 30-39, each drawn 3 times
+    plan = _plan(tmp_path, tiny_model, folder, "--mix_strategy", "interleave_over", "--val_size", "0.25")
+    data, _, _ = prepare_data(plan.config.data, plan.tokenizer, plan.template, source=plan.train_data)
+    train, held_out = eval_data(plan, data)
+    assert held_out is not None and not set(train.index.tolist()) & set(held_out.index.tolist())
+    assert len(held_out) == len(set(held_out.index.tolist())) == 10  # a quarter of the 40 records, each once
+    small = train.index[train.index >= 30].tolist()
+    assert len(small) == 3 * len(set(small)) > 0  # each small record left to train is drawn 3 times, as mixed
+    assert len(train) == 60 - sum(3 if record >= 30 else 1 for record in held_out.index.tolist())
+    assert plan.fingerprint["data"].endswith(":val_size=0.25:split=records")  # checkpoints of the former split differ
 
 
 def test_a_resumed_epoch_continues_the_mixed_order():
