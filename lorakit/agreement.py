@@ -34,7 +34,7 @@ class StepFlags:
     step: int
     flags: torch.Tensor  # [signal number, 1 if not finite, 1 if a hook asked to stop], the maximum over ranks
     loss: torch.Tensor  # this rank's share of the step's loss, for the error message
-    grad_norm: Any  # DeepSpeed's global gradient norm: a tensor, a float or None
+    grad_norm: Any  # the global gradient norm before clipping (lorakit.train.run_step): a tensor, a float or None
 
     @classmethod
     def post(cls, step: int, signal_number: int, loss: torch.Tensor, grad_norm: Any, stop: bool = False) -> StepFlags:

@@ -62,7 +62,7 @@ class StepInfo:
     tokens_per_second: float
     model: LiveModel
     loss_tensor: torch.Tensor  # summed over ranks by an all-reduce queued on the device
-    grad_norm_value: Any  # DeepSpeed's: a tensor, a float or None
+    grad_norm_value: Any  # lorakit.train.run_step's: a tensor, a float or None
 
     @property
     def loss(self) -> float:

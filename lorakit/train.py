@@ -75,9 +75,9 @@ def row_multiple(dist: DistInfo) -> int:
 
 def run_step(
     engine: Any, data: TokenizedData, plan: StepPlan, dist: DistInfo, pad_id: int, packing: bool
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, Any]:
     """Forward and backward over this rank's micro-batches, then one optimizer step; returns this rank's share
-    of the step's mean token loss."""
+    of the step's mean token loss and the gradients' global norm before clipping (a tensor, a float or None)."""
     step_targets = int(data.target_counts[plan.examples()].sum())
     scale = dist.world_size / step_targets
     micro_batches = plan.micro_batches[dist.rank]
@@ -91,8 +91,22 @@ def run_step(
         loss_sum = model_loss_sum(engine, inputs, labels)
         engine.backward(loss_sum * scale, scale_wrt_gas=False)
         local_loss += loss_sum.detach().float()
+    own_norm = grad_norm_without_deepspeed(engine)  # before the step, which clears the gradients
     engine.step()
-    return local_loss / step_targets
+    return local_loss / step_targets, engine.get_global_grad_norm() if own_norm is None else own_norm
+
+
+def grad_norm_without_deepspeed(engine: Any) -> torch.Tensor | None:
+    """The gradients' global norm where DeepSpeed keeps none, else None. Its optimizer wrappers (ZeRO stages 1-3,
+    bf16, fp16) keep the norm they clip with; with the optimizer as given (ZeRO stage 0 in fp32) DeepSpeed clips
+    inside its step and drops the norm: `get_global_grad_norm()` is None, which logged as NaN and escaped the
+    non-finite stop. Read after the last backward, which averaged the gradients over the ranks (DeepSpeed's
+    stage-0 all-reduce at the accumulation boundary), so it is every rank's; a tensor, so nothing waits here."""
+    from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+
+    if isinstance(engine.optimizer, DeepSpeedOptimizer):
+        return None
+    return torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
 
 
 def cache_line(folder: Path, was_cached: bool) -> str:
@@ -222,10 +236,10 @@ def train(
             learning_rate = learning_rate_at(position.step, counts.total_steps, train_config.learning_rate,
                                              counts.warmup_steps, train_config.lr_scheduler_type)  # fmt: skip
             set_learning_rate(engine, learning_rate)
-            step_loss = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
+            step_loss, grad_norm = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
             run.data.release()  # the token pages this step read leave this rank's resident memory (lorakit.data.tokens)
             position = advance(position, plan, len(run.data))
-            grad_norm, tokens = engine.get_global_grad_norm(), int(run.data.lengths[plan.examples()].sum())
+            tokens = int(run.data.lengths[plan.examples()].sum())
             last, epoch = position.step == counts.total_steps, position.epochs_done(len(run.data))
             stop_asked |= hooks.step(position.step, epoch, step_loss, grad_norm, learning_rate, tokens)
             flags = StepFlags.post(position.step, signals.received, step_loss, grad_norm, stop_asked)

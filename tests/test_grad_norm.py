@@ -1,0 +1,34 @@
+"""The gradient norm lorakit logs and stops on under --zero_stage 0 in fp32, where DeepSpeed clips inside its own
+step and keeps no norm (one process, DeepSpeed on the CPU: tests/grad_norm_driver.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from launch import REPO, launch
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+    workdir = tmp_path_factory.mktemp("grad_norm")
+    launch([sys.executable, str(REPO / "tests" / "grad_norm_driver.py"), str(workdir), str(tiny_model)],
+           workdir / "driver.log")  # fmt: skip
+    return json.loads((workdir / "seen.json").read_text())
+
+
+def test_the_logged_norm_is_that_of_the_gradients_before_clipping(seen: dict):
+    clipped = seen["clipped"]
+    assert clipped["error"] is None and len(clipped["logged"]) == len(clipped["norms"]) == 3
+    assert all(math.isfinite(norm) and norm > 0.1 for norm in clipped["logged"])  # above --max_grad_norm: clipped
+    assert clipped["logged"] == pytest.approx([round(norm, 4) for norm in clipped["norms"]], abs=1e-4)
+
+
+def test_a_gradient_that_is_not_finite_stops_the_run_at_its_step(seen: dict):
+    """Step 2's loss is finite and its gradient is not: the run stops at step 2, naming the norm."""
+    poisoned = seen["poisoned"]
+    assert poisoned["error"] is not None and poisoned["error"].startswith("step 2: the loss ("), poisoned["error"]
+    assert "or gradient norm (inf) is not finite; stopped without saving" in poisoned["error"]
