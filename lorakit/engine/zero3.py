@@ -74,11 +74,11 @@ def gather_updated_adapter_at_once(engine: Any) -> list[Any]:
     if not hasattr(optimizer, "_post_step") or not hasattr(optimizer, "persistent_parameters"):
         return []  # another DeepSpeed layout: its own per-parameter gather stays, correct and slower
     post_step = optimizer._post_step  # DeepSpeed 0.19: called at the end of every step, gathers the resident ones
-    layout = adapter_partition_layout(optimizer)
+    layout, kept = adapter_partition_layout(optimizer), {}
 
     def gather_then_post_step(*args: Any) -> Any:
         if layout:
-            refresh_in_place(layout)
+            refresh_in_place(layout, kept)
         gather_released(optimizer.persistent_parameters, getattr(engine, "lorakit_fixed_addresses", None))
         return post_step(*args)
 
@@ -118,31 +118,43 @@ def adapter_partition_layout(optimizer: Any) -> PartitionLayout | None:
     return layout
 
 
-def refresh_in_place(layout: PartitionLayout) -> None:
+def refresh_in_place(layout: PartitionLayout, kept: dict[int, tuple]) -> None:
     """Bring each gathered trainable weight up to its updated partitions: one all-gather of each sub-group's flat
     buffer, then every weight's slices copied into the memory it already has (one batched copy). What DeepSpeed's
     release-then-gather computes, without ~400 releases, per-weight allocations and a new address for every weight
-    each step. A weight released meanwhile (a GatheredParameters block) is left to `gather_released`."""
+    each step. A weight released meanwhile (a GatheredParameters block) is left to `gather_released`. `kept`: the
+    gather buffer and the copies' views per sub-group, reused while every weight stays where it was."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    for flat, group, entries in layout:
-        world = torch.distributed.get_world_size(group)
-        rows = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+    for index, (flat, group, entries) in enumerate(layout):
+        where = tuple(p.data.data_ptr() if p.ds_status == ZeroParamStatus.AVAILABLE else 0 for p, _, _ in entries)
+        if index not in kept or kept[index][0] != where:
+            kept[index] = (where, *refresh_copies(flat, torch.distributed.get_world_size(group), entries, where))
+        _, rows, targets, sources = kept[index]
         torch.distributed.all_gather_into_tensor(rows, flat, group=group)
-        rows = rows.view(world, flat.numel())
-        targets, sources = [], []
-        for param, offset, size in entries:
-            if not size or param.ds_status != ZeroParamStatus.AVAILABLE:
-                continue
-            whole = param.data.view(-1)
-            full = whole.numel() // size  # partitions wholly inside the weight; the last one may be padded
-            targets.append(whole[: full * size].view(full, size))
-            sources.append(rows[:full, offset : offset + size])
-            if whole.numel() > full * size:
-                targets.append(whole[full * size :])
-                sources.append(rows[full, offset : offset + whole.numel() - full * size])
         if targets:
             torch._foreach_copy_(targets, sources)
+
+
+def refresh_copies(
+    flat: torch.Tensor, world: int, entries: list[tuple[Any, int, int]], where: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The all-gather's buffer (rank r's flat partitions in row r) and, for each gathered weight, the views that
+    copy its slices out of the rows into its memory (the last partition of a weight may be padded)."""
+    rows = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+    grid = rows.view(world, flat.numel())
+    targets, sources = [], []
+    for (param, offset, size), pointer in zip(entries, where, strict=True):
+        if not size or not pointer:
+            continue
+        whole = param.data.view(-1)
+        full = whole.numel() // size  # partitions wholly inside the weight
+        targets.append(whole[: full * size].view(full, size))
+        sources.append(grid[:full, offset : offset + size])
+        if whole.numel() > full * size:
+            targets.append(whole[full * size :])
+            sources.append(grid[full, offset : offset + whole.numel() - full * size])
+    return rows, targets, sources
 
 
 def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | None = None) -> None:
