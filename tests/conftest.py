@@ -26,9 +26,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.write_dataset(tmp_path_factory.mktemp("data"), tiny.alpaca_records(48))
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path_factory.getbasetemp() / "lorakit-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The tokenised-data cache in this run's basetemp, never the user's ~/.cache/lorakit. Session-scoped and autouse
+    so that pytest sets it up before every module or session fixture: those that train (and the ranks they launch:
+    tests/launch.py passes os.environ on) run before any function-scoped fixture could set it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORAKIT_CACHE", str(tmp_path_factory.getbasetemp() / "lorakit-cache"))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,6 @@ def run(name: str) -> dict:
             "model_name_or_path": str(model),
             "template": "qwen",
             "output_dir": str(workdir / name),
-            "data_cache_dir": str(workdir / "cache"),  # launched from a module fixture: before the tests' own cache
             "cutoff_len": 256,
             "learning_rate": 2e-2,
             "max_steps": 3,

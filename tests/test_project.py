@@ -1,14 +1,17 @@
 """The project's own promises: ruff-clean at 120 columns, a README that documents every flag, commands that import
-downward."""
+downward, a test run that leaves the user's cache alone."""
 
 import ast
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from launch import REPO
+from launch import REPO, run
 
 from lorakit.config import flat_fields
+from lorakit.data.cache import default_cache_dir
 
 
 def test_readme_documents_every_flag():
@@ -84,3 +87,17 @@ def test_the_public_names_are_the_few_the_readme_gives_a_contract_for():
     assert set(lorakit.__all__) == PUBLIC and all(hasattr(lorakit, name) for name in PUBLIC)
     section = (REPO / "README.md").read_text().split("## Using lorakit from Python")[1].split("\n## ")[0]
     assert [name for name in sorted(PUBLIC) if f"`{name}" not in section and f" `{name}(" not in section] == []
+
+
+@pytest.fixture(scope="session")
+def caches_of_fixtures() -> tuple[Path, str]:
+    """The data cache a session or module fixture that trains would use, in this process and in a process it
+    launches: such fixtures are set up before any function-scoped one."""
+    launched = run([sys.executable, "-c", "import os; print(os.environ.get('LORAKIT_CACHE'))"], timeout=60)
+    return default_cache_dir(), launched.stdout.strip()
+
+
+def test_a_test_run_never_writes_the_users_data_cache(caches_of_fixtures, tmp_path_factory: pytest.TempPathFactory):
+    here, launched = caches_of_fixtures
+    basetemp = tmp_path_factory.getbasetemp()
+    assert here.is_relative_to(basetemp) and Path(launched).is_relative_to(basetemp), (here, launched)
