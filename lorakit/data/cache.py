@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lorakit.checks import check_output_dir_writable
 from lorakit.config import DataConfig
 from lorakit.data.build import META, build
@@ -130,8 +132,23 @@ def ready(source: DataSource, config: DataConfig, tokenizer: Any, template: Temp
         build(source.specs, source.conversations, config, tokenizer, template, seed, what, folder)
     meta = read_meta(folder) if cached or builds else _wait_for(folder)
     assert meta is not None  # built above, or waited for
+    meta = _with_distinct_records(folder, meta)
     check_data(meta, config, template, what)
     return dataclasses.replace(source, meta=meta, cached=cached)
+
+
+def _with_distinct_records(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` with the count of distinct records that --val_size splits. A cache written before session 8 lacks it,
+    and its example count includes interleave_over's repeats, so the check before training would pass a --val_size
+    that the split refuses once the process group is up: count it as the build does, from examples.npy (the record
+    of each example that trains). Nothing is written: the cache may be read-only or shared."""
+    while "distinct_records" not in meta:
+        try:
+            return {**meta, "distinct_records": len(np.unique(np.load(folder / "examples.npy")))}
+        except FileNotFoundError:  # replaced under this rank (--overwrite_cache on local rank 0): read the new one
+            time.sleep(POLL_S)
+            meta = read_meta(folder) or _wait_for(folder)
+    return meta
 
 
 def _wait_for(folder: Path) -> dict[str, Any]:

@@ -30,8 +30,8 @@ def split_key(config: DataConfig, key: str) -> str:
 
 def check_data(meta: dict[str, Any], config: DataConfig, template: Any, what: str) -> None:
     """`meta`: the cache's description of the data (lorakit.data.build); `what`: "the training data's"."""
-    # the records left to split, as the split counts them; a cache written before "distinct_records" (session 8)
-    # counts examples, the same number unless interleave_over repeats records (the split itself then checks)
-    held_out_count(config.val_size, meta.get("distinct_records", meta["examples"] - meta["dropped"]))
+    # the records left to split, as the split counts them (lorakit.data.cache counts them for a cache written before
+    # session 8, which lacks them)
+    held_out_count(config.val_size, meta["distinct_records"])
     if meta["tools_example"] is not None and not getattr(template, "renders_tools", False):
         refuse_tools(template, meta["tools_example"], what)

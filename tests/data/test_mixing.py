@@ -16,6 +16,7 @@ import tiny
 from lorakit.cli import parse_config
 from lorakit.config import Config, DataConfig
 from lorakit.data import plan_epoch, prepare_data
+from lorakit.data.cache import cache_folder
 from lorakit.data.mixing import load_mixed, mixture_order
 from lorakit.data.records import resolve_datasets
 from lorakit.errors import LorakitError
@@ -198,6 +199,22 @@ def test_val_size_holds_out_records_of_an_oversampled_mixture(tiny_model: Path, 
     assert len(small) == 3 * len(set(small)) > 0  # each small record left to train is drawn 3 times, as mixed
     assert len(train) == 60 - sum(3 if record >= 30 else 1 for record in held_out.index.tolist())
     assert plan.fingerprint["data"].endswith(":val_size=0.25:split=records")  # checkpoints of the former split differ
+
+
+def test_val_size_counts_records_in_a_cache_written_before_they_were_counted(tiny_model: Path, tmp_path: Path):
+    """A cache from before session 8 has no distinct_records in its meta, and its example count counts
+    interleave_over's repeats: a --val_size that holds out every record must still fail in validation (one line,
+    before any process group), not at the split once training has started. The cache is reused, not rebuilt."""
+    folder = _two_datasets(tmp_path / "data")  # big: 30 records, small: 10, each drawn 3 times: 60 examples
+    mix = ["--mix_strategy", "interleave_over", "--data_cache_dir", str(tmp_path / "cache")]  # its own: edited below
+    plan = _plan(tmp_path, tiny_model, folder, *mix, "--val_size", "1")
+    meta_file = cache_folder(plan.config.data, plan.train_data.key) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("distinct_records") == 40 and meta["examples"] - meta["dropped"] == 60
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(LorakitError, match=r"^--val_size 50(\.0)? leaves no training examples of 40 records; lower"):
+        _plan(tmp_path, tiny_model, folder, *mix, "--val_size", "50")
+    assert _plan(tmp_path, tiny_model, folder, *mix, "--val_size", "39").train_data.cached
 
 
 def test_a_resumed_epoch_continues_the_mixed_order():
