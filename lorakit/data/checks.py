@@ -16,7 +16,7 @@ def held_out_count(val_size: float, num_records: int) -> int:
     """How many of the training set's distinct records --val_size holds out (lorakit.evaluate.split_train_eval)."""
     count = int(val_size) if val_size >= 1 else math.ceil(val_size * num_records)
     if val_size and not 0 < count < num_records:
-        raise LorakitError(f"--val_size {val_size} leaves no training examples of {num_records} records; lower it")
+        raise LorakitError(f"--val_size {val_size:g} leaves no training examples of {num_records} records; lower it")
     return count
 
 
