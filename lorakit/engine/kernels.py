@@ -223,11 +223,15 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
 def row_length_dynamic(compiled: Any) -> Any:
     """`compiled`, called with every dimension of its tensor inputs (after the batch dimension) that has the row's
     length marked dynamic: the hidden states, position ids, rotary cos/sin and any mask. `maybe_mark_dynamic`: a
-    model whose code needs the length as a constant gets it specialised, not an error."""
+    model whose code needs the length as a constant gets it specialised, not an error. The last dimension of a 3-D
+    floating tensor is a feature size (the hidden states' hidden size, cos/sin's head dim), never the row's, even
+    where the two are equal: marked, it made dynamo compile the layer again for such a row (dynamo recompiles where
+    an input has a dynamic dimension its graph was not compiled with)."""
 
     def mark(value: Any, length: int) -> None:
         if isinstance(value, torch.Tensor):
-            for dim in range(1, value.dim()):
+            features = value.dim() == 3 and value.is_floating_point()
+            for dim in range(1, value.dim() - 1 if features else value.dim()):
                 if value.shape[dim] == length:
                     torch._dynamo.maybe_mark_dynamic(value, dim)
         elif isinstance(value, (tuple, list)):

@@ -95,6 +95,23 @@ def test_a_new_row_length_compiles_nothing_more(tiny_model: Path):
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 2, graphs
 
 
+def test_a_row_as_long_as_the_hidden_size_or_the_head_dim_compiles_nothing_more(tiny_model: Path):
+    """A row whose length happens to equal a feature size of the layer's inputs (the hidden states' 64, the rotary
+    cos/sin's head dim 16 of the tiny model) is still just another length: marking those feature dimensions dynamic
+    as well made dynamo compile every layer again (its guard: the inputs' dynamic dimensions must be a subset of the
+    compiled graph's)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _model(tiny_model, torch.float32, "cpu")
+    assert model.config.hidden_size == 64 and model.config.hidden_size // model.config.num_attention_heads == 16
+    compile_decoder_layers(model, backend="aot_eager")
+    graphs = []
+    for lengths in ([30, 50], [30, 34], [10, 6], [41, 77]):  # 80, then 64 (the hidden size), 16 (the head dim)
+        _loss_and_grads(model, lengths, "cpu")
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 3, graphs
+
+
 def test_torch_compile_is_refused_with_quantisation():
     with pytest.raises(LorakitError, match="--torch_compile with --quantization_bit is not supported"):
         ModelConfig(torch_compile=True, quantization_bit=4)
