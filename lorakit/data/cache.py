@@ -35,6 +35,11 @@ from lorakit.templates import Message, Template
 CACHE_FORMAT = 5  # 4: labels of --train_on_prompt with --mask_history, and --template auto splits (session 5);
 # 5: an example's first token is never a label (--train_on_prompt trained it across packed examples), and the key
 # holds the template's jinja (session 7)
+# A reader that changed what the same bytes of its file type read as, and since when: in the key of that type's data
+# only (a new CACHE_FORMAT would set every cache and every checkpoint's fingerprint aside). Parquet 2: the null keys
+# Arrow adds are dropped (lorakit.data.readers.without_nulls; a tool's definition read with every other tool's
+# parameters as nulls before, which the tools text trained on; session 8).
+READERS = {".parquet": 2}
 WAIT_S = 60.0  # a rank waiting this long for the cache says so
 POLL_S = 0.2
 _TURNS = [Message("user", "U1"), Message("assistant", "A1"), Message("user", "U2"), Message("assistant", "A2")]
@@ -73,6 +78,11 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _reader_versions(spec: DatasetSpec) -> list[str]:
+    """The versions of READERS that read `spec`'s files (none for the others: their keys are as they were)."""
+    return sorted({f"{p.suffix} reader {READERS[p.suffix]}" for p in spec.files if p.suffix in READERS})
+
+
 def _tokenizer_digest(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
@@ -86,7 +96,8 @@ def cache_key(specs: list[DatasetSpec], config: DataConfig, template: Template, 
     template, the tokenizer."""
     # the entry without its folder: the same data copied elsewhere (another machine's mount) is the same data, and a
     # checkpoint's fingerprint holds this key (lorakit.resume)
-    datasets = [[s.name, repr(dataclasses.replace(s, path=Path(s.path.name))), _file_digest(s.path)] for s in specs]
+    datasets = [[s.name, repr(dataclasses.replace(s, path=Path(s.path.name))), _file_digest(s.path)]
+                + _reader_versions(s) for s in specs]  # fmt: skip
     draws = len(specs) > 1 and config.mix_strategy != "concat" and bool(config.interleave_probs)
     parts = {
         "format": CACHE_FORMAT,

@@ -1,6 +1,7 @@
 """The tokenised-data cache (lorakit.data.cache): keyed by every input, reused by a second run, shared by the ranks
 of a node (local rank 0 builds, the others wait for the folder), written whole or not at all."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow
+import pyarrow.parquet
 import pytest
 import tiny
+from conversations import MIXED_KEY_RECORDS
 
 from lorakit.config import DataConfig
 from lorakit.data import cache, prepare_data, read_source, ready
@@ -68,6 +72,26 @@ def test_the_same_data_in_another_folder_has_the_same_key(tiny_model: Path, tiny
     assert again == path and cached
     (moved / "tiny.json").write_text((moved / "tiny.json").read_text().replace("cat", "cow"))
     assert prepare_data(_config(moved, tmp_path / "cache"), tokenizer, template)[1] != path  # the bytes still count
+
+
+def test_a_parquet_datasets_key_holds_its_readers_version(tiny_model: Path, tiny_data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    """The same Parquet bytes read as other records since its reader drops the null keys Arrow adds (the tools text
+    of MIXED_KEY_RECORDS lost every other tool's parameters as nulls): a cache tokenised by the former reader, whose
+    key the bytes alone made, must not be reused, nor a checkpoint of it resumed. A JSON dataset's key stays."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    template = get_template("qwen", tokenizer)
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(MIXED_KEY_RECORDS), folder / "t.parquet")
+    (folder / "dataset_info.json").write_text(json.dumps({"t": {"file_name": "t.parquet", "formatting": "sharegpt"}}))
+    parquet = DataConfig(dataset=("t",), dataset_dir=str(folder), cutoff_len=256, data_cache_dir=str(tmp_path))
+    keys = [read_source(parquet, template, tokenizer, 42).key, read_source(_config(tiny_data, tmp_path), template,
+                                                                          tokenizer, 42).key]  # fmt: skip
+    monkeypatch.setattr(cache, "READERS", {})  # the key before: the bytes alone
+    former = [read_source(parquet, template, tokenizer, 42).key, read_source(_config(tiny_data, tmp_path), template,
+                                                                            tokenizer, 42).key]  # fmt: skip
+    assert former[0] != keys[0] and former[1] == keys[1]
 
 
 def test_the_tokens_are_memory_mapped_and_released(tiny_model: Path, tiny_data: Path, tmp_path: Path):
