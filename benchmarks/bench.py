@@ -66,6 +66,10 @@ RUNS = {
     "zero2-graphs-nooverlap": ["--zero_stage", "2", "--deepspeed", "{nooverlap}", "--torch_compile_mode",
                                "reduce-overhead"],
     "full-zero3-graphs": ["--max_steps", "-1", "--torch_compile_mode", "reduce-overhead"],
+    # an experiment (benchmarks/device_wait.py runs them): DeepSpeed's per-step host synchronisations as device waits
+    "zero3-devicewait": [],
+    "zero2-devicewait": ["--zero_stage", "2"],
+    "full-zero3-devicewait": ["--max_steps", "-1"],
     "zero3-liger": ["--enable_liger_kernel"],  # fused RMSNorm / RoPE / SwiGLU (lorakit[kernels])
     "zero2-liger": ["--zero_stage", "2", "--enable_liger_kernel"],
     # rows of 8,192 tokens: one forward pass per rank where a step's share exceeds 4,096 tokens
@@ -88,6 +92,7 @@ RUNS = {
     "qlora-zero3": ["--quantization_bit", "4"],
     "qlora-zero3-partitioned": ["--quantization_bit", "4", "--deepspeed", "{partitioned}"],
 }  # fmt: skip
+SCRIPTS = {name: "benchmarks/device_wait.py" for name in RUNS if name.endswith("-devicewait")}  # else sft.py
 VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (see RESULTS.md)
     "per_module": {"stage3_module_granularity_threshold": 0},
     "persist": {"stage3_param_persistence_threshold": 10**12},
@@ -163,7 +168,8 @@ def lorakit_run(run: str, args: argparse.Namespace, flops_per_token: float, work
     out = Path("/tmp") / f"bench-out-{run}"
     log = work / f"{run}.log"
     started = time.perf_counter()
-    code = launch(gpus, ["examples/sft.py", *run_flags(name, gpus, args, work, out)], log, args.timeout)
+    script = SCRIPTS.get(name, "examples/sft.py")
+    code = launch(gpus, [script, *run_flags(name, gpus, args, work, out)], log, args.timeout)
     result = {"run": run, "gpus": gpus, "exit": code, "wall_seconds": round(time.perf_counter() - started, 1)}
     if code != 0:
         return result | {"log_tail": log.read_text()[-3000:]}
