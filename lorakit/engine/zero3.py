@@ -128,6 +128,8 @@ def refresh_in_place(layout: PartitionLayout, kept: dict[int, tuple]) -> None:
 
     for index, (flat, group, entries) in enumerate(layout):
         where = tuple(p.data.data_ptr() if p.ds_status == ZeroParamStatus.AVAILABLE else 0 for p, _, _ in entries)
+        if not any(where):  # every one released (DeepSpeed's own release stayed): gathered by `gather_released`
+            continue
         if index not in kept or kept[index][0] != where:
             kept[index] = (where, *refresh_copies(flat, torch.distributed.get_world_size(group), entries, where))
         _, rows, targets, sources = kept[index]
