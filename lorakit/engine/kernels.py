@@ -180,18 +180,20 @@ def start_a_round_of_graphs(*_: Any) -> None:
 def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "default") -> list[str]:
     """--torch_compile: each decoder layer's `forward` through torch.compile; returns the log line. Only the layer's
     own computation is compiled: ZeRO-3's gather and release hooks run around the module call, outside the graph.
-    A packed row's length changes every step, so it is symbolic from the first call (`row_length_dynamic`): one
-    compile serves every length (dynamo's automatic mode compiled the first length as a constant, then everything
-    again symbolically at the second: twice the compile time in a run's first steps). `backend`: the tests'
-    "aot_eager" on the CPU checks the capture without inductor's code generation. `mode` (inductor's): with CUDA graphs
-    (reduce-overhead), each row length seen is recorded once, forward and backward, in one memory pool that the
-    layers of a step share, then replayed: one launch a layer for the ~30 kernels it runs. Each forward of the whole
-    model starts a new round of the graphs (torch.compiler.cudagraph_mark_step_begin, before the model and before
-    the HF model inside PEFT's, which generation calls directly): without it the graphs cannot tell one micro-batch
-    from the next, run their slow path ("pending, uninvoked backwards") and, in an evaluation, read a layer's
-    output after the next layer's replay overwrote it. A new round frees the previous one's outputs: by then
-    DeepSpeed has copied each LoRA gradient of the previous micro-batch into its own buckets (the GPU test trains
-    with two micro-batches a step against the same layers without graphs)."""
+    Every layer runs one graph: the first layer's input (the frozen embedding's output) is made to require grad like
+    the others' (`input_requiring_grad`). A packed row's length changes every step, so it is symbolic from the first
+    call (`row_length_dynamic`): one compile serves every length (dynamo's automatic mode compiled the first length
+    as a constant, then everything again symbolically at the second: twice the compile time in a run's first steps).
+    `backend`: the tests' "aot_eager" on the CPU checks the capture without inductor's code generation. `mode`
+    (inductor's): with CUDA graphs (reduce-overhead), each row length seen is recorded once, forward and backward,
+    in one memory pool that the layers of a step share, then replayed: one launch a layer for the ~30 kernels it
+    runs. Each forward of the whole model starts a new round of the graphs
+    (torch.compiler.cudagraph_mark_step_begin, before the model and before the HF model inside PEFT's, which
+    generation calls directly): without it the graphs cannot tell one micro-batch from the next, run their slow path
+    ("pending, uninvoked backwards") and, in an evaluation, read a layer's output after the next layer's replay
+    overwrote it. A new round frees the previous one's outputs: by then DeepSpeed has copied each LoRA gradient of
+    the previous micro-batch into its own buckets (the GPU test trains with two micro-batches a step against the
+    same layers without graphs)."""
     from lorakit.engine.zero3 import decoder_layer_classes
 
     classes = tuple(decoder_layer_classes(model))
@@ -212,12 +214,34 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
             top.register_forward_pre_hook(start_a_round_of_graphs)
     options = {"mode": mode} if backend == "inductor" else {}
     for layer in layers:
-        layer.forward = row_length_dynamic(torch.compile(layer.forward, backend=backend, dynamic=None, **options))
+        compiled = torch.compile(layer.forward, backend=backend, dynamic=None, **options)
+        layer.forward = input_requiring_grad(row_length_dynamic(compiled))  # the alias marked, as later layers are
     shown = f"{backend}, {mode}" if backend == "inductor" else backend
     return [
         f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({shown}"
         f"{': CUDA graphs, one per row length' if graphs else ''}); the first steps include the compilation"
     ]
+
+
+def input_requiring_grad(compiled: Any) -> Any:
+    """`compiled`, given hidden states that require grad when autograd records. The first decoder layer's input,
+    the frozen embedding's output, does not, and AOTAutograd compiles a graph per pattern of inputs requiring grad:
+    a second whole compile (forward and backward) for that one layer, ~20 % of a run's cold compile on the CPU
+    (40 s instead of 50 s for the tiny model). The price is that layer's input gradient through q/k/v and its norm
+    (~0.1 % of a 7B step's matmul work); nothing reads it. A detached alias, so the caller's tensor is unchanged."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        wanted = isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and torch.is_grad_enabled()
+        if wanted and not hidden.requires_grad:
+            hidden = hidden.detach().requires_grad_()
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+        return compiled(*args, **kwargs)
+
+    return forward
 
 
 def row_length_dynamic(compiled: Any) -> Any:

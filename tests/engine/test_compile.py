@@ -81,6 +81,17 @@ def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backen
     assert stats["unique_graphs"] >= 1, dict(stats)  # dynamo did capture the layers
 
 
+def test_every_layer_runs_one_graph(tiny_model: Path):
+    """The first layer's input (the frozen embedding's output) requires grad like every later layer's
+    (lorakit.engine.kernels.input_requiring_grad): one compile for the whole stack, not a second one for layer 0."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _model(tiny_model, torch.float32, "cpu")
+    compile_decoder_layers(model, backend="aot_eager")
+    _loss_and_grads(model, [30, 50], "cpu")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_a_new_row_length_compiles_nothing_more(tiny_model: Path):
     """The row length is symbolic from the first call (lorakit.engine.kernels.row_length_dynamic): rows of other
     lengths, packed alike, reuse the first compile; dynamo's automatic mode would compile everything again."""
