@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.distributed import DistInfo
+from lorakit.engine.kernels import compile_seconds
 from lorakit.steps import StepMath
 from lorakit.tracking import Tracker
 
@@ -117,9 +118,12 @@ class Reporter:
         }
         if self.last_eval_loss is not None:
             summary["eval_loss"] = round(self.last_eval_loss, 4)
-        if self.dist.device.type == "cuda":
-            peak = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30])[0]
+        if self.dist.device.type == "cuda":  # the compile is part of the runtime: said, so a reader can set it apart
+            peak, compiling = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30,
+                                             compile_seconds()])  # fmt: skip
             summary["peak_gpu_memory_gib"] = round(peak, 2)
+            if compiling:
+                summary["compile_seconds"] = round(compiling, 1)
         if self.dist.is_main:
             say(str(summary))
             (self.output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -223,6 +223,13 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
     ]
 
 
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling with torch.compile, by torch's own timers: dynamo's captures with
+    their forward compiles, and the backward compiles (run at the first backward); 0.0 if nothing compiled."""
+    timers = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
+    return sum(sum(v) for k, v in timers.items() if k == "_compile.compile_inner" or k.endswith("bw_compiler"))
+
+
 def input_requiring_grad(compiled: Any) -> Any:
     """`compiled`, given hidden states that require grad when autograd records. The first decoder layer's input,
     the frozen embedding's output, does not, and AOTAutograd compiles a graph per pattern of inputs requiring grad:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lorakit.config import LoraSettings, ModelConfig
-from lorakit.engine.kernels import compile_decoder_layers, use_torch_compile
+from lorakit.engine.kernels import compile_decoder_layers, compile_seconds, use_torch_compile
 from lorakit.engine.model import attach_lora
 from lorakit.errors import LorakitError
 from lorakit.loss import model_loss_sum
@@ -88,8 +88,10 @@ def test_every_layer_runs_one_graph(tiny_model: Path):
     torch._dynamo.utils.counters.clear()
     model = _model(tiny_model, torch.float32, "cpu")
     compile_decoder_layers(model, backend="aot_eager")
+    before = compile_seconds()
     _loss_and_grads(model, [30, 50], "cpu")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert compile_seconds() > before + 0.1  # the final summary's compile_seconds: the capture was timed
 
 
 def test_a_new_row_length_compiles_nothing_more(tiny_model: Path):
