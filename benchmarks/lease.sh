@@ -16,7 +16,7 @@ for seg in "$@"; do
   i=$((i + 1))
   which=${seg%%:*}
   runs=${seg#*:}
-  B="--global_batch ${GB:-128} --steps ${STEPS:-30} --timeout 400"
+  B="--global_batch ${GB:-128} --steps ${STEPS:-30} --timeout ${BENCH_TIMEOUT:-400} ${ARCH:+--arch $ARCH}"
   if [ "$which" = new ]; then
     python3 benchmarks/bench.py $B --huanhuan .bench/huanhuan.json --runs "$runs" --out /tmp/w/new$i.json \
       --jsonl "$OUT/results.jsonl" --commit "${COMMIT}" --same_lease "${LEASE}" 2>&1 | grep -v Warning | cut -c1-400
