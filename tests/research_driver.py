@@ -14,6 +14,7 @@ lorakit as research code uses it, on 2 gloo ranks under ZeRO-3, data from Python
 Each rank writes what its hooks saw to WORKDIR/rank{R}.json.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -35,11 +36,12 @@ seen: dict = {}
 
 
 def run(name: str, generate_at: int | None, stop_from_eval: bool) -> lorakit.TrainResult:
-    steps, evals, samples = [], [], {}
+    steps, evals, samples, frozen = [], [], {}, []
 
     def on_step(info: StepInfo) -> bool:
         if info.step == generate_at:
             samples[info.step] = info.generate(PROMPT, max_new_tokens=12)
+        frozen.append(gc.get_freeze_count())  # the set-up's objects out of the collector's passes (lorakit.train)
         steps.append([info.step, info.total_steps, info.epoch, info.loss, info.grad_norm, info.learning_rate,
                       info.tokens_per_second])  # fmt: skip
         return not stop_from_eval and info.step == 4 and torch.distributed.get_rank() == 1  # one rank asks
@@ -70,7 +72,8 @@ def run(name: str, generate_at: int | None, stop_from_eval: bool) -> lorakit.Tra
     )
     result = lorakit.train(config, train_data=tiny.alpaca_records(48), eval_data=tiny.alpaca_records(8, seed=1),
                            on_step=on_step, on_eval=on_eval)  # fmt: skip
-    seen[name] = {"steps": steps, "evals": evals, "samples": samples, "metrics": result.metrics}
+    seen[name] = {"steps": steps, "evals": evals, "samples": samples, "metrics": result.metrics, "frozen": frozen,
+                  "frozen_after": gc.get_freeze_count()}  # fmt: skip
     return result
 
 

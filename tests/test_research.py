@@ -62,6 +62,13 @@ def test_on_step_sees_what_the_log_shows_and_one_ranks_stop_ends_every_rank_as_a
     assert "stopped at step 4: a hook asked to" in (research_run / "driver.log").read_text()
 
 
+def test_the_loops_collector_passes_skip_the_set_up_and_the_process_gets_it_back(research_run: Path):
+    for seen in _ranks(research_run):
+        frozen = seen["plain"]["frozen"]
+        assert len(frozen) == 4 and min(frozen) > 10_000, frozen  # the model, DeepSpeed's and torch's objects
+        assert seen["plain"]["frozen_after"] == 0
+
+
 def test_training_after_a_generation_continues_exactly_as_without_it(research_run: Path):
     ranks = _ranks(research_run)
     plain, generating = ranks[0]["plain"]["steps"], ranks[0]["generating"]["steps"]
