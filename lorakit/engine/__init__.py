@@ -126,9 +126,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
                      f"bitsandbytes while loading{', then partitioned by ZeRO-3' if zero3 else ''}")  # fmt: skip
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    checkpointing = bool(config.train.gradient_checkpointing)
-    compiled, compile_lines = use_torch_compile(config.model, config.lora, checkpointing, zero3 and not whole_layers,
-                                                on_gpu)  # fmt: skip
+    compiled, compile_lines = use_torch_compile(config.model, config.lora, zero3 and not whole_layers, on_gpu)
     liger_flag = config.model.enable_liger_kernel  # unset: off under torch.compile, whose inductor fuses the same ops
     liger, lines = use_liger_kernel(False if liger_flag is None and compiled else liger_flag, hf_config.model_type)
     notes += (apply_liger_kernel(model) if liger else lines) + compile_lines
@@ -165,6 +163,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
                 "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
             )
     if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
+        checkpointing = bool(config.train.gradient_checkpointing)
         mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3, checkpointing,
                                                config.train.packing, on_gpu)  # fmt: skip
         notes += mode_lines + compile_decoder_layers(engine.module, mode=mode)

@@ -90,14 +90,13 @@ def apply_liger_kernel(model: Any) -> list[str]:
     return [f"liger-kernel: fused RMSNorm, rotary embedding and SwiGLU for {model.config.model_type}"]
 
 
-def compile_unavailable(
-    model: ModelConfig, lora: LoraSettings, checkpointing: bool, per_module_units: bool, on_gpu: bool
-) -> str | None:
+def compile_unavailable(model: ModelConfig, lora: LoraSettings, per_module_units: bool, on_gpu: bool) -> str | None:
     """Why the default leaves the decoder layers eager here, or None when it compiles them. The default compiles
-    only what is measured to pay (a GPU: +40 % tokens/s under ZeRO-3 on 2 H100s, benchmarks/RESULTS.md session 6)
-    and whose GPU test has passed (tests/engine/test_compile.py with inductor: plain LoRA, fp32 and bf16). DoRA and
-    gradient checkpointing pass that test on the CPU (dynamo's capture, aot_eager) but have not yet run it on a GPU,
-    so they stay eager by default; rsLoRA changes only LoRA's scale, a constant of the same graph.
+    where it is measured to pay (a GPU: +40 % tokens/s under ZeRO-3 on 2 H100s, benchmarks/RESULTS.md session 6)
+    and whose GPU test has passed (tests/engine/test_compile.py with inductor, fp32 and bf16: plain LoRA since
+    session 6, DoRA and gradient checkpointing since session 9; rsLoRA changes only LoRA's scale, a constant of the
+    same graph). DoRA's and checkpointing's compiled speed is not measured yet: their layers run the same compiled
+    computation (DoRA adds a weight norm inductor fuses; checkpointing runs the compiled forward again in backward).
     `per_module_units`: ZeRO-3 gathers per module, not per decoder layer (a stage3_module_granularity_threshold in
     the DeepSpeed file), so its hooks would sit inside each compiled layer."""
     if not on_gpu:
@@ -108,10 +107,6 @@ def compile_unavailable(
         return "--enable_liger_kernel true: Liger's kernels instead"
     if lora.additional_target:
         return "--additional_target: modules trained in full are not tested compiled"
-    if lora.use_dora:
-        return "--use_dora: its GPU test has not run yet"
-    if checkpointing:
-        return "gradient checkpointing: its GPU test has not run yet"
     if per_module_units:
         return "ZeRO-3 gathers per module here, so its hooks would run inside each compiled layer"
     from torch.utils._triton import has_triton
@@ -122,7 +117,7 @@ def compile_unavailable(
 
 
 def use_torch_compile(
-    model: ModelConfig, lora: LoraSettings, checkpointing: bool, per_module_units: bool, on_gpu: bool
+    model: ModelConfig, lora: LoraSettings, per_module_units: bool, on_gpu: bool
 ) -> tuple[bool, list[str]]:
     """The decision and its log line: an explicit --torch_compile is obeyed; unset, the layers are compiled where
     compile_unavailable finds nothing against it, and a GPU run that stays eager says why. `checkpointing`: the
@@ -130,7 +125,7 @@ def use_torch_compile(
     without lorakit's whole-layer units."""
     if model.torch_compile is not None or model.torch_compile_mode is not None:  # a mode asks for compiled layers
         return model.torch_compile is not False, []
-    reason = compile_unavailable(model, lora, checkpointing, per_module_units, on_gpu)
+    reason = compile_unavailable(model, lora, per_module_units, on_gpu)
     if reason and on_gpu:
         return False, [f"torch.compile: off ({reason}); --torch_compile true compiles the decoder layers anyway"]
     return reason is None, []

@@ -50,13 +50,50 @@ def _loss_and_grads(model, lengths: list[int], device: str) -> tuple[float, dict
 
 # Plain LoRA, the layers recomputed in backward (the memory plan's gradient checkpointing), rsLoRA's scale, DoRA's
 # magnitude and weight norm. The default (lorakit.engine.kernels.use_torch_compile) compiles a variant once its
-# CUDA cases have passed on a GPU: plain LoRA so far (benchmarks/RESULTS.md, session 6); rsLoRA with it, the same
-# graph with another scale constant.
+# CUDA cases have passed on a GPU: plain LoRA (benchmarks/RESULTS.md, session 6), rsLoRA with it (the same graph
+# with another scale constant), DoRA and checkpointing since session 9.
+# bf16 (tolerance None): eager and compiled layers both round, in different orders, so each is held to an fp32
+# eager reference: the compiled error over all gradients may not exceed 1.5 x eager's own (+1e-3), nor any one
+# matrix's 3 x eager's (+1e-2). rsLoRA's larger scale (alpha / sqrt(r): 5.7 here, LoRA's 2) puts eager bf16 itself
+# 3-8 % off fp32 in its worst gradient (inductor on the CPU: the compiled path 2-7 %); a direct compiled-to-eager
+# tolerance of 3e-2 failed it on a GPU in session 9 while LoRA, DoRA and checkpointing passed.
 VARIANTS = ("lora", "checkpointed", "rslora", "dora")
 CASES = [("cpu", "aot_eager", torch.float32, 1e-5, variant) for variant in VARIANTS if variant != "rslora"]  # a scale
 if CUDA:
     CASES += [("cuda", "inductor", torch.float32, 1e-4, variant) for variant in VARIANTS]
-    CASES += [("cuda", "inductor", torch.bfloat16, 3e-2, variant) for variant in VARIANTS]
+    CASES += [("cuda", "inductor", torch.bfloat16, None, variant) for variant in VARIANTS]
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).norm() / reference.norm())
+
+
+def _assert_compiled_matches(eager: tuple, compiled: tuple, reference: tuple | None, tolerance: float | None,
+                             label: str) -> None:  # fmt: skip
+    """(loss, grads) of the eager and compiled layers; `reference`: fp32 eager's, for bf16 (tolerance None)."""
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = eager, compiled
+    assert eager_grads.keys() == compiled_grads.keys()
+    if reference is None:
+        assert compiled_loss == pytest.approx(eager_loss, rel=tolerance), label
+        for name, expected in eager_grads.items():
+            error = _relative_error(compiled_grads[name], expected)
+            assert error < tolerance, f"{label} {name}: relative gradient error {error:.2e}"
+        return
+    reference_loss, reference_grads = reference
+    eager_off, compiled_off = abs(eager_loss - reference_loss), abs(compiled_loss - reference_loss)
+    assert compiled_off <= 1.5 * eager_off + 1e-3 * abs(reference_loss), f"{label}: loss {compiled_off} vs {eager_off}"
+    names = list(reference_grads)
+
+    def flat(grads: dict) -> torch.Tensor:
+        return torch.cat([grads[name].flatten() for name in names])
+
+    eager_error = _relative_error(flat(eager_grads), flat(reference_grads))
+    compiled_error = _relative_error(flat(compiled_grads), flat(reference_grads))
+    assert compiled_error <= 1.5 * eager_error + 1e-3, f"{label}: all grads {compiled_error:.2e} vs {eager_error:.2e}"
+    for name in names:  # one matrix's rounding varies more (compiled up to 1.7 x eager's seen): a looser bound
+        eager_error = _relative_error(eager_grads[name], reference_grads[name])
+        compiled_error = _relative_error(compiled_grads[name], reference_grads[name])
+        assert compiled_error <= 3 * eager_error + 1e-2, f"{label} {name}: {compiled_error:.2e} vs {eager_error:.2e}"
 
 
 @pytest.mark.parametrize(
@@ -66,17 +103,15 @@ def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backen
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     eager, compiled = _model(tiny_model, dtype, device, variant), _model(tiny_model, dtype, device, variant)
+    reference = _model(tiny_model, torch.float32, device, variant) if tolerance is None else None
     (line,) = compile_decoder_layers(compiled, backend=backend)
     assert line.startswith("torch.compile: the forward of each of 2 Qwen2DecoderLayers compiled")
     for lengths in ([37, 90, 1], [12, 64, 33, 5], [200]):  # three row lengths
-        eager_loss, eager_grads = _loss_and_grads(eager, lengths, device)
-        compiled_loss, compiled_grads = _loss_and_grads(compiled, lengths, device)
-        assert compiled_loss == pytest.approx(eager_loss, rel=tolerance)
-        assert eager_grads.keys() == compiled_grads.keys()
-        assert len(eager_grads) == 2 * 7 * (3 if variant == "dora" else 2)  # A, B (and DoRA's magnitude) a linear
-        for name, expected in eager_grads.items():
-            error = (compiled_grads[name] - expected).norm() / expected.norm()
-            assert error < tolerance, f"{lengths} {name}: relative gradient error {error:.2e}"
+        eager_result = _loss_and_grads(eager, lengths, device)
+        assert len(eager_result[1]) == 2 * 7 * (3 if variant == "dora" else 2)  # A, B (DoRA: and magnitude) a linear
+        expected = _loss_and_grads(reference, lengths, device) if reference is not None else None
+        _assert_compiled_matches(eager_result, _loss_and_grads(compiled, lengths, device), expected, tolerance,
+                                 str(lengths))  # fmt: skip
     stats = torch._dynamo.utils.counters["stats"]
     assert stats["unique_graphs"] >= 1, dict(stats)  # dynamo did capture the layers
 
@@ -139,19 +174,18 @@ def test_torch_compile_is_refused_with_quantisation():
         (None, True, {"quantization_bit": 4}, {}, {}, False, "--quantization_bit"),
         (None, True, {"enable_liger_kernel": True}, {}, {}, False, "--enable_liger_kernel true"),
         (None, True, {}, {"additional_target": ("embed_tokens",)}, {}, False, "--additional_target"),
-        (None, True, {}, {"use_dora": True}, {}, False, "--use_dora"),  # its GPU case has not run yet
-        (None, True, {}, {}, {"checkpointing": True}, False, "gradient checkpointing"),  # likewise
+        (None, True, {}, {"use_dora": True}, {}, True, None),  # its GPU cases passed in session 9 (checkpointing too)
         (None, True, {}, {}, {"per_module_units": True}, False, "gathers per module"),  # hooks inside the layer
         (False, True, {}, {}, {}, False, None),  # explicit: obeyed, silently
         (True, False, {}, {}, {}, True, None),
-        (True, True, {}, {"use_dora": True}, {"checkpointing": True, "per_module_units": True}, True, None),
+        (True, True, {}, {"use_dora": True}, {"per_module_units": True}, True, None),
     ],
 )
 def test_the_default_compiles_on_a_gpu_where_tested(monkeypatch, flag, on_gpu, model, lora, run, compiled, line):
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
-    settled = {"checkpointing": False, "per_module_units": False} | run
-    decided, lines = use_torch_compile(ModelConfig(torch_compile=flag, **model), LoraSettings(**lora),
-                                       settled["checkpointing"], settled["per_module_units"], on_gpu)  # fmt: skip
+    per_module_units = run.get("per_module_units", False)
+    decided, lines = use_torch_compile(ModelConfig(torch_compile=flag, **model), LoraSettings(**lora), per_module_units,
+                                       on_gpu)  # fmt: skip
     assert decided is compiled
     if line is None:
         assert lines == []
@@ -162,7 +196,7 @@ def test_the_default_compiles_on_a_gpu_where_tested(monkeypatch, flag, on_gpu, m
 
 def test_the_default_stays_eager_without_triton(monkeypatch):
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
-    decided, (line,) = use_torch_compile(ModelConfig(), LoraSettings(), False, False, on_gpu=True)
+    decided, (line,) = use_torch_compile(ModelConfig(), LoraSettings(), False, on_gpu=True)
     assert not decided and "triton" in line
 
 
