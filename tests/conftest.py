@@ -31,8 +31,13 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
     """The tokenised-data cache in this run's basetemp, never the user's ~/.cache/lorakit. Session-scoped and autouse
     so that pytest sets it up before every module or session fixture: those that train (and the ranks they launch:
     tests/launch.py passes os.environ on) run before any function-scoped fixture could set it."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORAKIT_CACHE", str(tmp_path_factory.getbasetemp() / "lorakit-cache"))
+        # compiled kernels stay in inductor's per-machine default (warm from one test session to the next), not in
+        # the private folder above where lorakit would put them (lorakit.engine.kernels.inductor_cache_beside_data)
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
         yield
 
 

@@ -20,6 +20,7 @@ from lorakit.engine.jit import clear_stale_build_locks, settle_cuda_arch_list, w
 from lorakit.engine.kernels import (
     apply_liger_kernel,
     compile_decoder_layers,
+    inductor_cache_beside_data,
     settle_compile_mode,
     use_liger_kernel,
     use_torch_compile,
@@ -166,7 +167,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         checkpointing = bool(config.train.gradient_checkpointing)
         mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3, checkpointing,
                                                config.train.packing, on_gpu)  # fmt: skip
-        notes += mode_lines + compile_decoder_layers(engine.module, mode=mode)
+        notes += mode_lines + inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -216,6 +218,21 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
         f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({shown}"
         f"{': CUDA graphs, one per row length' if graphs else ''}); the first steps include the compilation"
     ]
+
+
+def inductor_cache_beside_data() -> list[str]:
+    """Inductor's on-disk cache in lorakit's cache folder ($LORAKIT_CACHE or ~/.cache/lorakit, beside the tokenised
+    data), unless TORCHINDUCTOR_CACHE_DIR names one (or an earlier compile in this process settled it); the log line.
+    Torch's default, /tmp/torchinductor_$USER, is one machine's and goes at a reboot: on a cluster with a shared
+    home folder the next job, on another node, compiled the layers from nothing again (Qwen2.5-7B on 4 H100s: ~19 s
+    of compiling at the start against 2.5 s from a warm cache, benchmarks/RESULTS.md session 9). An entry's key holds
+    torch's version, the GPU and the graph, so one folder serves mixed nodes; inductor writes each entry whole
+    through a rename, so ranks and jobs may share it."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return []
+    folder = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "inductor"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return [f"torch.compile: compiled kernels cached in {folder}, for later runs (TORCHINDUCTOR_CACHE_DIR moves it)"]
 
 
 def compile_seconds() -> float:

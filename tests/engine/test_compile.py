@@ -7,13 +7,19 @@ inductor itself runs, in fp32 and bf16. Two packed rows of different lengths exe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from lorakit.config import LoraSettings, ModelConfig
-from lorakit.engine.kernels import compile_decoder_layers, compile_seconds, use_torch_compile
+from lorakit.engine.kernels import (
+    compile_decoder_layers,
+    compile_seconds,
+    inductor_cache_beside_data,
+    use_torch_compile,
+)
 from lorakit.engine.model import attach_lora
 from lorakit.errors import LorakitError
 from lorakit.loss import model_loss_sum
@@ -213,3 +219,16 @@ def test_dynamos_limits_hold_every_layer_of_a_deep_model(monkeypatch):
     (line,) = compile_decoder_layers(Qwen2ForCausalLM(config), backend="aot_eager")
     assert "each of 80 Qwen2DecoderLayers" in line
     assert settings.cache_size_limit >= 4 * 80 and settings.accumulated_recompile_limit >= 4 * 80
+
+
+def test_inductors_cache_goes_beside_the_data_cache_unless_named(monkeypatch, tmp_path):
+    """Compiled kernels outlive /tmp and reach other nodes of a shared home (lorakit.engine.kernels)."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    (line,) = inductor_cache_beside_data()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor") and str(tmp_path) in line
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(tmp_path / "inductor")  # where inductor itself now writes
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert inductor_cache_beside_data() == [] and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
