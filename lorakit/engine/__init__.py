@@ -34,6 +34,7 @@ from lorakit.engine.model import (
     load_tokenizer,
     model_config,
     parameter_counts,
+    recompute_first_layers_only,
 )
 from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
 from lorakit.engine.quantization import describe
@@ -78,6 +79,7 @@ def plan_run_memory(
                        train.gradient_checkpointing, batch_tokens, step_tokens,
                        engine.automatic_persistence)  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
+    engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers)
     if plan.keep_frozen:
         ds_config = keep_frozen_weights_resident(engine.ds_config, engine.shape.parameters)
         engine = dataclasses.replace(engine, ds_config=ds_config, automatic_persistence=False)
@@ -127,6 +129,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
                      f"bitsandbytes while loading{', then partitioned by ZeRO-3' if zero3 else ''}")  # fmt: skip
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_first_layers_only(model, plan.checkpointed_layers)
     compiled, compile_lines = use_torch_compile(config.model, config.lora, zero3 and not whole_layers, on_gpu)
     liger_flag = config.model.enable_liger_kernel  # unset: off under torch.compile, whose inductor fuses the same ops
     liger, lines = use_liger_kernel(False if liger_flag is None and compiled else liger_flag, hf_config.model_type)

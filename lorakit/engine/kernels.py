@@ -191,7 +191,7 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
     overwrote it. A new round frees the previous one's outputs: by then DeepSpeed has copied each LoRA gradient of
     the previous micro-batch into its own buckets (the GPU test trains with two micro-batches a step against the
     same layers without graphs)."""
-    from lorakit.engine.zero3 import decoder_layer_classes
+    from lorakit.engine.model import decoder_layer_classes
 
     classes = tuple(decoder_layer_classes(model))
     layers = [m for m in model.modules() if classes and isinstance(m, classes)]
@@ -244,10 +244,12 @@ def compile_seconds() -> float:
 
 def input_requiring_grad(compiled: Any) -> Any:
     """`compiled`, given hidden states that require grad when autograd records. The first decoder layer's input,
-    the frozen embedding's output, does not, and AOTAutograd compiles a graph per pattern of inputs requiring grad:
-    a second whole compile (forward and backward) for that one layer, ~20 % of a run's cold compile on the CPU
-    (40 s instead of 50 s for the tiny model). The price is that layer's input gradient through q/k/v and its norm
-    (~0.1 % of a 7B step's matmul work); nothing reads it. A detached alias, so the caller's tensor is unchanged."""
+    the frozen embedding's output, does not (except under ZeRO-3's whole-layer units, where
+    lorakit.engine.zero3.make_layer_inputs_require_grad already sees to it), and AOTAutograd compiles a graph per
+    pattern of inputs requiring grad: a second whole compile (forward and backward) for that one layer, ~20 % of a
+    run's cold compile on the CPU (40 s instead of 50 s for the tiny model). The price is that layer's input
+    gradient through q/k/v and its norm (~0.1 % of a 7B step's matmul work); nothing reads it. A detached alias, so
+    the caller's tensor is unchanged."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs.get("hidden_states")

@@ -188,6 +188,26 @@ def _load_partitioned_weights(model: Any, path: str, rank: int) -> None:
                     param.data.copy_(handle.get_tensor(name_of[id(param)]).to(param.dtype))
 
 
+def decoder_layer_classes(model: Any) -> list[type]:
+    """The model's repeated block classes, as transformers names them in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
+
+
+def recompute_first_layers_only(model: Any, layers: int | None) -> None:
+    """Gradient checkpointing on the first `layers` decoder layers only (the memory plan's fewest that fit,
+    lorakit.engine.memory; None: every layer, as transformers turned it on). transformers keeps the choice per layer
+    (a GradientCheckpointingLayer's `gradient_checkpointing`), so the other layers keep their activations for
+    backward and are not run twice. A model whose layers carry no such flag stays checkpointed throughout."""
+    if layers is None:
+        return
+    classes = tuple(decoder_layer_classes(model))
+    blocks = [m for m in model.modules() if classes and isinstance(m, classes)]
+    for index, block in enumerate(blocks):
+        if hasattr(block, "gradient_checkpointing"):
+            block.gradient_checkpointing = index < layers
+
+
 def linear_module_names(model: Any) -> list[str]:
     """Names (last component) of the model's linear layers, the output head excluded."""
     head = model.get_output_embeddings()

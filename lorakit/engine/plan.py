@@ -32,6 +32,7 @@ class EnginePlan:
     ds_config: dict[str, Any]  # the resolved DeepSpeed config, final (the persistence threshold covers the LoRA)
     ds_notes: tuple[str, ...]  # what lorakit changed in the DeepSpeed config, for the log
     automatic_persistence: bool = False  # the threshold is lorakit's "auto" (the memory plan may raise it)
+    checkpointed_layers: int | None = None  # the memory plan's: checkpointing on the first this many layers only
 
     @property
     def zero3(self) -> bool:

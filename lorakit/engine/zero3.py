@@ -29,13 +29,7 @@ from typing import Any
 
 import torch
 
-from lorakit.engine.model import model_and_inner_model
-
-
-def decoder_layer_classes(model: Any) -> list[type]:
-    """The model's repeated block classes, as transformers names them in `_no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
+from lorakit.engine.model import decoder_layer_classes, model_and_inner_model
 
 
 def make_layer_inputs_require_grad(model: Any) -> None:

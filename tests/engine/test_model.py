@@ -5,7 +5,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorakit.config import LoraSettings
-from lorakit.engine.model import linear_module_names, lora_targets, parameter_counts
+from lorakit.engine.model import (
+    attach_lora,
+    linear_module_names,
+    lora_targets,
+    parameter_counts,
+    recompute_first_layers_only,
+)
 from lorakit.errors import LorakitError
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -54,3 +60,30 @@ def test_the_adapter_trains_in_the_base_models_precision(tiny_model: Path):
     model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16), LoraSettings(), 0)
     adapter = {p.dtype for name, p in model.named_parameters() if "lora_" in name}
     assert adapter == {torch.bfloat16}
+
+
+def _mlp_runs_and_grads(tiny_model: Path, checkpointed_layers: int | None, checkpointing: bool):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    if checkpointing:  # as lorakit.engine.build_engine turns it on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_first_layers_only(model, checkpointed_layers)
+    model = attach_lora(model, LoraSettings(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target=("all",)), 0)
+    model.train()
+    runs = [0, 0]
+    for index, layer in enumerate(model.base_model.model.model.layers):  # a sub-module: called again in a recompute
+        layer.mlp.register_forward_pre_hook(lambda *_, i=index: runs.__setitem__(i, runs[i] + 1))
+    input_ids = torch.arange(3, 60)[None]
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    return runs, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_memory_plans_partial_checkpointing_recomputes_only_the_first_layers(tiny_model: Path):
+    """The memory plan recomputes the fewest layers that fit (lorakit.engine.memory): the first k run twice, the
+    others once, and the gradients are those of no checkpointing (recomputation changes memory, not numbers)."""
+    plain_runs, plain = _mlp_runs_and_grads(tiny_model, None, checkpointing=False)
+    assert plain_runs == [1, 1]
+    for layers, expected_runs in ((1, [2, 1]), (None, [2, 2]), (0, [1, 1])):
+        runs, grads = _mlp_runs_and_grads(tiny_model, layers, checkpointing=True)
+        assert runs == expected_runs, layers
+        for name, grad in plain.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
