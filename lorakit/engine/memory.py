@@ -141,7 +141,9 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
                            batch_tokens, step_tokens)  # fmt: skip
         partitioned = plan_memory(shape, free_bytes, True, world_size, cutoff_len, pack_tokens, checkpointing,
                                   batch_tokens, step_tokens)  # fmt: skip
-        if choices(kept) == choices(partitioned):
+        if (kept.pack_tokens, kept.gradient_checkpointing) == (partitioned.pack_tokens,
+                                                               partitioned.gradient_checkpointing):  # fmt: skip
+            # kept's own count of recomputed layers, which may be more: gathering once a step saves more
             line = (f"ZeRO-3: the frozen weights ({weights / GiB:.1f} GiB) take under {KEEP_FROZEN_SHARE:.0%} of the "
                     "smallest GPU's free memory and are kept whole on every GPU, gathered once (a number for "
                     "stage3_param_persistence_threshold in the DeepSpeed file partitions them)")  # fmt: skip
@@ -180,10 +182,6 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
         lines.append(f"WARNING: the estimate exceeds {HEADROOM:.0%} of free memory; if the GPU runs out, lower "
                      "--cutoff_len or --pack_tokens, or spread the model with ZeRO-3 over more GPUs")  # fmt: skip
     return MemoryPlan(rows, recomputed > 0, lines, checkpointed_layers=recomputed if partial else None)
-
-
-def choices(plan: MemoryPlan) -> tuple[int, bool, int | None]:
-    return plan.pack_tokens, plan.gradient_checkpointing, plan.checkpointed_layers
 
 
 def planned_rows(shape: ModelShape, cutoff_len: int, step_tokens: int, asked: int | None, needed: Any,
