@@ -96,9 +96,9 @@ def compile_unavailable(model: ModelConfig, lora: LoraSettings, per_module_units
     """Why the default leaves the decoder layers eager here, or None when it compiles them. The default compiles
     where it is measured to pay (a GPU: +40 % tokens/s under ZeRO-3 on 2 H100s, benchmarks/RESULTS.md session 6)
     and whose GPU test has passed (tests/engine/test_compile.py with inductor, fp32 and bf16: plain LoRA since
-    session 6, DoRA and gradient checkpointing since session 9; rsLoRA changes only LoRA's scale, a constant of the
-    same graph). DoRA's and checkpointing's compiled speed is not measured yet: their layers run the same compiled
-    computation (DoRA adds a weight norm inductor fuses; checkpointing runs the compiled forward again in backward).
+    session 6, gradient checkpointing since session 9, one graph a layer recomputed in backward; rsLoRA changes only
+    LoRA's scale, a constant of the same graph). DoRA passes the same GPU test, but PEFT's DoRA layer breaks dynamo's
+    graph into ~23 pieces a layer (tests/engine/test_warmup.py), whose speed is not measured: eager by default.
     `per_module_units`: ZeRO-3 gathers per module, not per decoder layer (a stage3_module_granularity_threshold in
     the DeepSpeed file), so its hooks would sit inside each compiled layer."""
     if not on_gpu:
@@ -109,6 +109,8 @@ def compile_unavailable(model: ModelConfig, lora: LoraSettings, per_module_units
         return "--enable_liger_kernel true: Liger's kernels instead"
     if lora.additional_target:
         return "--additional_target: modules trained in full are not tested compiled"
+    if lora.use_dora:
+        return "--use_dora: PEFT's DoRA layer breaks the compiled graph into ~23 pieces a layer; not measured to pay"
     if per_module_units:
         return "ZeRO-3 gathers per module here, so its hooks would run inside each compiled layer"
     from torch.utils._triton import has_triton

@@ -1,0 +1,125 @@
+"""The decoder layer compiled while the model loads: one warm-up process a rank.
+
+Inductor's cold compile of a Qwen2.5-7B decoder layer (forward and backward, LoRA included) takes ~19 s on an
+H100 host, and it ran at the first step while every GPU waited; from inductor's on-disk cache
+(lorakit.engine.kernels.inductor_cache_beside_data) the same compile takes ~2.5 s (benchmarks/RESULTS.md, session
+9). So `set_up` starts, on each rank and before it loads the model, a process that builds the same layer (the
+model's own class and config with one decoder layer, two where only the first layers recompute, and a small
+vocabulary; random weights; lorakit's LoRA, checkpointing and compile), trains one packed row on the rank's GPU and
+exits. The cache then holds the rank's compiled layer (its key names the device) while the model loads and
+DeepSpeed starts, and the first step reads it. The layer's graph does not depend on the vocabulary, the weights'
+values or ZeRO-3 (its hooks run outside the compiled layer; tests/engine/test_warmup.py compares the graphs).
+
+Best effort: the run waits for the process before its first step (at most WAIT_SECONDS), inside the timed
+training, so a warm-up slower than the set-up shows in the run's time; if the process fails, its log is named and
+the first step compiles as before. Off where the layers are not compiled, and with --torch_compile_mode's CUDA
+graphs (recorded in the run itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WAIT_SECONDS = 300
+VOCABULARY = 512  # the layer's graph does not depend on it; the embedding and head stay small on the GPU
+
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    model_name_or_path: str
+    trust_remote_code: bool
+    dtype: str  # torch's name of the precision trained: "bfloat16", "float16", "float32"
+    lora: dict[str, Any]  # lorakit.config.LoraSettings's fields
+    seed: int
+    checkpointed_layers: int | None  # None: no checkpointing; else the layers that recompute (all: the layer count)
+    row_tokens: int  # the packed row's length: a typical pass, so inductor's size hints match the run's
+    device: str  # the rank's device, e.g. "cuda:1"
+    backend: str = "inductor"  # the tests' "aot_eager" checks the process without inductor's code generation
+
+
+@dataclass
+class Warmup:
+    process: subprocess.Popen
+    log: Path
+    started: float
+
+
+def start_warmup(spec: WarmupSpec) -> Warmup:
+    """The warm-up process, started; its output goes to a temporary log named only if it fails."""
+    log = Path(tempfile.mkstemp(prefix="lorakit-compile-warmup-", suffix=".log")[1])
+    with open(log, "w") as handle:
+        command = [sys.executable, "-m", "lorakit.engine.warmup", json.dumps(dataclasses.asdict(spec))]
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return Warmup(process, log, time.perf_counter())
+
+
+def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS) -> list[str]:
+    """Wait for the warm-up to end (stop it past `timeout`); the log line."""
+    if warmup is None:
+        return []
+    try:
+        code = warmup.process.wait(timeout=max(timeout - (time.perf_counter() - warmup.started), 1))
+    except subprocess.TimeoutExpired:
+        warmup.process.kill()
+        warmup.process.wait()
+        return [f"torch.compile: the warm-up process ran past {timeout:.0f} s and was stopped; the first step "
+                f"compiles (its log: {warmup.log})"]  # fmt: skip
+    seconds = time.perf_counter() - warmup.started
+    if code != 0:
+        return [f"torch.compile: the warm-up process failed (exit {code}, log: {warmup.log}); the first step "
+                "compiles the layers itself"]  # fmt: skip
+    warmup.log.unlink(missing_ok=True)
+    return [f"torch.compile: the layer was compiled by a warm-up process beside the model's loading ({seconds:.0f} s "
+            "from its start); the first step reads inductor's cache"]  # fmt: skip
+
+
+def warm_up(spec: WarmupSpec) -> torch.nn.Module:
+    """Build the one-layer model as lorakit.engine.build_engine prepares the real one, compile its layers and train
+    one packed row; returns the model (the tests read its graphs)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.config import LoraSettings
+    from lorakit.engine.kernels import compile_decoder_layers
+    from lorakit.engine.model import attach_lora, model_config, recompute_first_layers_only
+    from lorakit.loss import model_loss_sum
+
+    hf_config = model_config(spec.model_name_or_path, spec.trust_remote_code)
+    checkpointing = spec.checkpointed_layers is not None
+    partial = checkpointing and spec.checkpointed_layers < hf_config.num_hidden_layers
+    hf_config.num_hidden_layers, hf_config.vocab_size = (2 if partial else 1), VOCABULARY
+    if getattr(hf_config, "layer_types", None):
+        hf_config.layer_types = hf_config.layer_types[: hf_config.num_hidden_layers]
+    device = torch.device(spec.device)
+    torch.manual_seed(spec.seed)
+    with device:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, spec.dtype),
+                                                 trust_remote_code=spec.trust_remote_code)  # fmt: skip
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_first_layers_only(model, 1 if partial else None)
+    lora = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.lora.items()}
+    for pissa in ("pissa_init", "pissa_iter", "pissa_convert"):  # PiSSA sets starting values (an SVD), not the graph
+        lora.pop(pissa, None)
+    model = attach_lora(model, LoraSettings(**lora), spec.seed, device)
+    model.train()
+    compile_decoder_layers(model, backend=spec.backend)
+    input_ids = torch.randint(3, VOCABULARY, (1, spec.row_tokens))
+    half = spec.row_tokens // 2  # two packed examples, as a packed row holds
+    position_ids = torch.cat([torch.arange(half), torch.arange(spec.row_tokens - half)])[None]
+    inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
+    model_loss_sum(model, inputs, input_ids.clone()).backward()
+    return model
+
+
+if __name__ == "__main__":
+    warm_up(WarmupSpec(**json.loads(sys.argv[1])))
