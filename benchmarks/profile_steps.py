@@ -17,11 +17,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lorakit.cli import parse_config
+from lorakit.engine.warmup import wait_for_warmup
 from lorakit.train import run_step, set_learning_rate, set_up, step_plans
 from lorakit.validate import validate
 
 out, config = sys.argv[1], parse_config(sys.argv[2:])
 run = set_up(checked := validate(config))
+wait_for_warmup(run.warmup)  # the compile warm-up (GPU only), as train() waits for it
 engine, dist = run.built.engine, run.dist
 COMPILE_MODE = os.environ.get("LORAKIT_BENCH_COMPILE", "")  # an experiment: decoder layers through torch.compile
 if COMPILE_MODE:  # "default", or "reduce-overhead" (CUDA graphs, one per row shape: rows are multiples of 128)

@@ -46,7 +46,10 @@ from lorakit.data import (
     prepare_data,
 )
 from lorakit.distributed import DistInfo, init_distributed, to_device
-from lorakit.engine import BuiltEngine, build_engine, plan_run_memory
+from lorakit.engine import BuiltEngine, build_engine, compile_warmup, plan_run_memory
+from lorakit.engine.kernels import inductor_cache_beside_data
+from lorakit.engine.plan import EnginePlan
+from lorakit.engine.warmup import Warmup, start_warmup, stop_warmup, wait_for_warmup
 from lorakit.errors import TrainingInterrupted
 from lorakit.evaluate import eval_data as split_eval_data
 from lorakit.evaluate import evaluate
@@ -143,6 +146,7 @@ class Run:
     start: Position
     output_dir: Path
     trackers: list[Tracker]  # --report_to's, on rank 0; the Reporter logs to them and closes them
+    warmup: Warmup | None = None  # the compile warm-up process (lorakit.engine.warmup), waited for at the first step
 
 
 def set_up(checked: RunPlan) -> Run:
@@ -164,7 +168,7 @@ def set_up(checked: RunPlan) -> Run:
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
     config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
-    built = build_engine(config, dist, engine_plan)
+    built, warmup, warmup_lines = build_while_compiling(config, dist, engine_plan, share)
     start = Position(0, 0, 0)
     if checked.resume is not None:
         load_checkpoint(built.engine, checked.resume.checkpoint, dist, config.train.unpickle_legacy_checkpoint)
@@ -175,7 +179,7 @@ def set_up(checked: RunPlan) -> Run:
         save_run_files(output_dir, tokenizer, config, built.ds_config)
         trackers = start_trackers(config.train.trackers, output_dir, config.train.run_name,
                                   resolved_config(config, built.ds_config), start.step)  # fmt: skip
-    for note in checked.notes + set_aside + built.notes + memory_lines:
+    for note in checked.notes + set_aside + built.notes + memory_lines + warmup_lines:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
         f"trained; {data.num_truncated} truncated to --cutoff_len {config.data.cutoff_len}, {data.num_dropped} left "
@@ -194,7 +198,22 @@ def set_up(checked: RunPlan) -> Run:
             f"evaluation: {len(held_out):,} examples, {int(held_out.target_counts.sum()):,} trained tokens",
             dist.is_main,
         )
-    return Run(config, checked, dist, data, held_out, built, counts, start, output_dir, trackers)
+    return Run(config, checked, dist, data, held_out, built, counts, start, output_dir, trackers, warmup)
+
+
+def build_while_compiling(
+    config: Config, dist: DistInfo, engine_plan: EnginePlan, step_tokens: int
+) -> tuple[BuiltEngine, Warmup | None, list[str]]:
+    """lorakit.engine.build_engine, with the decoder layer compiled meanwhile by a warm-up process where the layers
+    will be compiled (lorakit.engine.warmup; the run waits for it before its first step). A failed build stops it."""
+    spec = compile_warmup(config, engine_plan, dist.device, step_tokens)
+    lines = inductor_cache_beside_data() if spec else []  # the process must write where the run will read
+    warmup = start_warmup(spec) if spec else None
+    try:
+        return build_engine(config, dist, engine_plan), warmup, lines
+    except BaseException:
+        stop_warmup(warmup)
+        raise
 
 
 def step_plans(run: Run) -> Iterator[StepPlan]:
@@ -245,6 +264,8 @@ def train(
     loss_sum = checked.resume.loss_sum if checked.resume else 0.0
     reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum, run.trackers)
     hooks = Hooks(on_step, on_eval, LiveModel(engine, checked.tokenizer, checked.template), counts.total_steps)
+    for line in wait_for_warmup(run.warmup):  # timed: a warm-up slower than the set-up counts in the run's time
+        say(line, dist.is_main)
     engine.train()
     unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued
     stop_asked = False  # by a hook on this rank; agreed with the other ranks through the step's flags

@@ -40,6 +40,7 @@ from lorakit.engine.plan import EnginePlan, compute_dtype, plan_engine
 from lorakit.engine.quantization import describe
 from lorakit.engine.streams import answer_current_stream_directly
 from lorakit.engine.variants import initial_adapter
+from lorakit.engine.warmup import WarmupSpec
 from lorakit.engine.zero3 import (
     gather_updated_adapter_at_once,
     gather_whole_layers,
@@ -130,7 +131,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if config.train.gradient_checkpointing:  # settled by plan_run_memory, or asked for
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         recompute_first_layers_only(model, plan.checkpointed_layers)
-    compiled, compile_lines = use_torch_compile(config.model, config.lora, zero3 and not whole_layers, on_gpu)
+    compiled, mode, compile_lines = compile_choice(config, plan, on_gpu)
     liger_flag = config.model.enable_liger_kernel  # unset: off under torch.compile, whose inductor fuses the same ops
     liger, lines = use_liger_kernel(False if liger_flag is None and compiled else liger_flag, hf_config.model_type)
     notes += (apply_liger_kernel(model) if liger else lines) + compile_lines
@@ -167,11 +168,37 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
                 "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
             )
     if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
-        checkpointing = bool(config.train.gradient_checkpointing)
-        mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3, checkpointing,
-                                               config.train.packing, on_gpu)  # fmt: skip
-        notes += mode_lines + inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
+        notes += inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
+
+
+def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool, str, list[str]]:
+    """Whether the decoder layers are compiled, in which torch.compile mode, and the log lines saying so
+    (lorakit.engine.kernels.use_torch_compile and settle_compile_mode), from the settled config and engine plan."""
+    zero3 = plan.zero3
+    per_module_units = zero3 and not lorakit_chooses_units(plan.ds_config)
+    compiled, lines = use_torch_compile(config.model, config.lora, per_module_units, on_gpu)
+    if not compiled:
+        return False, "default", lines
+    mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3,
+                                           bool(config.train.gradient_checkpointing), config.train.packing,
+                                           on_gpu)  # fmt: skip
+    return True, mode, lines + mode_lines
+
+
+def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_tokens: int) -> WarmupSpec | None:
+    """The warm-up process's settings (lorakit.engine.warmup), or None where none runs: the layers not compiled, no
+    GPU, a mode other than the default (CUDA graphs are recorded in the run), or packing off (padded batches call
+    the layers with another mask). `step_tokens`: a rank's largest share of a step, the row's length hint."""
+    compiled, mode, _ = compile_choice(config, plan, device.type == "cuda")
+    if not (compiled and mode == "default" and device.type == "cuda" and config.train.packing):
+        return None
+    recomputed = (plan.checkpointed_layers or plan.shape.layers) if config.train.gradient_checkpointing else None
+    row_tokens = max(128, min(config.train.pack_tokens, step_tokens or config.train.pack_tokens) // 128 * 128)
+    dtype = str(compute_dtype(config)).removeprefix("torch.")
+    return WarmupSpec(config.model.model_name_or_path, config.model.trust_remote_code, dtype,
+                      dataclasses.asdict(config.lora), config.train.seed, recomputed, row_tokens,
+                      str(device))  # fmt: skip
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,10 +58,23 @@ class Warmup:
 def start_warmup(spec: WarmupSpec) -> Warmup:
     """The warm-up process, started; its output goes to a temporary log named only if it fails."""
     log = Path(tempfile.mkstemp(prefix="lorakit-compile-warmup-", suffix=".log")[1])
+    source = str(Path(__file__).resolve().parents[2])  # lorakit's own folder: importable as the run found it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as handle:
-        command = [sys.executable, "-m", "lorakit.engine.warmup", json.dumps(dataclasses.asdict(spec))]
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        isolated = ["-P"] if sys.version_info >= (3, 11) else []  # not the working folder's modules first
+        command = [sys.executable, *isolated, "-m", "lorakit.engine.warmup", json.dumps(dataclasses.asdict(spec))]
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env)  # fmt: skip
     return Warmup(process, log, time.perf_counter())
+
+
+def stop_warmup(warmup: Warmup | None) -> None:
+    """End the process now (the set-up failed): nothing is left running behind the error."""
+    if warmup is not None and warmup.process.poll() is None:
+        warmup.process.kill()
+        warmup.process.wait()
+    if warmup is not None:
+        warmup.log.unlink(missing_ok=True)
 
 
 def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS) -> list[str]:

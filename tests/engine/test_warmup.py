@@ -87,3 +87,62 @@ def test_the_warmup_process_runs_and_a_failed_one_is_named(tiny_model: Path, tmp
     log = Path(line.split("log: ")[1].split(")")[0])
     assert "missing" in log.read_text()
     assert wait_for_warmup(None) == []
+
+
+@pytest.mark.parametrize(
+    "flags, device, checkpointed_layers, expected",
+    [
+        ({}, "cuda:1", None, {"device": "cuda:1", "checkpointed_layers": None, "row_tokens": 2304}),
+        ({}, "cpu", None, None),  # the CPU: the layers stay eager
+        ({"packing": False}, "cuda:0", None, None),  # padded batches call the layers with another mask
+        ({"use_dora": True}, "cuda:0", None, None),  # eager by default
+        ({"torch_compile": False}, "cuda:0", None, None),
+        ({"gradient_checkpointing": True}, "cuda:0", None, {"checkpointed_layers": 2}),  # every layer
+        ({"gradient_checkpointing": True}, "cuda:0", 1, {"checkpointed_layers": 1}),  # the memory plan's first k
+        ({"zero_stage": 2, "torch_compile_mode": "reduce-overhead"}, "cuda:0", None, None),  # CUDA graphs: in the run
+        ({"torch_compile_mode": "reduce-overhead"}, "cuda:0", None, {"device": "cuda:0"}),  # ZeRO-3: the default mode
+    ],
+)
+def test_a_warmup_runs_where_the_run_compiles_its_layers(monkeypatch, tiny_model, flags, device, checkpointed_layers,
+                                                         expected):  # fmt: skip
+    from transformers import AutoConfig
+
+    from lorakit.config import Config
+    from lorakit.engine import compile_warmup, plan_engine
+
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    on_gpu = device != "cpu"
+    config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
+                               "pack_tokens": 4096, "bf16": True, **flags})  # fmt: skip
+    plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=on_gpu)
+    plan = dataclasses.replace(plan, checkpointed_layers=checkpointed_layers)
+    spec = compile_warmup(config, plan, torch.device(device), step_tokens=2400)
+    if expected is None:
+        assert spec is None
+        return
+    assert spec is not None and spec.dtype == "bfloat16" and spec.backend == "inductor"
+    assert spec.model_name_or_path == str(tiny_model) and spec.lora == dataclasses.asdict(config.lora)
+    assert {key: getattr(spec, key) for key in expected} == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU code: a CUDA machine (skipped in CI)")
+def test_on_a_gpu_the_runs_first_compile_reads_the_warmups_cache(tiny_model: Path, tmp_path: Path, monkeypatch):
+    """The warm-up process (inductor, the GPU) fills inductor's on-disk cache; the run's own compile of the same
+    layers, in this process, then hits it for the forward and backward graphs instead of compiling them."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    spec = dataclasses.replace(_spec(tiny_model, LORA), dtype="bfloat16", device="cuda:0", backend="inductor")
+    (line,) = wait_for_warmup(start_warmup(spec))
+    assert "compiled by a warm-up process" in line, line
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model = attach_lora(model, LORA, 3).to("cuda:0")
+    model.train()
+    compile_decoder_layers(model)
+    input_ids = torch.randint(3, model.config.vocab_size, (1, 130))
+    position_ids = torch.cat([torch.arange(40), torch.arange(70), torch.arange(20)])[None]
+    inputs = {"input_ids": input_ids.cuda(), "position_ids": position_ids.cuda()}
+    model_loss_sum(model, inputs, input_ids.clone()).backward()
+    counters = torch._dynamo.utils.counters
+    hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+    assert hits >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, dict(counters)
