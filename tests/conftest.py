@@ -35,9 +35,13 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORAKIT_CACHE", str(tmp_path_factory.getbasetemp() / "lorakit-cache"))
-        # compiled kernels stay in inductor's per-machine default (warm from one test session to the next), not in
-        # the private folder above where lorakit would put them (lorakit.engine.kernels.inductor_cache_beside_data)
-        patch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+        # compiled kernels in a per-machine folder (warm from one test session to the next), not in the private
+        # folder above where lorakit would put them: one named beside torch's default, which lorakit takes for unnamed
+        # (lorakit.engine.kernels.inductor_cache_beside_data)
+        named = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+        if os.path.abspath(named) == os.path.abspath(default_cache_dir()):
+            named = default_cache_dir() + "_lorakit_tests"
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", named)
         yield
 
 

@@ -229,8 +229,12 @@ def inductor_cache_beside_data() -> list[str]:
     home folder the next job, on another node, compiled the layers from nothing again (Qwen2.5-7B on 4 H100s: ~19 s
     of compiling at the start against 2.5 s from a warm cache, benchmarks/RESULTS.md session 9). An entry's key holds
     torch's version, the GPU and the graph, so one folder serves mixed nodes; inductor writes each entry whole
-    through a rename, so ranks and jobs may share it."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    through a rename, so ranks and jobs may share it. Torch's default counts as unnamed: importing torch._dynamo
+    (transformers does, long before a compile) writes it into TORCHINDUCTOR_CACHE_DIR."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    named = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if named and os.path.abspath(named) != os.path.abspath(default_cache_dir()):
         return []
     folder = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "inductor"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)

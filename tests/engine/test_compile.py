@@ -8,10 +8,12 @@ inductor itself runs, in fp32 and bf16. Two packed rows of different lengths exe
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import run
 
 from lorakit.config import LoraSettings, ModelConfig
 from lorakit.engine.kernels import (
@@ -228,8 +230,27 @@ def test_inductors_cache_goes_beside_the_data_cache_unless_named(monkeypatch, tm
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     (line,) = inductor_cache_beside_data()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor") and str(tmp_path) in line
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
     assert cache_dir() == str(tmp_path / "inductor")  # where inductor itself now writes
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     assert inductor_cache_beside_data() == [] and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as importing torch._dynamo sets it
+    assert inductor_cache_beside_data() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+
+
+def test_a_compiled_run_caches_its_kernels_beside_the_data(monkeypatch, tmp_path, tiny_model: Path):
+    """A fresh process with no TORCHINDUCTOR_CACHE_DIR, as a job starts: importing lorakit (transformers, which imports
+    torch._dynamo) writes torch's /tmp default into it long before the compile; lorakit's folder wins all the same."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    flags = {"model_name_or_path": str(tiny_model), "template": "qwen", "output_dir": str(tmp_path / "out"),
+             "lora_rank": 4, "torch_compile": True}  # fmt: skip
+    code = ("import lorakit; from lorakit.distributed import init_distributed; "
+            "from torch._inductor.runtime.cache_dir_utils import cache_dir; "
+            f"built = lorakit.build_engine(lorakit.Config.from_flat({flags!r}), init_distributed()); "
+            "print('CACHE', cache_dir())")  # fmt: skip
+    done = run([sys.executable, "-c", code])
+    assert done.returncode == 0, done.stderr[-3000:]
+    (cache,) = [line.removeprefix("CACHE ") for line in done.stdout.splitlines() if line.startswith("CACHE ")]
+    assert cache == str(tmp_path / "inductor"), done.stdout[-2000:]
