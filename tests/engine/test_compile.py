@@ -138,6 +138,16 @@ def test_every_layer_runs_one_graph(tiny_model: Path):
     assert compile_seconds() > before + 0.1  # the final summary's compile_seconds: the capture was timed
 
 
+def test_compile_seconds_counts_a_backward_compiled_inside_the_capture_once(monkeypatch):
+    """torch's timers as inductor leaves them (measured on the CPU, torch 2.13): a layer with the row length symbolic
+    has its backward compiled inside dynamo's capture (bw_compiler nested in compile_inner); a static one at its
+    first backward (bw_compiler nested in backward._backward_impl)."""
+    timers = {"_compile.compile_inner": [40.0, 3.0], "compile_fx.<locals>.fw_compiler_base": [20.0, 1.0],
+              "compile_fx.<locals>.bw_compiler": [12.0, 2.0], "backward._backward_impl": [2.5]}  # fmt: skip
+    monkeypatch.setattr(torch._dynamo.utils, "compilation_time_metrics", timers)
+    assert compile_seconds() == pytest.approx(45.5)
+
+
 def test_a_new_row_length_compiles_nothing_more(tiny_model: Path):
     """The row length is symbolic from the first call (lorakit.engine.kernels.row_length_dynamic): rows of other
     lengths, packed alike, reuse the first compile; dynamo's automatic mode would compile everything again."""
