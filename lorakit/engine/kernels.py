@@ -257,13 +257,16 @@ def input_requiring_grad(compiled: Any) -> Any:
     pattern of inputs requiring grad: a second whole compile (forward and backward) for that one layer, ~20 % of a
     run's cold compile on the CPU (40 s instead of 50 s for the tiny model). The price is that layer's input
     gradient through q/k/v and its norm (~0.1 % of a 7B step's matmul work); nothing reads it. A detached alias, so
-    the caller's tensor is unchanged."""
+    the caller's tensor is unchanged. The alias is a leaf: its gradient is dropped once accumulated, or it would
+    live, the size of the hidden states, as long as the loss's graph (lorakit.train.run_step keeps a micro-batch's
+    loss through the next one's forward)."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs.get("hidden_states")
         wanted = isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and torch.is_grad_enabled()
         if wanted and not hidden.requires_grad:
             hidden = hidden.detach().requires_grad_()
+            hidden.register_post_accumulate_grad_hook(drop_gradient)
             if args:
                 args = (hidden, *args[1:])
             else:
@@ -271,6 +274,10 @@ def input_requiring_grad(compiled: Any) -> Any:
         return compiled(*args, **kwargs)
 
     return forward
+
+
+def drop_gradient(leaf: torch.Tensor) -> None:
+    leaf.grad = None
 
 
 def row_length_dynamic(compiled: Any) -> Any:

@@ -138,6 +138,28 @@ def test_every_layer_runs_one_graph(tiny_model: Path):
     assert compile_seconds() > before + 0.1  # the final summary's compile_seconds: the capture was timed
 
 
+def test_the_first_layers_alias_keeps_no_gradient(tiny_model: Path):
+    """The alias made to require grad is a leaf: autograd accumulates its (unread) gradient, the size of the hidden
+    states, into it, and the loss's graph keeps the alias while the loss lives (in lorakit.train.run_step, through
+    the next micro-batch's forward). Nothing but the parameters may hold a gradient after backward."""
+    torch._dynamo.reset()
+    model = _model(tiny_model, torch.float32, "cpu")
+    compile_decoder_layers(model, backend="aot_eager")
+    input_ids = torch.randint(3, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    loss = model_loss_sum(model, {"input_ids": input_ids, "position_ids": torch.arange(64)[None]}, input_ids.clone())
+    loss.backward()
+    parameters, held, nodes, seen = {id(p) for p in model.parameters()}, [], [loss.grad_fn], set()
+    while nodes:  # every leaf the graph still holds (AccumulateGrad's variable)
+        node = nodes.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            leaf = getattr(node, "variable", None)
+            if leaf is not None and id(leaf) not in parameters and leaf.grad is not None:
+                held.append(tuple(leaf.grad.shape))
+            nodes.extend(next_node for next_node, _ in node.next_functions)
+    assert held == []
+
+
 def test_compile_seconds_counts_a_backward_compiled_inside_the_capture_once(monkeypatch):
     """torch's timers as inductor leaves them (measured on the CPU, torch 2.13): a layer with the row length symbolic
     has its backward compiled inside dynamo's capture (bw_compiler nested in compile_inner); a static one at its
