@@ -43,6 +43,7 @@ class Reporter:
         self.window_loss, self.window_steps, self.window_tokens = 0.0, 0, 0
         self.total_loss, self.total_tokens, self.start_step = loss_sum, 0, start_step
         self.start = self.window_start = time.perf_counter()
+        self.compile_start = compile_seconds()  # an earlier run's compile in this process (research code trains twice)
         interval = 1.0 if sys.stderr.isatty() else 30.0
         self.bar = tqdm(total=math.total_steps, initial=start_step, disable=not dist.is_main, desc="train",
                         mininterval=interval)  # fmt: skip
@@ -119,8 +120,8 @@ class Reporter:
         if self.last_eval_loss is not None:
             summary["eval_loss"] = round(self.last_eval_loss, 4)
         if self.dist.device.type == "cuda":  # the compile is part of the runtime: said, so a reader can set it apart
-            peak, compiling = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30,
-                                             compile_seconds()])  # fmt: skip
+            compiled = max(compile_seconds() - self.compile_start, 0.0)  # 0 after a torch._dynamo.reset() between
+            peak, compiling = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30, compiled])
             summary["peak_gpu_memory_gib"] = round(peak, 2)
             if compiling:
                 summary["compile_seconds"] = round(compiling, 1)
