@@ -78,7 +78,7 @@ RUNS = {
     "unpacked-zero2": ["--zero_stage", "2", "--packing", "false"],
     # the whole 10-epoch job, not a projection
     "full-zero3": ["--max_steps", "-1"],
-    "full-zero3-warm": ["--max_steps", "-1"],  # after full-zero3 in the same --runs: its inductor cache, warm
+    "full-zero3-warm": ["--max_steps", "-1"],  # full-zero3's inductor cache: warm only after full-zero3@N ran
     "full-zero2": ["--zero_stage", "2", "--max_steps", "-1"],
     "full-zero3-liger": ["--max_steps", "-1", "--enable_liger_kernel"],
     "full-zero2-liger": ["--zero_stage", "2", "--max_steps", "-1", "--enable_liger_kernel"],

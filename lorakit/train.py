@@ -235,7 +235,12 @@ def setup_left_to_refcounts() -> Iterator[None]:
     the tokeniser, dynamo's caches once compiled) are left out of Python's cyclic collections for the loop
     (`gc.freeze`): each of the collector's full passes walked them all, a pause on the CPU while the GPU waits for
     the next step. Reference counting still frees any of them released; garbage made in the loop is collected as
-    before. Given back to the collector when the loop ends, for research code that goes on in the process."""
+    before. Given back to the collector when the loop ends, for research code that goes on in the process. Where
+    the caller has frozen objects itself (gc.get_freeze_count), lorakit leaves that state as it is: gc cannot
+    unfreeze only what lorakit froze."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.collect()
     gc.freeze()
     try:

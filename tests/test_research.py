@@ -99,3 +99,22 @@ def test_the_research_example_samples_through_its_hook_and_stops_on_the_target(r
     results = json.loads((research_run / "example" / "train_results.json").read_text())
     assert results["epoch"] < 6 and (research_run / "example" / "adapter_model.safetensors").is_file()
     assert "'Who are you?' -> " in (research_run / "driver.log").read_text()
+
+
+def test_a_callers_own_frozen_objects_stay_frozen():
+    """gc can only unfreeze everything: where research code froze objects itself, lorakit leaves that state alone."""
+    import gc
+
+    from lorakit.train import setup_left_to_refcounts
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with setup_left_to_refcounts():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen  # not unfrozen by lorakit
+    finally:
+        gc.unfreeze()
+    with setup_left_to_refcounts():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0

@@ -124,9 +124,8 @@ def use_torch_compile(
     model: ModelConfig, lora: LoraSettings, per_module_units: bool, on_gpu: bool
 ) -> tuple[bool, list[str]]:
     """The decision and its log line: an explicit --torch_compile is obeyed; unset, the layers are compiled where
-    compile_unavailable finds nothing against it, and a GPU run that stays eager says why. `checkpointing`: the
-    gradient checkpointing the run settled on (the memory plan's choice or the flag); `per_module_units`: ZeRO-3
-    without lorakit's whole-layer units."""
+    compile_unavailable finds nothing against it, and a GPU run that stays eager says why. `per_module_units`:
+    ZeRO-3 without lorakit's whole-layer units."""
     if model.torch_compile is not None or model.torch_compile_mode is not None:  # a mode asks for compiled layers
         return model.torch_compile is not False, []
     reason = compile_unavailable(model, lora, per_module_units, on_gpu)

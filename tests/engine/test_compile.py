@@ -62,10 +62,11 @@ def _loss_and_grads(model, lengths: list[int], device: str) -> tuple[float, dict
 # with another scale constant), gradient checkpointing since session 9 (DoRA passes too; eager by default for its
 # broken graph, lorakit.engine.kernels.compile_unavailable).
 # bf16 (tolerance None): eager and compiled layers both round, in different orders, so each is held to an fp32
-# eager reference: the compiled error over all gradients may not exceed 1.5 x eager's own (+1e-3), nor any one
-# matrix's 3 x eager's (+1e-2). rsLoRA's larger scale (alpha / sqrt(r): 5.7 here, LoRA's 2) puts eager bf16 itself
-# 3-8 % off fp32 in its worst gradient (inductor on the CPU: the compiled path 2-7 %); a direct compiled-to-eager
-# tolerance of 3e-2 failed it on a GPU in session 9 while LoRA, DoRA and checkpointing passed.
+# eager reference computed from the same bf16-rounded weights: the compiled error over all gradients may not exceed
+# 1.5 x eager's own (+1e-3), nor any one matrix's 3 x eager's (+1e-2). rsLoRA's larger scale (alpha / sqrt(r): 5.7
+# here, LoRA's 2) puts eager bf16 itself up to 3.4 % off that reference in its worst gradient (inductor on the CPU:
+# the compiled path up to 3.9 %, every case within both bounds); a direct compiled-to-eager tolerance of 3e-2 failed
+# it on a GPU in session 9 while LoRA, DoRA and checkpointing passed.
 VARIANTS = ("lora", "checkpointed", "rslora", "dora")
 CASES = [("cpu", "aot_eager", torch.float32, 1e-5, variant) for variant in VARIANTS if variant != "rslora"]  # a scale
 if CUDA:
@@ -112,7 +113,8 @@ def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backen
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     eager, compiled = _model(tiny_model, dtype, device, variant), _model(tiny_model, dtype, device, variant)
-    reference = _model(tiny_model, torch.float32, device, variant) if tolerance is None else None
+    # the reference computes in fp32 from the very weights the bf16 models hold (rounded to bf16, then upcast)
+    reference = _model(tiny_model, dtype, device, variant).float() if tolerance is None else None
     (line,) = compile_decoder_layers(compiled, backend=backend)
     assert line.startswith("torch.compile: the forward of each of 2 Qwen2DecoderLayers compiled")
     for lengths in ([37, 90, 1], [12, 64, 33, 5], [200]):  # three row lengths
