@@ -111,6 +111,10 @@ def warm_up(spec: WarmupSpec) -> torch.nn.Module:
     checkpointing = spec.checkpointed_layers is not None
     partial = checkpointing and spec.checkpointed_layers < hf_config.num_hidden_layers
     hf_config.num_hidden_layers, hf_config.vocab_size = (2 if partial else 1), VOCABULARY
+    # Phi-3/4 and OLMo2 pad with an id past the small vocabulary: nn.Embedding refuses it. The padding index
+    # touches only the frozen embedding, never a layer's graph.
+    if (getattr(hf_config, "pad_token_id", None) or 0) >= VOCABULARY:
+        hf_config.pad_token_id = None
     if getattr(hf_config, "layer_types", None):
         hf_config.layer_types = hf_config.layer_types[: hf_config.num_hidden_layers]
     device = torch.device(spec.device)

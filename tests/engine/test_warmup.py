@@ -78,6 +78,28 @@ def test_the_warmup_compiles_the_graphs_the_run_compiles(tiny_model: Path, setti
     assert sorted(map(str, warmed)) == sorted(map(str, real))
 
 
+def test_the_warmup_builds_models_whose_padding_token_lies_past_its_small_vocabulary(tmp_path: Path):
+    """Phi-3/4 and OLMo2 name a pad token near the end of their vocabulary; the warm-up's embedding of
+    VOCABULARY rows must still build (the padding index touches no decoder layer's graph)."""
+    from transformers import Qwen2Config
+
+    from lorakit.engine.warmup import VOCABULARY
+
+    Qwen2Config(
+        vocab_size=4 * VOCABULARY,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=4 * VOCABULARY - 1,
+    ).save_pretrained(tmp_path)
+    torch._dynamo.reset()
+    spec = WarmupSpec(str(tmp_path), False, "float32", dataclasses.asdict(LORA), 3, None, 96, "cpu", "aot_eager")
+    model = warm_up(spec)
+    assert len(model.base_model.model.model.layers) == 1
+
+
 def test_the_warmup_process_runs_and_a_failed_one_is_named(tiny_model: Path, tmp_path: Path):
     (line,) = wait_for_warmup(start_warmup(_spec(tiny_model, LORA)))
     assert "compiled by a warm-up process" in line
