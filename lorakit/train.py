@@ -169,16 +169,11 @@ def set_up(checked: RunPlan) -> Run:
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
     config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
     built, warmup, warmup_lines = build_while_compiling(config, dist, engine_plan, share)
-    start = Position(0, 0, 0)
-    if checked.resume is not None:
-        load_checkpoint(built.engine, checked.resume.checkpoint, dist, config.train.unpickle_legacy_checkpoint)
-        start = checked.resume.position
-    counts = step_math(config, len(data), dist.world_size, start)
-    trackers: list[Tracker] = []  # rank 0's only, as the logs are
-    if dist.is_main:
-        save_run_files(output_dir, tokenizer, config, built.ds_config)
-        trackers = start_trackers(config.train.trackers, output_dir, config.train.run_name,
-                                  resolved_config(config, built.ds_config), start.step)  # fmt: skip
+    try:  # a failure here would leave the warm-up compiling on the rank's GPU, behind the error
+        start, counts, trackers = resume_and_record(checked, config, dist, built, len(data))
+    except BaseException:
+        stop_warmup(warmup)
+        raise
     for note in checked.notes + set_aside + built.notes + memory_lines + warmup_lines:
         say(note, dist.is_main)
     say(f"data: {len(data):,} examples, {int(data.lengths.sum()):,} tokens, {int(data.target_counts.sum()):,} "
@@ -199,6 +194,24 @@ def set_up(checked: RunPlan) -> Run:
             dist.is_main,
         )
     return Run(config, checked, dist, data, held_out, built, counts, start, output_dir, trackers, warmup)
+
+
+def resume_and_record(
+    checked: RunPlan, config: Config, dist: DistInfo, built: BuiltEngine, examples: int
+) -> tuple[Position, StepMath, list[Tracker]]:
+    """The resumed state loaded into the engine, the step counts, and (on rank 0) the run's files and trackers."""
+    start = Position(0, 0, 0)
+    if checked.resume is not None:
+        load_checkpoint(built.engine, checked.resume.checkpoint, dist, config.train.unpickle_legacy_checkpoint)
+        start = checked.resume.position
+    counts = step_math(config, examples, dist.world_size, start)
+    trackers: list[Tracker] = []  # rank 0's only, as the logs are
+    if dist.is_main:
+        output_dir = Path(config.train.output_dir)
+        save_run_files(output_dir, checked.tokenizer, config, built.ds_config)
+        trackers = start_trackers(config.train.trackers, output_dir, config.train.run_name,
+                                  resolved_config(config, built.ds_config), start.step)  # fmt: skip
+    return start, counts, trackers
 
 
 def build_while_compiling(

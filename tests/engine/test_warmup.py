@@ -168,3 +168,49 @@ def test_on_a_gpu_the_runs_first_compile_reads_the_warmups_cache(tiny_model: Pat
     counters = torch._dynamo.utils.counters
     hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
     assert hits >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, dict(counters)
+
+
+def test_a_set_up_that_fails_after_the_build_stops_the_warmup(monkeypatch, tiny_model: Path, tiny_data: Path,
+                                                               tmp_path: Path):  # fmt: skip
+    """Resuming, writing the run's files or starting a tracker can fail after the model is built: the warm-up
+    process must not be left compiling on the rank's GPU (nor its log in the temporary folder)."""
+    import subprocess
+    import sys
+    import time
+
+    import lorakit.train  # noqa: F401 (the module, for sys.modules)
+    from lorakit.config import Config
+    from lorakit.distributed import DistInfo
+    from lorakit.engine.warmup import Warmup
+    from lorakit.validate import validate
+
+    training = sys.modules["lorakit.train"]  # the module: the package's `lorakit.train` is its function
+    started: list[Warmup] = []
+
+    def start(_spec: WarmupSpec) -> Warmup:
+        log = tmp_path / "warmup.log"
+        log.touch()
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        started.append(Warmup(process, log, time.perf_counter()))
+        return started[-1]
+
+    def refuse(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(0, 0, 1, torch.device("cpu")))
+    monkeypatch.setattr(training, "compile_warmup", lambda *_: _spec(tiny_model, LORA))
+    monkeypatch.setattr(training, "start_warmup", start)
+    monkeypatch.setattr(training, "build_engine", lambda *_: training.BuiltEngine(None, {}, [], 1, 2))
+    monkeypatch.setattr(training, "save_run_files", refuse)
+    config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("tiny",), "template": "qwen",
+                               "dataset_dir": str(tiny_data), "output_dir": str(tmp_path / "out"),
+                               "cutoff_len": 128})  # fmt: skip
+    with pytest.raises(OSError, match="disk full"):
+        training.set_up(validate(config))
+    (warmup,) = started
+    try:
+        assert warmup.process.poll() is not None, "the warm-up process still runs"
+        assert not warmup.log.exists()
+    finally:
+        warmup.process.kill()
+        warmup.process.wait()
