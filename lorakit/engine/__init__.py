@@ -188,10 +188,12 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
 
 def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_tokens: int) -> WarmupSpec | None:
     """The warm-up process's settings (lorakit.engine.warmup), or None where none runs: the layers not compiled, no
-    GPU, a mode other than the default (CUDA graphs are recorded in the run), or packing off (padded batches call
-    the layers with another mask). `step_tokens`: a rank's largest share of a step, the row's length hint."""
+    GPU, a mode other than the default (CUDA graphs are recorded in the run), packing off (padded batches call
+    the layers with another mask), or Liger's kernels asked for beside --torch_compile (the warm-up's layer has
+    none). `step_tokens`: a rank's largest share of a step, the row's length hint."""
     compiled, mode, _ = compile_choice(config, plan, device.type == "cuda")
-    if not (compiled and mode == "default" and device.type == "cuda" and config.train.packing):
+    liger = config.model.enable_liger_kernel is True  # asked for beside --torch_compile: another layer
+    if not (compiled and mode == "default" and device.type == "cuda" and config.train.packing) or liger:
         return None
     recomputed = (plan.checkpointed_layers or plan.shape.layers) if config.train.gradient_checkpointing else None
     row_tokens = max(128, min(config.train.pack_tokens, step_tokens or config.train.pack_tokens) // 128 * 128)

@@ -139,5 +139,20 @@ def warm_up(spec: WarmupSpec) -> torch.nn.Module:
     return model
 
 
+def leave_with_the_run(parent: int, limit: float) -> None:
+    """End this process if the run that started it is gone (killed, or failed where nothing stopped the warm-up)
+    or past `limit` seconds: never an orphan compiling on a GPU."""
+    import threading
+
+    def watch() -> None:
+        started = time.monotonic()
+        while os.getppid() == parent and time.monotonic() - started < limit:
+            time.sleep(1)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 if __name__ == "__main__":
+    leave_with_the_run(os.getppid(), WAIT_SECONDS + 30)
     warm_up(WarmupSpec(**json.loads(sys.argv[1])))

@@ -123,6 +123,7 @@ def test_the_warmup_process_runs_and_a_failed_one_is_named(tiny_model: Path, tmp
         ({"gradient_checkpointing": True}, "cuda:0", 1, {"checkpointed_layers": 1}),  # the memory plan's first k
         ({"zero_stage": 2, "torch_compile_mode": "reduce-overhead"}, "cuda:0", None, None),  # CUDA graphs: in the run
         ({"torch_compile_mode": "reduce-overhead"}, "cuda:0", None, {"device": "cuda:0"}),  # ZeRO-3: the default mode
+        ({"torch_compile": True, "enable_liger_kernel": True}, "cuda:0", None, None),  # Liger's layer: not warmed
     ],
 )
 def test_a_warmup_runs_where_the_run_compiles_its_layers(monkeypatch, tiny_model, flags, device, checkpointed_layers,
@@ -214,3 +215,18 @@ def test_a_set_up_that_fails_after_the_build_stops_the_warmup(monkeypatch, tiny_
     finally:
         warmup.process.kill()
         warmup.process.wait()
+
+
+@pytest.mark.parametrize(("parent", "limit"), [("os.getppid()", 1), ("os.getppid() + 999999", 60)],
+                         ids=["past-its-limit", "its-run-gone"])  # fmt: skip
+def test_a_warmup_process_never_outlives_its_run(parent, limit):
+    """lorakit.engine.warmup.leave_with_the_run: a process whose run is gone (or that ran past its limit) exits."""
+    import subprocess
+    import sys
+    import time
+
+    code = (f"import os, time; from lorakit.engine.warmup import leave_with_the_run; "
+            f"leave_with_the_run({parent}, {limit}); time.sleep(60)")  # fmt: skip
+    started = time.monotonic()
+    finished = subprocess.run([sys.executable, "-c", code], timeout=50)
+    assert finished.returncode == 3 and time.monotonic() - started < 40
