@@ -87,9 +87,8 @@ class ModelConfig:
         metadata=_doc(
             "Compile each decoder layer's forward (and so its backward) with torch.compile (inductor, shapes "
             "dynamic); DeepSpeed's hooks stay outside. Default: on for a CUDA GPU with triton, unless "
-            "--quantization_bit, --enable_liger_kernel true, --additional_target, --use_dora or gradient "
-            "checkpointing is set (the log says why it is off); with it, --enable_liger_kernel defaults to off "
-            "(inductor fuses those ops)."
+            "--quantization_bit, --enable_liger_kernel true, --additional_target or --use_dora is set (the log "
+            "says why it is off); with it, --enable_liger_kernel defaults to off (inductor fuses those ops)."
         ),
     )
     torch_compile_mode: str | None = field(
@@ -299,7 +298,8 @@ class TrainConfig:
     )
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata=_doc("Recompute activations in backward (default: only when the memory estimate needs it)."),
+        metadata=_doc("Recompute activations in backward, every layer (default: planned, on the fewest layers "
+                      "the memory estimate needs, none if it fits without)."),  # fmt: skip
     )
     zero_stage: int | None = field(
         default=None, metadata=_doc("ZeRO stage 0-3, overriding the DeepSpeed file's (default: the file's, else 3).")
