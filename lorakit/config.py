@@ -298,8 +298,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata=_doc("Recompute activations in backward, every layer (default: planned, on the fewest layers "
-                      "the memory estimate needs, none if it fits without)."),  # fmt: skip
+        metadata=_doc(
+            "Recompute activations in backward, every layer (default: planned, on the fewest layers "
+            "the memory estimate needs, none if it fits without)."
+        ),  # fmt: skip
     )
     zero_stage: int | None = field(
         default=None, metadata=_doc("ZeRO stage 0-3, overriding the DeepSpeed file's (default: the file's, else 3).")
