@@ -301,7 +301,7 @@ class TrainConfig:
         metadata=_doc(
             "Recompute activations in backward, every layer (default: planned, on the fewest layers "
             "the memory estimate needs, none if it fits without)."
-        ),  # fmt: skip
+        ),
     )
     zero_stage: int | None = field(
         default=None, metadata=_doc("ZeRO stage 0-3, overriding the DeepSpeed file's (default: the file's, else 3).")
