@@ -149,11 +149,12 @@ def test_the_cache_files_follow_the_umask(tiny_model: Path, tiny_data: Path, tmp
     assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o640}
 
 
-def _busy_leaf(processes: list[psutil.Process]) -> psutil.Process:
-    """A map worker at work: of the build's childless processes (its pool's workers, and a helper process the pool
-    forks beside them, which the same command line does not tell apart), one using the CPU. Killing the idle helper
-    instead left the workers tokenising until the test killed them 30 s later (seen once)."""
-    leaves = [p for p in processes if not p.children()]
+def _busy_leaf(processes: list[psutil.Process], workers: int = 2) -> psutil.Process:
+    """A map worker at work: of the build's childless processes, the pool's `workers` (started first) and not the
+    Manager process `datasets` starts after the pool (datasets.utils.py_utils.iflatmap_unordered; the same command
+    line), one using the CPU. The Manager relays the workers' results, so it uses the CPU too: killed, it left the
+    build waiting until the test killed it 30 s later (seen twice, as the build's exit -9)."""
+    leaves = sorted((p for p in processes if not p.children()), key=lambda p: (p.create_time(), p.pid))[:workers]
     deadline = time.monotonic() + 20
     for process in leaves:
         process.cpu_percent(None)  # starts each one's measurement
