@@ -93,6 +93,11 @@ RUNS = {
     "qlora": ["--quantization_bit", "4", "--zero_stage", "2"],
     "qlora-zero3": ["--quantization_bit", "4"],
     "qlora-zero3-partitioned": ["--quantization_bit", "4", "--deepspeed", "{partitioned}"],
+    # the LoRA variants (issue 14) under lorakit's ZeRO-3 defaults, against `zero3` in the same lease
+    "dora-zero3": ["--use_dora"],
+    "rslora-zero3": ["--use_rslora"],
+    "pissa-zero3": ["--pissa_init"],
+    "loraplus-zero3": ["--loraplus_lr_ratio", "16"],
 }  # fmt: skip
 SCRIPTS = {name: "benchmarks/device_wait.py" for name in RUNS if name.endswith("-devicewait")}  # else sft.py
 VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (see RESULTS.md)
