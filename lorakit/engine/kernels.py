@@ -179,20 +179,20 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
     """--torch_compile: each decoder layer's `forward` through torch.compile; returns the log line. Only the layer's
     own computation is compiled: ZeRO-3's gather and release hooks run around the module call, outside the graph.
     Every layer runs one graph: the first layer's input (the frozen embedding's output) is made to require grad like
-    the others' (`input_requiring_grad`). A packed row's length changes every step, so it is symbolic from the first
-    call (`row_length_dynamic`): one compile serves every length (dynamo's automatic mode compiled the first length
-    as a constant, then everything again symbolically at the second: twice the compile time in a run's first steps).
-    `backend`: the tests' "aot_eager" on the CPU checks the capture without inductor's code generation. `mode`
-    (inductor's): with CUDA graphs (reduce-overhead), each row length seen is recorded once, forward and backward,
-    in one memory pool that the layers of a step share, then replayed: one launch a layer for the ~30 kernels it
-    runs. Each forward of the whole model starts a new round of the graphs
+    the others' (lorakit.engine.model.make_layer_inputs_require_grad). A packed row's length changes every step, so
+    it is symbolic from the first call (`row_length_dynamic`): one compile serves every length (dynamo's automatic
+    mode compiled the first length as a constant, then everything again symbolically at the second: twice the
+    compile time in a run's first steps). `backend`: the tests' "aot_eager" on the CPU checks the capture without
+    inductor's code generation. `mode` (inductor's): with CUDA graphs (reduce-overhead), each row length seen is
+    recorded once, forward and backward, in one memory pool that the layers of a step share, then replayed: one
+    launch a layer for the ~30 kernels it runs. Each forward of the whole model starts a new round of the graphs
     (torch.compiler.cudagraph_mark_step_begin, before the model and before the HF model inside PEFT's, which
     generation calls directly): without it the graphs cannot tell one micro-batch from the next, run their slow path
     ("pending, uninvoked backwards") and, in an evaluation, read a layer's output after the next layer's replay
     overwrote it. A new round frees the previous one's outputs: by then DeepSpeed has copied each LoRA gradient of
     the previous micro-batch into its own buckets (the GPU test trains with two micro-batches a step against the
     same layers without graphs)."""
-    from lorakit.engine.model import decoder_layer_classes
+    from lorakit.engine.model import decoder_layer_classes, make_layer_inputs_require_grad
 
     classes = tuple(decoder_layer_classes(model))
     layers = [m for m in model.modules() if classes and isinstance(m, classes)]
@@ -211,9 +211,10 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
         for top in model_and_inner_model(model):
             top.register_forward_pre_hook(start_a_round_of_graphs)
     options = {"mode": mode} if backend == "inductor" else {}
+    make_layer_inputs_require_grad(model)  # one graph for every layer, the first included
     for layer in layers:
         compiled = torch.compile(layer.forward, backend=backend, dynamic=None, **options)
-        layer.forward = input_requiring_grad(row_length_dynamic(compiled))  # the alias marked, as later layers are
+        layer.forward = row_length_dynamic(compiled)
     shown = f"{backend}, {mode}" if backend == "inductor" else backend
     return [
         f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({shown}"
@@ -247,36 +248,6 @@ def compile_seconds() -> float:
     compiled inside the capture, so that timer counted it twice (the tiny model on the CPU: 52 s for 40)."""
     timers = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
     return sum(sum(timers.get(key, ())) for key in ("_compile.compile_inner", "backward._backward_impl"))
-
-
-def input_requiring_grad(compiled: Any) -> Any:
-    """`compiled`, given hidden states that require grad when autograd records. The first decoder layer's input,
-    the frozen embedding's output, does not (except under ZeRO-3's whole-layer units, where
-    lorakit.engine.zero3.make_layer_inputs_require_grad already sees to it), and AOTAutograd compiles a graph per
-    pattern of inputs requiring grad: a second whole compile (forward and backward) for that one layer, ~20 % of a
-    run's cold compile on the CPU (40 s instead of 50 s for the tiny model). The price is that layer's input
-    gradient through q/k/v and its norm (~0.1 % of a 7B step's matmul work); nothing reads it. A detached alias, so
-    the caller's tensor is unchanged. The alias is a leaf: its gradient is dropped once accumulated, or it would
-    live, the size of the hidden states, as long as the loss's graph (lorakit.train.run_step keeps a micro-batch's
-    loss through the next one's forward)."""
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        wanted = isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and torch.is_grad_enabled()
-        if wanted and not hidden.requires_grad:
-            hidden = hidden.detach().requires_grad_()
-            hidden.register_post_accumulate_grad_hook(drop_gradient)
-            if args:
-                args = (hidden, *args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
-        return compiled(*args, **kwargs)
-
-    return forward
-
-
-def drop_gradient(leaf: torch.Tensor) -> None:
-    leaf.grad = None
 
 
 def row_length_dynamic(compiled: Any) -> Any:

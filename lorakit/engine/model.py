@@ -194,6 +194,31 @@ def decoder_layer_classes(model: Any) -> list[type]:
     return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
 
 
+def make_layer_inputs_require_grad(model: Any) -> None:
+    """The embedding output requires a gradient while autograd records, so the first decoder layer's input does as
+    every later layer's. Two users: ZeRO-3's whole-layer units (DeepSpeed's release hook fires on the layer's input
+    gradient: lorakit.engine.zero3's module docstring) and compiled layers (AOTAutograd compiles a graph per pattern
+    of inputs requiring grad: without it layer 0 was a second whole compile). Once per embedding. The output is a
+    leaf, so autograd would keep its unread gradient, the size of the hidden states, for as long as the loss's graph
+    lives (lorakit.train.run_step keeps a micro-batch's loss through the next one's forward): it is dropped once
+    accumulated. The price: that layer's input gradient through q/k/v and its norm (~0.1 % of a 7B step's matmuls)."""
+    embedding = model.get_input_embeddings()
+    if getattr(embedding, "_lorakit_output_requires_grad", False):
+        return
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not output.requires_grad:
+            output.requires_grad_(True).register_post_accumulate_grad_hook(_drop_gradient)
+        return output
+
+    embedding.register_forward_hook(hook)
+    embedding._lorakit_output_requires_grad = True
+
+
+def _drop_gradient(leaf: torch.Tensor) -> None:
+    leaf.grad = None
+
+
 def recompute_first_layers_only(model: Any, layers: int | None) -> None:
     """Gradient checkpointing on the first `layers` decoder layers only (the memory plan's fewest that fit,
     lorakit.engine.memory; None: every layer, as transformers turned it on). transformers keeps the choice per layer

@@ -29,16 +29,7 @@ from typing import Any
 
 import torch
 
-from lorakit.engine.model import decoder_layer_classes, model_and_inner_model
-
-
-def make_layer_inputs_require_grad(model: Any) -> None:
-    """The embedding output requires a gradient while autograd records (see the module docstring)."""
-
-    def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
-
-    model.get_input_embeddings().register_forward_hook(hook)
+from lorakit.engine.model import decoder_layer_classes, make_layer_inputs_require_grad, model_and_inner_model
 
 
 def gather_whole_layers(model: Any) -> list[str]:

@@ -129,7 +129,7 @@ def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backen
 
 def test_every_layer_runs_one_graph(tiny_model: Path):
     """The first layer's input (the frozen embedding's output) requires grad like every later layer's
-    (lorakit.engine.kernels.input_requiring_grad): one compile for the whole stack, not a second one for layer 0."""
+    (lorakit.engine.model.make_layer_inputs_require_grad): one compile for the whole stack, not a second for layer 0."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = _model(tiny_model, torch.float32, "cpu")
@@ -140,10 +140,10 @@ def test_every_layer_runs_one_graph(tiny_model: Path):
     assert compile_seconds() > before + 0.1  # the final summary's compile_seconds: the capture was timed
 
 
-def test_the_first_layers_alias_keeps_no_gradient(tiny_model: Path):
-    """The alias made to require grad is a leaf: autograd accumulates its (unread) gradient, the size of the hidden
-    states, into it, and the loss's graph keeps the alias while the loss lives (in lorakit.train.run_step, through
-    the next micro-batch's forward). Nothing but the parameters may hold a gradient after backward."""
+def test_the_first_layers_input_keeps_no_gradient(tiny_model: Path):
+    """The embedding output made to require grad is a leaf: autograd accumulates its (unread) gradient, the size of
+    the hidden states, into it, and the loss's graph keeps that leaf while the loss lives (in lorakit.train.run_step,
+    through the next micro-batch's forward). Nothing but the parameters may hold a gradient after backward."""
     torch._dynamo.reset()
     model = _model(tiny_model, torch.float32, "cpu")
     compile_decoder_layers(model, backend="aot_eager")
