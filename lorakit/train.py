@@ -168,8 +168,9 @@ def set_up(checked: RunPlan) -> Run:
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
     config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
-    built, warmup, warmup_lines = build_while_compiling(config, dist, engine_plan, share)
+    warmup, warmup_lines = start_compile_warmup(config, dist, engine_plan, share)  # compiles while the model loads
     try:  # a failure here would leave the warm-up compiling on the rank's GPU, behind the error
+        built = build_engine(config, dist, engine_plan)
         start, counts, trackers = resume_and_record(checked, config, dist, built, len(data))
     except BaseException:
         stop_warmup(warmup)
@@ -214,19 +215,16 @@ def resume_and_record(
     return start, counts, trackers
 
 
-def build_while_compiling(
+def start_compile_warmup(
     config: Config, dist: DistInfo, engine_plan: EnginePlan, step_tokens: int
-) -> tuple[BuiltEngine, Warmup | None, list[str]]:
-    """lorakit.engine.build_engine, with the decoder layer compiled meanwhile by a warm-up process where the layers
-    will be compiled (lorakit.engine.warmup; the run waits for it before its first step). A failed build stops it."""
+) -> tuple[Warmup | None, list[str]]:
+    """The compile warm-up process (lorakit.engine.warmup), started where the layers will be compiled, and the cache
+    line; the run waits for it before its first step."""
     spec = compile_warmup(config, engine_plan, dist.device, step_tokens)
-    lines = inductor_cache_beside_data() if spec else []  # the process must write where the run will read
-    warmup = start_warmup(spec) if spec else None
-    try:
-        return build_engine(config, dist, engine_plan), warmup, lines
-    except BaseException:
-        stop_warmup(warmup)
-        raise
+    if spec is None:
+        return None, []
+    lines = inductor_cache_beside_data()  # the process must write where the run will read
+    return start_warmup(spec), lines
 
 
 def step_plans(run: Run) -> Iterator[StepPlan]:
