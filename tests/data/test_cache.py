@@ -149,21 +149,30 @@ def test_the_cache_files_follow_the_umask(tiny_model: Path, tiny_data: Path, tmp
     assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o640}
 
 
-def _busy_leaf(processes: list[psutil.Process], workers: int = 2) -> psutil.Process:
-    """A map worker at work: of the build's childless processes, the pool's `workers` (started first) and not the
-    Manager process `datasets` starts after the pool (datasets.utils.py_utils.iflatmap_unordered; the same command
-    line), one using the CPU. The Manager relays the workers' results, so it uses the CPU too: killed, it left the
-    build waiting until the test killed it 30 s later (seen twice, as the build's exit -9)."""
-    leaves = sorted((p for p in processes if not p.children()), key=lambda p: (p.create_time(), p.pid))[:workers]
+def _busy_leaf(processes: list[psutil.Process]) -> psutil.Process:
+    """A map worker at work, as the out-of-memory killer would pick one: of the build's childless processes, the
+    one that used the most CPU in the last second, once one used at least 0.3 s of it. Beside the pool's workers
+    the build has other leaves on the same command line: the Manager `datasets` starts after the pool (it relays
+    results, a little CPU) and multiprocess's resource tracker (idle). Killing either left the build running until
+    the test killed it 30 s later (seen as the build's exit -9 three times)."""
+    leaves = [p for p in processes if not p.children()]
     deadline = time.monotonic() + 20
-    for process in leaves:
-        process.cpu_percent(None)  # starts each one's measurement
+
+    def used(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return times.user + times.system
+
+    before = {process.pid: used(process) for process in leaves}
     while True:
-        time.sleep(0.2)
-        usage = [(process.cpu_percent(None), process) for process in leaves]
-        most, busy = max(usage, key=lambda pair: pair[0])
-        if most > 0 or time.monotonic() > deadline:
+        time.sleep(1.0)
+        now = {process.pid: used(process) for process in leaves}
+        busy = max(leaves, key=lambda process: now[process.pid] - before[process.pid])
+        if now[busy.pid] - before[busy.pid] >= 0.3 or time.monotonic() > deadline:
             return busy
+        before = now
 
 
 def _kill(victim: str, killed: list[tuple[int, float]]) -> None:
