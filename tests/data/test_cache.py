@@ -18,7 +18,7 @@ import tiny
 from conversations import MIXED_KEY_RECORDS
 
 from lorakit.config import DataConfig
-from lorakit.data import cache, prepare_data, read_source, ready
+from lorakit.data import arrow, cache, prepare_data, read_source, ready
 from lorakit.data.tokens import TokenizedData
 from lorakit.engine import load_tokenizer
 from lorakit.errors import LorakitError
@@ -149,42 +149,33 @@ def test_the_cache_files_follow_the_umask(tiny_model: Path, tiny_data: Path, tmp
     assert {p.stat().st_mode & 0o777 for p in path.iterdir()} == {0o640}
 
 
-def _busy_leaf(processes: list[psutil.Process]) -> psutil.Process:
-    """A map worker at work, as the out-of-memory killer would pick one: of the build's childless processes, the
-    one that used the most CPU in the last second, once one used at least 0.3 s of it. Beside the pool's workers
-    the build has other leaves on the same command line: the Manager `datasets` starts after the pool (it relays
-    results, a little CPU) and multiprocess's resource tracker (idle). Killing either left the build running until
-    the test killed it 30 s later (seen as the build's exit -9 three times)."""
-    leaves = [p for p in processes if not p.children()]
-    deadline = time.monotonic() + 20
+def _block_in_the_map(marks: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each process running the map's function marks itself (a file named by its pid in `marks`) and then blocks, as
+    a worker at work would be when the out-of-memory killer picks it. The build and its workers are forked, so they
+    run this patched Encoder. Picking a busy process by its CPU use instead flaked: it sometimes hit the Manager
+    `datasets` starts beside the pool, whose death went unnoticed until the test's 30 s timeout."""
+    marks.mkdir()
 
-    def used(process: psutil.Process) -> float:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            return 0.0
-        return times.user + times.system
+    def marked_and_blocked(self, batch):
+        (marks / str(os.getpid())).touch()
+        time.sleep(120)  # killed by the test or by lorakit before this ends
 
-    before = {process.pid: used(process) for process in leaves}
-    while True:
-        time.sleep(1.0)
-        now = {process.pid: used(process) for process in leaves}
-        busy = max(leaves, key=lambda process: now[process.pid] - before[process.pid])
-        if now[busy.pid] - before[busy.pid] >= 0.3 or time.monotonic() > deadline:
-            return busy
-        before = now
+    monkeypatch.setattr(arrow.Encoder, "__call__", marked_and_blocked)
 
 
-def _kill(victim: str, killed: list[tuple[int, float]]) -> None:
-    """SIGKILL the build process or one of its map workers (as the OOM killer may) once the workers run; `killed`
-    gets (its pid, when), then every process of the build still there 30 s later (the rank was left waiting for
-    them). The build is never waited on here: lorakit reaps it (its exit code)."""
+def _kill(victim: str, marks: Path, killed: list[tuple[int, float]]) -> None:
+    """SIGKILL the build process or one of its map workers (as the OOM killer may) once a worker runs the map;
+    `killed` gets (its pid, when), then every process of the build still there 30 s later (the rank was left waiting
+    for them). The build is never waited on here: lorakit reaps it (its exit code)."""
     me = psutil.Process()
-    while not (builds := [c for c in me.children() if len(c.children()) >= 3]):
+    deadline = time.monotonic() + 60
+    while not (working := [p for p in me.children(recursive=True) if (marks / str(p.pid)).exists()]):
+        if time.monotonic() > deadline:
+            return  # no worker ran the map: the test's assertions say so
         time.sleep(0.01)
-    build = builds[0]
+    build = next(child for child in me.children() if working[0] in child.children(recursive=True))
     workers = build.children(recursive=True)
-    target = build if victim == "build" else _busy_leaf(workers)
+    target = build if victim == "build" else working[0]
     killed.append((target.pid, time.monotonic()))
     target.kill()
     _, left = psutil.wait_procs([p for p in workers if p.pid != target.pid], timeout=30)
@@ -208,11 +199,11 @@ def test_a_killed_build_or_map_worker_is_one_line_at_once_and_leaves_no_process(
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))  # as the variable sets it
-    records = [{"instruction": f"{'word ' * 300}{i}", "output": "x " * 100} for i in range(4000)]
-    tiny.write_dataset(tmp_path / "data", records)
+    _block_in_the_map(tmp_path / "marks", monkeypatch)
+    tiny.write_dataset(tmp_path / "data", [{"instruction": f"q {i}", "output": "a"} for i in range(1024)])
     config = _config(tmp_path / "data", tmp_path / "cache", preprocessing_num_workers=2)
     killed: list[tuple[int, float]] = []
-    killer = threading.Thread(target=_kill, args=(victim, killed))
+    killer = threading.Thread(target=_kill, args=(victim, tmp_path / "marks", killed))
     killer.start()
     with pytest.raises(LorakitError) as caught:
         prepare_data(config, qwen_tokenizer, get_template("qwen", qwen_tokenizer))
