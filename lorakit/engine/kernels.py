@@ -211,6 +211,7 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
         for top in model_and_inner_model(model):
             top.register_forward_pre_hook(start_a_round_of_graphs)
     options = {"mode": mode} if backend == "inductor" else {}
+    cache_keys_independent_of_imports()
     make_layer_inputs_require_grad(model)  # one graph for every layer, the first included
     for layer in layers:
         compiled = torch.compile(layer.forward, backend=backend, dynamic=None, **options)
@@ -220,6 +221,35 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
         f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({shown}"
         f"{': CUDA graphs, one per row length' if graphs else ''}); the first steps include the compilation"
     ]
+
+
+def _memory_format_by_name(memory_format: torch.memory_format) -> tuple[Any, tuple[str]]:
+    return str, (str(memory_format),)
+
+
+def cache_keys_independent_of_imports() -> None:
+    """Inductor's and AOTAutograd's on-disk cache keys pickle the metadata of each graph input, its memory format
+    included. A memory format (torch.contiguous_format) has no __module__, so pickle names it after the first module
+    in sys.modules with a `torch` attribute: which module that is depends on the process's imports (`__mp_main__`
+    in the warm-up process, `python -m lorakit.engine.warmup`; torch._utils in a script that imports torch first;
+    another module in examples/sft.py). The same layer then had two keys, and the run's first compile missed what
+    the warm-up process had compiled (lorakit.engine.warmup; tests/engine/test_warmup.py). Here the keys' pickler
+    writes a memory format as its name, as it writes a symbolic size. Torch's other objects in a key name their
+    module themselves."""
+    from torch._inductor import codecache
+
+    pickler = getattr(codecache, "FxGraphCachePickler", None)
+    if pickler is None or getattr(pickler, "lorakit_memory_format_by_name", False):
+        return
+    init = pickler.__init__
+
+    def init_naming_memory_formats(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if isinstance(getattr(self, "dispatch_table", None), dict):
+            self.dispatch_table[torch.memory_format] = _memory_format_by_name
+
+    pickler.__init__ = init_naming_memory_formats
+    pickler.lorakit_memory_format_by_name = True
 
 
 def inductor_cache_beside_data() -> list[str]:

@@ -33,6 +33,12 @@ import torch
 
 WAIT_SECONDS = 90  # from the process's start; past it the run stops waiting and compiles itself (~20 s on H100s)
 VOCABULARY = 512  # the layer's graph does not depend on it; the embedding and head stay small on the GPU
+# The process's main module holds no `torch`: pickle names a memory format (torch.contiguous_format, in every
+# cache entry) after the first module in sys.modules with a `torch` attribute, and multiprocessing aliases the main
+# module as `__mp_main__`, early in that order. Run as `python -m lorakit.engine.warmup`, this file was that module:
+# its entries named `__mp_main__.torch.contiguous_format`, which the run (examples/sft.py, no `torch` of its own)
+# could not load, so its first compile missed the warm-up's AOTAutograd entry.
+ENTRY = "from lorakit.engine.warmup import main; main()"
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def start_warmup(spec: WarmupSpec) -> Warmup:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as handle:
         isolated = ["-P"] if sys.version_info >= (3, 11) else []  # not the working folder's modules first
-        command = [sys.executable, *isolated, "-m", "lorakit.engine.warmup", json.dumps(dataclasses.asdict(spec))]
+        command = [sys.executable, *isolated, "-c", ENTRY, json.dumps(dataclasses.asdict(spec))]
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env)  # fmt: skip
     return Warmup(process, log, time.perf_counter())
@@ -153,6 +159,6 @@ def leave_with_the_run(parent: int, limit: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-if __name__ == "__main__":
+def main() -> None:
     leave_with_the_run(os.getppid(), WAIT_SECONDS + 30)
     warm_up(WarmupSpec(**json.loads(sys.argv[1])))

@@ -8,12 +8,13 @@ inductor itself runs, in fp32 and bf16. Two packed rows of different lengths exe
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import run
+from launch import REPO, run
 
 from lorakit.config import LoraSettings, ModelConfig
 from lorakit.engine.kernels import (
@@ -117,7 +118,10 @@ def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backen
     reference = _model(tiny_model, dtype, device, variant).float() if tolerance is None else None
     (line,) = compile_decoder_layers(compiled, backend=backend)
     assert line.startswith("torch.compile: the forward of each of 2 Qwen2DecoderLayers compiled")
-    for lengths in ([37, 90, 1], [12, 64, 33, 5], [200]):  # three row lengths
+    # Three row lengths; one for DoRA on the CPU: its graph breaks leave the row length constant after each break,
+    # so every new length captures ~20 pieces again (30 s of the CPU suite for what the first length already checks).
+    rows = ([37, 90, 1], [12, 64, 33, 5], [200])
+    for lengths in rows[:1] if variant == "dora" and device == "cpu" else rows:
         eager_result = _loss_and_grads(eager, lengths, device)
         assert len(eager_result[1]) == 2 * 7 * (3 if variant == "dora" else 2)  # A, B (DoRA: and magnitude) a linear
         expected = _loss_and_grads(reference, lengths, device) if reference is not None else None
@@ -288,3 +292,30 @@ def test_a_compiled_run_caches_its_kernels_beside_the_data(monkeypatch, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     (cache,) = [line.removeprefix("CACHE ") for line in done.stdout.splitlines() if line.startswith("CACHE ")]
     assert cache == str(tmp_path / "inductor"), done.stdout[-2000:]
+
+
+_KEY_OF_A_GRAPH_INPUT = """
+import torch.fx
+from torch._inductor.codecache import FxGraphCachePickler
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lorakit.engine.kernels import cache_keys_independent_of_imports
+
+cache_keys_independent_of_imports()
+with FakeTensorMode():
+    hidden = torch.empty(2, 64)
+print(FxGraphCachePickler(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())).get_hash(hidden))
+"""
+
+
+def test_a_graph_inputs_cache_key_is_the_same_whatever_the_process_imported_first():
+    """Pickle names a memory format after the first module in sys.modules with a `torch` attribute: torch._utils
+    where torch is imported first, the main module (as `__mp_main__`) where lorakit (multiprocessing) came first
+    and the main module then imported torch, as `python -m lorakit.engine.warmup` did. The warm-up process and the
+    run must key the same layer alike (lorakit.engine.kernels.cache_keys_independent_of_imports)."""
+    orders = {"torch first": "import torch\nimport lorakit.engine.kernels\n",
+              "lorakit first": "import lorakit.engine.kernels\nimport torch\n"}  # fmt: skip
+    processes = {order: subprocess.Popen([sys.executable, "-c", first + _KEY_OF_A_GRAPH_INPUT], cwd=REPO, text=True,
+                                         stdout=subprocess.PIPE) for order, first in orders.items()}  # fmt: skip
+    keys = {order: process.communicate(timeout=120)[0].split()[-1] for order, process in processes.items()}
+    assert len(set(keys.values())) == 1, keys
