@@ -200,7 +200,7 @@ def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_
     dtype = str(compute_dtype(config)).removeprefix("torch.")
     return WarmupSpec(config.model.model_name_or_path, config.model.trust_remote_code, dtype,
                       dataclasses.asdict(config.lora), config.train.seed, recomputed, row_tokens,
-                      str(device))  # fmt: skip
+                      str(device), zero3=plan.zero3)  # fmt: skip
 
 
 __all__ = [

@@ -52,6 +52,7 @@ class WarmupSpec:
     row_tokens: int  # the packed row's length: a typical pass, so inductor's size hints match the run's
     device: str  # the rank's device, e.g. "cuda:1"
     backend: str = "inductor"  # the tests' "aot_eager" checks the process without inductor's code generation
+    zero3: bool = False  # the run is ZeRO-3: its modules hold their weights in DeepSpeed's ZeROOrderedDict
 
 
 @dataclass
@@ -135,6 +136,8 @@ def warm_up(spec: WarmupSpec) -> torch.nn.Module:
     for pissa in ("pissa_init", "pissa_iter", "pissa_convert"):  # PiSSA sets starting values (an SVD), not the graph
         lora.pop(pissa, None)
     model = attach_lora(model, LoraSettings(**lora), spec.seed, device)
+    if spec.zero3:
+        hold_weights_as_zero3_does(model)
     model.train()
     compile_decoder_layers(model, backend=spec.backend)
     input_ids = torch.randint(3, VOCABULARY, (1, spec.row_tokens))
@@ -143,6 +146,22 @@ def warm_up(spec: WarmupSpec) -> torch.nn.Module:
     inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
     model_loss_sum(model, inputs, input_ids.clone()).backward()
     return model
+
+
+def hold_weights_as_zero3_does(model: torch.nn.Module) -> None:
+    """Each module's weights in DeepSpeed's ZeROOrderedDict, as ZeRO-3 holds the run's. AOTAutograd's cache key
+    names where dynamo found each weight (a dict subclass is reached another way than a plain dict): without this
+    the run's compile loaded the warm-up's inductor graphs but traced and partitioned the layer again (~4-5 s of a
+    ~19 s compile on an H100, benchmarks/compile_cost.py). The dict hands a weight without DeepSpeed's state
+    through unchanged; where DeepSpeed lacks it, nothing is done (only that part of the cache is missed)."""
+    try:
+        from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
+    except ImportError:
+        return
+    for module in model.modules():
+        held = ZeROOrderedDict(parent_module=module)
+        held.update(module._parameters)
+        module._parameters = held
 
 
 def leave_with_the_run(parent: int, limit: float) -> None:

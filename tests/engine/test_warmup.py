@@ -112,7 +112,8 @@ def test_a_failed_warmup_process_is_named(tiny_model: Path, tmp_path: Path):
 @pytest.mark.parametrize(
     "flags, device, checkpointed_layers, expected",
     [
-        ({}, "cuda:1", None, {"device": "cuda:1", "checkpointed_layers": None, "row_tokens": 2304}),
+        ({}, "cuda:1", None, {"device": "cuda:1", "checkpointed_layers": None, "row_tokens": 2304, "zero3": True}),
+        ({"zero_stage": 2}, "cuda:0", None, {"zero3": False}),  # its weights in plain dicts
         ({}, "cpu", None, None),  # the CPU: the layers stay eager
         ({"packing": False}, "cuda:0", None, None),  # padded batches call the layers with another mask
         ({"use_dora": True}, "cuda:0", None, None),  # eager by default
@@ -240,3 +241,31 @@ def test_a_warmup_process_never_outlives_its_run(parent, limit):
     started = time.monotonic()
     finished = subprocess.run([sys.executable, "-c", code], timeout=50)
     assert finished.returncode == 3 and time.monotonic() - started < 40
+
+
+def test_under_zero3_the_warmup_reaches_each_weight_as_the_run_does(tiny_model: Path):
+    """AOTAutograd's cache key names where dynamo found each graph input; ZeRO-3 holds a module's weights in its
+    ZeROOrderedDict, a dict subclass dynamo reaches another way. The warm-up holds them alike for a ZeRO-3 run
+    (lorakit.engine.warmup.hold_weights_as_zero3_does): else a ZeRO-3 run (tiny model, 1 CPU rank) loaded the
+    warm-up's inductor graphs but missed its AOTAutograd entry, and traced and partitioned the layer again."""
+    from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict, _inject_parameters
+
+    sources: list = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        sources.append([repr(node.meta["grapharg"].source) for node in gm.graph.find_nodes(op="placeholder")])
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model), LORA, 3)
+    _inject_parameters(model, ZeROOrderedDict)  # as DeepSpeed's ZeRO-3 engine does at its start
+    model.train()
+    compile_decoder_layers(model, backend=backend)
+    input_ids = torch.randint(3, model.config.vocab_size, (1, 96))
+    position_ids = torch.cat([torch.arange(40), torch.arange(56)])[None]  # packed, as the warm-up's row
+    model_loss_sum(model, {"input_ids": input_ids, "position_ids": position_ids}, input_ids.clone())
+    real, sources[:] = list(sources), []
+    torch._dynamo.reset()
+    warm_up(dataclasses.replace(_spec(tiny_model, LORA), zero3=True, backend=backend))
+    assert len(real) == 1 and "DictSubclassGetItemSource" in str(real)
+    assert sources == real
