@@ -230,12 +230,12 @@ def _memory_format_by_name(memory_format: torch.memory_format) -> tuple[Any, tup
 def cache_keys_independent_of_imports() -> None:
     """Inductor's and AOTAutograd's on-disk cache keys pickle the metadata of each graph input, its memory format
     included. A memory format (torch.contiguous_format) has no __module__, so pickle names it after the first module
-    in sys.modules with a `torch` attribute: which module that is depends on the process's imports (`__mp_main__`
-    in the warm-up process, `python -m lorakit.engine.warmup`; torch._utils in a script that imports torch first;
-    another module in examples/sft.py). The same layer then had two keys, and the run's first compile missed what
-    the warm-up process had compiled (lorakit.engine.warmup; tests/engine/test_warmup.py). Here the keys' pickler
-    writes a memory format as its name, as it writes a symbolic size. Torch's other objects in a key name their
-    module themselves."""
+    in sys.modules with a `torch` attribute: which module that is depends on the process's imports (torch._utils
+    where torch came first; the main script, as `__mp_main__`, where multiprocessing came first and the script
+    imported torch, as `python -m lorakit.engine.warmup` did). The same layer then had two keys, and the run's first
+    compile missed what the warm-up process had compiled (lorakit.engine.warmup; tests/engine/test_warmup.py).
+    Here the keys' pickler writes a memory format as its name, as it writes a symbolic size. Torch's other objects
+    in a key name their module themselves."""
     from torch._inductor import codecache
 
     pickler = getattr(codecache, "FxGraphCachePickler", None)
