@@ -207,6 +207,7 @@ def lorakit_run(run: str, args: argparse.Namespace, flops_per_token: float, work
         "mfu": round(tflops / gpus / PEAK_TFLOPS, 3),
         "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
         "compile_seconds": summary.get("compile_seconds"),  # rank max, within the first window
+        "compile_cache_misses": summary.get("compile_cache_misses"),  # graphs compiled afresh, not from the cache
         "first_window_seconds_per_step": records[0]["seconds_per_step"],
         "final_loss": records[-1]["loss"],
         "final_epoch_loss": round(
@@ -259,7 +260,8 @@ def baseline_run(gpus: int, args: argparse.Namespace, work: Path, tokens: float)
 
 RESULT_FIELDS = ("run", "stage", "gpus", "card", "date", "commit", "global_batch", "tokens_per_second_per_gpu",
                  "seconds_per_step", "train_runtime", "total_steps", "mfu", "peak_gpu_memory_gib",
-                 "same_lease", "arch", "compile_seconds", "first_window_seconds_per_step", "final_loss")  # fmt: skip
+                 "same_lease", "arch", "compile_seconds", "compile_cache_misses", "first_window_seconds_per_step",
+                 "final_loss")  # fmt: skip
 
 
 def results_line(result: dict, args: argparse.Namespace) -> dict:

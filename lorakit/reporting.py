@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.distributed import DistInfo
-from lorakit.engine.kernels import compile_seconds
+from lorakit.engine.kernels import compile_cache_misses, compile_seconds
 from lorakit.steps import StepMath
 from lorakit.tracking import Tracker
 
@@ -44,6 +44,7 @@ class Reporter:
         self.total_loss, self.total_tokens, self.start_step = loss_sum, 0, start_step
         self.start = self.window_start = time.perf_counter()
         self.compile_start = compile_seconds()  # an earlier run's compile in this process (research code trains twice)
+        self.cache_misses_start = compile_cache_misses()
         interval = 1.0 if sys.stderr.isatty() else 30.0
         self.bar = tqdm(total=math.total_steps, initial=start_step, disable=not dist.is_main, desc="train",
                         mininterval=interval)  # fmt: skip
@@ -121,10 +122,12 @@ class Reporter:
             summary["eval_loss"] = round(self.last_eval_loss, 4)
         if self.dist.device.type == "cuda":  # the compile is part of the runtime: said, so a reader can set it apart
             compiled = max(compile_seconds() - self.compile_start, 0.0)  # 0 after a torch._dynamo.reset() between
-            peak, compiling = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30, compiled])
+            missed = max(compile_cache_misses() - self.cache_misses_start, 0)
+            peak, compiling, misses = self.dist.max([torch.cuda.max_memory_allocated(self.dist.device) / 2**30,
+                                                     compiled, float(missed)])  # fmt: skip
             summary["peak_gpu_memory_gib"] = round(peak, 2)
-            if compiling:
-                summary["compile_seconds"] = round(compiling, 1)
+            if compiling:  # and how many graphs that compiled afresh, not from the cache (0: the warm-up's worked)
+                summary["compile_seconds"], summary["compile_cache_misses"] = round(compiling, 1), int(misses)
         if self.dist.is_main:
             say(str(summary))
             (self.output_dir / "train_results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -41,11 +41,14 @@ def test_short_flat_and_straight_series(values, expected):
 
 
 def test_the_summary_says_this_runs_compile_not_an_earlier_runs_in_the_process(monkeypatch, tmp_path: Path):
-    """torch's compile timers count for the whole process: a second train() in it (research code) compiled 3 s."""
-    timers = iter([19.0, 22.0])  # seconds compiled by the time the run starts, and by its end
+    """torch's compile timers and cache counters count for the whole process: a second train() in it (research
+    code) compiled 3 s, two graphs of them afresh."""
+    timers, misses = iter([19.0, 22.0]), iter([3, 5])  # by the time the run starts, and by its end
     monkeypatch.setattr("lorakit.reporting.compile_seconds", lambda: next(timers))
+    monkeypatch.setattr("lorakit.reporting.compile_cache_misses", lambda: next(misses))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 2**30)
     monkeypatch.setattr(DistInfo, "max", lambda self, values: values)  # one rank: no collective
     reporter = Reporter(tmp_path, StepMath(48, 1, 4, 2, 1, 6, 6, 0), DistInfo(0, 0, 1, torch.device("cuda")), 0, 0.0)
     reporter.step_done(torch.tensor(1.0), 100)
-    assert reporter.finish(1, 0.2, plot=False)["compile_seconds"] == 3.0
+    summary = reporter.finish(1, 0.2, plot=False)
+    assert summary["compile_seconds"] == 3.0 and summary["compile_cache_misses"] == 2

@@ -280,6 +280,13 @@ def compile_seconds() -> float:
     return sum(sum(timers.get(key, ())) for key in ("_compile.compile_inner", "backward._backward_impl"))
 
 
+def compile_cache_misses() -> int:
+    """Graphs this process has compiled afresh rather than read from the on-disk cache: inductor's graph misses
+    plus AOTAutograd's, by torch's own counters (0 where the compile warm-up or an earlier run cached the layers)."""
+    counters = torch._dynamo.utils.counters
+    return int(counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"])
+
+
 def row_length_dynamic(compiled: Any) -> Any:
     """`compiled`, called with every dimension of its tensor inputs (after the batch dimension) that has the row's
     length marked dynamic: the hidden states, position ids, rotary cos/sin and any mask. `maybe_mark_dynamic`: a

@@ -18,6 +18,7 @@ from launch import REPO, run
 
 from lorakit.config import LoraSettings, ModelConfig
 from lorakit.engine.kernels import (
+    compile_cache_misses,
     compile_decoder_layers,
     compile_seconds,
     inductor_cache_beside_data,
@@ -319,3 +320,14 @@ def test_a_graph_inputs_cache_key_is_the_same_whatever_the_process_imported_firs
                                          stdout=subprocess.PIPE) for order, first in orders.items()}  # fmt: skip
     keys = {order: process.communicate(timeout=120)[0].split()[-1] for order, process in processes.items()}
     assert len(set(keys.values())) == 1, keys
+
+
+def test_compile_cache_misses_counts_inductors_and_aotautograds_by_torchs_counter_names(monkeypatch):
+    """The final summary's compile_cache_misses (tests/engine/test_warmup.py reads 0 after a warm-up)."""
+    import collections
+
+    counters: dict = collections.defaultdict(collections.Counter)
+    counters["inductor"].update(fxgraph_cache_miss=2, fxgraph_cache_hit=5)
+    counters["aot_autograd"].update(autograd_cache_miss=1, autograd_cache_hit=4)
+    monkeypatch.setattr(torch._dynamo.utils, "counters", counters)
+    assert compile_cache_misses() == 3

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import LoraSettings
-from lorakit.engine.kernels import compile_decoder_layers
+from lorakit.engine.kernels import compile_cache_misses, compile_decoder_layers
 from lorakit.engine.model import attach_lora, recompute_first_layers_only
 from lorakit.engine.warmup import WarmupSpec, start_warmup, wait_for_warmup, warm_up
 from lorakit.loss import model_loss_sum
@@ -180,6 +180,7 @@ def test_the_runs_first_compile_reads_what_the_warmup_process_compiled(tiny_mode
     counters = torch._dynamo.utils.counters
     assert counters["aot_autograd"]["autograd_cache_hit"] == 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, (
         dict(counters["aot_autograd"]), dict(counters["inductor"]))  # fmt: skip
+    assert compile_cache_misses() == 0  # what the run's final summary says (compile_cache_misses)
 
 
 def test_a_set_up_that_fails_after_the_build_stops_the_warmup(monkeypatch, tiny_model: Path, tiny_data: Path,
