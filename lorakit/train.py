@@ -168,7 +168,7 @@ def set_up(checked: RunPlan) -> Run:
     share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
                                train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
     config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
-    warmup, warmup_lines = start_compile_warmup(config, dist, engine_plan, share)  # compiles while the model loads
+    warmup, warmup_lines = start_compile_warmup(config, dist, engine_plan, share, held_out is not None)
     try:  # a failure here would leave the warm-up compiling on the rank's GPU, behind the error
         built = build_engine(config, dist, engine_plan)
         start, counts, trackers = resume_and_record(checked, config, dist, built, len(data))
@@ -216,11 +216,11 @@ def resume_and_record(
 
 
 def start_compile_warmup(
-    config: Config, dist: DistInfo, engine_plan: EnginePlan, step_tokens: int
+    config: Config, dist: DistInfo, engine_plan: EnginePlan, step_tokens: int, evaluates: bool
 ) -> tuple[Warmup | None, list[str]]:
-    """The compile warm-up process (lorakit.engine.warmup), started where the layers will be compiled, and the cache
-    line; the run waits for it before its first step."""
-    spec = compile_warmup(config, engine_plan, dist.device, step_tokens)
+    """The compile warm-up process (lorakit.engine.warmup), started where the layers will be compiled while the
+    model loads, and the cache line; the run waits for it before its first step."""
+    spec = compile_warmup(config, engine_plan, dist.device, step_tokens, evaluates)
     if spec is None:
         return None, []
     lines = inductor_cache_beside_data()  # the process must write where the run will read

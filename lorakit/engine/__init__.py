@@ -186,11 +186,13 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     return True, mode, lines + mode_lines
 
 
-def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_tokens: int) -> WarmupSpec | None:
+def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_tokens: int,
+                   evaluates: bool = False) -> WarmupSpec | None:  # fmt: skip
     """The warm-up process's settings (lorakit.engine.warmup), or None where none runs: the layers not compiled, no
     GPU, a mode other than the default (CUDA graphs are recorded in the run), packing off (padded batches call
     the layers with another mask), or Liger's kernels asked for beside --torch_compile (the warm-up's layer has
-    none). `step_tokens`: a rank's largest share of a step, the row's length hint."""
+    none). `step_tokens`: a rank's largest share of a step, the row's length hint; `evaluates`: the run holds out
+    data to evaluate on (an evaluation pass compiles its own graph)."""
     compiled, mode, _ = compile_choice(config, plan, device.type == "cuda")
     liger = config.model.enable_liger_kernel is True  # asked for beside --torch_compile: another layer
     if not (compiled and mode == "default" and device.type == "cuda" and config.train.packing) or liger:
@@ -200,7 +202,7 @@ def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_
     dtype = str(compute_dtype(config)).removeprefix("torch.")
     return WarmupSpec(config.model.model_name_or_path, config.model.trust_remote_code, dtype,
                       dataclasses.asdict(config.lora), config.train.seed, recomputed, row_tokens,
-                      str(device), zero3=plan.zero3)  # fmt: skip
+                      str(device), zero3=plan.zero3, evaluates=evaluates)  # fmt: skip
 
 
 __all__ = [

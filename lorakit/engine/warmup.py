@@ -5,10 +5,12 @@ H100 host, and it ran at the first step while every GPU waited; from inductor's 
 (lorakit.engine.kernels.inductor_cache_beside_data) the same compile takes ~2.5 s (benchmarks/RESULTS.md, session
 9). So `set_up` starts, on each rank and before it loads the model, a process that builds the same layer (the
 model's own class and config with one decoder layer, two where only the first layers recompute, and a small
-vocabulary; random weights; lorakit's LoRA, checkpointing and compile), trains one packed row on the rank's GPU and
-exits. The cache then holds the rank's compiled layer (its key names the device) while the model loads and
-DeepSpeed starts, and the first step reads it. The layer's graph does not depend on the vocabulary, the weights'
-values or ZeRO-3 (its hooks run outside the compiled layer; tests/engine/test_warmup.py compares the graphs).
+vocabulary; random weights; lorakit's LoRA, checkpointing and compile), trains one packed row on the rank's GPU
+(and evaluates it, where the run evaluates: the inference graph is another compile) and exits. The cache then
+holds the rank's compiled layer (its key names the device) while the model loads and DeepSpeed starts, and the
+first step reads it. The layer's graph does not depend on the vocabulary, the weights' values or ZeRO-3's
+partitioning (its hooks run outside the compiled layer; tests/engine/test_warmup.py compares the graphs, and
+checks on the CPU that the run's compile loads what the process compiled).
 
 Best effort: the run waits for the process before its first step (until WAIT_SECONDS after the process started,
 then stops it), inside the timed training, so a warm-up slower than the set-up shows in the run's time; if the
@@ -53,6 +55,7 @@ class WarmupSpec:
     device: str  # the rank's device, e.g. "cuda:1"
     backend: str = "inductor"  # the tests' "aot_eager" checks the process without inductor's code generation
     zero3: bool = False  # the run is ZeRO-3: its modules hold their weights in DeepSpeed's ZeROOrderedDict
+    evaluates: bool = False  # the run evaluates (--val_size, --eval_dataset): its layers' inference graph too
 
 
 @dataclass
@@ -145,6 +148,11 @@ def warm_up(spec: WarmupSpec) -> torch.nn.Module:
     position_ids = torch.cat([torch.arange(half), torch.arange(spec.row_tokens - half)])[None]
     inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
     model_loss_sum(model, inputs, input_ids.clone()).backward()
+    if spec.evaluates:  # the first evaluation would compile it mid-run, inside the timed training
+        model.eval()
+        with torch.no_grad():
+            model_loss_sum(model, inputs, input_ids.clone())
+        model.train()
     return model
 
 

@@ -38,7 +38,8 @@ def _spec(tiny_model: Path, settings: LoraSettings, checkpointed_layers: int | N
                       "cpu", "aot_eager")  # fmt: skip
 
 
-def _real_graphs(tiny_model: Path, settings: LoraSettings, checkpointed_layers: int | None) -> list:
+def _real_graphs(tiny_model: Path, settings: LoraSettings, checkpointed_layers: int | None,
+                 evaluates: bool = False) -> list:  # fmt: skip
     graphs: list = []
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     if checkpointed_layers is not None:
@@ -50,6 +51,10 @@ def _real_graphs(tiny_model: Path, settings: LoraSettings, checkpointed_layers: 
     input_ids = torch.randint(3, model.config.vocab_size, (1, 130))
     position_ids = torch.cat([torch.arange(40), torch.arange(70), torch.arange(20)])[None]  # another length, 3 rows
     model_loss_sum(model, {"input_ids": input_ids, "position_ids": position_ids}, input_ids.clone()).backward()
+    if evaluates:  # as lorakit.evaluate: the engine in eval mode, no gradients, rows packed alike
+        model.eval()
+        with torch.no_grad():
+            model_loss_sum(model, {"input_ids": input_ids, "position_ids": position_ids}, input_ids.clone())
     return graphs
 
 
@@ -59,22 +64,25 @@ LORA = LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=0.1, lora_target=("
 
 
 @pytest.mark.parametrize(
-    "settings, checkpointed_layers",
+    "settings, checkpointed_layers, evaluates, graphs",
     [
-        (LORA, None),
-        (dataclasses.replace(LORA, lora_target=("q_proj", "v_proj"), use_rslora=True), None),
-        (LORA, 1),  # the memory plan's partial recomputation: a checkpointed layer and a plain one, two graphs
-        (LORA, 2),  # every layer recomputed
+        (LORA, None, False, 1),
+        (dataclasses.replace(LORA, lora_target=("q_proj", "v_proj"), use_rslora=True), None, False, 1),
+        (LORA, 1, False, 2),  # the memory plan's partial recomputation: a checkpointed layer and a plain one
+        (LORA, 2, False, 1),  # every layer recomputed
+        (LORA, None, True, 2),  # the run evaluates: the layers' inference graph as well
     ],
-    ids=["lora", "rslora-qv", "first-layer-recomputed", "all-recomputed"],
+    ids=["lora", "rslora-qv", "first-layer-recomputed", "all-recomputed", "evaluated"],
 )
-def test_the_warmup_compiles_the_graphs_the_run_compiles(tiny_model: Path, settings, checkpointed_layers):
+def test_the_warmup_compiles_the_graphs_the_run_compiles(tiny_model: Path, settings, checkpointed_layers, evaluates,
+                                                         graphs):  # fmt: skip
     torch._dynamo.reset()
-    real = _real_graphs(tiny_model, settings, checkpointed_layers)
+    real = _real_graphs(tiny_model, settings, checkpointed_layers, evaluates)
     torch._dynamo.reset()
     warmed: list = []
-    warm_up(dataclasses.replace(_spec(tiny_model, settings, checkpointed_layers), backend=_recorder(warmed, 96)))
-    assert len(real) == (2 if checkpointed_layers == 1 else 1)
+    spec = dataclasses.replace(_spec(tiny_model, settings, checkpointed_layers), evaluates=evaluates)
+    warm_up(dataclasses.replace(spec, backend=_recorder(warmed, 96)))
+    assert len(real) == graphs
     assert sorted(map(str, warmed)) == sorted(map(str, real))
 
 
