@@ -192,10 +192,9 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
     overwrote it. A new round frees the previous one's outputs: by then DeepSpeed has copied each LoRA gradient of
     the previous micro-batch into its own buckets (the GPU test trains with two micro-batches a step against the
     same layers without graphs)."""
-    from lorakit.engine.model import decoder_layer_classes, make_layer_inputs_require_grad
+    from lorakit.engine.model import decoder_layers, make_layer_inputs_require_grad
 
-    classes = tuple(decoder_layer_classes(model))
-    layers = [m for m in model.modules() if classes and isinstance(m, classes)]
+    layers = decoder_layers(model)
     if not layers:
         return ["--torch_compile: the model names no decoder layer class; nothing compiled"]
     # Every layer shares one code object (the class's forward), so dynamo counts each layer's entries (static and
@@ -218,7 +217,7 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
         layer.forward = row_length_dynamic(compiled)
     shown = f"{backend}, {mode}" if backend == "inductor" else backend
     return [
-        f"torch.compile: the forward of each of {len(layers)} {classes[0].__name__}s compiled ({shown}"
+        f"torch.compile: the forward of each of {len(layers)} {type(layers[0]).__name__}s compiled ({shown}"
         f"{': CUDA graphs, one per row length' if graphs else ''}); the first steps include the compilation"
     ]
 

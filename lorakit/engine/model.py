@@ -194,6 +194,12 @@ def decoder_layer_classes(model: Any) -> list[type]:
     return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
 
 
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's decoder layers, in order (instances of `decoder_layer_classes`)."""
+    classes = tuple(decoder_layer_classes(model))
+    return [m for m in model.modules() if isinstance(m, classes)] if classes else []
+
+
 def make_layer_inputs_require_grad(model: Any) -> None:
     """The embedding output requires a gradient while autograd records, so the first decoder layer's input does as
     every later layer's. Two users: ZeRO-3's whole-layer units (DeepSpeed's release hook fires on the layer's input
@@ -226,9 +232,7 @@ def recompute_first_layers_only(model: Any, layers: int | None) -> None:
     backward and are not run twice. A model whose layers carry no such flag stays checkpointed throughout."""
     if layers is None:
         return
-    classes = tuple(decoder_layer_classes(model))
-    blocks = [m for m in model.modules() if classes and isinstance(m, classes)]
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(decoder_layers(model)):
         if hasattr(block, "gradient_checkpointing"):
             block.gradient_checkpointing = index < layers
 

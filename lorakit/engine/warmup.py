@@ -157,19 +157,18 @@ def warm_up(spec: WarmupSpec) -> torch.nn.Module:
 
 
 def hold_weights_as_zero3_does(model: torch.nn.Module) -> None:
-    """Each module's weights in DeepSpeed's ZeROOrderedDict, as ZeRO-3 holds the run's. AOTAutograd's cache key
-    names where dynamo found each weight (a dict subclass is reached another way than a plain dict): without this
-    the run's compile loaded the warm-up's inductor graphs but traced and partitioned the layer again (~4-5 s of a
-    ~19 s compile on an H100, benchmarks/compile_cost.py). The dict hands a weight without DeepSpeed's state
-    through unchanged; where DeepSpeed lacks it, nothing is done (only that part of the cache is missed)."""
+    """Each module's weights in DeepSpeed's ZeROOrderedDict, as ZeRO-3 holds the run's (DeepSpeed's own wrapping,
+    `ensure_zero_ordered_dict`). AOTAutograd's cache key names where dynamo found each weight (a dict subclass is
+    reached another way than a plain dict): without this the run's compile loaded the warm-up's inductor graphs but
+    traced and partitioned the layer again (~4-5 s of a ~19 s compile on an H100, benchmarks/compile_cost.py). The
+    dict hands a weight without DeepSpeed's state through unchanged; where DeepSpeed lacks the function, nothing is
+    done (only that part of the cache is missed)."""
     try:
-        from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
+        from deepspeed.runtime.zero.parameter_offload import ensure_zero_ordered_dict
     except ImportError:
         return
     for module in model.modules():
-        held = ZeROOrderedDict(parent_module=module)
-        held.update(module._parameters)
-        module._parameters = held
+        ensure_zero_ordered_dict(module)
 
 
 def leave_with_the_run(parent: int, limit: float) -> None:
