@@ -109,10 +109,12 @@ def test_a_callers_own_frozen_objects_stay_frozen():
 
     gc.freeze()
     try:
+        # Frozen objects released by reference counting (a finished thread, a finalizer) leave the count, so it may
+        # fall a little while the test runs; gc.unfreeze() would empty it.
         frozen = gc.get_freeze_count()
         with setup_left_to_refcounts():
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen  # not unfrozen by lorakit
+            assert gc.get_freeze_count() > frozen // 2
+        assert gc.get_freeze_count() > frozen // 2  # not unfrozen by lorakit
     finally:
         gc.unfreeze()
     with setup_left_to_refcounts():
