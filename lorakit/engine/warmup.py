@@ -56,6 +56,9 @@ class WarmupSpec:
     backend: str = "inductor"  # the tests' "aot_eager" checks the process without inductor's code generation
     zero3: bool = False  # the run is ZeRO-3: its modules hold their weights in DeepSpeed's ZeROOrderedDict
     evaluates: bool = False  # the run evaluates (--val_size, --eval_dataset): its layers' inference graph too
+    # the process ends itself this long after its start (the run stops waiting at WAIT_SECONDS); a CPU test's
+    # inductor compile, C++ on 2 cores, may need longer
+    limit_seconds: float = WAIT_SECONDS + 30
 
 
 @dataclass
@@ -186,5 +189,6 @@ def leave_with_the_run(parent: int, limit: float) -> None:
 
 
 def main() -> None:
-    leave_with_the_run(os.getppid(), WAIT_SECONDS + 30)
-    warm_up(WarmupSpec(**json.loads(sys.argv[1])))
+    spec = WarmupSpec(**json.loads(sys.argv[1]))
+    leave_with_the_run(os.getppid(), spec.limit_seconds)
+    warm_up(spec)
