@@ -9,7 +9,8 @@ with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the D
 `compiled` (`resident` with --torch_compile: each decoder layer's forward through torch.compile's inductor, saving a
 checkpoint every 5 steps: a save partitions the adapter it gathered, and with every weight resident lorakit, not
 DeepSpeed's removed hooks, gathers it again before the next compiled forward).
-Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs.
+Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs, and every weight a layer
+needed after the first step: gathered ahead (DeepSpeed's prefetch) or only when the layer asked for it.
 Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
 """
@@ -51,6 +52,29 @@ def count_adapter_releases() -> None:
 
 
 count_adapter_releases()
+fetched = {"on_demand": 0, "prefetched": 0}  # weights a layer needed: gathered only then, or gathered ahead
+
+
+def count_prefetches() -> None:
+    from deepspeed.runtime.zero import partitioned_param_coordinator as coordination
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    coordinator = coordination.PartitionedParameterCoordinator
+    fetch = coordinator._fetch_sub_module_impl
+
+    def counted_fetch(self, module, forward, is_leaf):
+        in_flight = self._PartitionedParameterCoordinator__inflight_param_registry
+        for param in set(coordination.iter_params(module, recurse=is_leaf)):
+            if param in in_flight:
+                fetched["prefetched"] += param.ds_numel
+            elif param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                fetched["on_demand"] += param.ds_numel
+        return fetch(self, module, forward, is_leaf)
+
+    coordinator._fetch_sub_module_impl = counted_fetch
+
+
+count_prefetches()
 TORCH_LINEAR = torch.nn.functional.linear  # DeepSpeed's zero.Init may replace it process-wide
 
 
@@ -133,6 +157,7 @@ for name, micro, accumulation in runs:
         if info.step == 1:
             noted.append(gathered_elements[0])
             noted.append(adapter_releases[0])
+            fetched.update(on_demand=0, prefetched=0)  # the first step records DeepSpeed's trace: nothing ahead
             seen.update(lora)
         else:  # a save (after this hook) may have released the adapter: 0 until the next forward gathers it
             moved[0] += sum(pointer not in (0, seen[n]) for n, pointer in lora)
@@ -151,6 +176,7 @@ for name, micro, accumulation in runs:
         # LoRA matrices now at another address than after step 1 (released and gathered at every step, and by saves)
         "adapter_moved": moved[0],
         "adapter_releases_after_step_1": after_first_step[2] - after_first_step[1],
+        "fetched_after_step_1": dict(fetched),
     }
     if name in ("wide", "resident"):  # after a save, which partitioned the adapter: the HF model called directly
         results[name] |= forward_past_peft_after_save(result.engine.module)

@@ -106,8 +106,10 @@ def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_do
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     metrics = json.loads((driver_run / "metrics.json").read_text())
-    saved = metrics["wide"]["all_gathers"] - metrics["resident"]["all_gathers"]
-    assert saved >= 12 * 2 * 2  # at least both decoder layers in forward and backward of every step
+    # partitioned, every frozen weight is gathered at least once a step (the next layer's gather coalesced with
+    # another's where DeepSpeed prefetches, so the collectives are fewer than the units)
+    assert metrics["wide"]["elements_gathered_a_step"] >= metrics["wide"]["frozen_elements"]
+    assert metrics["wide"]["all_gathers"] > metrics["resident"]["all_gathers"]
     # after the first step only the adapter is gathered (DeepSpeed's own way released every resident weight at
     # each optimizer step and gathered the whole frozen model again: 129 k elements a step here, 8 k now)
     resident_run = metrics["resident"]
@@ -154,6 +156,17 @@ def test_zero3_regathers_the_updated_adapter_in_one_collective(driver_run: Path)
     # per LoRA matrix after every step: 2 layers x 7 projections x (A, B) = 28 more (49 a step, measured)
     assert per_step < 28, per_step
     assert metrics["zero2"]["all_gathers"] < metrics["wide"]["all_gathers"]
+
+
+def test_each_decoder_layer_is_gathered_while_the_one_before_computes(driver_run: Path):
+    """lorakit.engine.deepspeed_config.gather_next_layer_ahead: with the frozen weights partitioned, every weight a
+    layer needs after the first step (which records DeepSpeed's trace) was gathered ahead, none only when the layer
+    asked for it (with HF's prefetch bucket, a tenth of this model's layer, a third of the weights were fetched
+    then: 450,560 of 1,327,744 in `wide`; recomputed layers included)."""
+    metrics = json.loads((driver_run / "metrics.json").read_text())
+    for name in ("wide", "deep", "checkpointed"):
+        fetched = metrics[name]["fetched_after_step_1"]
+        assert fetched["on_demand"] == 0 and fetched["prefetched"] > 0, (name, fetched)
 
 
 def test_gradient_checkpointing_computes_the_same_updates(driver_run: Path):

@@ -12,6 +12,7 @@ from lorakit.config import Config
 from lorakit.distributed import DistInfo
 from lorakit.engine.deepspeed_config import (
     default_deepspeed_config,
+    gather_next_layer_ahead,
     keep_frozen_weights_resident,
     lorakit_chooses_units,
     resolve_deepspeed_config,
@@ -81,10 +82,15 @@ def plan_run_memory(
                        engine.automatic_persistence)  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers)
+    lines = plan.lines
     if plan.keep_frozen:
         ds_config = keep_frozen_weights_resident(engine.ds_config, engine.shape.parameters)
         engine = dataclasses.replace(engine, ds_config=ds_config, automatic_persistence=False)
-    return dataclasses.replace(config, train=train), engine, plan.lines
+    elif engine.zero3:
+        ds_config, said = gather_next_layer_ahead(engine.ds_config, engine.shape.largest_layer,
+                                                  engine.automatic_prefetch)  # fmt: skip
+        engine, lines = dataclasses.replace(engine, ds_config=ds_config), [*lines, *said]
+    return dataclasses.replace(config, train=train), engine, lines
 
 
 def stage2_hint(frozen_bytes: int, device: torch.device, kept_whole: bool) -> list[str]:

@@ -152,6 +152,40 @@ def _resolve_optimizer(ds: dict[str, Any], config: Config, source: str) -> None:
 GRANULARITY = "stage3_module_granularity_threshold"
 
 
+LAYERS_LIVE = 4  # the layer computing, the next one gathered ahead, two kept across the forward/backward turn
+
+
+def gather_next_layer_ahead(ds_config: dict[str, Any], layer_weights: int,
+                            prefetch_is_lorakits: bool) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """Under ZeRO-3 with whole-layer units and partitioned frozen weights: DeepSpeed prefetches the next layer's
+    gather while this layer computes only up to `stage3_prefetch_bucket_size` weights and within
+    `stage3_max_live_parameters`. HF's bucket (0.9 x hidden^2: a twentieth of a Qwen2.5-32B layer) and the reference
+    file's live budget (1e9: two 32B layers) left 87 % of the forward's weights (81 % of the backward's) fetched on
+    demand, the GPU waiting for each gather; with a bucket of one layer and a budget of LAYERS_LIVE layers none were (counted on 2 gloo ranks,
+    benchmarks/RESULTS.md session 11). So the bucket, where the file leaves it to lorakit, is one layer, and a live
+    budget below LAYERS_LIVE layers is raised to it, with a line (lorakit.engine.memory budgets those four layers
+    anyway). Nothing changes where a stage3_module_granularity_threshold hands the units to DeepSpeed, or where the
+    persistence threshold keeps every decoder weight whole."""
+    zero = ds_config.get("zero_optimization", {})
+    threshold = zero.get("stage3_param_persistence_threshold", 0)
+    if not lorakit_chooses_units(ds_config) or layer_weights <= 0 or threshold >= layer_weights:
+        return ds_config, []
+    changed = copy.deepcopy(ds_config)
+    settings = changed["zero_optimization"]
+    said = []
+    if prefetch_is_lorakits:
+        settings["stage3_prefetch_bucket_size"] = layer_weights
+        said.append(f"stage3_prefetch_bucket_size one layer ({layer_weights:,} weights)")
+    live, needed = settings.get("stage3_max_live_parameters", 10**9), LAYERS_LIVE * layer_weights
+    if live < needed:
+        settings["stage3_max_live_parameters"] = needed
+        said.append(f"stage3_max_live_parameters {live:.3g} -> {needed:,} ({LAYERS_LIVE} layers: below that DeepSpeed "
+                    "prefetches only part of the next one)")  # fmt: skip
+    if not said:
+        return ds_config, []
+    return changed, [f"ZeRO-3: the next decoder layer is gathered while one computes: {'; '.join(said)}"]
+
+
 def lorakit_chooses_units(ds_config: dict[str, Any]) -> bool:
     """Whether ZeRO-3 gathers whole decoder layers by lorakit's rule (the file left the granularity to lorakit)."""
     zero = ds_config.get("zero_optimization", {})
@@ -173,9 +207,8 @@ def keep_frozen_weights_resident(ds_config: dict[str, Any], parameters: int) -> 
 
 
 def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> frozenset[str]:
-    # HF's choices for the buckets (one hidden x hidden matrix). A prefetch bucket of one whole decoder layer
-    # (so the next layer is gathered while this one computes) was measured 12 % slower a step on 4 H100s: the
-    # step is bound by the CPU, and the larger in-flight gathers stall it (benchmarks/RESULTS.md, session 3).
+    # HF's choices for the buckets (one hidden x hidden matrix); where lorakit gathers whole decoder layers and the
+    # frozen weights stay partitioned, the prefetch bucket becomes one layer (gather_next_layer_ahead).
     # Parameters below the persistence threshold are
     # never partitioned: HF's ten hidden vectors cover norms and biases; lorakit raises it past the largest LoRA
     # matrix (r x intermediate for the MLP projections, 151,552 for Qwen2.5-7B at r=8), so the adapter stays

@@ -14,7 +14,8 @@ The estimate, in the precision trained (2 bytes for bf16/fp16, 4 for fp32):
   does not (measured slopes on Qwen2.5-7B: 10.0 MB a token under ZeRO-3, 7.3 under ZeRO-2; 7.45 estimated);
 - the frozen weights as stored (bytes x parameters; with --quantization_bit the decoder's linear weights at about
   0.52 byte (4-bit) or 1 byte (8-bit) each, lorakit.engine.quantization), divided by the GPUs under ZeRO-3, plus
-  four layers' worth in flight (gathered ahead and kept for reuse across the forward/backward turn); under ZeRO-3
+  four layers' worth in flight (gathered ahead and kept for reuse across the forward/backward turn: DeepSpeed's
+  live budget, lorakit.engine.deepspeed_config.gather_next_layer_ahead); under ZeRO-3
   with quantised weights and no checkpointing, every quantised weight whole instead: bitsandbytes' 4-bit matmul
   keeps a view of each gathered weight until that layer's backward;
 - the loss: one chunk of fp32 logits, its gradient and softmax (lorakit.loss.CHUNK_ROWS x vocab x 12 bytes);
@@ -73,13 +74,15 @@ class ModelShape:
     trained_full: int = 0  # weights of the modules --additional_target trains in full (copies beside the frozen)
     quantized: int = 0  # of the parameters, those stored quantised (--quantization_bit: the decoder's linears)
     quantized_bytes: float = 0.0  # a quantised weight's bytes, its quantisation constants included
+    largest_layer: int = 0  # weights of the largest decoder layer (0: the model names no decoder layer class)
 
     @classmethod
     def of(cls, hf_config: Any, parameters: int, dtype_bytes: int, trained_full: int = 0, quantized: int = 0,
-           quantized_bytes: float = 0.0) -> ModelShape:  # fmt: skip
+           quantized_bytes: float = 0.0, largest_layer: int = 0) -> ModelShape:  # fmt: skip
         hidden = hf_config.hidden_size
         return cls(hf_config.num_hidden_layers, hidden, getattr(hf_config, "intermediate_size", None) or 4 * hidden,
-                   hf_config.vocab_size, parameters, dtype_bytes, trained_full, quantized, quantized_bytes)  # fmt: skip
+                   hf_config.vocab_size, parameters, dtype_bytes, trained_full, quantized, quantized_bytes,
+                   largest_layer)  # fmt: skip
 
     @property
     def weight_bytes(self) -> int:

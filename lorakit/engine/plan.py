@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from lorakit.config import Config
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
-from lorakit.engine.model import lora_targets
+from lorakit.engine.model import decoder_layers, lora_targets
 from lorakit.engine.quantization import quantized_bytes_per_weight
 from lorakit.engine.variants import additional_targets, check_pissa_rank, full_parameters
 from lorakit.errors import LorakitError
@@ -32,6 +32,7 @@ class EnginePlan:
     ds_config: dict[str, Any]  # the resolved DeepSpeed config, final (the persistence threshold covers the LoRA)
     ds_notes: tuple[str, ...]  # what lorakit changed in the DeepSpeed config, for the log
     automatic_persistence: bool = False  # the threshold is lorakit's "auto" (the memory plan may raise it)
+    automatic_prefetch: bool = False  # stage3_prefetch_bucket_size is lorakit's "auto" (one decoder layer)
     checkpointed_layers: int | None = None  # the memory plan's: checkpointing on the first this many layers only
 
     @property
@@ -96,7 +97,9 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     check_full_modules_unpacked(config, skeleton, full)
     trained_full = full_parameters(skeleton, full)
     parameters = sum(p.numel() for p in skeleton.parameters())
+    largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(skeleton)), default=0)
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,
-                          *quantized_share(config, skeleton))  # fmt: skip
+                          *quantized_share(config, skeleton), largest_layer)  # fmt: skip
     automatic = "stage3_param_persistence_threshold" in filled  # the file left it to lorakit: the plan may raise it
-    return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes), automatic)
+    return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes), automatic,
+                      automatic_prefetch="stage3_prefetch_bucket_size" in filled)  # fmt: skip

@@ -162,3 +162,41 @@ def test_the_persistence_threshold_is_lorakits_only_where_the_file_leaves_it(
     config = _config(deepspeed=str(tmp_path / "ds.json"), **({} if zero_stage is None else {"zero_stage": zero_stage}))
     _, _, filled = resolve_deepspeed_config(config, 2, 64, on_gpu=True, largest_lora=8 * 128)
     assert ("stage3_param_persistence_threshold" in filled) is left_to_lorakit
+
+
+LAYER = 487_000_000  # about one Qwen2.5-32B decoder layer
+REFERENCE_ZERO3 = {"stage": 3, "stage3_prefetch_bucket_size": 23_592_960, "stage3_max_live_parameters": 1e9,
+                   "stage3_param_persistence_threshold": 51_200}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("zero", "prefetch_is_lorakits", "expected", "said"),
+    [
+        ({}, True, {"stage3_prefetch_bucket_size": LAYER, "stage3_max_live_parameters": 4 * LAYER},
+         ["bucket_size one layer (487,000,000", "1e+09 -> 1,948,000,000 (4 layers"]),
+        ({}, False, {"stage3_prefetch_bucket_size": 23_592_960, "stage3_max_live_parameters": 4 * LAYER},
+         ["1e+09 -> 1,948,000,000"]),  # the file's own bucket stays
+        ({"stage3_max_live_parameters": 3e9}, True, {"stage3_prefetch_bucket_size": LAYER,
+                                                     "stage3_max_live_parameters": 3e9}, ["one layer"]),
+        ({"stage3_max_live_parameters": 3e9}, False, None, None),  # nothing left to change
+        ({"stage3_module_granularity_threshold": 0}, True, None, None),  # DeepSpeed's per-module units
+        ({"stage3_param_persistence_threshold": 10**12}, True, None, None),  # every weight whole: nothing to gather
+        ({"stage": 2}, True, None, None),
+    ],
+    ids=["reference", "files-bucket", "budget-enough", "nothing-to-change", "per-module", "resident", "stage-2"],
+)  # fmt: skip
+def test_the_next_layer_is_gathered_ahead_where_lorakit_gathers_whole_layers(zero, prefetch_is_lorakits, expected,
+                                                                             said):  # fmt: skip
+    from lorakit.engine.deepspeed_config import gather_next_layer_ahead
+
+    ds_config = {"zero_optimization": REFERENCE_ZERO3 | zero}
+    before = json.dumps(ds_config)
+    changed, lines = gather_next_layer_ahead(ds_config, LAYER, prefetch_is_lorakits)
+    assert json.dumps(ds_config) == before  # the caller's config is not edited in place
+    if expected is None:
+        assert changed is ds_config and lines == []
+        return
+    assert {key: changed["zero_optimization"][key] for key in expected} == expected
+    (line,) = lines
+    assert line.startswith("ZeRO-3: the next decoder layer is gathered while one computes: ")
+    assert all(part in line for part in said), line
