@@ -161,11 +161,11 @@ def gather_next_layer_ahead(ds_config: dict[str, Any], layer_weights: int,
     gather while this layer computes only up to `stage3_prefetch_bucket_size` weights and within
     `stage3_max_live_parameters`. HF's bucket (0.9 x hidden^2: a twentieth of a Qwen2.5-32B layer) and the reference
     file's live budget (1e9: two 32B layers) left 87 % of the forward's weights (81 % of the backward's) fetched on
-    demand, the GPU waiting for each gather; with a bucket of one layer and a budget of LAYERS_LIVE layers none were (counted on 2 gloo ranks,
-    benchmarks/RESULTS.md session 11). So the bucket, where the file leaves it to lorakit, is one layer, and a live
-    budget below LAYERS_LIVE layers is raised to it, with a line (lorakit.engine.memory budgets those four layers
-    anyway). Nothing changes where a stage3_module_granularity_threshold hands the units to DeepSpeed, or where the
-    persistence threshold keeps every decoder weight whole."""
+    demand, the GPU waiting for each gather; with a bucket of one layer and a budget of LAYERS_LIVE layers none were
+    (counted on 2 gloo ranks, benchmarks/RESULTS.md session 11). So the bucket, where the file leaves it to lorakit,
+    is one layer, and a live budget below LAYERS_LIVE layers is raised to it, with a line (lorakit.engine.memory
+    budgets those four layers anyway). Nothing changes where a stage3_module_granularity_threshold hands the units
+    to DeepSpeed, or where the persistence threshold keeps every decoder weight whole."""
     zero = ds_config.get("zero_optimization", {})
     threshold = zero.get("stage3_param_persistence_threshold", 0)
     if not lorakit_chooses_units(ds_config) or layer_weights <= 0 or threshold >= layer_weights:
