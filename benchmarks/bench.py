@@ -54,6 +54,7 @@ RUNS = {
     "zero3-persist-liger": ["--deepspeed", "{persist}"],  # lorakit's defaults, every frozen weight resident
     "zero3-keephalf": ["--deepspeed", "{keephalf}"],  # --arch 32b: half the weights resident, half partitioned
     "zero3-layerfetch": ["--deepspeed", "{layerfetch}"],  # --arch 32b: the next layer gathered while one computes
+    "zero3-partitioned": ["--deepspeed", "{partitioned}"],  # every frozen weight partitioned, as on smaller GPUs
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
@@ -108,8 +109,9 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     # above the largest LoRA matrix of the 7B and 32B at r=8 (221,184), below their smallest frozen weight (k_proj,
     # 459k packed 4-bit elements in the 7B): every frozen weight partitioned, the adapter resident
     "partitioned": {"stage3_param_persistence_threshold": 300_000},
-    # a prefetch bucket above one partitioned 32B decoder layer (487 M weights; HF's auto is 23.6 M): DeepSpeed then
-    # gathers the next layer while this one computes (slower for the 7B in session 3, when the CPU bound the step)
+    # a prefetch bucket above one partitioned 32B decoder layer (487 M weights; HF's auto is 23.6 M), but within the
+    # file's live budget of 1e9 (two 32B layers), so DeepSpeed still gathers about half of each layer on demand:
+    # lorakit's own rule since session 11 also raises the budget (deepspeed_config.gather_next_layer_ahead)
     "layerfetch": {"stage3_prefetch_bucket_size": 6 * 10**8},
     "nooverlap": {"overlap_comm": False},  # DeepSpeed's reduction stream off (RESULTS.md session 7 says why)
     # the first ~half of the 32B's weights kept whole (DeepSpeed marks parameters persistent in model order until
