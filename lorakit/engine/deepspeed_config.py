@@ -168,7 +168,8 @@ def gather_next_layer_ahead(ds_config: dict[str, Any], layer_weights: int,
     to DeepSpeed, or where the persistence threshold keeps every decoder weight whole."""
     zero = ds_config.get("zero_optimization", {})
     threshold = zero.get("stage3_param_persistence_threshold", 0)
-    if not lorakit_chooses_units(ds_config) or layer_weights <= 0 or threshold >= layer_weights:
+    prefetch_off = not prefetch_is_lorakits and not zero.get("stage3_prefetch_bucket_size")  # the file's 0: its call
+    if not lorakit_chooses_units(ds_config) or layer_weights <= 0 or threshold >= layer_weights or prefetch_off:
         return ds_config, []
     changed = copy.deepcopy(ds_config)
     settings = changed["zero_optimization"]

@@ -179,11 +179,13 @@ REFERENCE_ZERO3 = {"stage": 3, "stage3_prefetch_bucket_size": 23_592_960, "stage
         ({"stage3_max_live_parameters": 3e9}, True, {"stage3_prefetch_bucket_size": LAYER,
                                                      "stage3_max_live_parameters": 3e9}, ["one layer"]),
         ({"stage3_max_live_parameters": 3e9}, False, None, None),  # nothing left to change
+        ({"stage3_prefetch_bucket_size": 0}, False, None, None),  # the file turned prefetching off
         ({"stage3_module_granularity_threshold": 0}, True, None, None),  # DeepSpeed's per-module units
         ({"stage3_param_persistence_threshold": 10**12}, True, None, None),  # every weight whole: nothing to gather
         ({"stage": 2}, True, None, None),
     ],
-    ids=["reference", "files-bucket", "budget-enough", "nothing-to-change", "per-module", "resident", "stage-2"],
+    ids=["reference", "files-bucket", "budget-enough", "nothing-to-change", "prefetch-off", "per-module", "resident",
+         "stage-2"],
 )  # fmt: skip
 def test_the_next_layer_is_gathered_ahead_where_lorakit_gathers_whole_layers(zero, prefetch_is_lorakits, expected,
                                                                              said):  # fmt: skip
