@@ -49,7 +49,7 @@ from lorakit.distributed import DistInfo, init_distributed, to_device
 from lorakit.engine import BuiltEngine, build_engine, compile_warmup, plan_run_memory
 from lorakit.engine.kernels import inductor_cache_beside_data
 from lorakit.engine.plan import EnginePlan
-from lorakit.engine.warmup import Warmup, start_warmup, stop_warmup, wait_for_warmup
+from lorakit.engine.warmup import READY_GRACE_SECONDS, Warmup, start_warmup, stop_warmup, wait_for_warmup
 from lorakit.errors import TrainingInterrupted
 from lorakit.evaluate import eval_data as split_eval_data
 from lorakit.evaluate import evaluate
@@ -280,7 +280,7 @@ def train(
     loss_sum = checked.resume.loss_sum if checked.resume else 0.0
     reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum, run.trackers)
     hooks = Hooks(on_step, on_eval, LiveModel(engine, checked.tokenizer, checked.template), counts.total_steps)
-    for line in wait_for_warmup(run.warmup):  # timed: a warm-up slower than the set-up counts in the run's time
+    for line in wait_for_warmup(run.warmup, grace=READY_GRACE_SECONDS):  # timed: a late warm-up's grace counts
         say(line, dist.is_main)
     engine.train()
     unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued

@@ -12,9 +12,13 @@ first step reads it. The layer's graph does not depend on the vocabulary, the we
 partitioning (its hooks run outside the compiled layer; tests/engine/test_warmup.py compares the graphs, and
 checks on the CPU that the run's compile loads what the process compiled).
 
-Best effort: the run waits for the process before its first step (until WAIT_SECONDS after the process started,
-then stops it), inside the timed training, so a warm-up slower than the set-up shows in the run's time; if the
-process fails or is stopped, its log is named and the first step compiles as before. Off where the layers are
+Best effort, and never much slower than no warm-up: when the run is ready for its first step and the process has
+not finished, the run gives it READY_GRACE_SECONDS more, then stops it and compiles the layers itself. Waiting for a
+late warm-up cost more than it saved: 4 x H100, the reference 7B job with the model in the page cache, the set-up
+took 9 s and the warm-up 35 s (its own imports, and its compile beside four loading ranks), so the run waited 26 s
+for a compile it does itself in ~18 s (benchmarks/RESULTS.md, session 12). The warm-up pays where loading takes
+longer than compiling a layer (a 32B or 72B, a model read from a network disk). If the process fails or is
+stopped, its log is named and the first step compiles as before. Off where the layers are
 not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run itself).
 """
 
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 
 WAIT_SECONDS = 90  # from the process's start; past it the run stops waiting and compiles itself (~20 s on H100s)
+READY_GRACE_SECONDS = 2.0  # a run ready before its warm-up waits this long more, then compiles itself
 VOCABULARY = 512  # the layer's graph does not depend on it; the embedding and head stay small on the GPU
 # The process's main module holds no `torch`: pickle names a memory format (torch.contiguous_format, in every
 # cache entry) after the first module in sys.modules with a `torch` attribute, and multiprocessing aliases the main
@@ -90,15 +95,24 @@ def stop_warmup(warmup: Warmup | None) -> None:
         warmup.log.unlink(missing_ok=True)
 
 
-def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS) -> list[str]:
-    """Wait for the warm-up to end (stop it past `timeout`); the log line."""
+def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS, grace: float | None = None) -> list[str]:
+    """Wait for the warm-up to end, at most until `timeout` after its start and (where given) `grace` from now; a
+    process still running then is stopped. The log line."""
     if warmup is None:
         return []
+    left = timeout - (time.perf_counter() - warmup.started)
+    late = grace is not None and grace < left  # stopped at the grace's end: the run is ready, not the warm-up
     try:
-        code = warmup.process.wait(timeout=max(timeout - (time.perf_counter() - warmup.started), 1))
+        code = warmup.process.wait(timeout=max(min(left, grace) if late else left, 0.01))
     except subprocess.TimeoutExpired:
         warmup.process.kill()
         warmup.process.wait()
+        seconds = time.perf_counter() - warmup.started
+        if late:
+            warmup.log.unlink(missing_ok=True)
+            return [f"torch.compile: the model was ready before the warm-up process had compiled the layer "
+                    f"({seconds:.0f} s from its start); stopped it: the first step compiles (waiting would cost more "
+                    "than compiling)"]  # fmt: skip
         return [f"torch.compile: the warm-up process ran past {timeout:.0f} s and was stopped; the first step "
                 f"compiles (its log: {warmup.log})"]  # fmt: skip
     seconds = time.perf_counter() - warmup.started

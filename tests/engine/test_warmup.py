@@ -124,6 +124,19 @@ def test_a_warmup_process_ends_itself_at_its_specs_limit(tiny_model: Path):
     assert "the warm-up process failed (exit 3, log: " in line
 
 
+def test_a_run_ready_before_its_warmup_stops_it_and_compiles_itself(tiny_model: Path):
+    """A warm-up still compiling when the run is ready gets the grace, then is stopped: the run does not wait out a
+    compile it would do sooner itself (lorakit.engine.warmup.READY_GRACE_SECONDS)."""
+    import time
+
+    warmup = start_warmup(dataclasses.replace(_spec(tiny_model, LORA), limit_seconds=300))
+    asked = time.perf_counter()
+    (line,) = wait_for_warmup(warmup, timeout=300, grace=0.5)  # the process's imports alone take longer
+    assert time.perf_counter() - asked < 10 and warmup.process.poll() is not None
+    assert "the model was ready before the warm-up process had compiled the layer" in line, line
+    assert "stopped it: the first step compiles" in line and not warmup.log.exists()
+
+
 @pytest.mark.parametrize(
     "flags, device, checkpointed_layers, expected",
     [
@@ -184,6 +197,17 @@ def test_the_runs_first_compile_reads_what_the_warmup_process_compiled(tiny_mode
     assert "compiled by a warm-up process" in line, line
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCache
+
+    lookups: list = []  # a guard miss's expression and hints, for the failure message
+    find = AOTAutogradCache.find_guarded_entry
+
+    def find_and_record(key, local, remote, evaluate, hints):  # noqa: ANN001, ANN202 (torch's own signature)
+        found = find(key, local, remote, evaluate, hints)
+        lookups.append((found[2], hints))
+        return found
+
+    monkeypatch.setattr(AOTAutogradCache, "find_guarded_entry", staticmethod(find_and_record))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
     model = attach_lora(model, LORA, 3).to(device)
     model.train()
@@ -194,7 +218,7 @@ def test_the_runs_first_compile_reads_what_the_warmup_process_compiled(tiny_mode
     model_loss_sum(model, inputs, input_ids.clone()).backward()
     counters = torch._dynamo.utils.counters
     assert counters["aot_autograd"]["autograd_cache_hit"] == 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, (
-        dict(counters["aot_autograd"]), dict(counters["inductor"]))  # fmt: skip
+        dict(counters["aot_autograd"]), dict(counters["inductor"]), lookups)  # fmt: skip
     assert compile_cache_misses() == 0  # what the run's final summary says (compile_cache_misses)
 
 
