@@ -99,6 +99,7 @@ RUNS = {
     "rslora-zero3": ["--use_rslora"],
     "pissa-zero3": ["--pissa_init"],
     "loraplus-zero3": ["--loraplus_lr_ratio", "16"],
+    "fullmodules-zero3": ["--additional_target", "embed_tokens,lm_head"],  # 1.1 B weights trained in full
 }  # fmt: skip
 SCRIPTS = {name: "benchmarks/device_wait.py" for name in RUNS if name.endswith("-devicewait")}  # else sft.py
 VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (see RESULTS.md)
