@@ -40,11 +40,12 @@ from lorakit.data import (
     TokenizedData,
     collate,
     example_record,
-    largest_rank_share,
     pack,
     plan_epoch,
     prepare_data,
+    step_tokens_bound,
 )
+from lorakit.data.batching import GPU_ROW_MULTIPLE
 from lorakit.distributed import DistInfo, init_distributed, to_device
 from lorakit.engine import BuiltEngine, build_engine, compile_warmup, plan_run_memory
 from lorakit.engine.kernels import inductor_cache_beside_data
@@ -75,7 +76,7 @@ class TrainResult:
 
 def row_multiple(dist: DistInfo) -> int:
     """Packed rows on GPUs are padded to a multiple of 128 tokens (see lorakit.data.batching.pack)."""
-    return 128 if dist.device.type == "cuda" else 1
+    return GPU_ROW_MULTIPLE if dist.device.type == "cuda" else 1
 
 
 def run_step(
@@ -165,8 +166,10 @@ def set_up(checked: RunPlan) -> Run:
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, source=checked.train_data)
     data, held_out = split_eval_data(checked, data)
     train = config.train
-    share = largest_rank_share(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
-                               train.gradient_accumulation_steps) if train.packing else 0  # fmt: skip
+    share = 0  # a rank's most tokens in a step: the memory plan sizes a pass by it (packed rows only)
+    if train.packing:
+        share = step_tokens_bound(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
+                                  train.gradient_accumulation_steps, train.num_train_epochs)  # fmt: skip
     config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
     warmup, warmup_lines = start_compile_warmup(config, dist, engine_plan, share, held_out is not None)
     try:  # a failure here would leave the warm-up compiling on the rank's GPU, behind the error

@@ -70,6 +70,29 @@ def plan_epoch(
     return plans
 
 
+GPU_ROW_MULTIPLE = 128  # packed rows on GPUs are padded to a multiple of this many tokens (see `pack`)
+
+
+def step_tokens_bound(lengths: np.ndarray, seed: int, world_size: int, micro_batch: int, accumulation: int,
+                      epochs: int) -> int:  # fmt: skip
+    """At least the most tokens any rank gets in one packed step of any of `epochs` epochs, without planning them:
+    `balance_tokens` gives each example to the rank with the fewest tokens so far, so no rank ends a step above
+    the step's mean share plus its longest example (the last example a rank took found it at or below the mean).
+    Each epoch deals a new order, whose largest share can exceed the first epoch's by more than an example; the
+    step sums of every epoch cost one permutation each, where planning every epoch costs seconds a million records."""
+    per_step = global_batch(world_size, micro_batch, accumulation)
+    bound = 0
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(lengths))  # plan_epoch's order
+        steps = np.zeros(-(-len(order) // per_step) * per_step, dtype=np.int64)
+        steps[: len(order)] = lengths[order]
+        steps = steps.reshape(-1, per_step)
+        totals = steps.sum(axis=1)
+        shares = np.minimum(totals, -(-totals // world_size) + steps.max(axis=1, initial=0))
+        bound = max(bound, int(shares.max(initial=0)))
+    return bound
+
+
 def largest_rank_share(lengths: np.ndarray, seed: int, world_size: int, micro_batch: int, accumulation: int) -> int:
     """The most tokens any rank gets in one packed step of the first epoch: what a row must hold for a rank's
     whole share to be one forward pass (other epochs deal alike, within an example or so)."""

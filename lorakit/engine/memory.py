@@ -32,11 +32,13 @@ default rows are the longest power of two from 16,384 down that fits, in this or
 least 4,096 tokens without checkpointing; then with it; then shorter rows (down to --cutoff_len) without, then
 with it. Planned checkpointing covers the fewest decoder layers that fit, the first k (lorakit.engine.model.
 recompute_first_layers_only; Megatron's `--recompute-num-layers`): each layer left out keeps its activations and
-is not run again in backward. Qwen2.5-32B on 4 H100s at the reference's batch: 47 of 64 layers recomputed, not 64
-(about 62 GiB planned against 28). --gradient_checkpointing true recomputes every layer.
+is not run again in backward. --gradient_checkpointing true recomputes every layer.
 Rows are never planned longer than a rank's largest share of a step (the tokens it really gets,
-`step_tokens`): a longer row is never filled, and planning for one turned checkpointing on for a 32B model that
-fit without it (rows of 16,384 planned at ~45 GiB, 2,300 tokens a rank a step, 21.6 GiB measured peak).
+`step_tokens`, lorakit.data.batching.step_tokens_bound): a longer row is never filled, and planning for one turned
+checkpointing on for a 32B model that fit without it (rows of 16,384 planned at ~45 GiB, 2,300 tokens a rank a
+step, 21.6 GiB measured peak). Nor are a row's activations counted beyond that share (`pass_tokens`): Qwen2.5-32B
+on 4 H100s at the reference's batch has rows of 4,096 tokens but passes of at most 2,944, and recomputes 43 of its
+64 layers where sizing the full row recomputed 50 (measured there: 36 GiB at peak against 56 planned, session 12).
 The order is a judgement from the H200 measurements: a pass of ~1,200 tokens cost 0.23 s and one of
 4,096 about 0.33 s, so passes shorter than 4,096 tokens are mostly fixed cost, while recomputation adds a third.
 Every rank plans from the smallest free memory of any rank, so all agree on the rows. On the CPU nothing is
@@ -54,6 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.data.batching import GPU_ROW_MULTIPLE
 from lorakit.loss import CHUNK_ROWS
 
 HEADROOM = 0.8
@@ -154,7 +157,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
                               kept.checkpointed_layers)  # fmt: skip
 
     def needed(tokens: int, recomputed: int) -> int:  # recomputed: how many layers (0 to all)
-        return (shape.activation_bytes(tokens, recomputed > 0, zero3, recomputed)
+        return (shape.activation_bytes(pass_tokens(tokens, step_tokens), recomputed > 0, zero3, recomputed)
                 + shape.fixed_bytes(zero3, world_size, recomputed > 0, recomputed))  # fmt: skip
 
     def fewest_recomputed(tokens: int) -> int | None:
@@ -177,14 +180,24 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
     estimate = needed(tokens, recomputed)
     partial = 0 < recomputed < shape.layers
     which = f"on for {recomputed} of {shape.layers} layers" if partial else "on" if recomputed else "off"
+    held = pass_tokens(tokens, step_tokens)
+    holds = f" (a pass holds at most {held:,}: a rank's largest share of a step)" if held < tokens else ""
     line = (f"memory plan: {free_bytes / GiB:.0f} GiB free on the smallest GPU; "
-            f"{'rows' if rows else 'micro-batches'} of {tokens:,} tokens, gradient checkpointing {which}: "
+            f"{'rows' if rows else 'micro-batches'} of {tokens:,} tokens{holds}, gradient checkpointing {which}: "
             f"about {estimate / GiB:.0f} GiB at peak (lorakit.engine.memory)")  # fmt: skip
     lines = [line]
     if estimate > HEADROOM * free_bytes:
         lines.append(f"WARNING: the estimate exceeds {HEADROOM:.0%} of free memory; if the GPU runs out, lower "
                      "--cutoff_len or --pack_tokens, or spread the model with ZeRO-3 over more GPUs")  # fmt: skip
     return MemoryPlan(rows, recomputed > 0, lines, checkpointed_layers=recomputed if partial else None)
+
+
+def pass_tokens(rows: int, step_tokens: int) -> int:
+    """The most tokens one forward pass holds: a row, or a rank's largest share of a step where that is shorter
+    (padded to the GPU's row multiple); its activations are what the plan sizes. 0: the share is unknown."""
+    if not step_tokens:
+        return rows
+    return min(rows, -(-step_tokens // GPU_ROW_MULTIPLE) * GPU_ROW_MULTIPLE)
 
 
 def planned_rows(shape: ModelShape, cutoff_len: int, step_tokens: int, asked: int | None, needed: Any,

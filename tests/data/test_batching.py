@@ -94,3 +94,20 @@ def test_largest_rank_share_is_what_one_row_must_hold(world, micro, accumulation
     assert all(len(rank) == 1 for plan in plans for rank in plan.micro_batches)  # every share is one row
     shorter = plan_epoch(lengths, 0, 5, world, micro, accumulation, pack_tokens=share - 1)
     assert any(len(rank) > 1 for plan in shorter for rank in plan.micro_batches)  # and no shorter row would do
+
+
+def test_the_step_tokens_bound_holds_every_epochs_largest_share():
+    """The memory plan sizes a pass from step_tokens_bound: every epoch's largest share stays within it, though
+    later epochs deal other orders whose largest shares exceed the first's by more than the longest example."""
+    from lorakit.data.batching import largest_rank_share, step_tokens_bound
+
+    lengths = np.random.default_rng(3).integers(20, 900, size=301)
+    whole = int(lengths.sum()) + 1
+    for world, micro, accumulation in ((1, 4, 4), (2, 4, 4), (3, 2, 1)):
+        largest = [max(int(lengths[row].sum()) for plan in plan_epoch(lengths, epoch, 5, world, micro, accumulation,
+                                                                        pack_tokens=whole)
+                       for rank in plan.micro_batches for row in rank if row) for epoch in range(20)]  # fmt: skip
+        bound = step_tokens_bound(lengths, 5, world, micro, accumulation, 20)
+        assert max(largest) <= bound <= max(largest) + int(lengths.max())  # a bound, and a tight one
+        if world == 2:  # the first epoch's largest share plus the longest example is no bound
+            assert max(largest) > largest_rank_share(lengths, 5, world, micro, accumulation) + int(lengths.max())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.engine.memory import HEADROOM, GiB, ModelShape, plan_memory, row_candidates
+from lorakit.engine.memory import HEADROOM, GiB, ModelShape, pass_tokens, plan_memory, row_candidates
 
 QWEN7B = ModelShape(layers=28, hidden=3584, intermediate=18944, vocab=152064, parameters=7_615_616_512, dtype_bytes=2)
 QWEN32B = ModelShape(layers=64, hidden=5120, intermediate=27648, vocab=152064, parameters=32_763_876_352,
@@ -146,8 +146,10 @@ def test_a_70b_model_under_zero3_plans_checkpointed_rows_not_a_false_alarm():
     "step_tokens, expected_rows, expected_recomputed",
     [
         (0, 16384, 62),  # share unknown: the longest rows (the issue's 32B run planned this), nearly all recomputed
-        (2300, 4096, 47),  # the reference batch on 4 GPUs: ~2,300 tokens a rank, one row of 4,096
-        (5000, 8192, 57),
+        # the reference batch on 4 GPUs: ~2,300 tokens a rank, one row of 4,096 holding 2,304 at most: the plan
+        # sizes that pass, not the row (47 layers recomputed when it sized the row)
+        (2300, 4096, 31),
+        (5000, 8192, 51),  # a pass of 5,120 tokens in rows of 8,192
         (40000, 16384, 62),  # a share longer than any row: as without it
     ],
 )
@@ -168,7 +170,8 @@ def test_recomputation_covers_the_fewest_layers_that_fit(shape, free, gpus, step
     assert k is not None and 0 < k < shape.layers
 
     def needed(recomputed: int) -> float:
-        return shape.activation_bytes(rows, True, True, recomputed) + shape.fixed_bytes(True, gpus, True, recomputed)
+        tokens = pass_tokens(rows, step_tokens)
+        return shape.activation_bytes(tokens, True, True, recomputed) + shape.fixed_bytes(True, gpus, True, recomputed)
 
     assert needed(k) <= HEADROOM * free < needed(k - 1)
     assert needed(k) > needed(shape.layers) + 1 * GiB  # fewer recomputed layers keep more activations
@@ -182,8 +185,31 @@ def test_qwen72b_on_four_h200s_plans_partitioned_checkpointed_rows_that_fit():
     (~2,300 tokens on 4 GPUs; ~4,700 with 8 examples a GPU more), recomputation on, no warning."""
     qwen72b = ModelShape(layers=80, hidden=8192, intermediate=29568, vocab=152064, parameters=72_706_203_648,
                          dtype_bytes=2)  # fmt: skip
-    for step_tokens, rows, recomputed in ((2300, 4096, 58), (4700, 8192, 71)):
+    for step_tokens, rows, recomputed, peak in ((2300, 4096, 38, 110), (4700, 8192, 62, 109)):
         plan = plan_memory(qwen72b, H200, True, 4, 1024, 0, None, step_tokens=step_tokens, may_keep_frozen=True)
         assert (plan.pack_tokens, plan.gradient_checkpointing, plan.keep_frozen) == (rows, True, False)
         assert plan.checkpointed_layers == recomputed  # the fewest layers that fit (test above)
-        assert len(plan.lines) == 1 and "about 110 GiB" in plan.lines[0]
+        assert len(plan.lines) == 1 and f"about {peak} GiB" in plan.lines[0]
+
+
+@pytest.mark.parametrize(
+    "rows, step_tokens, expected",
+    [
+        (4096, 0, 4096),  # the share unknown: a full row
+        (4096, 2300, 2304),  # one pass holds the rank's whole share, padded to 128 tokens as on a GPU
+        (4096, 2304, 2304),
+        (4096, 9000, 4096),  # a share longer than a row: full rows
+    ],
+)
+def test_a_pass_holds_a_row_or_a_ranks_share_whichever_is_shorter(rows, step_tokens, expected):
+    assert pass_tokens(rows, step_tokens) == expected
+
+
+def test_the_plan_sizes_activations_for_the_pass_not_the_row():
+    """A 32B on 4 H100s at the reference batch: the share (2,304 tokens a pass) fits with far fewer layers recomputed
+    than a filled row of 4,096 would need, and the log line says what a pass holds."""
+    share = plan_memory(QWEN32B, H100, True, 4, 1024, 0, None, step_tokens=2300)
+    filled = plan_memory(QWEN32B, H100, True, 4, 1024, 4096, None, step_tokens=0)  # rows fixed, share unknown
+    assert share.pack_tokens == filled.pack_tokens == 4096
+    assert share.checkpointed_layers < filled.checkpointed_layers - 10
+    assert "a pass holds at most 2,304" in share.lines[0] and "a pass holds" not in filled.lines[0]
