@@ -102,10 +102,10 @@ def rss_mib() -> float:
 
 def one_epoch(data: Any, pad_id: int) -> int:
     """Rank 0's packed micro-batches of one epoch, read as lorakit.train reads them; the tokens packed."""
-    from lorakit.data import largest_rank_share, pack, plan_epoch
+    from lorakit.data import pack, plan_epoch, step_tokens_bound
 
     world, micro, accumulation = EPOCH["world"], EPOCH["micro"], EPOCH["accumulation"]
-    largest_rank_share(data.lengths, 42, world, micro, accumulation)  # set-up does this for the memory plan
+    step_tokens_bound(data.lengths, 42, world, micro, accumulation, 1)  # set-up does this for the memory plan
     tokens = 0
     for plan in plan_epoch(data.lengths, 0, 42, world, micro, accumulation, pack_tokens=EPOCH["pack_tokens"]):
         int(data.target_counts[plan.examples()].sum())  # the step's targets, as run_step counts them

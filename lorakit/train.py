@@ -165,11 +165,8 @@ def set_up(checked: RunPlan) -> Run:
         set_aside = set_aside_later_checkpoints(output_dir, checked.resume.position.step)
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, source=checked.train_data)
     data, held_out = split_eval_data(checked, data)
-    train = config.train
-    share = 0  # a rank's most tokens in a step: the memory plan sizes a pass by it (packed rows only)
-    if train.packing:
-        share = step_tokens_bound(data.lengths, train.seed, dist.world_size, train.per_device_train_batch_size,
-                                  train.gradient_accumulation_steps, train.num_train_epochs)  # fmt: skip
+    share = pass_bound(checked, data, held_out, dist.world_size)
+
     config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
     warmup, warmup_lines = start_compile_warmup(config, dist, engine_plan, share, held_out is not None)
     try:  # a failure here would leave the warm-up compiling on the rank's GPU, behind the error
@@ -198,6 +195,22 @@ def set_up(checked: RunPlan) -> Run:
             dist.is_main,
         )
     return Run(config, checked, dist, data, held_out, built, counts, start, output_dir, trackers, warmup)
+
+
+def pass_bound(checked: RunPlan, data: TokenizedData, held_out: TokenizedData | None, world_size: int) -> int:
+    """The most tokens a rank's packed forward pass can hold, training (from where the run resumes) or evaluating
+    (micro-batch examples a pass): the memory plan sizes a pass's activations by it. 0 without packing."""
+    train = checked.config.train
+    if not train.packing:
+        return 0
+    start = checked.resume.position if checked.resume is not None else Position(0, 0, 0)
+    bound = step_tokens_bound(data.lengths, train.seed, world_size, train.per_device_train_batch_size,
+                              train.gradient_accumulation_steps, train.num_train_epochs, start.epoch,
+                              start.offset)  # fmt: skip
+    if held_out is not None:
+        bound = max(bound, step_tokens_bound(held_out.lengths, train.seed, world_size,
+                                             train.per_device_train_batch_size, 1, 1))  # fmt: skip
+    return bound
 
 
 def resume_and_record(

@@ -74,16 +74,19 @@ GPU_ROW_MULTIPLE = 128  # packed rows on GPUs are padded to a multiple of this m
 
 
 def step_tokens_bound(lengths: np.ndarray, seed: int, world_size: int, micro_batch: int, accumulation: int,
-                      epochs: int) -> int:  # fmt: skip
+                      epochs: int, start_epoch: int = 0, skip: int = 0) -> int:  # fmt: skip
     """At least the most tokens any rank gets in one packed step of any of `epochs` epochs, without planning them:
     `balance_tokens` gives each example to the rank with the fewest tokens so far, so no rank ends a step above
     the step's mean share plus its longest example (the last example a rank took found it at or below the mean).
     Each epoch deals a new order, whose largest share can exceed the first epoch's by more than an example; the
-    step sums of every epoch cost one permutation each, where planning every epoch costs seconds a million records."""
+    step sums of every epoch cost one permutation each, where planning every epoch costs seconds a million records.
+    A resumed run starts at `start_epoch` with `skip` examples of its order done: plan_epoch steps that epoch from
+    there, so its steps are other chunks (a checkpoint resumes on any number of ranks)."""
     per_step = global_batch(world_size, micro_batch, accumulation)
     bound = 0
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(lengths))  # plan_epoch's order
+        order = order[skip:] if epoch == start_epoch else order
         steps = np.zeros(-(-len(order) // per_step) * per_step, dtype=np.int64)
         steps[: len(order)] = lengths[order]
         steps = steps.reshape(-1, per_step)

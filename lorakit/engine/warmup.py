@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,16 +82,25 @@ def start_warmup(spec: WarmupSpec) -> Warmup:
     with open(log, "w") as handle:
         isolated = ["-P"] if sys.version_info >= (3, 11) else []  # not the working folder's modules first
         command = [sys.executable, *isolated, "-c", ENTRY, json.dumps(dataclasses.asdict(spec))]
+        # its own process group: stopping it also stops inductor's compile workers, not only the process
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env)  # fmt: skip
+                                   env=env, start_new_session=True)  # fmt: skip
     return Warmup(process, log, time.perf_counter())
+
+
+def kill_warmup(process: subprocess.Popen) -> None:
+    """The process and what it started (inductor's compile workers), ended and reaped."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    process.wait()
 
 
 def stop_warmup(warmup: Warmup | None) -> None:
     """End the process now (the set-up failed): nothing is left running behind the error."""
     if warmup is not None and warmup.process.poll() is None:
-        warmup.process.kill()
-        warmup.process.wait()
+        kill_warmup(warmup.process)
     if warmup is not None:
         warmup.log.unlink(missing_ok=True)
 
@@ -105,8 +115,7 @@ def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS, grace:
     try:
         code = warmup.process.wait(timeout=max(min(left, grace) if late else left, 0.01))
     except subprocess.TimeoutExpired:
-        warmup.process.kill()
-        warmup.process.wait()
+        kill_warmup(warmup.process)
         seconds = time.perf_counter() - warmup.started
         if late:
             warmup.log.unlink(missing_ok=True)

@@ -111,3 +111,17 @@ def test_the_step_tokens_bound_holds_every_epochs_largest_share():
         assert max(largest) <= bound <= max(largest) + int(lengths.max())  # a bound, and a tight one
         if world == 2:  # the first epoch's largest share plus the longest example is no bound
             assert max(largest) > largest_rank_share(lengths, 5, world, micro, accumulation) + int(lengths.max())
+
+
+@pytest.mark.parametrize("skip", [1, 3, 4, 7])
+def test_the_step_tokens_bound_holds_a_resumed_epochs_shifted_steps(skip):
+    """A run resumed `skip` examples into an epoch (on another number of ranks: not a whole step) steps that epoch
+    from there, in chunks across the uninterrupted run's steps: the bound must count those chunks."""
+    from lorakit.data.batching import step_tokens_bound
+
+    rng = np.random.default_rng(14)  # long and short examples; skipping 4 shifts two long ones into one step
+    lengths = np.where(rng.random(64) < 0.5, rng.integers(1500, 2000, 64), rng.integers(1, 50, 64))
+    whole = int(lengths.sum()) + 1
+    largest = max(int(lengths[row].sum()) for plan in plan_epoch(lengths, 0, 5, 2, 2, 2, skip, pack_tokens=whole)
+                  for rank in plan.micro_batches for row in rank if row)  # fmt: skip
+    assert largest <= step_tokens_bound(lengths, 5, 2, 2, 2, 1, start_epoch=0, skip=skip)

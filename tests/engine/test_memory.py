@@ -213,3 +213,10 @@ def test_the_plan_sizes_activations_for_the_pass_not_the_row():
     assert share.pack_tokens == filled.pack_tokens == 4096
     assert share.checkpointed_layers < filled.checkpointed_layers - 10
     assert "a pass holds at most 2,304" in share.lines[0] and "a pass holds" not in filled.lines[0]
+
+
+def test_padded_micro_batches_are_sized_as_they_are_not_by_a_packed_share():
+    """Packing off: a pass is micro-batch x longest row, padded; a packed share (were one passed) says nothing of it."""
+    padded = plan_memory(QWEN32B, H100, True, 4, 1024, 0, None, batch_tokens=4096)
+    with_share = plan_memory(QWEN32B, H100, True, 4, 1024, 0, None, batch_tokens=4096, step_tokens=2300)
+    assert with_share.checkpointed_layers == padded.checkpointed_layers and with_share.lines == padded.lines
