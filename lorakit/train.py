@@ -166,7 +166,6 @@ def set_up(checked: RunPlan) -> Run:
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, source=checked.train_data)
     data, held_out = split_eval_data(checked, data)
     share = pass_bound(checked, data, held_out, dist.world_size)
-
     config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
     warmup, warmup_lines = start_compile_warmup(config, dist, engine_plan, share, held_out is not None)
     try:  # a failure here would leave the warm-up compiling on the rank's GPU, behind the error

@@ -17,13 +17,14 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lorakit.config import Config
-from lorakit.data import largest_rank_share, prepare_data
+from lorakit.data import prepare_data
 from lorakit.data.build import build
 from lorakit.distributed import DistInfo
 from lorakit.engine import plan_run_memory
 from lorakit.engine.deepspeed_config import resolve_deepspeed_config
 from lorakit.engine.model import linear_module_names, load_base_model
 from lorakit.evaluate import eval_data
+from lorakit.train import pass_bound
 from lorakit.validate import validate
 
 
@@ -76,7 +77,7 @@ def test_one_run_reads_the_model_config_once_resolves_deepspeed_once_and_loads_t
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # the CPU: no collective
     data, _, cached = prepare_data(plan.config.data, plan.tokenizer, plan.template, source=plan.train_data)
     train, held_out = eval_data(plan, data)
-    share = largest_rank_share(train.lengths, 0, 1, 1, 1)  # as set-up does: the data before the memory plan
+    share = pass_bound(plan, train, held_out, 1)  # as set-up does: the data before the memory plan
     settled, _, _ = plan_run_memory(plan.config, dist, plan.engine, share)
     assert settled.data == plan.config.data  # the memory plan settles rows, not the data tokenised before it
     engine = plan.engine

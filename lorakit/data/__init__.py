@@ -11,7 +11,7 @@ from typing import Any
 
 from lorakit.config import DataConfig
 from lorakit.data import cache
-from lorakit.data.batching import StepPlan, collate, largest_rank_share, pack, plan_epoch, step_tokens_bound
+from lorakit.data.batching import StepPlan, collate, pack, plan_epoch, step_tokens_bound
 from lorakit.data.cache import DataSource, ready
 from lorakit.data.encode import (
     IGNORE_INDEX,
@@ -72,7 +72,6 @@ __all__ = [
     "load_conversations",
     "load_mixed",
     "mixture_order",
-    "largest_rank_share",
     "step_tokens_bound",
     "plan_epoch",
     "prepare_data",

@@ -96,14 +96,6 @@ def step_tokens_bound(lengths: np.ndarray, seed: int, world_size: int, micro_bat
     return bound
 
 
-def largest_rank_share(lengths: np.ndarray, seed: int, world_size: int, micro_batch: int, accumulation: int) -> int:
-    """The most tokens any rank gets in one packed step of the first epoch: what a row must hold for a rank's
-    whole share to be one forward pass (other epochs deal alike, within an example or so)."""
-    whole = int(lengths.sum()) + 1  # rows that never split a share
-    plans = plan_epoch(lengths, 0, seed, world_size, micro_batch, accumulation, pack_tokens=whole)
-    return max(int(lengths[row].sum()) for plan in plans for rank in plan.micro_batches for row in rank if row)
-
-
 def balance_tokens(by_length: np.ndarray, lengths: np.ndarray, world_size: int) -> list[list[int]]:
     """Deal examples (longest first) to the rank with the fewest tokens so far, so no rank waits for another."""
     shares: list[list[int]] = [[] for _ in range(world_size)]

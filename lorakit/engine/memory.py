@@ -156,9 +156,10 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
             return MemoryPlan(kept.pack_tokens, kept.gradient_checkpointing, [*kept.lines, line], True,
                               kept.checkpointed_layers)  # fmt: skip
 
+    share = 0 if batch_tokens else step_tokens  # a padded micro-batch is sized as it is, never by a packed share
+
     def needed(tokens: int, recomputed: int) -> int:  # recomputed: how many layers (0 to all)
-        held = pass_tokens(tokens, 0 if batch_tokens else step_tokens)  # a padded micro-batch: as it is
-        return (shape.activation_bytes(held, recomputed > 0, zero3, recomputed)
+        return (shape.activation_bytes(pass_tokens(tokens, share), recomputed > 0, zero3, recomputed)
                 + shape.fixed_bytes(zero3, world_size, recomputed > 0, recomputed))  # fmt: skip
 
     def fewest_recomputed(tokens: int) -> int | None:
@@ -181,7 +182,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
     estimate = needed(tokens, recomputed)
     partial = 0 < recomputed < shape.layers
     which = f"on for {recomputed} of {shape.layers} layers" if partial else "on" if recomputed else "off"
-    held = pass_tokens(tokens, 0 if batch_tokens else step_tokens)
+    held = pass_tokens(tokens, share)
     holds = f" (a pass holds at most {held:,}: a rank's largest share of a step)" if held < tokens else ""
     line = (f"memory plan: {free_bytes / GiB:.0f} GiB free on the smallest GPU; "
             f"{'rows' if rows else 'micro-batches'} of {tokens:,} tokens{holds}, gradient checkpointing {which}: "

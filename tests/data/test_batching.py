@@ -84,22 +84,10 @@ def test_pack_pads_to_a_multiple_with_a_segment_of_its_own():
     assert row["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 3
 
 
-@pytest.mark.parametrize("world, micro, accumulation", [(1, 4, 4), (2, 4, 4), (4, 4, 8), (3, 2, 1)])
-def test_largest_rank_share_is_what_one_row_must_hold(world, micro, accumulation):
-    from lorakit.data.batching import largest_rank_share
-
-    lengths = np.random.default_rng(3).integers(20, 900, size=301)
-    share = largest_rank_share(lengths, 5, world, micro, accumulation)
-    plans = plan_epoch(lengths, 0, 5, world, micro, accumulation, pack_tokens=share)
-    assert all(len(rank) == 1 for plan in plans for rank in plan.micro_batches)  # every share is one row
-    shorter = plan_epoch(lengths, 0, 5, world, micro, accumulation, pack_tokens=share - 1)
-    assert any(len(rank) > 1 for plan in shorter for rank in plan.micro_batches)  # and no shorter row would do
-
-
 def test_the_step_tokens_bound_holds_every_epochs_largest_share():
     """The memory plan sizes a pass from step_tokens_bound: every epoch's largest share stays within it, though
     later epochs deal other orders whose largest shares exceed the first's by more than the longest example."""
-    from lorakit.data.batching import largest_rank_share, step_tokens_bound
+    from lorakit.data.batching import step_tokens_bound
 
     lengths = np.random.default_rng(3).integers(20, 900, size=301)
     whole = int(lengths.sum()) + 1
@@ -110,7 +98,7 @@ def test_the_step_tokens_bound_holds_every_epochs_largest_share():
         bound = step_tokens_bound(lengths, 5, world, micro, accumulation, 20)
         assert max(largest) <= bound <= max(largest) + int(lengths.max())  # a bound, and a tight one
         if world == 2:  # the first epoch's largest share plus the longest example is no bound
-            assert max(largest) > largest_rank_share(lengths, 5, world, micro, accumulation) + int(lengths.max())
+            assert max(largest) > largest[0] + int(lengths.max())  # largest[0]: the first epoch's
 
 
 @pytest.mark.parametrize("skip", [1, 3, 4, 7])
