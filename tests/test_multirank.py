@@ -152,10 +152,9 @@ def test_compiled_layers_train_as_eager_layers_under_zero3(driver_run: Path):
 def test_zero3_regathers_the_updated_adapter_in_one_collective(driver_run: Path):
     metrics = json.loads((driver_run / "metrics.json").read_text())
     per_step = metrics["wide"]["all_gathers"] / 12
-    # 2 decoder layers x 7 frozen projections x (forward + backward), each weight its own collective
-    # (lorakit.engine.deepspeed_config.gather_each_weight_in_place), and the embedding/head; DeepSpeed alone adds
-    # one all-gather per LoRA matrix after every step: 2 layers x 7 projections x (A, B) = 28 more (~70 a step)
-    assert 28 <= per_step < 28 + 28, per_step
+    # 2 decoder layers x (forward + backward) and the embedding/head gathers; DeepSpeed alone adds one all-gather
+    # per LoRA matrix after every step: 2 layers x 7 projections x (A, B) = 28 more (49 a step, measured)
+    assert per_step < 28, per_step
     assert metrics["zero2"]["all_gathers"] < metrics["wide"]["all_gathers"]
 
 

@@ -12,7 +12,6 @@ from lorakit.config import Config
 from lorakit.distributed import DistInfo
 from lorakit.engine.deepspeed_config import (
     default_deepspeed_config,
-    gather_each_weight_in_place,
     gather_next_layer_ahead,
     keep_frozen_weights_resident,
     lorakit_chooses_units,
@@ -78,10 +77,9 @@ def plan_run_memory(
         free = int(-dist.max([-float(torch.cuda.mem_get_info(dist.device)[0])])[0])
     train = config.train
     batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
-    compiled, _ = layers_compiled(config, engine, free is not None)  # compiled layers keep fewer activations
     plan = plan_memory(engine.shape, free, engine.zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
                        train.gradient_checkpointing, batch_tokens, step_tokens,
-                       engine.automatic_persistence, compiled)  # fmt: skip
+                       engine.automatic_persistence)  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers)
     lines = plan.lines
@@ -91,8 +89,7 @@ def plan_run_memory(
     elif engine.zero3:
         ds_config, said = gather_next_layer_ahead(engine.ds_config, engine.shape.largest_layer,
                                                   engine.automatic_prefetch)  # fmt: skip
-        ds_config, in_place = gather_each_weight_in_place(ds_config, engine.shape.largest_layer)
-        engine, lines = dataclasses.replace(engine, ds_config=ds_config), [*lines, *said, *in_place]
+        engine, lines = dataclasses.replace(engine, ds_config=ds_config), [*lines, *said]
     return dataclasses.replace(config, train=train), engine, lines
 
 
@@ -181,17 +178,12 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
 
 
-def layers_compiled(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool, list[str]]:
-    """Whether the decoder layers run under torch.compile, and the line saying why not (use_torch_compile)."""
-    per_module_units = plan.zero3 and not lorakit_chooses_units(plan.ds_config)
-    return use_torch_compile(config.model, config.lora, per_module_units, on_gpu)
-
-
 def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool, str, list[str]]:
     """Whether the decoder layers are compiled, in which torch.compile mode, and the log lines saying so
     (lorakit.engine.kernels.use_torch_compile and settle_compile_mode), from the settled config and engine plan."""
     zero3 = plan.zero3
-    compiled, lines = layers_compiled(config, plan, on_gpu)
+    per_module_units = zero3 and not lorakit_chooses_units(plan.ds_config)
+    compiled, lines = use_torch_compile(config.model, config.lora, per_module_units, on_gpu)
     if not compiled:
         return False, "default", lines
     mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3,

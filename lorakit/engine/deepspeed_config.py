@@ -187,26 +187,6 @@ def gather_next_layer_ahead(ds_config: dict[str, Any], layer_weights: int,
     return changed, [f"ZeRO-3: the next decoder layer is gathered while one computes: {'; '.join(said)}"]
 
 
-def gather_each_weight_in_place(ds_config: dict[str, Any], layer_weights: int) -> tuple[dict[str, Any], list[str]]:
-    """Under ZeRO-3 with whole-layer units and partitioned frozen weights: DeepSpeed's coalesced gather puts a
-    layer's weights into one buffer ordered rank by rank, then `torch.cat`s each weight's slices back together: a
-    second copy of every gathered weight, twice a step per layer (on Qwen2.5-32B, 4 H100s: 1,021 copies and 0.135 s
-    of a 1.35 s step, benchmarks/RESULTS.md session 13), and two copies of each layer in flight.
-    `stage3_allgather_sequential` gathers each weight straight into its own buffer (a collective per weight, all
-    queued at once on DeepSpeed's gather stream: ~7 a layer). The same bytes arrive either way; the file's own
-    value is kept."""
-    zero = ds_config.get("zero_optimization", {})
-    threshold = zero.get("stage3_param_persistence_threshold", 0)
-    if (not lorakit_chooses_units(ds_config) or layer_weights <= 0 or threshold >= layer_weights
-            or "stage3_allgather_sequential" in zero):  # fmt: skip
-        return ds_config, []
-    changed = copy.deepcopy(ds_config)
-    changed["zero_optimization"]["stage3_allgather_sequential"] = True
-    return changed, ["ZeRO-3: each frozen weight is gathered straight into its own buffer, not gathered with its "
-                     "layer and copied out (stage3_allgather_sequential true; false in the DeepSpeed file keeps "
-                     "DeepSpeed's coalesced gather)"]  # fmt: skip
-
-
 def lorakit_chooses_units(ds_config: dict[str, Any]) -> bool:
     """Whether ZeRO-3 gathers whole decoder layers by lorakit's rule (the file left the granularity to lorakit)."""
     zero = ds_config.get("zero_optimization", {})

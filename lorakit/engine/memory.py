@@ -96,22 +96,15 @@ class ModelShape:
         """Layers recomputed in backward: `checkpointed` of them, or all with checkpointing (None), or none."""
         return (self.layers if checkpointed is None else checkpointed) if checkpointing else 0
 
-    def activation_bytes(self, tokens: int, checkpointing: bool, zero3: bool, checkpointed: int | None = None,
-                         compiled: bool = False) -> int:  # fmt: skip
-        if compiled:  # inductor's layer keeps its matmuls' inputs and recomputes the rest (see the docstring)
-            layer, factor = self.dtype_bytes * (8 * self.hidden + 3 * self.intermediate), 1.0
-        else:
-            layer, factor = (
-                self.dtype_bytes * (16 * self.hidden + 4 * self.intermediate),
-                ZERO3_ACTIVATIONS if zero3 else 1,
-            )
+    def activation_bytes(self, tokens: int, checkpointing: bool, zero3: bool, checkpointed: int | None = None) -> int:
+        layer = self.dtype_bytes * (16 * self.hidden + 4 * self.intermediate)
         recomputed = self.recomputed(checkpointing, checkpointed)
         per_token = (self.layers - recomputed) * layer + recomputed * self.dtype_bytes * self.hidden
         per_token += layer if recomputed else 0  # the layer being recomputed
-        return int(tokens * per_token * factor)
+        return int(tokens * per_token * (ZERO3_ACTIVATIONS if zero3 else 1))
 
     def fixed_bytes(self, zero3: bool, world_size: int, checkpointing: bool = True,
-                    checkpointed: int | None = None, compiled: bool = False) -> int:  # fmt: skip
+                    checkpointed: int | None = None) -> int:  # fmt: skip
         weights = self.weight_bytes
         if zero3:
             # bitsandbytes' 4-bit matmul keeps a view of the gathered weight for backward, so every layer not
@@ -119,8 +112,6 @@ class ModelShape:
             kept = self.layers - self.recomputed(checkpointing, checkpointed)
             in_flight = int(self.quantized_bytes * self.quantized * kept / self.layers) if self.quantized else 0
             weights = weights // world_size + max(in_flight, 4 * weights // self.layers)
-            if compiled and world_size > 1:  # the output head gathered whole for its turn (the eager constants
-                weights += self.dtype_bytes * self.vocab * self.hidden  # were fitted to peaks that held it)
         trained = int(self.trained_full * (self.dtype_bytes / (world_size if zero3 else 1)
                                            + (self.dtype_bytes + 12) / world_size))  # fmt: skip
         return weights + trained + CHUNK_ROWS * self.vocab * 12
@@ -143,20 +134,19 @@ def row_candidates(cutoff_len: int) -> list[int]:
 
 def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_size: int, cutoff_len: int,
                 pack_tokens: int, checkpointing: bool | None, batch_tokens: int = 0,
-                step_tokens: int = 0, may_keep_frozen: bool = False, compiled: bool = False) -> MemoryPlan:  # fmt: skip
+                step_tokens: int = 0, may_keep_frozen: bool = False) -> MemoryPlan:  # fmt: skip
     """The rows and checkpointing to train with. pack_tokens 0 = plan it; checkpointing None = plan it.
     batch_tokens > 0: packing is off and a forward pass holds at most this many tokens (micro-batch x cutoff).
     step_tokens > 0: the most tokens a rank gets in one step; no row is planned longer than needed for it.
-    may_keep_frozen: ZeRO-3's persistence threshold is lorakit's to choose (see the module docstring).
-    compiled: the decoder layers run under torch.compile (their activations are counted as such)."""
+    may_keep_frozen: ZeRO-3's persistence threshold is lorakit's to choose (see the module docstring)."""
     if free_bytes is None:  # the CPU: nothing planned
         return MemoryPlan(pack_tokens or max(cutoff_len, 4096), bool(checkpointing), [])
     weights = shape.weight_bytes
     if zero3 and may_keep_frozen and weights <= KEEP_FROZEN_SHARE * free_bytes:
         kept = plan_memory(shape, free_bytes, False, world_size, cutoff_len, pack_tokens, checkpointing,
-                           batch_tokens, step_tokens, compiled=compiled)  # fmt: skip
+                           batch_tokens, step_tokens)  # fmt: skip
         partitioned = plan_memory(shape, free_bytes, True, world_size, cutoff_len, pack_tokens, checkpointing,
-                                  batch_tokens, step_tokens, compiled=compiled)  # fmt: skip
+                                  batch_tokens, step_tokens)  # fmt: skip
         if (kept.pack_tokens, kept.gradient_checkpointing) == (partitioned.pack_tokens,
                                                                partitioned.gradient_checkpointing):  # fmt: skip
             # kept's own count of recomputed layers, which may be more: gathering once a step saves more
@@ -169,8 +159,8 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
     share = 0 if batch_tokens else step_tokens  # a padded micro-batch is sized as it is, never by a packed share
 
     def needed(tokens: int, recomputed: int) -> int:  # recomputed: how many layers (0 to all)
-        return (shape.activation_bytes(pass_tokens(tokens, share), recomputed > 0, zero3, recomputed, compiled)
-                + shape.fixed_bytes(zero3, world_size, recomputed > 0, recomputed, compiled))  # fmt: skip
+        return (shape.activation_bytes(pass_tokens(tokens, share), recomputed > 0, zero3, recomputed)
+                + shape.fixed_bytes(zero3, world_size, recomputed > 0, recomputed))  # fmt: skip
 
     def fewest_recomputed(tokens: int) -> int | None:
         """The fewest layers to recompute for rows of `tokens` to fit (all: None if even that does not)."""
