@@ -10,8 +10,10 @@ work), so it is only worth it when the rows would not fit.
 The estimate, in the precision trained (2 bytes for bf16/fp16, 4 for fp32):
 - activations kept for backward, per token and decoder layer: bytes x (16 x hidden + 4 x intermediate); with
   checkpointing only each layer's input stays (bytes x hidden), plus one layer's worth being recomputed. Under
-  ZeRO-3 x 1.4: DeepSpeed's ZeRO-3 linear saves every frozen linear's input for backward, which plain PyTorch
-  does not (measured slopes on Qwen2.5-7B: 10.0 MB a token under ZeRO-3, 7.3 under ZeRO-2; 7.45 estimated);
+  ZeRO-3 x 1.4 where DeepSpeed's memory-efficient linear runs (it saves every frozen linear's input for backward,
+  which plain PyTorch does not: measured slopes on Qwen2.5-7B, session 2, 10.0 MB a token under ZeRO-3, 7.3
+  under ZeRO-2; 7.45 estimated), x 1.2 where lorakit turns it off (its whole-layer units: measured on
+  Qwen2.5-32B with compiled layers, session 13, 1.12 GiB a layer kept for 2,688 tokens, 1.165 x the formula);
 - the frozen weights as stored (bytes x parameters; with --quantization_bit the decoder's linear weights at about
   0.52 byte (4-bit) or 1 byte (8-bit) each, lorakit.engine.quantization), divided by the GPUs under ZeRO-3, plus
   four layers' worth in flight (gathered ahead and kept for reuse across the forward/backward turn: DeepSpeed's
@@ -37,8 +39,9 @@ Rows are never planned longer than a rank's largest share of a step (the tokens 
 `step_tokens`, lorakit.data.batching.step_tokens_bound): a longer row is never filled, and planning for one turned
 checkpointing on for a 32B model that fit without it (rows of 16,384 planned at ~45 GiB, 2,300 tokens a rank a
 step, 21.6 GiB measured peak). Nor are a row's activations counted beyond that share (`pass_tokens`): Qwen2.5-32B
-on 4 H100s at the reference's batch has rows of 4,096 tokens but passes of at most 2,944, and recomputes 43 of its
-64 layers where sizing the full row recomputed 50 (measured there: 36 GiB at peak against 56 planned, session 12).
+on 4 H100s at the reference's batch has rows of 4,096 tokens but passes of at most 2,944, and recomputed 43 of its
+64 layers where sizing the full row recomputed 50 (measured: 42.0 GiB at peak against 57 planned, session 13); with
+the ZeRO-3 factor measured without DeepSpeed's linear (1.2, above) it recomputes 39.
 The order is a judgement from the H200 measurements: a pass of ~1,200 tokens cost 0.23 s and one of
 4,096 about 0.33 s, so passes shorter than 4,096 tokens are mostly fixed cost, while recomputation adds a third.
 Every rank plans from the smallest free memory of any rank, so all agree on the rows. On the CPU nothing is
@@ -61,7 +64,8 @@ from lorakit.loss import CHUNK_ROWS
 
 HEADROOM = 0.8
 KEEP_FROZEN_SHARE = 0.25
-ZERO3_ACTIVATIONS = 1.4
+ZERO3_ACTIVATIONS = 1.4  # with DeepSpeed's memory-efficient linear (its default)
+ZERO3_ACTIVATIONS_TORCH_LINEAR = 1.2  # without it (lorakit's whole-layer units turn it off)
 LONGEST_ROW = 16384
 GiB = 2**30
 
@@ -96,12 +100,15 @@ class ModelShape:
         """Layers recomputed in backward: `checkpointed` of them, or all with checkpointing (None), or none."""
         return (self.layers if checkpointed is None else checkpointed) if checkpointing else 0
 
-    def activation_bytes(self, tokens: int, checkpointing: bool, zero3: bool, checkpointed: int | None = None) -> int:
+    def activation_bytes(self, tokens: int, checkpointing: bool, zero3: bool, checkpointed: int | None = None,
+                         efficient_linear: bool = True) -> int:  # fmt: skip
+        """`efficient_linear`: under ZeRO-3, DeepSpeed's memory-efficient linear runs (see the module docstring)."""
         layer = self.dtype_bytes * (16 * self.hidden + 4 * self.intermediate)
         recomputed = self.recomputed(checkpointing, checkpointed)
         per_token = (self.layers - recomputed) * layer + recomputed * self.dtype_bytes * self.hidden
         per_token += layer if recomputed else 0  # the layer being recomputed
-        return int(tokens * per_token * (ZERO3_ACTIVATIONS if zero3 else 1))
+        factor = (ZERO3_ACTIVATIONS if efficient_linear else ZERO3_ACTIVATIONS_TORCH_LINEAR) if zero3 else 1
+        return int(tokens * per_token * factor)
 
     def fixed_bytes(self, zero3: bool, world_size: int, checkpointing: bool = True,
                     checkpointed: int | None = None) -> int:  # fmt: skip
@@ -134,11 +141,13 @@ def row_candidates(cutoff_len: int) -> list[int]:
 
 def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_size: int, cutoff_len: int,
                 pack_tokens: int, checkpointing: bool | None, batch_tokens: int = 0,
-                step_tokens: int = 0, may_keep_frozen: bool = False) -> MemoryPlan:  # fmt: skip
+                step_tokens: int = 0, may_keep_frozen: bool = False,
+                efficient_linear: bool = True) -> MemoryPlan:  # fmt: skip
     """The rows and checkpointing to train with. pack_tokens 0 = plan it; checkpointing None = plan it.
     batch_tokens > 0: packing is off and a forward pass holds at most this many tokens (micro-batch x cutoff).
     step_tokens > 0: the most tokens a rank gets in one step; no row is planned longer than needed for it.
-    may_keep_frozen: ZeRO-3's persistence threshold is lorakit's to choose (see the module docstring)."""
+    may_keep_frozen: ZeRO-3's persistence threshold is lorakit's to choose (see the module docstring).
+    efficient_linear: ZeRO-3 runs DeepSpeed's memory-efficient linear (`memory_efficient_linear`, its default)."""
     if free_bytes is None:  # the CPU: nothing planned
         return MemoryPlan(pack_tokens or max(cutoff_len, 4096), bool(checkpointing), [])
     weights = shape.weight_bytes
@@ -146,7 +155,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
         kept = plan_memory(shape, free_bytes, False, world_size, cutoff_len, pack_tokens, checkpointing,
                            batch_tokens, step_tokens)  # fmt: skip
         partitioned = plan_memory(shape, free_bytes, True, world_size, cutoff_len, pack_tokens, checkpointing,
-                                  batch_tokens, step_tokens)  # fmt: skip
+                                  batch_tokens, step_tokens, efficient_linear=efficient_linear)  # fmt: skip
         if (kept.pack_tokens, kept.gradient_checkpointing) == (partitioned.pack_tokens,
                                                                partitioned.gradient_checkpointing):  # fmt: skip
             # kept's own count of recomputed layers, which may be more: gathering once a step saves more
@@ -159,7 +168,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
     share = 0 if batch_tokens else step_tokens  # a padded micro-batch is sized as it is, never by a packed share
 
     def needed(tokens: int, recomputed: int) -> int:  # recomputed: how many layers (0 to all)
-        return (shape.activation_bytes(pass_tokens(tokens, share), recomputed > 0, zero3, recomputed)
+        return (shape.activation_bytes(pass_tokens(tokens, share), recomputed > 0, zero3, recomputed, efficient_linear)
                 + shape.fixed_bytes(zero3, world_size, recomputed > 0, recomputed))  # fmt: skip
 
     def fewest_recomputed(tokens: int) -> int | None:

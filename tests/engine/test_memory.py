@@ -51,6 +51,28 @@ def test_estimate_is_within_a_few_gib_of_every_measured_peak(zero3, gpus, tokens
     assert measured - 2 <= estimate <= measured + 3.5
 
 
+# Qwen2.5-32B under ZeRO-3 on 4 H100s, compiled layers, lorakit's whole-layer units (DeepSpeed's memory-efficient
+# linear off), a rank's largest pass 2,688 tokens: (layers recomputed, measured peak GiB), RESULTS.md session 13
+MEASURED_32B = [(50, 38.5), (43, 42.0), (17, 71.2)]
+
+
+@pytest.mark.parametrize("recomputed, measured", MEASURED_32B)
+def test_estimate_without_deepspeeds_linear_bounds_the_measured_32b_peaks(recomputed, measured):
+    estimate = (QWEN32B.activation_bytes(2688, True, True, recomputed, efficient_linear=False)
+                + QWEN32B.fixed_bytes(True, 4, True, recomputed)) / GiB  # fmt: skip
+    assert measured <= estimate <= measured + 8
+    # with DeepSpeed's linear counted (what the plan assumed before session 13): up to 23 GiB over
+    eager_linear = (QWEN32B.activation_bytes(2688, True, True, recomputed)
+                    + QWEN32B.fixed_bytes(True, 4, True, recomputed)) / GiB  # fmt: skip
+    assert eager_linear > estimate
+
+
+def test_the_32b_plan_recomputes_fewer_layers_where_deepspeeds_linear_is_off():
+    plans = [plan_memory(QWEN32B, 72 * GiB, True, 4, 1024, 0, None, step_tokens=2824, efficient_linear=linear)
+             for linear in (True, False)]  # fmt: skip
+    assert [p.checkpointed_layers for p in plans] == [43, 39]
+
+
 def test_headroom_covers_the_worst_miss():
     # ZeRO-3 on 2 GPUs, one 4,864-token row: 66.8 GiB measured, 7 GiB over the estimate
     estimate = (QWEN7B.activation_bytes(4864, False, True) + QWEN7B.fixed_bytes(True, 2)) / GiB
@@ -111,6 +133,28 @@ def test_every_rank_plans_from_the_smallest_free_memory(tiny_model, monkeypatch)
     zero = planned_engine.ds_config["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == engine.shape.parameters + 1 and "kept whole" in lines[-1]
     assert engine.ds_config["zero_optimization"]["stage3_param_persistence_threshold"] < engine.shape.parameters
+
+
+def test_the_plan_counts_activations_by_whether_deepspeeds_linear_runs(tiny_model, monkeypatch):
+    """lorakit's whole-layer units turn DeepSpeed's memory-efficient linear off: the plan is told, and counts
+    ZERO3_ACTIVATIONS_TORCH_LINEAR instead of the 1.4 that linear costs."""
+    import torch
+    from transformers import AutoConfig
+
+    import lorakit.engine
+    from lorakit.config import Config
+    from lorakit.engine import plan_engine, plan_run_memory
+
+    told = []
+    real_plan_memory = lorakit.engine.plan_memory
+    monkeypatch.setattr(lorakit.engine, "plan_memory",
+                        lambda *args, **kwargs: told.append(args[-1]) or real_plan_memory(*args, **kwargs))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * GiB))
+    config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o"})
+    engine = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
+    assert engine.ds_config["zero_optimization"]["memory_efficient_linear"] is False
+    plan_run_memory(config, _TwoGpuRanks([2**30, 2**30]), engine)
+    assert told == [False]
 
 
 @pytest.mark.parametrize(
