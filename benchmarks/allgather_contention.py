@@ -4,9 +4,12 @@ elements) all-gathered over the GPUs of one host, alone and while the compute st
 The 32B's profile (benchmarks/RESULTS.md, session 13) shows 6.2 ms of NCCL kernel time per layer gather, about
 a third of what an all-reduce's measured bus bandwidth on these hosts would allow, and its forward bound by those
 gathers. This tells apart the two readings: a slow collective (alone it is slow too), or one slowed by the
-matmuls beside it (alone it is fast), and whether a high-priority NCCL stream (TORCH_NCCL_HIGH_PRIORITY=1) helps.
+matmuls beside it (alone it is fast), and whether a high-priority NCCL stream (TORCH_NCCL_HIGH_PRIORITY=1) helps,
+or leaving SMs to NCCL: CARVEOUT=k asks cuBLASLt's matmuls to use all but k SMs (torch's experimental
+`_set_sm_carveout_experimental`), BLAS=cublaslt routes torch's matmuls through cuBLASLt.
 
-    torchrun --nproc_per_node 4 benchmarks/allgather_contention.py [OUT.json]
+    [TORCH_NCCL_HIGH_PRIORITY=1] [BLAS=cublaslt] [CARVEOUT=16] torchrun --nproc_per_node 4 \
+        benchmarks/allgather_contention.py [OUT.json]
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def main() -> None:
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
+    if os.environ.get("BLAS"):
+        torch.backends.cuda.preferred_blas_library(os.environ["BLAS"])
+    if os.environ.get("CARVEOUT"):
+        torch._C._set_sm_carveout_experimental(int(os.environ["CARVEOUT"]))
     shard = torch.randn(LAYER // world, dtype=torch.bfloat16, device="cuda")
     gathered = torch.empty(shard.numel() * world, dtype=shard.dtype, device="cuda")
     x = torch.randn(TOKENS, HIDDEN, dtype=torch.bfloat16, device="cuda")
@@ -69,7 +76,8 @@ def main() -> None:
     result = {
         "gpus": world, "card": torch.cuda.get_device_name(), "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-        "high_priority": os.environ.get("TORCH_NCCL_HIGH_PRIORITY", "0"),
+        "high_priority": os.environ.get("TORCH_NCCL_HIGH_PRIORITY", "0"), "blas": os.environ.get("BLAS", ""),
+        "carveout": int(os.environ.get("CARVEOUT", "0")),
         "gather_ms": round(1e3 * alone, 3), "gather_bus_gb_per_s": round(gib * (world - 1) / world / alone / 1e9, 1),
         "compute_ms": round(1e3 * matmuls, 3), "both_ms": round(1e3 * overlapped, 3),
         "hidden_share": round((alone + matmuls - overlapped) / min(alone, matmuls), 3),
