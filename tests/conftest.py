@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 import tiny  # noqa: E402
+from launch import start, yield_to_pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +46,35 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
             named = default_cache_dir() + "_lorakit_tests"
         patch.setenv("TORCHINDUCTOR_CACHE_DIR", named)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_process_runs(request: pytest.FixtureRequest, _private_cache, tiny_model: Path, tiny_data: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # fmt: skip
+    """Runs of one plain process that a few modules check, one each (test_cli's failing run, test_distributed's
+    process group, test_grad_norm's driver): each spends ~10 s of one core importing lorakit, DeepSpeed and
+    transformers, then trains little. Waited for by their tests, one after the other, they took ~30 s; started with
+    the session's first test, below pytest's priority, they run on the core that the first modules' tests (in pytest,
+    one core of 2) leave idle. A module that uses this fixture gives its command as
+    `one_process_command(tiny_model, tiny_data, folder) -> argv` (its files in `folder`), and its test reads
+    `one_process_runs[__name__]`: (the process, `folder`), its stdout and stderr in folder/stdout, folder/stderr.
+    Only the selected tests' modules are started, in this session's environment (_private_cache's) but each with a
+    tokenised-data cache of its own, folder/lorakit-cache: running this early, in the session's cache they would
+    write entries that later tests expect to write themselves (tests/data/test_inmemory.py) or to find unchanged."""
+    started: dict[str, tuple[subprocess.Popen, Path]] = {}
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "one_process_command") and module.__name__ not in started:
+            folder = tmp_path_factory.mktemp(module.__name__)
+            command = module.one_process_command(tiny_model, tiny_data, folder)
+            cache = {"LORAKIT_CACHE": str(folder / "lorakit-cache")}
+            started[module.__name__] = (start(command, folder / "stdout", folder / "stderr", env=cache), folder)
+            yield_to_pytest(started[module.__name__][0].pid)
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:  # never read: its test failed before, or the session stopped
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

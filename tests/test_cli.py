@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import run
 
 from lorakit.cli import parse_config
 from lorakit.config import Config, flat_fields
@@ -144,19 +143,25 @@ def test_lorakit_help_prints_the_commands_and_succeeds(argv: list[str], capsys: 
     assert all(command in out for command in ("train", "preview", "merge", "chat"))
 
 
-def test_an_error_during_training_is_a_line_of_its_own(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+def one_process_command(tiny_model: Path, tiny_data: Path, folder: Path) -> list[str]:
+    """The run of test_an_error_during_training_is_a_line_of_its_own (conftest.one_process_runs starts it): the loss
+    is no longer finite at the second step."""
+    return [sys.executable, "examples/sft.py", "--model_name_or_path", str(tiny_model), "--template", "qwen",
+            "--dataset_dir", str(tiny_data), "--dataset", "tiny", "--output_dir", str(folder / "out"),
+            "--max_steps", "4", "--learning_rate", "1e30", "--max_grad_norm", "0"]  # fmt: skip
+
+
+def test_an_error_during_training_is_a_line_of_its_own(one_process_runs: dict):
     """The progress bar's line ends in a carriage return, not a newline: an error raised while it is open (a
     non-finite loss, a full disk at a save, a signal) was printed after it, mid-line, in a log file. A process of
     its own: a process group made in the test process would outlive the test (and its environment, the next
     launch's)."""
-    argv = ["--model_name_or_path", str(tiny_model), "--template", "qwen", "--dataset_dir", str(tiny_data),
-            "--dataset", "tiny", "--output_dir", str(tmp_path / "out"), "--max_steps", "4",
-            "--learning_rate", "1e30", "--max_grad_norm", "0"]  # fmt: skip
-    done = run([sys.executable, "examples/sft.py", *argv])  # the loss is no longer finite at the second step
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "train:" in done.stderr  # the bar was open
-    lines = done.stderr.replace("\r", "\n").splitlines()
-    assert any(line.startswith("lorakit: error: ") and "finite" in line for line in lines), done.stderr[-2000:]
+    process, folder = one_process_runs[__name__]  # one_process_command's, started beside the other modules' runs
+    code, stderr = process.wait(timeout=300), (folder / "stderr").read_text()
+    assert code == 2, stderr[-2000:]
+    assert "train:" in stderr  # the bar was open
+    lines = stderr.replace("\r", "\n").splitlines()
+    assert any(line.startswith("lorakit: error: ") and "finite" in line for line in lines), stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ["run.YAML", "run.Yml"])

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import sys
-
-from launch import run
+from pathlib import Path
 
 TAKEN_PORT = """
 import os, socket
@@ -21,7 +20,12 @@ print("joined", info.rank, info.world_size, os.environ["MASTER_PORT"] != str(por
 """
 
 
-def test_a_single_process_takes_another_port_when_the_one_it_found_is_taken_meanwhile():
-    done = run([sys.executable, "-c", TAKEN_PORT])
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "joined 0 1 True"
+def one_process_command(tiny_model: Path, tiny_data: Path, folder: Path) -> list[str]:
+    """The process of the test below (conftest.one_process_runs starts it)."""
+    return [sys.executable, "-c", TAKEN_PORT]
+
+
+def test_a_single_process_takes_another_port_when_the_one_it_found_is_taken_meanwhile(one_process_runs: dict):
+    process, folder = one_process_runs[__name__]  # one_process_command's, started beside the other modules' runs
+    assert process.wait(timeout=300) == 0, (folder / "stderr").read_text()[-2000:]
+    assert (folder / "stdout").read_text().strip().splitlines()[-1] == "joined 0 1 True"

@@ -9,15 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import REPO, launch
+from launch import REPO
+
+
+def one_process_command(tiny_model: Path, tiny_data: Path, folder: Path) -> list[str]:
+    """The driver, writing what it saw to folder/seen.json (conftest.one_process_runs starts it)."""
+    return [sys.executable, str(REPO / "tests" / "grad_norm_driver.py"), str(folder), str(tiny_model)]
 
 
 @pytest.fixture(scope="module")
-def seen(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
-    workdir = tmp_path_factory.mktemp("grad_norm")
-    launch([sys.executable, str(REPO / "tests" / "grad_norm_driver.py"), str(workdir), str(tiny_model)],
-           workdir / "driver.log")  # fmt: skip
-    return json.loads((workdir / "seen.json").read_text())
+def seen(one_process_runs: dict) -> dict:
+    process, folder = one_process_runs[__name__]  # one_process_command's, started beside the other modules' runs
+    code = process.wait(timeout=600)
+    assert code == 0, f"launch failed ({code}); last lines:\n{(folder / 'stderr').read_text()[-3000:]}"
+    return json.loads((folder / "seen.json").read_text())
 
 
 def test_the_logged_norm_is_that_of_the_gradients_before_clipping(seen: dict):

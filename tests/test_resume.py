@@ -12,15 +12,17 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, free_port, launch, start, torchrun
+from launch import REPO, finish, free_port, launch, start, torchrun
 from safetensors.torch import load_file
 
 from lorakit.cli import main, parse_config
@@ -180,12 +182,33 @@ def test_sigterm_on_one_rank_checkpoints_and_the_resumed_run_completes(runs: Pat
     _assert_same_adapter(runs / "full", output)
 
 
-def test_resume_on_a_different_number_of_ranks_works(runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def one_process_resumes(runs: Path, tiny_model: Path, tiny_data: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # fmt: skip
+    """The runs of the two tests below, each one plain process resuming `full` (one core each of the 2), started
+    together by whichever of the tests comes first: one after the other, the two took the time of both (each ~12 s,
+    mostly imports and set-up). Each test reads its own run's output folder and log."""
+    single, branch = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("branch")
+    single_args = _args(tiny_model, tiny_data, single / "single", "--resume_from_checkpoint",
+                        str(runs / "full" / "checkpoint-4"), "--max_steps", "1000")  # fmt: skip
+    # resumed from checkpoint-4 of a copy of the finished run, in that copy
+    output = Path(shutil.copytree(runs / "full", branch / "full"))
+    branch_args = _args(tiny_model, tiny_data, output, "--resume_from_checkpoint", str(output / "checkpoint-4"),
+                        "--max_steps", "6")  # fmt: skip
+    started = {}  # name: (process, folder of its log and output)
+    for name, args, folder in (("single", single_args, single), ("branch", branch_args, branch)):
+        started[name] = (start([sys.executable, "examples/sft.py", *args], folder / f"{name}.log"), folder)
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:  # never read: its test failed before, or the session stopped
+            process.kill()
+            process.wait()
+
+
+def test_resume_on_a_different_number_of_ranks_works(one_process_resumes: dict):
     """A 2-rank checkpoint continued by one plain process: same example order, global batch 8 instead of 16."""
-    output = tmp_path / "single"
-    command = [sys.executable, "examples/sft.py", *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint",
-               str(runs / "full" / "checkpoint-4"), "--max_steps", "1000")]  # fmt: skip
-    log = launch(command, tmp_path / "single.log")
+    process, folder = one_process_resumes["single"]  # --resume_from_checkpoint full/checkpoint-4 --max_steps 1000
+    log, output = finish(process, folder / "single.log"), folder / "single"
     assert "written by 2 ranks) on 1" in log
     # a cap past the epochs' end (HF's Trainer would train on): said, and the epochs' count stands
     assert "note: --max_steps 1000 is past the end of --num_train_epochs 6 (32 steps)" in log
@@ -195,17 +218,13 @@ def test_resume_on_a_different_number_of_ranks_works(runs: Path, tiny_model: Pat
 
 
 def test_a_run_branched_from_an_older_checkpoint_sets_the_later_ones_aside(
-    runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path
+    one_process_resumes: dict, tiny_model: Path, tiny_data: Path
 ):
     """Resumed from checkpoint-4 of a finished run, in its own output_dir: checkpoints 5-18 belong to the run it
     branches from. They are renamed, not deleted, before this run saves its own checkpoint-5 and -6, so `auto`
     after an interruption continues this branch (checkpoint-6), not the abandoned checkpoint-18."""
-    import shutil
-
-    output = Path(shutil.copytree(runs / "full", tmp_path / "full"))
-    command = [sys.executable, "examples/sft.py", *_args(tiny_model, tiny_data, output, "--resume_from_checkpoint",
-               str(output / "checkpoint-4"), "--max_steps", "6")]  # fmt: skip
-    log = launch(command, tmp_path / "branch.log")
+    process, folder = one_process_resumes["branch"]  # in a copy of `full`: its checkpoint-4, --max_steps 6
+    log, output = finish(process, folder / "branch.log"), folder / "full"
     assert "set aside checkpoint-5, checkpoint-6, checkpoint-7" in log
     assert sorted(p.name for p in output.glob("checkpoint-*.abandoned")) == sorted(
         f"checkpoint-{step}.abandoned" for step in range(5, STEPS + 1)

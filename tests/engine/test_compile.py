@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, run
+from launch import REPO, start, yield_to_pytest
 
 from lorakit.config import LoraSettings, ModelConfig
 from lorakit.engine.kernels import (
@@ -278,21 +279,18 @@ def test_inductors_cache_goes_beside_the_data_cache_unless_named(monkeypatch, tm
     assert inductor_cache_beside_data() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
 
 
-def test_a_compiled_run_caches_its_kernels_beside_the_data(monkeypatch, tmp_path, tiny_model: Path):
-    """A fresh process with no TORCHINDUCTOR_CACHE_DIR, as a job starts: importing lorakit (transformers, which imports
-    torch._dynamo) writes torch's /tmp default into it long before the compile; lorakit's folder wins all the same."""
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    flags = {"model_name_or_path": str(tiny_model), "template": "qwen", "output_dir": str(tmp_path / "out"),
+def _start_a_compiled_run(tiny_model: Path, folder: Path) -> subprocess.Popen:
+    """The process of test_a_compiled_run_caches_its_kernels_beside_the_data, its output in `folder`: LORAKIT_CACHE
+    is folder/home (its output_dir inside), and no TORCHINDUCTOR_CACHE_DIR."""
+    home = folder / "home"
+    flags = {"model_name_or_path": str(tiny_model), "template": "qwen", "output_dir": str(home / "out"),
              "lora_rank": 4, "torch_compile": True}  # fmt: skip
     code = ("import lorakit; from lorakit.distributed import init_distributed; "
             "from torch._inductor.runtime.cache_dir_utils import cache_dir; "
             f"built = lorakit.build_engine(lorakit.Config.from_flat({flags!r}), init_distributed()); "
             "print('CACHE', cache_dir())")  # fmt: skip
-    done = run([sys.executable, "-c", code])
-    assert done.returncode == 0, done.stderr[-3000:]
-    (cache,) = [line.removeprefix("CACHE ") for line in done.stdout.splitlines() if line.startswith("CACHE ")]
-    assert cache == str(tmp_path / "inductor"), done.stdout[-2000:]
+    env = {"LORAKIT_CACHE": str(home), "TORCHINDUCTOR_CACHE_DIR": None}
+    return start([sys.executable, "-c", code], folder / "stdout", folder / "stderr", env=env)
 
 
 _KEY_OF_A_GRAPH_INPUT = """
@@ -307,18 +305,60 @@ with FakeTensorMode():
     hidden = torch.empty(2, 64)
 print(FxGraphCachePickler(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())).get_hash(hidden))
 """
+IMPORT_ORDERS = {"torch first": "import torch\nimport lorakit.engine.kernels\n",
+                 "lorakit first": "import lorakit.engine.kernels\nimport torch\n"}  # fmt: skip
 
 
-def test_a_graph_inputs_cache_key_is_the_same_whatever_the_process_imported_first():
+@pytest.fixture(scope="module", autouse=True)
+def processes(request: pytest.FixtureRequest, tiny_model: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # fmt: skip
+    """The processes of the two tests below (those selected), started before the module's first test. Each spends
+    ~10 s importing lorakit on one core, which its test only waits for: started here, they run beside the module's
+    compile tests (pytest's one busy core of a 2-core machine), where waited for in their tests they ran after them."""
+    selected = {getattr(item, "function", None) for item in request.session.items}
+    started: dict = {}
+    if test_a_compiled_run_caches_its_kernels_beside_the_data in selected:
+        folder = tmp_path_factory.mktemp("compiled_run")
+        started["compiled run"] = (_start_a_compiled_run(tiny_model, folder), folder)
+    if test_a_graph_inputs_cache_key_is_the_same_whatever_the_process_imported_first in selected:
+        folder = tmp_path_factory.mktemp("keys")
+        started["keys"] = {}
+        for order, first in IMPORT_ORDERS.items():
+            with open(folder / f"{order}.stderr", "w") as errors:
+                process = subprocess.Popen([sys.executable, "-c", first + _KEY_OF_A_GRAPH_INPUT], cwd=REPO, text=True,
+                                           stdout=subprocess.PIPE, stderr=errors)  # fmt: skip
+            started["keys"][order] = (process, folder / f"{order}.stderr")
+    pairs = [started["compiled run"]] if "compiled run" in started else []
+    pairs += list(started.get("keys", {}).values())
+    for process, _ in pairs:
+        yield_to_pytest(process.pid)
+    yield started
+    for process, _ in pairs:
+        if process.poll() is None:  # never read: its test failed before, or the session stopped
+            process.kill()
+            process.wait()
+
+
+def test_a_compiled_run_caches_its_kernels_beside_the_data(processes: dict):
+    """A fresh process with no TORCHINDUCTOR_CACHE_DIR, as a job starts: importing lorakit (transformers, which imports
+    torch._dynamo) writes torch's /tmp default into it long before the compile; lorakit's folder wins all the same."""
+    process, folder = processes["compiled run"]  # _start_a_compiled_run's, started with the module's first test
+    assert process.wait(timeout=300) == 0, (folder / "stderr").read_text()[-3000:]
+    stdout = (folder / "stdout").read_text()
+    (cache,) = [line.removeprefix("CACHE ") for line in stdout.splitlines() if line.startswith("CACHE ")]
+    assert cache == str(folder / "home" / "inductor"), stdout[-2000:]
+
+
+def test_a_graph_inputs_cache_key_is_the_same_whatever_the_process_imported_first(processes: dict):
     """Pickle names a memory format after the first module in sys.modules with a `torch` attribute: torch._utils
     where torch is imported first, the main module (as `__mp_main__`) where lorakit (multiprocessing) came first
     and the main module then imported torch, as `python -m lorakit.engine.warmup` did. The warm-up process and the
     run must key the same layer alike (lorakit.engine.kernels.cache_keys_independent_of_imports)."""
-    orders = {"torch first": "import torch\nimport lorakit.engine.kernels\n",
-              "lorakit first": "import lorakit.engine.kernels\nimport torch\n"}  # fmt: skip
-    processes = {order: subprocess.Popen([sys.executable, "-c", first + _KEY_OF_A_GRAPH_INPUT], cwd=REPO, text=True,
-                                         stdout=subprocess.PIPE) for order, first in orders.items()}  # fmt: skip
-    keys = {order: process.communicate(timeout=120)[0].split()[-1] for order, process in processes.items()}
+    keys = {}
+    for order, (process, errors) in processes["keys"].items():  # one of each IMPORT_ORDERS, started early (above)
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode == 0, (order, errors.read_text()[-3000:])
+        keys[order] = output.split()[-1]
     assert len(set(keys.values())) == 1, keys
 
 

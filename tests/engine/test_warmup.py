@@ -7,16 +7,18 @@ graphs with equal inputs are what inductor's cache keys on, so the run's first c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from launch import yield_to_pytest
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import LoraSettings
 from lorakit.engine.kernels import compile_cache_misses, compile_decoder_layers
 from lorakit.engine.model import attach_lora, recompute_first_layers_only
-from lorakit.engine.warmup import WarmupSpec, start_warmup, wait_for_warmup, warm_up
+from lorakit.engine.warmup import WarmupSpec, start_warmup, stop_warmup, wait_for_warmup, warm_up
 from lorakit.loss import model_loss_sum
 
 
@@ -175,58 +177,6 @@ def test_a_warmup_runs_where_the_run_compiles_its_layers(monkeypatch, tiny_model
     assert {key: getattr(spec, key) for key in expected} == expected
 
 
-@pytest.mark.parametrize(
-    "device, dtype, warmup_row, run_segments",
-    [
-        ("cpu", torch.float32, 96, (40, 70, 20)),
-        # rows as a GPU run has them, padded to 128 tokens (lorakit.train.row_multiple): on an H100 a 130-token row
-        # failed a guard of the 96-token warm-up's AOTAutograd entry (session 12; the expression was cut off in the
-        # report, likely SDPA's mask alignment to 8 tokens), a case a GPU run never meets
-        pytest.param("cuda:0", torch.bfloat16, 128, (100, 120, 36),
-                     marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA machine (skipped in CI)")),
-    ],
-)  # fmt: skip
-def test_the_runs_first_compile_reads_what_the_warmup_process_compiled(
-    tiny_model: Path, tmp_path: Path, monkeypatch, device, dtype, warmup_row, run_segments
-):
-    """The warm-up process (inductor: C++ on the CPU, Triton on a GPU) fills inductor's on-disk cache; the run's own
-    compile of the same layers, in this process (whose main module, pytest's, holds no `torch`, as examples/sft.py's
-    does not), then loads the AOTAutograd entry and both inductor graphs instead of compiling them. Cache keys and
-    entries named modules after what a process had imported, and the run compiled everything again
-    (lorakit.engine.kernels.cache_keys_independent_of_imports, lorakit.engine.warmup.ENTRY)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    spec = dataclasses.replace(_spec(tiny_model, LORA), dtype=str(dtype).removeprefix("torch."), device=device,
-                               backend="inductor", limit_seconds=300, row_tokens=warmup_row)  # fmt: skip
-    (line,) = wait_for_warmup(start_warmup(spec), timeout=300)  # ~55 s on a 2-core CPU
-    assert "compiled by a warm-up process" in line, line
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCache
-
-    lookups: list = []  # a guard miss's expression and hints, for the failure message
-    find = AOTAutogradCache.find_guarded_entry
-
-    def find_and_record(key, local, remote, evaluate, hints):  # noqa: ANN001, ANN202 (torch's own signature)
-        found = find(key, local, remote, evaluate, hints)
-        lookups.append((found[2], hints))
-        return found
-
-    monkeypatch.setattr(AOTAutogradCache, "find_guarded_entry", staticmethod(find_and_record))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
-    model = attach_lora(model, LORA, 3).to(device)
-    model.train()
-    compile_decoder_layers(model)
-    input_ids = torch.randint(3, model.config.vocab_size, (1, sum(run_segments)))
-    position_ids = torch.cat([torch.arange(length) for length in run_segments])[None]
-    inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
-    model_loss_sum(model, inputs, input_ids.clone()).backward()
-    counters = torch._dynamo.utils.counters
-    print("AOTAutograd cache lookups (guard info, hints):", lookups)  # whole in the failure's captured stdout
-    assert counters["aot_autograd"]["autograd_cache_hit"] == 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, (
-        dict(counters["aot_autograd"]), dict(counters["inductor"]), lookups)  # fmt: skip
-    assert compile_cache_misses() == 0  # what the run's final summary says (compile_cache_misses)
-
-
 def test_a_set_up_that_fails_after_the_build_stops_the_warmup(monkeypatch, tiny_model: Path, tiny_data: Path,
                                                                tmp_path: Path):  # fmt: skip
     """Resuming, writing the run's files or starting a tracker can fail after the model is built: the warm-up
@@ -314,3 +264,85 @@ def test_under_zero3_the_warmup_reaches_each_weight_as_the_run_does(tiny_model: 
     warm_up(dataclasses.replace(_spec(tiny_model, LORA), zero3=True, backend=backend))
     assert len(real) == 1 and "DictSubclassGetItemSource" in str(real)
     assert sources == real
+
+
+def _cache_spec(tiny_model: Path, device: str, dtype: torch.dtype, warmup_row: int) -> WarmupSpec:
+    return dataclasses.replace(_spec(tiny_model, LORA), dtype=str(dtype).removeprefix("torch."), device=device,
+                               backend="inductor", limit_seconds=300, row_tokens=warmup_row)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_warmups(request: pytest.FixtureRequest, tiny_model: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # fmt: skip
+    """The warm-up processes of the test below (its selected cases, by id: (warm-up, its inductor cache folder)),
+    started before the module's first test. A CPU warm-up spends ~50 s importing and compiling inductor's C++, which
+    the test only waits for: started here, below pytest's priority, it runs beside the module's other tests (the test
+    below is last), which keep one core of a 2-core machine busy, not both; started in the test, it added its ~50 s to
+    theirs. What the test checks is unchanged: a fresh cache that only this process has written, read by the run."""
+    started: dict = {}
+    for item in request.session.items:
+        if getattr(item, "function", None) is not test_the_runs_first_compile_reads_what_the_warmup_process_compiled:
+            continue
+        params = item.callspec.params
+        if params["device"].startswith("cuda") and not torch.cuda.is_available():
+            continue  # the case is skipped
+        folder = tmp_path_factory.mktemp("inductor")
+        with pytest.MonkeyPatch.context() as patch:  # the process's environment, not this one's
+            patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
+            warmup = start_warmup(_cache_spec(tiny_model, params["device"], params["dtype"], params["warmup_row"]))
+        yield_to_pytest(warmup.process.pid)
+        started[item.callspec.id] = (warmup, folder)
+    yield started
+    for warmup, _ in started.values():  # never read: its test failed before, or the session stopped
+        stop_warmup(warmup)
+
+
+@pytest.mark.parametrize(
+    "device, dtype, warmup_row, run_segments",
+    [
+        ("cpu", torch.float32, 96, (40, 70, 20)),
+        # rows as a GPU run has them, padded to 128 tokens (lorakit.train.row_multiple): on an H100 a 130-token row
+        # failed a guard of the 96-token warm-up's AOTAutograd entry (session 12; the expression was cut off in the
+        # report, likely SDPA's mask alignment to 8 tokens), a case a GPU run never meets
+        pytest.param("cuda:0", torch.bfloat16, 128, (100, 120, 36),
+                     marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA machine (skipped in CI)")),
+    ],
+)  # fmt: skip
+def test_the_runs_first_compile_reads_what_the_warmup_process_compiled(
+    tiny_model: Path, request, cache_warmups: dict, monkeypatch, device, dtype, warmup_row, run_segments
+):
+    """The warm-up process (inductor: C++ on the CPU, Triton on a GPU) fills inductor's on-disk cache; the run's own
+    compile of the same layers, in this process (whose main module, pytest's, holds no `torch`, as examples/sft.py's
+    does not), then loads the AOTAutograd entry and both inductor graphs instead of compiling them. Cache keys and
+    entries named modules after what a process had imported, and the run compiled everything again
+    (lorakit.engine.kernels.cache_keys_independent_of_imports, lorakit.engine.warmup.ENTRY)."""
+    warmup, folder = cache_warmups.pop(request.node.callspec.id)  # _cache_spec(...) of this case, started early
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))  # the run's compile reads the process's folder
+    (line,) = wait_for_warmup(warmup, timeout=300)  # ~55 s from its start on a 2-core CPU
+    assert "compiled by a warm-up process" in line, line
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCache
+
+    lookups: list = []  # a guard miss's expression and hints, for the failure message
+    find = AOTAutogradCache.find_guarded_entry
+
+    def find_and_record(key, local, remote, evaluate, hints):  # noqa: ANN001, ANN202 (torch's own signature)
+        found = find(key, local, remote, evaluate, hints)
+        lookups.append((found[2], hints))
+        return found
+
+    monkeypatch.setattr(AOTAutogradCache, "find_guarded_entry", staticmethod(find_and_record))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+    model = attach_lora(model, LORA, 3).to(device)
+    model.train()
+    compile_decoder_layers(model)
+    input_ids = torch.randint(3, model.config.vocab_size, (1, sum(run_segments)))
+    position_ids = torch.cat([torch.arange(length) for length in run_segments])[None]
+    inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
+    model_loss_sum(model, inputs, input_ids.clone()).backward()
+    counters = torch._dynamo.utils.counters
+    print("AOTAutograd cache lookups (guard info, hints):", lookups)  # whole in the failure's captured stdout
+    assert counters["aot_autograd"]["autograd_cache_hit"] == 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, (
+        dict(counters["aot_autograd"]), dict(counters["inductor"]), lookups)  # fmt: skip
+    assert compile_cache_misses() == 0  # what the run's final summary says (compile_cache_misses)
