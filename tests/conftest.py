@@ -16,7 +16,7 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 import tiny  # noqa: E402
-from launch import start, yield_to_pytest  # noqa: E402
+from launch import start, stop_unread, yield_to_pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -71,10 +71,7 @@ def one_process_runs(request: pytest.FixtureRequest, _private_cache, tiny_model:
             started[module.__name__] = (start(command, folder / "stdout", folder / "stderr", env=cache), folder)
             yield_to_pytest(started[module.__name__][0].pid)
     yield started
-    for process, _ in started.values():
-        if process.poll() is None:  # never read: its test failed before, or the session stopped
-            process.kill()
-            process.wait()
+    stop_unread([process for process, _ in started.values()])
 
 
 @pytest.fixture(scope="session")

@@ -83,6 +83,15 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> str:
     return output
 
 
+def stop_unread(processes: list[subprocess.Popen]) -> None:
+    """At a fixture's teardown: end the processes it started early that no test read (one failed before reading
+    its process, or the session stopped), so none outlives the session."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def yield_to_pytest(pid: int) -> None:
     """Let process `pid` (one a fixture started early, to be read by a later test) and what it starts run only where
     the tests meanwhile leave a core idle: at normal priority, a few of them at once slowed pytest's own work as much

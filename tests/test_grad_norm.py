@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import REPO
+from launch import REPO, finish
 
 
 def one_process_command(tiny_model: Path, tiny_data: Path, folder: Path) -> list[str]:
@@ -20,8 +20,7 @@ def one_process_command(tiny_model: Path, tiny_data: Path, folder: Path) -> list
 @pytest.fixture(scope="module")
 def seen(one_process_runs: dict) -> dict:
     process, folder = one_process_runs[__name__]  # one_process_command's, started beside the other modules' runs
-    code = process.wait(timeout=600)
-    assert code == 0, f"launch failed ({code}); last lines:\n{(folder / 'stderr').read_text()[-3000:]}"
+    finish(process, folder / "stderr")
     return json.loads((folder / "seen.json").read_text())
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, finish, free_port, launch, start, torchrun
+from launch import REPO, finish, free_port, launch, start, stop_unread, torchrun
 from safetensors.torch import load_file
 
 from lorakit.cli import main, parse_config
@@ -199,10 +199,7 @@ def one_process_resumes(runs: Path, tiny_model: Path, tiny_data: Path,
     for name, args, folder in (("single", single_args, single), ("branch", branch_args, branch)):
         started[name] = (start([sys.executable, "examples/sft.py", *args], folder / f"{name}.log"), folder)
     yield started
-    for process, _ in started.values():
-        if process.poll() is None:  # never read: its test failed before, or the session stopped
-            process.kill()
-            process.wait()
+    stop_unread([process for process, _ in started.values()])
 
 
 def test_resume_on_a_different_number_of_ranks_works(one_process_resumes: dict):

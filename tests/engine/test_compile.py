@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, start, yield_to_pytest
+from launch import REPO, start, stop_unread, yield_to_pytest
 
 from lorakit.config import LoraSettings, ModelConfig
 from lorakit.engine.kernels import (
@@ -333,10 +333,7 @@ def processes(request: pytest.FixtureRequest, tiny_model: Path,
     for process, _ in pairs:
         yield_to_pytest(process.pid)
     yield started
-    for process, _ in pairs:
-        if process.poll() is None:  # never read: its test failed before, or the session stopped
-            process.kill()
-            process.wait()
+    stop_unread([process for process, _ in pairs])
 
 
 def test_a_compiled_run_caches_its_kernels_beside_the_data(processes: dict):
