@@ -11,6 +11,7 @@ import torch
 from lorakit.config import Config
 from lorakit.distributed import DistInfo
 from lorakit.engine.deepspeed_config import (
+    deepspeed_linear_runs,
     default_deepspeed_config,
     gather_next_layer_ahead,
     keep_frozen_weights_resident,
@@ -79,7 +80,7 @@ def plan_run_memory(
     batch_tokens = 0 if train.packing else train.per_device_train_batch_size * config.data.cutoff_len
     plan = plan_memory(engine.shape, free, engine.zero3, dist.world_size, config.data.cutoff_len, train.pack_tokens,
                        train.gradient_checkpointing, batch_tokens, step_tokens, engine.automatic_persistence,
-                       engine.ds_config["zero_optimization"].get("memory_efficient_linear", True))  # fmt: skip
+                       deepspeed_linear_runs(engine.ds_config))  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers)
     lines = plan.lines

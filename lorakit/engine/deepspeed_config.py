@@ -187,6 +187,12 @@ def gather_next_layer_ahead(ds_config: dict[str, Any], layer_weights: int,
     return changed, [f"ZeRO-3: the next decoder layer is gathered while one computes: {'; '.join(said)}"]
 
 
+def deepspeed_linear_runs(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed's memory-efficient linear replaces torch's (its default; lorakit's whole-layer units turn it
+    off, see _resolve_zero): it decides the model's F.linear and the activations the memory plan counts."""
+    return ds_config["zero_optimization"].get("memory_efficient_linear", True) is not False
+
+
 def lorakit_chooses_units(ds_config: dict[str, Any]) -> bool:
     """Whether ZeRO-3 gathers whole decoder layers by lorakit's rule (the file left the granularity to lorakit)."""
     zero = ds_config.get("zero_optimization", {})

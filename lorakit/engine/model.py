@@ -21,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lorakit.config import LoraSettings, ModelConfig
+from lorakit.engine.deepspeed_config import deepspeed_linear_runs
 from lorakit.engine.quantization import load_quantized_model, true_numel
 from lorakit.engine.variants import additional_targets, check_pissa_rank, pissa_gathered, ties_embeddings
 from lorakit.errors import LorakitError
@@ -116,7 +117,7 @@ def load_base_model(path: str, hf_config: Any, dtype: torch.dtype, ds_config: di
     lorakit.engine.deepspeed_config). `trust_remote_code`: --trust_remote_code, for a folder with its own code.
     `quantization`: the model flags and the rank's GPU, for --quantization_bit (lorakit.engine.quantization:
     quantised whole on that GPU, partitioned later by deepspeed.initialize under ZeRO-3)."""
-    if zero3 and ds_config["zero_optimization"].get("memory_efficient_linear", True) is False:
+    if zero3 and not deepspeed_linear_runs(ds_config):
         _restore_torch_linear()
     if quantization is not None:
         settings, device = quantization
