@@ -56,6 +56,7 @@ RUNS = {
     "zero3-layerfetch": ["--deepspeed", "{layerfetch}"],  # --arch 32b: the next layer gathered while one computes
     "zero3-sequential": ["--deepspeed", "{sequential}"],  # each weight its own all-gather (slower: session 13)
     "zero3-partitioned": ["--deepspeed", "{partitioned}"],  # every frozen weight partitioned, as on smaller GPUs
+    "zero3-allreducefetch": ["--deepspeed", "{allreducefetch}"],  # gathers as all-reduces into place (no copy-out)
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
@@ -119,6 +120,9 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     # each frozen weight gathered straight into its own buffer, not a layer into one rank-ordered buffer and each
     # weight copied out of it (DeepSpeed's coalesced default: 1,021 torch.cat a 32B step); 6 % slower (session 13)
     "sequential": {"stage3_allgather_sequential": True},
+    # each rank writes its partitions into a zeroed layer buffer at every weight's own offset and an all-reduce sums
+    # them: the weights are views of that buffer (no copy-out), for twice an all-gather's traffic
+    "allreducefetch": {"stage3_use_all_reduce_for_fetch_params": True},
     # the first ~half of the 32B's weights kept whole (DeepSpeed marks parameters persistent in model order until
     # the model threshold's total): fewer gathers a step where the rest is partitioned (issue 11's 32B lever)
     "keephalf": {"stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 16 * 10**9},

@@ -8,13 +8,16 @@ with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the D
 `resident` (`wide` with every frozen weight kept whole: a persistence threshold above every parameter), and
 `compiled` (`resident` with --torch_compile: each decoder layer's forward through torch.compile's inductor, saving a
 checkpoint every 5 steps: a save partitions the adapter it gathered, and with every weight resident lorakit, not
-DeepSpeed's removed hooks, gathers it again before the next compiled forward).
+DeepSpeed's removed hooks, gathers it again before the next compiled forward), and `first_resident` (`wide` with
+the first decoder layer's frozen weights kept whole, as the memory plan chooses where room is left).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs, and every weight a layer
 needed after the first step: gathered ahead (DeepSpeed's prefetch) or only when the layer asked for it.
 Rank 0 writes what the test compares: each run's metrics, and the
 logits of the `wide` engine on a fixed input, computed through DeepSpeed after training.
 """
 
+import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 import torch.distributed
 
 import lorakit
+from lorakit.engine.model import decoder_layers
 
 all_gathers = [0]
 gathered_elements = [0]
@@ -133,8 +137,19 @@ resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
 (workdir / "ds_resident.json").write_text(json.dumps(resident))
 results = {}
 runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1),
-        ("resident", 4, 1), ("compiled", 4, 1))  # fmt: skip
+        ("resident", 4, 1), ("compiled", 4, 1), ("first_resident", 4, 1))  # fmt: skip
+train_module = importlib.import_module("lorakit.train")  # the module: `lorakit.train` is the function
+plan_run_memory = train_module.plan_run_memory
+
+
+def with_first_layer_resident(*args, **kwargs):
+    """What the memory plan chooses on GPUs with room left beside partitioned weights (the CPU plans nothing)."""
+    config, engine_plan, lines = plan_run_memory(*args, **kwargs)
+    return config, dataclasses.replace(engine_plan, resident_layers=1), lines
+
+
 for name, micro, accumulation in runs:
+    train_module.plan_run_memory = with_first_layer_resident if name == "first_resident" else plan_run_memory
     config = lorakit.Config.from_flat(
         {
             **common,
@@ -177,6 +192,9 @@ for name, micro, accumulation in runs:
         "adapter_moved": moved[0],
         "adapter_releases_after_step_1": after_first_step[2] - after_first_step[1],
         "fetched_after_step_1": dict(fetched),
+        "layer0_partitioned": sum(  # ZeRO-2 partitions no weight
+            p.ds_numel for p in decoder_layers(result.engine.module)[0].parameters() if not getattr(p, "ds_persist", 1)
+        ),
     }
     if name in ("wide", "resident"):  # after a save, which partitioned the adapter: the HF model called directly
         results[name] |= forward_past_peft_after_save(result.engine.module)

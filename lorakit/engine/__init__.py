@@ -46,6 +46,7 @@ from lorakit.engine.warmup import WarmupSpec
 from lorakit.engine.zero3 import (
     gather_updated_adapter_at_once,
     gather_whole_layers,
+    keep_first_layers_whole,
     keep_resident_weights,
     quiet_deepspeed_bookkeeping,
     remember_module_parameters,
@@ -82,7 +83,8 @@ def plan_run_memory(
                        train.gradient_checkpointing, batch_tokens, step_tokens, engine.automatic_persistence,
                        deepspeed_linear_runs(engine.ds_config))  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
-    engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers)
+    engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers,
+                                 resident_layers=plan.resident_layers)  # fmt: skip
     lines = plan.lines
     if plan.keep_frozen:
         ds_config = keep_frozen_weights_resident(engine.ds_config, engine.shape.parameters)
@@ -163,6 +165,7 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
+        notes += keep_first_layers_whole(engine, plan.resident_layers)
         if keep_resident_weights(engine, refreshed := gather_updated_adapter_at_once(engine)) and refreshed:
             notes.append(
                 f"ZeRO-3: the {len(refreshed)} adapter weights stay gathered; each step refreshes them in "

@@ -34,6 +34,7 @@ class EnginePlan:
     automatic_persistence: bool = False  # the threshold is lorakit's "auto" (the memory plan may raise it)
     automatic_prefetch: bool = False  # stage3_prefetch_bucket_size is lorakit's "auto" (one decoder layer)
     checkpointed_layers: int | None = None  # the memory plan's: checkpointing on the first this many layers only
+    resident_layers: int = 0  # the memory plan's: ZeRO-3 keeps the first this many layers' frozen weights whole
 
     @property
     def zero3(self) -> bool:

@@ -29,7 +29,12 @@ from typing import Any
 
 import torch
 
-from lorakit.engine.model import decoder_layer_classes, make_layer_inputs_require_grad, model_and_inner_model
+from lorakit.engine.model import (
+    decoder_layer_classes,
+    decoder_layers,
+    make_layer_inputs_require_grad,
+    model_and_inner_model,
+)
 
 
 def gather_whole_layers(model: Any) -> list[str]:
@@ -164,6 +169,34 @@ def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | 
         if home is not None and home.data_ptr() != param.data.data_ptr():
             home.copy_(param.data)
             param.data = home
+
+
+def keep_first_layers_whole(engine: Any, count: int) -> list[str]:
+    """Gather the frozen weights of the first `count` decoder layers once and keep them (DeepSpeed's own persistence
+    flag, `ds_persist`, and its list of persistent parameters), so ZeRO-3 skips those layers' gathers in every
+    forward and backward; the memory plan sizes `count` (lorakit.engine.memory.resident_layers). DeepSpeed's
+    thresholds cannot name layers: they mark weights persistent by size, greedily in parameter order, which here
+    would cut a layer in two and leave the adapter of the last layers partitioned. Call before the first forward
+    (DeepSpeed lists a unit's weights to release from its first trace) and before `keep_resident_weights`, which
+    then keeps these in place at every step. Returns the log line (none where nothing was kept)."""
+    optimizer = engine.optimizer
+    persistent = getattr(optimizer, "persistent_parameters", None)
+    offload = getattr(optimizer, "parameter_offload", None)
+    if count <= 0 or offload is None or not isinstance(persistent, list):
+        return []
+    kept = 0
+    for layer in decoder_layers(offload.module)[:count]:
+        weights = [p for p in layer.parameters() if hasattr(p, "ds_id") and not p.requires_grad and not p.ds_persist]
+        if not weights:
+            continue
+        for weight in weights:
+            weight.ds_persist = True
+        weights[0].all_gather(param_list=weights)  # one layer at a time: no more than a layer in flight
+        persistent.extend(weights)
+        kept += 1
+    if not kept:
+        return []
+    return [f"ZeRO-3: the frozen weights of the first {kept} decoder layers gathered once, kept for the run"]
 
 
 def keep_resident_weights(engine: Any, refreshed: list[Any]) -> int:

@@ -6,9 +6,19 @@ on H200s on 2026-11-26 (benchmarks/RESULTS.md, torch 2.11.0, deepspeed 0.19.8, l
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from lorakit.engine.memory import HEADROOM, GiB, ModelShape, pass_tokens, plan_memory, row_candidates
+from lorakit.engine.memory import (
+    HEADROOM,
+    GiB,
+    ModelShape,
+    pass_tokens,
+    plan_memory,
+    resident_layer_bytes,
+    row_candidates,
+)
 
 QWEN7B = ModelShape(layers=28, hidden=3584, intermediate=18944, vocab=152064, parameters=7_615_616_512, dtype_bytes=2)
 QWEN32B = ModelShape(layers=64, hidden=5120, intermediate=27648, vocab=152064, parameters=32_763_876_352,
@@ -266,3 +276,27 @@ def test_padded_micro_batches_are_sized_as_they_are_not_by_a_packed_share():
     padded = plan_memory(QWEN32B, H100, True, 4, 1024, 0, None, batch_tokens=4096)
     with_share = plan_memory(QWEN32B, H100, True, 4, 1024, 0, None, batch_tokens=4096, step_tokens=2300)
     assert with_share.checkpointed_layers == padded.checkpointed_layers and with_share.lines == padded.lines
+
+
+QWEN32B_LAYERED = dataclasses.replace(QWEN32B, largest_layer=487_605_248)  # a decoder layer's weights
+
+
+@pytest.mark.parametrize(
+    "free, may_keep, quantized, expected",
+    [
+        (H200, True, 0, 11),  # no recomputation; the plan's ~7 GiB left keeps the first 11 layers whole (0.68 GiB each)
+        (H100, True, 0, 0),  # recomputation (34 layers) takes the room
+        (H200, False, 0, 0),  # the DeepSpeed file's own persistence threshold: not lorakit's to choose
+        (H200, True, 31_000_000_000, 0),  # QLoRA's packed weights: their own in-flight rule
+    ],
+)
+def test_room_the_plan_leaves_keeps_the_first_layers_whole(free, may_keep, quantized, expected):
+    shape = dataclasses.replace(QWEN32B_LAYERED, quantized=quantized, quantized_bytes=0.52 if quantized else 0.0)
+    plan = plan_memory(shape, free, True, 4, 1024, 0, None, step_tokens=2824, may_keep_frozen=may_keep,
+                       efficient_linear=False)  # fmt: skip
+    assert plan.resident_layers == expected
+    assert any(f"first {expected} of 64 decoder layers" in line for line in plan.lines) == bool(expected)
+    if expected:  # the kept layers fit the plan's budget with the rows and activations planned
+        planned = (shape.activation_bytes(2944, False, True, 0, efficient_linear=False) + shape.fixed_bytes(True, 4)
+                   + expected * resident_layer_bytes(shape, 4))  # fmt: skip
+        assert planned <= HEADROOM * free < planned + resident_layer_bytes(shape, 4)
