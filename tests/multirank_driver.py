@@ -9,7 +9,8 @@ with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the D
 `compiled` (`resident` with --torch_compile: each decoder layer's forward through torch.compile's inductor, saving a
 checkpoint every 5 steps: a save partitions the adapter it gathered, and with every weight resident lorakit, not
 DeepSpeed's removed hooks, gathers it again before the next compiled forward), and `first_resident` (`wide` with
-the first decoder layer's frozen weights kept whole, as the memory plan chooses where room is left).
+the first decoder layer's frozen weights kept whole, as the memory plan chooses where room is left), and
+`gathered` (`wide` with each layer fetched by DeepSpeed's all-gather and copy-out, not lorakit's all-reduce).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs, and every weight a layer
 needed after the first step: gathered ahead (DeepSpeed's prefetch) or only when the layer asked for it.
 Rank 0 writes what the test compares: each run's metrics, and the
@@ -30,6 +31,7 @@ from lorakit.engine.model import decoder_layers
 
 all_gathers = [0]
 gathered_elements = [0]
+all_reduce_fetches = [0]  # of all_gathers, the layers fetched by an all-reduce
 _all_gather_into_tensor = torch.distributed.all_gather_into_tensor
 
 
@@ -40,6 +42,26 @@ def counted_all_gather(*args, **kwargs):
 
 
 torch.distributed.all_gather_into_tensor = counted_all_gather
+
+
+def count_all_reduce_fetches() -> None:
+    """A layer fetched by DeepSpeed's all-reduce (lorakit's default: deepspeed_config.fetch_layers_by_all_reduce)
+    counts as one gathering collective of its buffer's elements."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    handle_class = partition_parameters.AllReduceCoalescedHandle
+    init = handle_class.__init__
+
+    def counted_init(self, handle, params):
+        all_gathers[0] += 1
+        all_reduce_fetches[0] += 1
+        gathered_elements[0] += sum(p.ds_numel_aligned for p in params)
+        init(self, handle, params)
+
+    handle_class.__init__ = counted_init
+
+
+count_all_reduce_fetches()
 adapter_releases = [0]  # a trainable weight's gathered memory freed (DeepSpeed's release: it is gathered again later)
 
 
@@ -132,12 +154,15 @@ common = {
 per_module = json.loads(Path(sys.argv[4]).read_text())
 per_module["zero_optimization"]["stage3_module_granularity_threshold"] = 0
 (workdir / "ds_per_module.json").write_text(json.dumps(per_module))
+gathered = json.loads(Path(sys.argv[4]).read_text())  # the layers fetched by all-gathers, DeepSpeed's default
+gathered["zero_optimization"]["stage3_use_all_reduce_for_fetch_params"] = False
+(workdir / "ds_gathered.json").write_text(json.dumps(gathered))
 resident = json.loads(Path(sys.argv[4]).read_text())  # every frozen weight kept whole, as the memory plan may choose
 resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
 (workdir / "ds_resident.json").write_text(json.dumps(resident))
 results = {}
 runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1),
-        ("resident", 4, 1), ("compiled", 4, 1), ("first_resident", 4, 1))  # fmt: skip
+        ("resident", 4, 1), ("compiled", 4, 1), ("first_resident", 4, 1), ("gathered", 4, 1))  # fmt: skip
 train_module = importlib.import_module("lorakit.train")  # the module: `lorakit.train` is the function
 plan_run_memory = train_module.plan_run_memory
 
@@ -158,6 +183,7 @@ for name, micro, accumulation in runs:
             "gradient_accumulation_steps": accumulation,
             **({"deepspeed": str(workdir / "ds_per_module.json")} if name == "per_module" else {}),
             **({"deepspeed": str(workdir / "ds_resident.json")} if name in ("resident", "compiled") else {}),
+            **({"deepspeed": str(workdir / "ds_gathered.json")} if name == "gathered" else {}),
             **({"torch_compile": True} if name == "compiled" else {}),
             # checkpoints mid-run: saving partitions the adapter it gathered, which the next forward must gather again
             **({"save_steps": 5} if name == "compiled" else {}),
@@ -166,6 +192,7 @@ for name, micro, accumulation in runs:
         }
     )
     gathers_before, after_first_step, addresses, moved = all_gathers[0], [], {}, [0]
+    all_reduces_before = all_reduce_fetches[0]
 
     def note_first_step(info, noted=after_first_step, seen=addresses, moved=moved):
         lora = [(n, p.data_ptr()) for n, p in info.model.engine.module.named_parameters() if p.requires_grad]
@@ -185,6 +212,7 @@ for name, micro, accumulation in runs:
         "unit_hooks": None if offload is None else len(offload.forward_hooks) + len(offload.backward_hooks),
         "recomputes": result.engine.module.get_base_model().is_gradient_checkpointing,
         "all_gathers": all_gathers[0] - gathers_before,
+        "all_reduce_fetches": all_reduce_fetches[0] - all_reduces_before,
         "elements_gathered_a_step": (gathered_elements[0] - after_first_step[0]) / 11,  # steps 2-12
         "frozen_elements": sum(getattr(p, "ds_numel", p.numel()) for p in parameters if not p.requires_grad),
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,

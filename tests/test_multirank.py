@@ -87,7 +87,7 @@ def test_whole_layers_train_through_torchs_own_linear(driver_run: Path):
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert {name: m["torch_linear"] for name, m in metrics.items() if name != "zero2"} == {
         "wide": True, "deep": True, "per_module": False, "checkpointed": True, "resident": True,
-        "compiled": True, "first_resident": True}  # fmt: skip
+        "compiled": True, "first_resident": True, "gathered": True}  # fmt: skip
 
 
 def test_zero3_trains_as_zero2_does_over_every_step(driver_run: Path):
@@ -143,6 +143,18 @@ def test_a_layer_kept_whole_is_not_gathered_again_and_trains_as_partitioned(driv
     # file's stage3_max_reuse_distance); a 32B layer is gathered for each (RESULTS.md session 13: 130 a step)
     assert saved >= wide["layer0_partitioned"], (saved, wide["layer0_partitioned"])
     assert kept["all_gathers"] < wide["all_gathers"] and kept["unit_hooks"] > 0  # layer 1 still gathered
+
+
+def test_layers_fetched_by_all_reduce_train_exactly_as_by_all_gather(driver_run: Path):
+    """lorakit.engine.deepspeed_config.fetch_layers_by_all_reduce (the default, in `wide`): each element is one
+    rank's value plus zeros, so every loss and gradient norm equals DeepSpeed's all-gather fetch (`gathered`)."""
+    by_all_reduce, by_all_gather = (_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "gathered"))
+    assert len(by_all_reduce) == len(by_all_gather) == 12
+    for a, b in zip(by_all_reduce, by_all_gather):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    metrics = json.loads((driver_run / "metrics.json").read_text())
+    assert metrics["wide"]["all_gathers"] == metrics["gathered"]["all_gathers"]  # the same fetches, another collective
+    assert metrics["wide"]["all_reduce_fetches"] > 0 and metrics["gathered"]["all_reduce_fetches"] == 0
 
 
 def test_the_hf_model_called_past_peft_after_a_save_gathers_what_the_save_released(driver_run: Path):

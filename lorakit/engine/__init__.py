@@ -13,6 +13,7 @@ from lorakit.distributed import DistInfo
 from lorakit.engine.deepspeed_config import (
     deepspeed_linear_runs,
     default_deepspeed_config,
+    fetch_layers_by_all_reduce,
     gather_next_layer_ahead,
     keep_frozen_weights_resident,
     lorakit_chooses_units,
@@ -92,6 +93,8 @@ def plan_run_memory(
     elif engine.zero3:
         ds_config, said = gather_next_layer_ahead(engine.ds_config, engine.shape.largest_layer,
                                                   engine.automatic_prefetch)  # fmt: skip
+        ds_config, by_all_reduce = fetch_layers_by_all_reduce(ds_config, engine.shape.quantized > 0)
+        said += by_all_reduce
         engine, lines = dataclasses.replace(engine, ds_config=ds_config), [*lines, *said]
     return dataclasses.replace(config, train=train), engine, lines
 

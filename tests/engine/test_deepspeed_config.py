@@ -202,3 +202,25 @@ def test_the_next_layer_is_gathered_ahead_where_lorakit_gathers_whole_layers(zer
     (line,) = lines
     assert line.startswith("ZeRO-3: the next decoder layer is gathered while one computes: ")
     assert all(part in line for part in said), line
+
+
+@pytest.mark.parametrize(
+    ("zero", "quantized", "expected"),
+    [
+        ({}, False, True),  # the reference file under whole-layer units: lorakit's all-reduce fetch
+        ({"stage3_use_all_reduce_for_fetch_params": False}, False, False),  # the file's own choice stays
+        ({"stage3_module_granularity_threshold": 0}, False, None),  # DeepSpeed's per-module units: its default
+        ({}, True, None),  # QLoRA: the all-gather its GPU tests ran with
+        ({"stage": 2}, False, None),
+    ],
+    ids=["reference", "files-choice", "per-module", "qlora", "stage-2"],
+)
+def test_layers_are_fetched_by_all_reduce_where_lorakit_chooses_the_units(zero, quantized, expected):
+    from lorakit.engine.deepspeed_config import fetch_layers_by_all_reduce
+
+    ds_config = {"zero_optimization": REFERENCE_ZERO3 | zero}
+    before = json.dumps(ds_config)
+    changed, lines = fetch_layers_by_all_reduce(ds_config, quantized)
+    assert json.dumps(ds_config) == before  # the caller's config is not edited in place
+    assert changed["zero_optimization"].get("stage3_use_all_reduce_for_fetch_params") is expected
+    assert len(lines) == (expected is True and "stage3_use_all_reduce_for_fetch_params" not in zero)
