@@ -57,6 +57,7 @@ RUNS = {
     "zero3-sequential": ["--deepspeed", "{sequential}"],  # each weight its own all-gather (slower: session 13)
     "zero3-partitioned": ["--deepspeed", "{partitioned}"],  # every frozen weight partitioned, as on smaller GPUs
     "zero3-allreducefetch": ["--deepspeed", "{allreducefetch}"],  # gathers as all-reduces into place (no copy-out)
+    "zero3-noncontiguous": ["--deepspeed", "{noncontiguous}"],  # no per-gradient copy into the reduce bucket
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
@@ -123,6 +124,9 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     # each rank writes its partitions into a zeroed layer buffer at every weight's own offset and an all-reduce sums
     # them: the weights are views of that buffer (no copy-out), for twice an all-gather's traffic
     "allreducefetch": {"stage3_use_all_reduce_for_fetch_params": True},
+    # stage 3 copies each gradient into its reduce bucket as it is produced (a stream switch, a copy and a
+    # record_stream per LoRA matrix: 392 a 7B step), then reduce-scatters the per-parameter gradients anyway
+    "noncontiguous": {"contiguous_gradients": False},
     # the first ~half of the 32B's weights kept whole (DeepSpeed marks parameters persistent in model order until
     # the model threshold's total): fewer gathers a step where the rest is partitioned (issue 11's 32B lever)
     "keephalf": {"stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 16 * 10**9},
