@@ -10,7 +10,8 @@ with DeepSpeed's own per-module gathering: a granularity threshold of 0 in the D
 checkpoint every 5 steps: a save partitions the adapter it gathered, and with every weight resident lorakit, not
 DeepSpeed's removed hooks, gathers it again before the next compiled forward), and `first_resident` (`wide` with
 the first decoder layer's frozen weights kept whole, as the memory plan chooses where room is left), and
-`gathered` (`wide` with each layer fetched by DeepSpeed's all-gather and copy-out, not lorakit's all-reduce).
+`gathered` (`wide` with each layer fetched by DeepSpeed's all-gather and copy-out, not lorakit's all-reduce), and
+`contiguous` (`wide` with the file's contiguous_gradients, which lorakit turns off for adapters).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs, and every weight a layer
 needed after the first step: gathered ahead (DeepSpeed's prefetch) or only when the layer asked for it.
 Rank 0 writes what the test compares: each run's metrics, and the
@@ -162,7 +163,8 @@ resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
 (workdir / "ds_resident.json").write_text(json.dumps(resident))
 results = {}
 runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1),
-        ("resident", 4, 1), ("compiled", 4, 1), ("first_resident", 4, 1), ("gathered", 4, 1))  # fmt: skip
+        ("resident", 4, 1), ("compiled", 4, 1), ("first_resident", 4, 1), ("gathered", 4, 1),
+        ("contiguous", 4, 1))  # fmt: skip
 train_module = importlib.import_module("lorakit.train")  # the module: `lorakit.train` is the function
 plan_run_memory = train_module.plan_run_memory
 
@@ -173,8 +175,18 @@ def with_first_layer_resident(*args, **kwargs):
     return config, dataclasses.replace(engine_plan, resident_layers=1), lines
 
 
+plan_module = importlib.import_module("lorakit.engine.plan")
+reduce_in_place = plan_module.reduce_adapter_gradients_in_place
+
+
+def as_the_file_says(ds_config, *_):
+    """The DeepSpeed file's contiguous_gradients (true), not lorakit's choice for adapters."""
+    return ds_config, []
+
+
 for name, micro, accumulation in runs:
     train_module.plan_run_memory = with_first_layer_resident if name == "first_resident" else plan_run_memory
+    plan_module.reduce_adapter_gradients_in_place = as_the_file_says if name == "contiguous" else reduce_in_place
     config = lorakit.Config.from_flat(
         {
             **common,
@@ -213,6 +225,7 @@ for name, micro, accumulation in runs:
         "recomputes": result.engine.module.get_base_model().is_gradient_checkpointing,
         "all_gathers": all_gathers[0] - gathers_before,
         "all_reduce_fetches": all_reduce_fetches[0] - all_reduces_before,
+        "contiguous_gradients": getattr(result.engine.optimizer, "contiguous_gradients", None),
         "elements_gathered_a_step": (gathered_elements[0] - after_first_step[0]) / 11,  # steps 2-12
         "frozen_elements": sum(getattr(p, "ds_numel", p.numel()) for p in parameters if not p.requires_grad),
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,

@@ -87,7 +87,7 @@ def test_whole_layers_train_through_torchs_own_linear(driver_run: Path):
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert {name: m["torch_linear"] for name, m in metrics.items() if name != "zero2"} == {
         "wide": True, "deep": True, "per_module": False, "checkpointed": True, "resident": True,
-        "compiled": True, "first_resident": True, "gathered": True}  # fmt: skip
+        "compiled": True, "first_resident": True, "gathered": True, "contiguous": True}  # fmt: skip
 
 
 def test_zero3_trains_as_zero2_does_over_every_step(driver_run: Path):
@@ -155,6 +155,18 @@ def test_layers_fetched_by_all_reduce_train_exactly_as_by_all_gather(driver_run:
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert metrics["wide"]["all_gathers"] == metrics["gathered"]["all_gathers"]  # the same fetches, another collective
     assert metrics["wide"]["all_reduce_fetches"] > 0 and metrics["gathered"]["all_reduce_fetches"] == 0
+
+
+def test_adapter_gradients_reduced_without_the_bucket_copies_train_exactly_as_with_them(driver_run: Path):
+    """lorakit.engine.deepspeed_config.reduce_adapter_gradients_in_place (the default, in `wide`): stage 3
+    reduce-scatters the same per-parameter gradients either way, so every loss and gradient norm equals the run
+    with the file's contiguous_gradients (`contiguous`)."""
+    in_place, copied = (_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "contiguous"))
+    assert len(in_place) == len(copied) == 12
+    for a, b in zip(in_place, copied):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    metrics = json.loads((driver_run / "metrics.json").read_text())
+    assert metrics["wide"]["contiguous_gradients"] is False and metrics["contiguous"]["contiguous_gradients"] is True
 
 
 def test_the_hf_model_called_past_peft_after_a_save_gathers_what_the_save_released(driver_run: Path):

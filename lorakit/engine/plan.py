@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import Config
-from lorakit.engine.deepspeed_config import resolve_deepspeed_config
+from lorakit.engine.deepspeed_config import reduce_adapter_gradients_in_place, resolve_deepspeed_config
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import decoder_layers, lora_targets
 from lorakit.engine.quantization import quantized_bytes_per_weight
@@ -97,6 +97,9 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     full = additional_targets(skeleton, config.lora, targets)
     check_full_modules_unpacked(config, skeleton, full)
     trained_full = full_parameters(skeleton, full)
+    ds_config, in_place = reduce_adapter_gradients_in_place(ds_config, trained_full,
+                                                            config.model.quantization_bit is not None)  # fmt: skip
+    notes += in_place
     parameters = sum(p.numel() for p in skeleton.parameters())
     largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(skeleton)), default=0)
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,

@@ -224,3 +224,28 @@ def test_layers_are_fetched_by_all_reduce_where_lorakit_chooses_the_units(zero, 
     assert json.dumps(ds_config) == before  # the caller's config is not edited in place
     assert changed["zero_optimization"].get("stage3_use_all_reduce_for_fetch_params") is expected
     assert len(lines) == (expected is True and "stage3_use_all_reduce_for_fetch_params" not in zero)
+
+
+@pytest.mark.parametrize(
+    ("zero", "trained_full", "quantized", "expected"),
+    [
+        ({"contiguous_gradients": True}, 0, False, False),  # the reference file, an adapter: no bucket copies
+        ({}, 0, False, False),  # DeepSpeed's default is true as well
+        ({"contiguous_gradients": True, "reduce_scatter": False}, 0, False, True),  # the reduction reads the bucket
+        ({"contiguous_gradients": True}, 1_000_000, False, True),  # modules trained in full: large gradients
+        ({"contiguous_gradients": True}, 0, True, True),  # QLoRA: as its GPU tests ran
+        ({"contiguous_gradients": True, "offload_optimizer": {"device": "cpu"}}, 0, False, True),
+        ({"contiguous_gradients": True, "offload_param": {"device": "none"}}, 0, False, False),
+        ({"contiguous_gradients": True, "stage": 2}, 0, False, True),  # stage 2 reduces from its buffer
+    ],
+    ids=["reference", "default", "no-reduce-scatter", "full-modules", "qlora", "offload", "offload-none", "stage-2"],
+)
+def test_adapter_gradients_skip_stage_3s_bucket_copies(zero, trained_full, quantized, expected):
+    from lorakit.engine.deepspeed_config import reduce_adapter_gradients_in_place
+
+    ds_config = {"zero_optimization": REFERENCE_ZERO3 | zero}
+    before = json.dumps(ds_config)
+    changed, lines = reduce_adapter_gradients_in_place(ds_config, trained_full, quantized)
+    assert json.dumps(ds_config) == before  # the caller's config is not edited in place
+    assert changed["zero_optimization"].get("contiguous_gradients", True) is expected
+    assert len(lines) == (not expected)
