@@ -58,6 +58,9 @@ RUNS = {
     "zero3-partitioned": ["--deepspeed", "{partitioned}"],  # every frozen weight partitioned, as on smaller GPUs
     "zero3-allreducefetch": ["--deepspeed", "{allreducefetch}"],  # gathers as all-reduces into place (no copy-out)
     "zero3-noncontiguous": ["--deepspeed", "{noncontiguous}"],  # no per-gradient copy into the reduce bucket
+    # stage 2 without its per-gradient bucket copies: it then flattens the bucket's gradients and all-reduces them
+    # (DeepSpeed's buffered_reduce_fallback) instead of reducing its buffer: a different reduction, not yet compared
+    "zero2-noncontiguous": ["--zero_stage", "2", "--deepspeed", "{noncontiguous}"],
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
