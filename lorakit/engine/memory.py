@@ -55,9 +55,9 @@ model too large for that (a 32B on 80 GB cards) is partitioned, and what the pla
 first decoder layers' frozen weights whole instead (`resident_layers`: a layer's weights less the partition a GPU
 holds anyway, 0.68 GiB a Qwen2.5-32B layer on 4 GPUs): ZeRO-3 then gathers those layers once, not for every forward
 and backward. On 4 H200s (the 32B fits without recomputation) a layer's gather costs the step ~1.4 ms each time even
-when prefetched (it slows the matmuls beside it, benchmarks/RESULTS.md session 13), plus ~1 ms copying its weights
-out of the gathered buffer. Recomputation is settled first: a layer not recomputed saves a whole forward of it
-(~1.1 GiB of a 32B's activations at ~2,700 tokens), about what two gathers cost, for more memory.
+when prefetched (it slows the matmuls beside it, benchmarks/RESULTS.md session 13). Recomputation is settled first:
+a layer not recomputed saves a whole forward of it (~1.1 GiB of a 32B's activations at ~2,700 tokens), about what
+two gathers cost, for more memory.
 """
 
 from __future__ import annotations
