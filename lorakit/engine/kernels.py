@@ -141,18 +141,20 @@ CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-
 def settle_compile_mode(
     requested: str | None, zero3: bool, checkpointing: bool, packing: bool, on_gpu: bool
 ) -> tuple[str, list[str]]:
-    """torch.compile's mode for the layers and its log line. CUDA graphs (reduce-overhead) run under ZeRO-2 with
-    packed rows on a GPU, without gradient checkpointing, where tests/engine/test_cuda_graphs.py holds them on GPUs
-    to the same layers without graphs (every loss, gradient norm and evaluation within 1e-3, three runs). Under
-    ZeRO-3 they fall back to the mode without graphs: a partitioned weight is gathered into new memory at every
-    call (the graph would be recorded again each time), and with every weight kept whole the same GPU test drifted
-    in one of two runs (a gradient norm 6e-4 off at step 5, the loss 0.5 % off at step 8; the mode without graphs
-    gives the same numbers every run): stage 3 copies each gradient into its buckets on a stream of its own, which
-    a graph's memory pool does not wait for. Gradient checkpointing recomputes a layer inside backward, not tested
-    under graphs. Without packing a batch is padded to its longest example, so nearly every batch would record
-    graphs of its own (packed rows are multiples of 128 tokens: a few lengths). A CPU has no CUDA graphs. Each
-    time the log says so. Graphs are not bit-reproducible run to run even under ZeRO-2 (1e-4 differences,
-    measured), and not the default (benchmarks/RESULTS.md, session 7)."""
+    """torch.compile's mode for the layers and its log line. CUDA graphs (reduce-overhead) run under ZeRO-2 with packed
+    rows on a GPU, without gradient checkpointing, where tests/engine/test_cuda_graphs.py holds them on GPUs to the
+    same layers without graphs (every loss, gradient norm and evaluation within 1e-3, three runs). Under ZeRO-3 they
+    fall back to the mode without graphs: a partitioned weight is gathered into new memory at every call (the graph
+    would be recorded again each time), and with every weight kept whole the same GPU test drifted in one of two
+    runs (a gradient norm 6e-4 off at step 5, the loss 0.5 % off at step 8; the mode without graphs gives the same
+    numbers every run): stage 3 copies each gradient into its buckets on a stream of its own, which a graph's memory
+    pool does not wait for. (Since session 14 lorakit turns those copies off where only an adapter trains,
+    lorakit.engine.deepspeed_config.reduce_adapter_gradients_in_place; the reduce-scatter still reads each gradient
+    on DeepSpeed's stream: the GPU test has not run under ZeRO-3 since, so the fallback stays.) Gradient
+    checkpointing recomputes a layer inside backward, not tested under graphs. Without packing a batch is padded to
+    its longest example, so nearly every batch would record graphs of its own (packed rows are multiples of 128
+    tokens: a few lengths). A CPU has no CUDA graphs. Each time the log says so. Graphs are not bit-reproducible run
+    to run even under ZeRO-2 (1e-4 differences, measured), and not the default (benchmarks/RESULTS.md, session 7)."""
     mode = requested or "default"
     if mode not in CUDA_GRAPH_MODES:
         return mode, []
