@@ -11,7 +11,8 @@ checkpoint every 5 steps: a save partitions the adapter it gathered, and with ev
 DeepSpeed's removed hooks, gathers it again before the next compiled forward), and `first_resident` (`wide` with
 the first decoder layer's frozen weights kept whole, as the memory plan chooses where room is left), and
 `gathered` (`wide` with each layer fetched by DeepSpeed's all-gather and copy-out, not lorakit's all-reduce), and
-`contiguous` (`wide` with the file's contiguous_gradients, which lorakit turns off for adapters).
+`contiguous` (`wide` with the file's contiguous_gradients, which lorakit turns off for adapters), and `saving`
+(`wide` saving a checkpoint every 5 steps: the saves release the adapter, which must come back in memory of its own).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs, and every weight a layer
 needed after the first step: gathered ahead (DeepSpeed's prefetch) or only when the layer asked for it.
 Rank 0 writes what the test compares: each run's metrics, and the
@@ -164,7 +165,7 @@ resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
 results = {}
 runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1),
         ("resident", 4, 1), ("compiled", 4, 1), ("first_resident", 4, 1), ("gathered", 4, 1),
-        ("contiguous", 4, 1))  # fmt: skip
+        ("contiguous", 4, 1), ("saving", 4, 1))  # fmt: skip
 train_module = importlib.import_module("lorakit.train")  # the module: `lorakit.train` is the function
 plan_run_memory = train_module.plan_run_memory
 
@@ -198,16 +199,19 @@ for name, micro, accumulation in runs:
             **({"deepspeed": str(workdir / "ds_gathered.json")} if name == "gathered" else {}),
             **({"torch_compile": True} if name == "compiled" else {}),
             # checkpoints mid-run: saving partitions the adapter it gathered, which the next forward must gather again
-            **({"save_steps": 5} if name == "compiled" else {}),
+            **({"save_steps": 5} if name in ("compiled", "saving") else {}),
             **({"gradient_checkpointing": True} if name == "checkpointed" else {}),
             **({"zero_stage": 2} if name == "zero2" else {}),
         }
     )
     gathers_before, after_first_step, addresses, moved = all_gathers[0], [], {}, [0]
-    all_reduces_before = all_reduce_fetches[0]
+    all_reduces_before, adapter_storage = all_reduce_fetches[0], [0]
 
-    def note_first_step(info, noted=after_first_step, seen=addresses, moved=moved):
+    def note_first_step(info, noted=after_first_step, seen=addresses, moved=moved, held=adapter_storage):
         lora = [(n, p.data_ptr()) for n, p in info.model.engine.module.named_parameters() if p.requires_grad]
+        storages = {p.data.untyped_storage().data_ptr(): p.data.untyped_storage().nbytes()
+                    for p in info.model.engine.module.parameters() if p.requires_grad and p.data.numel()}  # fmt: skip
+        held[0] = max(held[0], sum(storages.values()))  # the memory the adapter's weights keep alive
         if info.step == 1:
             noted.append(gathered_elements[0])
             noted.append(adapter_releases[0])
@@ -231,6 +235,12 @@ for name, micro, accumulation in runs:
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,
         # LoRA matrices now at another address than after step 1 (released and gathered at every step, and by saves)
         "adapter_moved": moved[0],
+        "adapter_storage_bytes": adapter_storage[0],  # the most, after any step
+        "resident_bytes": sum(
+            getattr(p, "ds_numel_aligned", p.numel()) * p.element_size()
+            for p in parameters
+            if getattr(p, "ds_persist", False)
+        ),  # fmt: skip
         "adapter_releases_after_step_1": after_first_step[2] - after_first_step[1],
         "fetched_after_step_1": dict(fetched),
         "layer0_partitioned": sum(  # ZeRO-2 partitions no weight

@@ -87,7 +87,7 @@ def test_whole_layers_train_through_torchs_own_linear(driver_run: Path):
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert {name: m["torch_linear"] for name, m in metrics.items() if name != "zero2"} == {
         "wide": True, "deep": True, "per_module": False, "checkpointed": True, "resident": True,
-        "compiled": True, "first_resident": True, "gathered": True, "contiguous": True}  # fmt: skip
+        "compiled": True, "first_resident": True, "gathered": True, "contiguous": True, "saving": True}  # fmt: skip
 
 
 def test_zero3_trains_as_zero2_does_over_every_step(driver_run: Path):
@@ -167,6 +167,18 @@ def test_adapter_gradients_reduced_without_the_bucket_copies_train_exactly_as_wi
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert metrics["wide"]["contiguous_gradients"] is False and metrics["contiguous"]["contiguous_gradients"] is True
+
+
+def test_an_adapter_a_save_released_comes_back_without_its_layers_memory(driver_run: Path):
+    """lorakit.engine.zero3.gather_released_residents_before_forward: after each save (which releases the adapter),
+    the LoRA matrices keep no more memory alive than the resident weights' own (fetched again with their layer by
+    the all-reduce fetch, each would be a view of the layer's whole buffer: every layer kept gathered); the same
+    updates as `wide`."""
+    saving, plain = (_log(driver_run / name / "trainer_log.jsonl") for name in ("saving", "wide"))
+    for a, b in zip(saving, plain, strict=True):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    metrics = json.loads((driver_run / "metrics.json").read_text())["saving"]
+    assert 0 < metrics["adapter_storage_bytes"] <= metrics["resident_bytes"], metrics
 
 
 def test_the_hf_model_called_past_peft_after_a_save_gathers_what_the_save_released(driver_run: Path):

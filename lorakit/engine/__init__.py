@@ -45,6 +45,7 @@ from lorakit.engine.streams import answer_current_stream_directly
 from lorakit.engine.variants import initial_adapter
 from lorakit.engine.warmup import WarmupSpec
 from lorakit.engine.zero3 import (
+    gather_released_residents_before_forward,
     gather_updated_adapter_at_once,
     gather_whole_layers,
     keep_first_layers_whole,
@@ -168,21 +169,31 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
     if zero3:
-        notes += keep_first_layers_whole(engine, plan.resident_layers)
-        if keep_resident_weights(engine, refreshed := gather_updated_adapter_at_once(engine)) and refreshed:
-            notes.append(
-                f"ZeRO-3: the {len(refreshed)} adapter weights stay gathered; each step refreshes them in "
-                "place from DeepSpeed's updated partitions (one all-gather)"
-            )
-        walk_only_parameter_owners(engine)
-        if skip_unit_hooks_when_all_resident(engine):
-            notes.append(
-                "ZeRO-3: every weight stays gathered between steps, so the per-layer fetch and release "
-                "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
-            )
+        notes += settle_zero3_engine(engine, plan.resident_layers)
     if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
         notes += inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
+
+
+def settle_zero3_engine(engine: Any, resident_layers: int) -> list[str]:
+    """lorakit's ZeRO-3 changes to a built engine (lorakit.engine.zero3), in the order they need, and their log
+    lines: the plan's resident layers, the adapter kept gathered across steps, parameter walks cut to their owners,
+    and either the unit hooks off (every weight resident) or released residents gathered before each forward."""
+    notes = keep_first_layers_whole(engine, resident_layers)
+    if keep_resident_weights(engine, refreshed := gather_updated_adapter_at_once(engine)) and refreshed:
+        notes.append(
+            f"ZeRO-3: the {len(refreshed)} adapter weights stay gathered; each step refreshes them in "
+            "place from DeepSpeed's updated partitions (one all-gather)"
+        )
+    walk_only_parameter_owners(engine)
+    if skip_unit_hooks_when_all_resident(engine):
+        notes.append(
+            "ZeRO-3: every weight stays gathered between steps, so the per-layer fetch and release "
+            "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
+        )
+    else:
+        gather_released_residents_before_forward(engine)
+    return notes
 
 
 def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool, str, list[str]]:

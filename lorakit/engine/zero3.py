@@ -337,6 +337,28 @@ def walk_only_parameter_owners(engine: Any) -> bool:
     return True
 
 
+def gather_released_residents_before_forward(engine: Any) -> bool:
+    """Where some weights stay partitioned: before each forward, the resident (persistent) weights a GatheredParameters
+    block released (lorakit's checkpoint save and load release the adapter) are gathered on their own, in one
+    collective; nothing where none is (a look at each resident weight's flag). Left to DeepSpeed, the next layer's
+    fetch would gather its released LoRA matrices together with the layer's frozen weights, and under the all-reduce
+    fetch (lorakit.engine.deepspeed_config.fetch_layers_by_all_reduce) every weight of that fetch is a view of one
+    buffer: the LoRA matrices, never released again, would keep each layer's whole buffer alive, the whole model on
+    every GPU after the first save. True where the hooks are in place."""
+    persistent = getattr(engine.optimizer, "persistent_parameters", None)
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is None or not isinstance(persistent, list):
+        return False
+
+    def gather_released_residents(*_: Any) -> None:
+        gather_released(persistent)
+
+    engine.lorakit_gather_hooks = [
+        top.register_forward_pre_hook(gather_released_residents) for top in model_and_inner_model(offload.module)
+    ]
+    return True
+
+
 def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
     """Where every parameter stays gathered between steps (the memory plan keeps the frozen weights whole, the LoRA
     matrices sit under the persistence threshold, and the adapter is re-gathered right after each step by
