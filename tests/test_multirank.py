@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, free_port, launch, torchrun
+from launch import REPO, free_port, launch
 from safetensors.torch import load_file
 from test_tracking import assert_same_scalars, jsonl_scalars, mlflow_runs, mlflow_scalars, tensorboard_scalars
 
@@ -30,27 +30,15 @@ pytestmark = pytest.mark.multirank
 DS_FILE = REPO / "examples" / "ds_config_zero3.json"
 
 
-@pytest.fixture(scope="module")
-def driver_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_data: Path) -> Path:
-    workdir = tmp_path_factory.mktemp("driver")
-    command = [
-        *torchrun(2),  # a free port: a fixed one collides with any other launch on the machine
-        str(REPO / "tests" / "multirank_driver.py"),
-        str(workdir),
-        str(tiny_model),
-        str(tiny_data),
-        str(DS_FILE),
-    ]
-    launch(command, workdir / "driver.log")
-    return workdir
-
-
-def _log(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_accumulation_does_not_change_the_update(driver_run: Path):
-    wide, deep = _log(driver_run / "wide" / "trainer_log.jsonl"), _log(driver_run / "deep" / "trainer_log.jsonl")
+    wide, deep = (
+        read_log(driver_run / "wide" / "trainer_log.jsonl"),
+        read_log(driver_run / "deep" / "trainer_log.jsonl"),
+    )
     assert len(wide) == len(deep) == 12  # 48 examples, global batch 8, 2 epochs
     assert wide[0]["grad_norm"] == pytest.approx(deep[0]["grad_norm"], rel=1e-5)
     for a, b in zip(wide, deep):
@@ -66,8 +54,8 @@ def test_accumulation_does_not_change_the_update(driver_run: Path):
 
 def test_whole_layer_gathering_computes_what_per_module_gathering_does(driver_run: Path):
     whole, per_module = (
-        _log(driver_run / "wide" / "trainer_log.jsonl"),
-        _log(driver_run / "per_module" / "trainer_log.jsonl"),
+        read_log(driver_run / "wide" / "trainer_log.jsonl"),
+        read_log(driver_run / "per_module" / "trainer_log.jsonl"),
     )
     assert "each Qwen2DecoderLayer is gathered whole" in (driver_run / "driver.log").read_text()
     assert len(whole) == len(per_module) == 12
@@ -91,94 +79,14 @@ def test_whole_layers_train_through_torchs_own_linear(driver_run: Path):
 
 
 def test_zero3_trains_as_zero2_does_over_every_step(driver_run: Path):
-    zero3, zero2 = _log(driver_run / "wide" / "trainer_log.jsonl"), _log(driver_run / "zero2" / "trainer_log.jsonl")
+    zero3, zero2 = (
+        read_log(driver_run / "wide" / "trainer_log.jsonl"),
+        read_log(driver_run / "zero2" / "trainer_log.jsonl"),
+    )
     assert len(zero3) == len(zero2) == 12
     for a, b in zip(zero3, zero2):  # partitioned weights, whole-layer gathers, the adapter re-gathered after steps
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-
-
-def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_does(driver_run: Path):
-    """What the memory plan chooses when the weights fit: the same updates, and no gather of a frozen weight."""
-    partitioned, resident = (_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "resident"))
-    assert len(resident) == 12
-    for a, b in zip(partitioned, resident):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    metrics = json.loads((driver_run / "metrics.json").read_text())
-    # partitioned, every frozen weight is gathered at least once a step (the next layer's gather coalesced with
-    # another's where DeepSpeed prefetches, so the collectives are fewer than the units)
-    assert metrics["wide"]["elements_gathered_a_step"] >= metrics["wide"]["frozen_elements"]
-    assert metrics["wide"]["all_gathers"] > metrics["resident"]["all_gathers"]
-    # after the first step only the adapter is gathered (DeepSpeed's own way released every resident weight at
-    # each optimizer step and gathered the whole frozen model again: 129 k elements a step here, 8 k now)
-    resident_run = metrics["resident"]
-    assert resident_run["elements_gathered_a_step"] < resident_run["frozen_elements"] / 4, resident_run
-    # every weight resident: ZeRO-3's per-unit fetch/release hooks are off (lorakit.engine.zero3), the same updates
-    assert resident_run["unit_hooks"] == 0 and metrics["compiled"]["unit_hooks"] == 0
-    assert metrics["wide"]["unit_hooks"] > 0 and metrics["zero2"]["unit_hooks"] is None
-    # the adapter stays at one address (what CUDA graphs replay on) through every step and the compiled run's saves,
-    # which release it (DeepSpeed's gather alone puts it in new memory: tests/engine/test_zero3.py)
-    assert resident_run["adapter_moved"] == 0 and metrics["compiled"]["adapter_moved"] == 0
-    assert metrics["wide"]["adapter_moved"] == 0
-    # nor is it released at each step: its gathered copy is brought up to date in place, one all-gather of
-    # DeepSpeed's flat partition buffer (lorakit.engine.zero3.refresh_in_place); the compiled run's saves release it
-    assert resident_run["adapter_releases_after_step_1"] == 0, resident_run
-    assert metrics["compiled"]["adapter_releases_after_step_1"] > 0
-
-
-def test_a_layer_kept_whole_is_not_gathered_again_and_trains_as_partitioned(driver_run: Path):
-    """lorakit.engine.zero3.keep_first_layers_whole: the same updates as `wide`, and the first layer's frozen
-    weights (partitioned in `wide`) gathered once for the run instead of at every step."""
-    partitioned, first_kept = (_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "first_resident"))
-    assert len(first_kept) == 12
-    for a, b in zip(partitioned, first_kept):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    metrics = json.loads((driver_run / "metrics.json").read_text())
-    wide, kept = metrics["wide"], metrics["first_resident"]
-    assert wide["layer0_partitioned"] > 0 and kept["layer0_partitioned"] == 0
-    saved = wide["elements_gathered_a_step"] - kept["elements_gathered_a_step"]
-    # at least once a step: this small model's layer stays gathered from its forward to its backward (within the
-    # file's stage3_max_reuse_distance); a 32B layer is gathered for each (RESULTS.md session 13: 130 a step)
-    assert saved >= wide["layer0_partitioned"], (saved, wide["layer0_partitioned"])
-    assert kept["all_gathers"] < wide["all_gathers"] and kept["unit_hooks"] > 0  # layer 1 still gathered
-
-
-def test_layers_fetched_by_all_reduce_train_exactly_as_by_all_gather(driver_run: Path):
-    """lorakit.engine.deepspeed_config.fetch_layers_by_all_reduce (the default, in `wide`): each element is one
-    rank's value plus zeros, so every loss and gradient norm equals DeepSpeed's all-gather fetch (`gathered`)."""
-    by_all_reduce, by_all_gather = (_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "gathered"))
-    assert len(by_all_reduce) == len(by_all_gather) == 12
-    for a, b in zip(by_all_reduce, by_all_gather):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
-    metrics = json.loads((driver_run / "metrics.json").read_text())
-    assert metrics["wide"]["all_gathers"] == metrics["gathered"]["all_gathers"]  # the same fetches, another collective
-    assert metrics["wide"]["all_reduce_fetches"] > 0 and metrics["gathered"]["all_reduce_fetches"] == 0
-
-
-def test_adapter_gradients_reduced_without_the_bucket_copies_train_exactly_as_with_them(driver_run: Path):
-    """lorakit.engine.deepspeed_config.reduce_adapter_gradients_in_place (the default, in `wide`): stage 3
-    reduce-scatters the same per-parameter gradients either way, so every loss and gradient norm equals the run
-    with the file's contiguous_gradients (`contiguous`)."""
-    in_place, copied = (_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "contiguous"))
-    assert len(in_place) == len(copied) == 12
-    for a, b in zip(in_place, copied):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
-    metrics = json.loads((driver_run / "metrics.json").read_text())
-    assert metrics["wide"]["contiguous_gradients"] is False and metrics["contiguous"]["contiguous_gradients"] is True
-
-
-def test_an_adapter_a_save_released_comes_back_without_its_layers_memory(driver_run: Path):
-    """lorakit.engine.zero3.gather_released_residents_before_forward: after each save (which releases the adapter),
-    the LoRA matrices keep no more memory alive than the resident weights' own (fetched again with their layer by
-    the all-reduce fetch, each would be a view of the layer's whole buffer: every layer kept gathered); the same
-    updates as `wide`."""
-    saving, plain = (_log(driver_run / name / "trainer_log.jsonl") for name in ("saving", "wide"))
-    for a, b in zip(saving, plain, strict=True):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
-    metrics = json.loads((driver_run / "metrics.json").read_text())["saving"]
-    assert 0 < metrics["adapter_storage_bytes"] <= metrics["resident_bytes"], metrics
 
 
 def test_the_hf_model_called_past_peft_after_a_save_gathers_what_the_save_released(driver_run: Path):
@@ -196,37 +104,17 @@ def test_compiled_layers_train_as_eager_layers_under_zero3(driver_run: Path):
     """--torch_compile (inductor on the CPU here) under ZeRO-3 with every weight resident: the same losses and
     gradient norms as the eager run, step for step (dropout off, so no random stream differs), through checkpoints
     saved every 5 steps (each partitions the adapter it gathered; the next compiled forward needs it whole)."""
-    eager, compiled = (_log(driver_run / name / "trainer_log.jsonl") for name in ("resident", "compiled"))
+    eager, compiled = (read_log(driver_run / name / "trainer_log.jsonl") for name in ("resident", "compiled"))
     assert len(compiled) == 12
     for a, b in zip(eager, compiled):  # inductor's fused kernels sum in another order: fp32 rounding, amplified
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3)  # over 12 steps at lr 2e-2 (measured: 3e-4, 0.8 %)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
 
 
-def test_zero3_regathers_the_updated_adapter_in_one_collective(driver_run: Path):
-    metrics = json.loads((driver_run / "metrics.json").read_text())
-    per_step = metrics["wide"]["all_gathers"] / 12
-    # 2 decoder layers x (forward + backward) and the embedding/head gathers; DeepSpeed alone adds one all-gather
-    # per LoRA matrix after every step: 2 layers x 7 projections x (A, B) = 28 more (49 a step, measured)
-    assert per_step < 28, per_step
-    assert metrics["zero2"]["all_gathers"] < metrics["wide"]["all_gathers"]
-
-
-def test_each_decoder_layer_is_gathered_while_the_one_before_computes(driver_run: Path):
-    """lorakit.engine.deepspeed_config.gather_next_layer_ahead: with the frozen weights partitioned, every weight a
-    layer needs after the first step (which records DeepSpeed's trace) was gathered ahead, none only when the layer
-    asked for it (with HF's prefetch bucket, a tenth of this model's layer, a third of the weights were fetched
-    then: 450,560 of 1,327,744 in `wide`; recomputed layers included)."""
-    metrics = json.loads((driver_run / "metrics.json").read_text())
-    for name in ("wide", "deep", "checkpointed"):
-        fetched = metrics[name]["fetched_after_step_1"]
-        assert fetched["on_demand"] == 0 and fetched["prefetched"] > 0, (name, fetched)
-
-
 def test_gradient_checkpointing_computes_the_same_updates(driver_run: Path):
     plain, recomputed = (
-        _log(driver_run / "wide" / "trainer_log.jsonl"),
-        _log(driver_run / "checkpointed" / "trainer_log.jsonl"),
+        read_log(driver_run / "wide" / "trainer_log.jsonl"),
+        read_log(driver_run / "checkpointed" / "trainer_log.jsonl"),
     )
     assert (recomputed[0]["loss"], recomputed[0]["grad_norm"]) == pytest.approx(
         (plain[0]["loss"], plain[0]["grad_norm"]), rel=1e-5
@@ -264,7 +152,7 @@ def test_first_step_gradient_is_the_per_token_mean_over_the_global_batch(
         count += int(data.target_counts[index])
     (total / count).backward()
     norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.requires_grad))
-    logged = _log(driver_run / "wide" / "trainer_log.jsonl")[0]
+    logged = read_log(driver_run / "wide" / "trainer_log.jsonl")[0]
     assert logged["loss"] == pytest.approx(float(total / count), abs=1e-4)
     assert logged["grad_norm"] == pytest.approx(norm, rel=1e-4)
 
@@ -377,7 +265,7 @@ def test_cli_run_logs_the_step_math_and_replaces_the_file_scheduler(cli_run: tup
 
 def test_cli_run_follows_warmup_then_cosine_and_the_loss_falls(cli_run: tuple[Path, str]):
     out, _ = cli_run
-    records = [r for r in _log(out / "trainer_log.jsonl") if "loss" in r]
+    records = [r for r in read_log(out / "trainer_log.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [2, 4, 6]  # every 2 steps (32 training examples, 2 steps an epoch)
     for record in records:
         expected = learning_rate_at(record["step"] - 1, total_steps=6, peak=2e-2, warmup=2, kind="cosine")
@@ -389,7 +277,7 @@ def test_cli_run_follows_warmup_then_cosine_and_the_loss_falls(cli_run: tuple[Pa
 
 def test_cli_run_evaluates_the_held_out_examples(cli_run: tuple[Path, str]):
     out, log = cli_run
-    evals = [r for r in _log(out / "trainer_log.jsonl") if "eval_loss" in r]
+    evals = [r for r in read_log(out / "trainer_log.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 6] and all(0 < r["eval_loss"] < 20 for r in evals)
     assert "{'eval_loss': " in log
     assert json.loads((out / "train_results.json").read_text())["eval_loss"] == evals[-1]["eval_loss"]

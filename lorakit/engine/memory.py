@@ -49,15 +49,16 @@ planned: rows of max(--cutoff_len, 4096) tokens, no checkpointing.
 
 Under ZeRO-3 with lorakit's automatic persistence threshold, the frozen weights stay whole on every GPU when they
 take at most KEEP_FROZEN_SHARE of its free memory (and the rows still fit): ZeRO-3 then gathers each weight once
-instead of twice a step per layer, and the adapter's gradients and optimizer state stay partitioned. Measured on
-4 H200s at the reference's global batch: 0.618 -> 0.417 s a step, losses identical (benchmarks/RESULTS.md). A
-model too large for that (a 32B on 80 GB cards) is partitioned, and what the plan leaves of its budget keeps the
-first decoder layers' frozen weights whole instead (`resident_layers`: a layer's weights less the partition a GPU
-holds anyway, 0.68 GiB a Qwen2.5-32B layer on 4 GPUs): ZeRO-3 then gathers those layers once, not for every forward
-and backward. On 4 H200s (the 32B fits without recomputation) a layer's gather costs the step ~1.4 ms each time even
-when prefetched (it slows the matmuls beside it, benchmarks/RESULTS.md session 13). Recomputation is settled first:
-a layer not recomputed saves a whole forward of it (~1.1 GiB of a 32B's activations at ~2,700 tokens), about what
-two gathers cost, for more memory.
+instead of twice a step per layer, and the adapter's gradients and optimizer state stay partitioned. Measured on 4
+H200s at the reference's global batch: 0.618 -> 0.417 s a step, losses identical (benchmarks/RESULTS.md). A model
+too large for that (a 32B on 80 GB cards) is partitioned, and what the plan leaves of its budget keeps the first
+decoder layers' frozen weights whole instead (`resident_layers`: a whole layer each, since DeepSpeed keeps a
+gathered weight's partition beside it, 0.91 GiB a Qwen2.5-32B layer): ZeRO-3 then stops gathering those layers for
+every forward and backward (after the first step, whose trace DeepSpeed records releasing everything). On 4 H200s
+(the 32B fits without recomputation) a layer's gather costs the step ~1.4 ms each time even when prefetched (it
+slows the matmuls beside it, benchmarks/RESULTS.md session 13). Recomputation is settled first: a layer not
+recomputed saves a whole forward of it (~1.1 GiB of a 32B's activations at ~2,700 tokens), about what two gathers
+cost, for more memory.
 """
 
 from __future__ import annotations
@@ -207,26 +208,30 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
     if estimate > HEADROOM * free_bytes:
         lines.append(f"WARNING: the estimate exceeds {HEADROOM:.0%} of free memory; if the GPU runs out, lower "
                      "--cutoff_len or --pack_tokens, or spread the model with ZeRO-3 over more GPUs")  # fmt: skip
-    resident = resident_layers(shape, HEADROOM * free_bytes - estimate, world_size) if zero3 and may_keep_frozen else 0
-    if resident:
-        lines.append(f"ZeRO-3: the first {resident} of {shape.layers} decoder layers keep their frozen weights whole "
-                     f"on every GPU ({resident * resident_layer_bytes(shape, world_size) / GiB:.0f} GiB of the plan's "
-                     f"room left), gathered once: {2 * resident} fewer all-gathers a step")  # fmt: skip
-    return MemoryPlan(rows, recomputed > 0, lines, checkpointed_layers=recomputed if partial else None,
+    room = HEADROOM * free_bytes - estimate
+    resident, said = resident_layers(shape, room, world_size) if zero3 and may_keep_frozen else (0, [])
+    return MemoryPlan(rows, recomputed > 0, lines + said, checkpointed_layers=recomputed if partial else None,
                       resident_layers=resident)  # fmt: skip
 
 
-def resident_layer_bytes(shape: ModelShape, world_size: int) -> int:
-    """What keeping one decoder layer's frozen weights whole adds to a GPU: the layer less the partition it holds."""
-    return int(shape.dtype_bytes * shape.largest_layer * (1 - 1 / world_size))
+def resident_layer_bytes(shape: ModelShape) -> int:
+    """What keeping one decoder layer's frozen weights whole adds to a GPU: the whole layer (DeepSpeed keeps each
+    gathered weight's partition beside it)."""
+    return shape.dtype_bytes * shape.largest_layer
 
 
-def resident_layers(shape: ModelShape, room: float, world_size: int) -> int:
+def resident_layers(shape: ModelShape, room: float, world_size: int) -> tuple[int, list[str]]:
     """How many decoder layers' frozen weights fit whole in `room` bytes left by the plan (see the module
-    docstring). None under quantisation (bitsandbytes' packed weights have their own in-flight rule, above)."""
+    docstring), and the plan's line saying so. 0 under quantisation (bitsandbytes' packed weights have their own
+    in-flight rule, above) or on one GPU (nothing partitioned)."""
     if shape.quantized or not shape.largest_layer or world_size < 2 or room <= 0:
-        return 0
-    return min(shape.layers, int(room // resident_layer_bytes(shape, world_size)))
+        return 0, []
+    count = min(shape.layers, int(room // resident_layer_bytes(shape)))
+    if not count:
+        return 0, []
+    return count, [f"ZeRO-3: the first {count} of {shape.layers} decoder layers keep their frozen weights whole on "
+                   f"every GPU ({count * resident_layer_bytes(shape) / GiB:.0f} GiB of the plan's room left), not "
+                   "gathered again after the first step"]  # fmt: skip
 
 
 def pass_tokens(rows: int, step_tokens: int) -> int:
