@@ -187,19 +187,30 @@ def gather_next_layer_ahead(ds_config: dict[str, Any], layer_weights: int,
     return changed, [f"ZeRO-3: the next decoder layer is gathered while one computes: {'; '.join(said)}"]
 
 
+def offloaded(zero: dict[str, Any]) -> bool:
+    """Whether the ZeRO section offloads the optimizer or the parameters (to the CPU or NVMe)."""
+    offloads = [zero.get(key) for key in ("offload_optimizer", "offload_param", "cpu_offload")]
+    return any(o.get("device", "none") not in ("none", None) if isinstance(o, dict) else bool(o) for o in offloads)
+
+
 ALL_REDUCE_FETCH = "stage3_use_all_reduce_for_fetch_params"
 
 
-def fetch_layers_by_all_reduce(ds_config: dict[str, Any], quantized: bool) -> tuple[dict[str, Any], list[str]]:
+def fetch_layers_by_all_reduce(ds_config: dict[str, Any], quantized: bool, one_host: bool,
+                               one_dtype: bool = True) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """Under ZeRO-3 with whole-layer units and partitioned frozen weights, where the file does not say: each layer's
     gather as DeepSpeed's all-reduce fetch (`stage3_use_all_reduce_for_fetch_params`). Its coalesced all-gather
     receives a layer rank by rank into one buffer and then copies every weight's slices out of it (1,021 copies, 0.135
     s of a Qwen2.5-32B step on 4 H100s: RESULTS.md session 13); the all-reduce has each rank write its partitions at
     every weight's own offset of a zeroed buffer and sums the buffers, so each weight is a view, for twice the traffic.
     Exact: each element is one rank's value plus zeros. Measured on the 32B, 4 H100s, the same lease: 1.398 against
-    1.532 s a step (RESULTS.md session 14). Not under QLoRA (its GPU tests ran with the all-gather)."""
+    1.532 s a step (RESULTS.md session 14). Not under QLoRA (its GPU tests ran with the all-gather), across hosts
+    (measured over NVLink only; twice the traffic over a network may cost more than the copies), with offloaded
+    parameters (not measured), or where a layer keeps weights of another dtype (`one_dtype` false: a model's
+    `_keep_in_fp32_modules`), which DeepSpeed's all-reduce fetch, one buffer of one dtype, refuses."""
     zero = ds_config.get("zero_optimization", {})
-    if quantized or not lorakit_chooses_units(ds_config) or ALL_REDUCE_FETCH in zero:
+    if (quantized or not one_host or not one_dtype or offloaded(zero) or not lorakit_chooses_units(ds_config)
+            or ALL_REDUCE_FETCH in zero):  # fmt: skip
         return ds_config, []
     changed = copy.deepcopy(ds_config)
     changed["zero_optimization"][ALL_REDUCE_FETCH] = True
@@ -220,10 +231,8 @@ def reduce_adapter_gradients_in_place(ds_config: dict[str, Any], trained_full: i
     full (--additional_target: large gradients), an offloaded optimizer or parameters, or QLoRA (its GPU tests ran
     with the copies)."""
     zero = ds_config.get("zero_optimization", {})
-    offloads = [zero.get(key) for key in ("offload_optimizer", "offload_param", "cpu_offload")]
-    offloaded = any(o.get("device", "none") not in ("none", None) if isinstance(o, dict) else o for o in offloads)
     if (zero.get("stage") != 3 or not zero.get("contiguous_gradients", True) or not zero.get("reduce_scatter", True)
-            or trained_full or quantized or offloaded):  # fmt: skip
+            or trained_full or quantized or offloaded(zero)):  # fmt: skip
         return ds_config, []
     changed = copy.deepcopy(ds_config)
     changed["zero_optimization"]["contiguous_gradients"] = False

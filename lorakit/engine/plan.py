@@ -35,6 +35,7 @@ class EnginePlan:
     automatic_prefetch: bool = False  # stage3_prefetch_bucket_size is lorakit's "auto" (one decoder layer)
     checkpointed_layers: int | None = None  # the memory plan's: checkpointing on the first this many layers only
     resident_layers: int = 0  # the memory plan's: ZeRO-3 keeps the first this many layers' frozen weights whole
+    fp32_modules: bool = False  # the model keeps some weights in fp32 (transformers' `_keep_in_fp32_modules`)
 
     @property
     def zero3(self) -> bool:
@@ -106,4 +107,5 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
                           *quantized_share(config, skeleton), largest_layer)  # fmt: skip
     automatic = "stage3_param_persistence_threshold" in filled  # the file left it to lorakit: the plan may raise it
     return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes), automatic,
-                      automatic_prefetch="stage3_prefetch_bucket_size" in filled)  # fmt: skip
+                      automatic_prefetch="stage3_prefetch_bucket_size" in filled,
+                      fp32_modules=bool(getattr(skeleton, "_keep_in_fp32_modules", None)))  # fmt: skip

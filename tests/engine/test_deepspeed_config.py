@@ -205,22 +205,26 @@ def test_the_next_layer_is_gathered_ahead_where_lorakit_gathers_whole_layers(zer
 
 
 @pytest.mark.parametrize(
-    ("zero", "quantized", "expected"),
+    ("zero", "quantized", "one_host", "one_dtype", "expected"),
     [
-        ({}, False, True),  # the reference file under whole-layer units: lorakit's all-reduce fetch
-        ({"stage3_use_all_reduce_for_fetch_params": False}, False, False),  # the file's own choice stays
-        ({"stage3_module_granularity_threshold": 0}, False, None),  # DeepSpeed's per-module units: its default
-        ({}, True, None),  # QLoRA: the all-gather its GPU tests ran with
-        ({"stage": 2}, False, None),
+        ({}, False, True, True, True),  # the reference file under whole-layer units: lorakit's all-reduce fetch
+        ({"stage3_use_all_reduce_for_fetch_params": False}, False, True, True, False),  # the file's choice stays
+        ({"stage3_module_granularity_threshold": 0}, False, True, True, None),  # DeepSpeed's per-module units
+        ({}, True, True, True, None),  # QLoRA: the all-gather its GPU tests ran with
+        ({}, False, False, True, None),  # several hosts: twice the traffic over the network, not measured
+        ({}, False, True, False, None),  # weights kept in fp32 beside bf16 ones: DeepSpeed's all-reduce refuses
+        ({"offload_param": {"device": "cpu"}}, False, True, True, None),  # offloaded parameters: not measured
+        ({"stage": 2}, False, True, True, None),
     ],
-    ids=["reference", "files-choice", "per-module", "qlora", "stage-2"],
+    ids=["reference", "files-choice", "per-module", "qlora", "hosts", "fp32-modules", "offload", "stage-2"],
 )
-def test_layers_are_fetched_by_all_reduce_where_lorakit_chooses_the_units(zero, quantized, expected):
+def test_layers_are_fetched_by_all_reduce_where_lorakit_chooses_the_units(zero, quantized, one_host, one_dtype,
+                                                                          expected):  # fmt: skip
     from lorakit.engine.deepspeed_config import fetch_layers_by_all_reduce
 
     ds_config = {"zero_optimization": REFERENCE_ZERO3 | zero}
     before = json.dumps(ds_config)
-    changed, lines = fetch_layers_by_all_reduce(ds_config, quantized)
+    changed, lines = fetch_layers_by_all_reduce(ds_config, quantized, one_host, one_dtype)
     assert json.dumps(ds_config) == before  # the caller's config is not edited in place
     assert changed["zero_optimization"].get("stage3_use_all_reduce_for_fetch_params") is expected
     assert len(lines) == (expected is True and "stage3_use_all_reduce_for_fetch_params" not in zero)
