@@ -172,9 +172,10 @@ def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | 
 
 
 def keep_first_layers_whole(engine: Any, count: int) -> list[str]:
-    """Gather the frozen weights of the first `count` decoder layers once and keep them (DeepSpeed's own persistence
-    flag, `ds_persist`, and its list of persistent parameters), so ZeRO-3 skips those layers' gathers in every
-    forward and backward; the memory plan sizes `count` (lorakit.engine.memory.resident_layers). DeepSpeed's
+    """Keep the frozen weights of the first `count` decoder layers gathered (DeepSpeed's own persistence flag,
+    `ds_persist`, and its list of persistent parameters), so ZeRO-3 skips those layers' gathers in every forward and
+    backward after the first step (whose trace DeepSpeed records releasing everything; lorakit's post-step gather
+    brings them back); the memory plan sizes `count` (lorakit.engine.memory.resident_layers). DeepSpeed's
     thresholds cannot name layers: they mark weights persistent by size, greedily in parameter order, which here
     would cut a layer in two and leave the adapter of the last layers partitioned. Call before the first forward
     (DeepSpeed lists a unit's weights to release from its first trace) and before `keep_resident_weights`, which
@@ -196,7 +197,7 @@ def keep_first_layers_whole(engine: Any, count: int) -> list[str]:
         kept += 1
     if not kept:
         return []
-    return [f"ZeRO-3: the frozen weights of the first {kept} decoder layers gathered once, kept for the run"]
+    return [f"ZeRO-3: the frozen weights of the first {kept} decoder layers stay gathered (DeepSpeed's persistence)"]
 
 
 def keep_resident_weights(engine: Any, refreshed: list[Any]) -> int:
