@@ -57,6 +57,7 @@ RUNS = {
     "zero3-sequential": ["--deepspeed", "{sequential}"],  # each weight its own all-gather (slower: session 13)
     "zero3-partitioned": ["--deepspeed", "{partitioned}"],  # every frozen weight partitioned, as on smaller GPUs
     "zero3-allreducefetch": ["--deepspeed", "{allreducefetch}"],  # gathers as all-reduces into place (no copy-out)
+    "zero3-allgatherfetch": ["--deepspeed", "{allgatherfetch}"],  # DeepSpeed's all-gather and copy-out (before s14)
     "zero3-noncontiguous": ["--deepspeed", "{noncontiguous}"],  # no per-gradient copy into the reduce bucket
     # stage 2 without its per-gradient bucket copies: it then flattens the bucket's gradients and all-reduces them
     # (DeepSpeed's buffered_reduce_fallback) instead of reducing its buffer: a different reduction, not yet compared
@@ -127,6 +128,7 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     # each rank writes its partitions into a zeroed layer buffer at every weight's own offset and an all-reduce sums
     # them: the weights are views of that buffer (no copy-out), for twice an all-gather's traffic
     "allreducefetch": {"stage3_use_all_reduce_for_fetch_params": True},
+    "allgatherfetch": {"stage3_use_all_reduce_for_fetch_params": False},
     # stage 3 copies each gradient into its reduce bucket as it is produced (a stream switch, a copy and a
     # record_stream per LoRA matrix: 392 a 7B step), then reduce-scatters the per-parameter gradients anyway
     "noncontiguous": {"contiguous_gradients": False},
