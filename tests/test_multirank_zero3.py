@@ -13,13 +13,22 @@ from test_multirank import read_log
 pytestmark = pytest.mark.multirank
 
 
+def assert_same_updates(driver_run: Path, run: str, reference: str, within: float = 0.0) -> None:
+    """`run` logged the loss and gradient norm of `reference` at each of the 12 steps: exactly, or within `within`
+    (the loss absolutely, the gradient norm relatively)."""
+    logs = [read_log(driver_run / name / "trainer_log.jsonl") for name in (run, reference)]
+    assert len(logs[0]) == len(logs[1]) == 12
+    for a, b in zip(*logs):
+        if within:
+            assert a["loss"] == pytest.approx(b["loss"], abs=within)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=within)
+        else:
+            assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+
+
 def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_does(driver_run: Path):
     """What the memory plan chooses when the weights fit: the same updates, and no gather of a frozen weight."""
-    partitioned, resident = (read_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "resident"))
-    assert len(resident) == 12
-    for a, b in zip(partitioned, resident):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert_same_updates(driver_run, "resident", "wide", within=1e-5)
     metrics = json.loads((driver_run / "metrics.json").read_text())
     # partitioned, every frozen weight is gathered at least once a step (the next layer's gather coalesced with
     # another's where DeepSpeed prefetches, so the collectives are fewer than the units)
@@ -45,11 +54,7 @@ def test_zero3_with_the_frozen_weights_kept_whole_trains_as_partitioned_zero3_do
 def test_a_layer_kept_whole_is_not_gathered_again_and_trains_as_partitioned(driver_run: Path):
     """lorakit.engine.zero3.keep_first_layers_whole: the same updates as `wide`, and the first layer's frozen
     weights (partitioned in `wide`) gathered once for the run instead of at every step."""
-    partitioned, first_kept = (read_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "first_resident"))
-    assert len(first_kept) == 12
-    for a, b in zip(partitioned, first_kept):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert_same_updates(driver_run, "first_resident", "wide", within=1e-5)
     metrics = json.loads((driver_run / "metrics.json").read_text())
     wide, kept = metrics["wide"], metrics["first_resident"]
     assert wide["layer0_partitioned"] > 0 and kept["layer0_partitioned"] == 0
@@ -63,10 +68,7 @@ def test_a_layer_kept_whole_is_not_gathered_again_and_trains_as_partitioned(driv
 def test_layers_fetched_by_all_reduce_train_exactly_as_by_all_gather(driver_run: Path):
     """lorakit.engine.deepspeed_config.fetch_layers_by_all_reduce (the default, in `wide`): each element is one
     rank's value plus zeros, so every loss and gradient norm equals DeepSpeed's all-gather fetch (`gathered`)."""
-    by_all_reduce, by_all_gather = (read_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "gathered"))
-    assert len(by_all_reduce) == len(by_all_gather) == 12
-    for a, b in zip(by_all_reduce, by_all_gather):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    assert_same_updates(driver_run, "wide", "gathered")
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert metrics["wide"]["all_gathers"] == metrics["gathered"]["all_gathers"]  # the same fetches, another collective
     assert metrics["wide"]["all_reduce_fetches"] > 0 and metrics["gathered"]["all_reduce_fetches"] == 0
@@ -76,10 +78,7 @@ def test_adapter_gradients_reduced_without_the_bucket_copies_train_exactly_as_wi
     """lorakit.engine.deepspeed_config.reduce_adapter_gradients_in_place (the default, in `wide`): stage 3
     reduce-scatters the same per-parameter gradients either way, so every loss and gradient norm equals the run
     with the file's contiguous_gradients (`contiguous`)."""
-    in_place, copied = (read_log(driver_run / name / "trainer_log.jsonl") for name in ("wide", "contiguous"))
-    assert len(in_place) == len(copied) == 12
-    for a, b in zip(in_place, copied):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    assert_same_updates(driver_run, "wide", "contiguous")
     metrics = json.loads((driver_run / "metrics.json").read_text())
     assert metrics["wide"]["contiguous_gradients"] is False and metrics["contiguous"]["contiguous_gradients"] is True
 
@@ -89,9 +88,7 @@ def test_an_adapter_a_save_released_comes_back_without_its_layers_memory(driver_
     the LoRA matrices keep no more memory alive than the resident weights' own (fetched again with their layer by
     the all-reduce fetch, each would be a view of the layer's whole buffer: every layer kept gathered); the same
     updates as `wide`."""
-    saving, plain = (read_log(driver_run / name / "trainer_log.jsonl") for name in ("saving", "wide"))
-    for a, b in zip(saving, plain, strict=True):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    assert_same_updates(driver_run, "saving", "wide")
     metrics = json.loads((driver_run / "metrics.json").read_text())["saving"]
     assert 0 < metrics["adapter_storage_bytes"] <= metrics["resident_bytes"], metrics
 

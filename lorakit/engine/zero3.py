@@ -351,13 +351,14 @@ def gather_released_residents_before_forward(engine: Any) -> bool:
     if offload is None or not isinstance(persistent, list):
         return False
 
-    def gather_released_residents(*_: Any) -> None:
-        gather_released(persistent)
-
-    engine.lorakit_gather_hooks = [
-        top.register_forward_pre_hook(gather_released_residents) for top in model_and_inner_model(offload.module)
-    ]
+    gather_before_each_forward(engine, offload.module, lambda *_: gather_released(persistent))
     return True
+
+
+def gather_before_each_forward(engine: Any, module: Any, gather: Any) -> None:
+    """`gather` as a forward pre-hook of the PEFT model and of the HF model inside it (PEFT's `generate` and
+    `get_base_model()` call that one directly), kept on the engine as `lorakit_gather_hooks`."""
+    engine.lorakit_gather_hooks = [top.register_forward_pre_hook(gather) for top in model_and_inner_model(module)]
 
 
 def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
@@ -397,7 +398,5 @@ def skip_unit_hooks_when_all_resident(engine: Any) -> bool:
     # or not; the removed hooks would have gathered those weights again. This does it before each forward, in one
     # collective where any is missing (a look at ~700 flags where none is): never inside a compiled layer, whose
     # trace would see the empty partition. The HF model inside PEFT's gets the look too (model_and_inner_model).
-    engine.lorakit_gather_hooks = [
-        top.register_forward_pre_hook(gather_any_released) for top in model_and_inner_model(offload.module)
-    ]
+    gather_before_each_forward(engine, offload.module, gather_any_released)
     return True
