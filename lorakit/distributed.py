@@ -30,6 +30,12 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def on_one_host(self) -> bool:
+        """Every rank on this rank's machine: the launchers' LOCAL_WORLD_SIZE (torchrun and deepspeed set it) holds
+        the whole world; a plain process (no launcher) is one host."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) >= self.world_size
+
     def all_ok(self, ok: bool) -> bool:
         """True when every rank passes True (a collective: every rank must call it)."""
         flag = torch.tensor([1 if ok else 0], device=self.device)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from lorakit.distributed import DistInfo
+
 TAKEN_PORT = """
 import os, socket
 import lorakit.distributed as distributed
@@ -29,3 +34,17 @@ def test_a_single_process_takes_another_port_when_the_one_it_found_is_taken_mean
     process, folder = one_process_runs[__name__]  # one_process_command's, started beside the other modules' runs
     assert process.wait(timeout=300) == 0, (folder / "stderr").read_text()[-2000:]
     assert (folder / "stdout").read_text().strip().splitlines()[-1] == "joined 0 1 True"
+
+
+@pytest.mark.parametrize(
+    ("local_world_size", "world_size", "expected"),
+    [(None, 4, True), ("4", 4, True), ("2", 4, False), ("1", 2, False), ("8", 8, True)],
+    ids=["no-launcher", "one-host", "two-hosts", "two-nodes-of-one", "eight"],
+)
+def test_one_host_is_a_local_world_holding_every_rank(monkeypatch, local_world_size, world_size, expected):
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    info = DistInfo(rank=0, local_rank=0, world_size=world_size, device=torch.device("cpu"))
+    assert info.on_one_host is expected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +94,7 @@ def plan_run_memory(
     elif engine.zero3:
         ds_config, said = gather_next_layer_ahead(engine.ds_config, engine.shape.largest_layer,
                                                   engine.automatic_prefetch)  # fmt: skip
-        one_host = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)) >= dist.world_size
-        ds_config, by_all_reduce = fetch_layers_by_all_reduce(ds_config, engine.shape.quantized > 0, one_host,
+        ds_config, by_all_reduce = fetch_layers_by_all_reduce(ds_config, engine.shape.quantized > 0, dist.on_one_host,
                                                               not engine.fp32_modules)  # fmt: skip
         said += by_all_reduce
         engine, lines = dataclasses.replace(engine, ds_config=ds_config), [*lines, *said]

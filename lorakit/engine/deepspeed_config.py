@@ -197,7 +197,7 @@ ALL_REDUCE_FETCH = "stage3_use_all_reduce_for_fetch_params"
 
 
 def fetch_layers_by_all_reduce(ds_config: dict[str, Any], quantized: bool, one_host: bool,
-                               one_dtype: bool = True) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+                               one_dtype: bool) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """Under ZeRO-3 with whole-layer units and partitioned frozen weights, where the file does not say: each layer's
     gather as DeepSpeed's all-reduce fetch (`stage3_use_all_reduce_for_fetch_params`). Its coalesced all-gather
     receives a layer rank by rank into one buffer and then copies every weight's slices out of it (1,021 copies, 0.135
