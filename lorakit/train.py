@@ -50,7 +50,7 @@ from lorakit.distributed import DistInfo, init_distributed, to_device
 from lorakit.engine import BuiltEngine, build_engine, compile_warmup, plan_run_memory
 from lorakit.engine.kernels import inductor_cache_beside_data
 from lorakit.engine.plan import EnginePlan
-from lorakit.engine.warmup import READY_GRACE_SECONDS, Warmup, start_warmup, stop_warmup, wait_for_warmup
+from lorakit.engine.warmup import CompileSwitch, Warmup, start_warmup, stop_warmup
 from lorakit.errors import TrainingInterrupted
 from lorakit.evaluate import eval_data as split_eval_data
 from lorakit.evaluate import evaluate
@@ -147,7 +147,7 @@ class Run:
     start: Position
     output_dir: Path
     trackers: list[Tracker]  # --report_to's, on rank 0; the Reporter logs to them and closes them
-    warmup: Warmup | None = None  # the compile warm-up process (lorakit.engine.warmup), waited for at the first step
+    warmup: Warmup | None = None  # the compile warm-up process (lorakit.engine.warmup); eager steps until it ends
 
 
 def set_up(checked: RunPlan) -> Run:
@@ -295,17 +295,19 @@ def train(
     loss_sum = checked.resume.loss_sum if checked.resume else 0.0
     reporter = Reporter(run.output_dir, counts, dist, position.step, loss_sum, run.trackers)
     hooks = Hooks(on_step, on_eval, LiveModel(engine, checked.tokenizer, checked.template), counts.total_steps)
-    for line in wait_for_warmup(run.warmup, grace=READY_GRACE_SECONDS):  # timed: a late warm-up's grace counts
-        say(line, dist.is_main)
     engine.train()
     unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued
     stop_asked = False  # by a hook on this rank; agreed with the other ranks through the step's flags
-    with StopSignals() as signals, setup_left_to_refcounts():
+    with StopSignals() as signals, setup_left_to_refcounts(), CompileSwitch(run.warmup, dist.device) as compiling:
+        for line in compiling.begin():  # eager steps while a warm-up still compiles (lorakit.engine.warmup)
+            say(line, dist.is_main)
         for plan in step_plans(run):
             learning_rate = learning_rate_at(position.step, counts.total_steps, train_config.learning_rate,
                                              counts.warmup_steps, train_config.lr_scheduler_type)  # fmt: skip
             set_learning_rate(engine, learning_rate)
             step_loss, grad_norm = run_step(engine, run.data, plan, dist, pad_id, train_config.packing)
+            for line in compiling.after_step():  # the layers compiled from the next step, on every rank alike
+                say(line, dist.is_main)
             run.data.release()  # the token pages this step read leave this rank's resident memory (lorakit.data.tokens)
             position = advance(position, plan, len(run.data))
             tokens = int(run.data.lengths[plan.examples()].sum())

@@ -12,14 +12,17 @@ first step reads it. The layer's graph does not depend on the vocabulary, the we
 partitioning (its hooks run outside the compiled layer; tests/engine/test_warmup.py compares the graphs, and
 checks on the CPU that the run's compile loads what the process compiled).
 
-Best effort, and never much slower than no warm-up: when the run is ready for its first step and the process has
-not finished, the run gives it READY_GRACE_SECONDS more, then stops it and compiles the layers itself. Waiting for a
-late warm-up cost more than it saved: 4 x H100, the reference 7B job with the model in the page cache, the set-up
-took 9 s and the warm-up 35 s (its own imports, and its compile beside four loading ranks), so the run waited 26 s
-for a compile it does itself in ~18 s (benchmarks/RESULTS.md, session 12). The warm-up pays where loading takes
-longer than compiling a layer (a 32B or 72B, a model read from a network disk). If the process fails or is
-stopped, its log is named and the first step compiles as before. Off where the layers are
-not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run itself).
+Best effort, and never slower than no warm-up: a run ready for its first step before its warm-up has finished
+does not wait for it. Its first steps run the layers eager (torch.compiler.set_stance("force_eager"): the same
+modules without dynamo) while the process compiles, and every rank switches to the compiled layers at the same step,
+once every rank's process has ended (CompileSwitch: a flag all-reduced each eager step, read one step late). The
+compile then reads inductor's cache (~2.5 s), so the GPUs train throughout instead of idling through a ~19 s
+compile at the first step. Waiting for a late warm-up cost more than it saved (4 x H100, the reference 7B job with the
+model in the page cache: the set-up took 9 s and the warm-up 35 s, its own imports and its compile beside four
+loading ranks, so the run waited 26 s for a compile it does itself in ~18 s); stopping it and compiling at the first
+step (sessions 12-14) still left the GPUs idle through that compile (benchmarks/RESULTS.md). If the process fails or
+runs past WAIT_SECONDS, its log is named and the run compiles the layers itself at the switch. Off where the layers
+are not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run itself).
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 
-WAIT_SECONDS = 90  # from the process's start; past it the run stops waiting and compiles itself (~20 s on H100s)
-READY_GRACE_SECONDS = 2.0  # a run ready before its warm-up waits this long more, then compiles itself
+WAIT_SECONDS = 90  # from the process's start; past it the run stops it and compiles itself (~20 s on H100s)
 VOCABULARY = 512  # the layer's graph does not depend on it; the embedding and head stay small on the GPU
 # The process's main module holds no `torch`: pickle names a memory format (torch.contiguous_format, in every
 # cache entry) after the first module in sys.modules with a `torch` attribute, and multiprocessing aliases the main
@@ -105,32 +108,96 @@ def stop_warmup(warmup: Warmup | None) -> None:
         warmup.log.unlink(missing_ok=True)
 
 
-def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS, grace: float | None = None) -> list[str]:
-    """Wait for the warm-up to end, at most until `timeout` after its start and (where given) `grace` from now; a
-    process still running then is stopped. The log line."""
+def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS) -> list[str]:
+    """Wait for the warm-up to end, at most until `timeout` after its start; a process still running then is
+    stopped. The log line."""
     if warmup is None:
         return []
     left = timeout - (time.perf_counter() - warmup.started)
-    late = grace is not None and grace < left  # stopped at the grace's end: the run is ready, not the warm-up
     try:
-        code = warmup.process.wait(timeout=max(min(left, grace) if late else left, 0.01))
+        code = warmup.process.wait(timeout=max(left, 0.01))
     except subprocess.TimeoutExpired:
         kill_warmup(warmup.process)
-        seconds = time.perf_counter() - warmup.started
-        if late:
-            warmup.log.unlink(missing_ok=True)
-            return [f"torch.compile: the model was ready before the warm-up process had compiled the layer "
-                    f"({seconds:.0f} s from its start); stopped it: the first step compiles (waiting would cost more "
-                    "than compiling)"]  # fmt: skip
-        return [f"torch.compile: the warm-up process ran past {timeout:.0f} s and was stopped; the first step "
-                f"compiles (its log: {warmup.log})"]  # fmt: skip
+        return [f"torch.compile: the warm-up process ran past {timeout:.0f} s and was stopped; the run compiles the "
+                f"layers itself (its log: {warmup.log})"]  # fmt: skip
     seconds = time.perf_counter() - warmup.started
     if code != 0:
-        return [f"torch.compile: the warm-up process failed (exit {code}, log: {warmup.log}); the first step "
-                "compiles the layers itself"]  # fmt: skip
+        return [f"torch.compile: the warm-up process failed (exit {code}, log: {warmup.log}); the run compiles the "
+                "layers itself"]  # fmt: skip
     warmup.log.unlink(missing_ok=True)
     return [f"torch.compile: the layer was compiled by a warm-up process beside the model's loading ({seconds:.0f} s "
-            "from its start); the first step reads inductor's cache"]  # fmt: skip
+            "from its start); the compile reads inductor's cache"]  # fmt: skip
+
+
+@dataclass
+class CompileSwitch:
+    """The layers eager while any rank's warm-up process still compiles, then compiled, switched on every rank at
+    the same step (the module's docstring says why). Used as a context manager around the loop: `begin` before the
+    first step, `after_step` after each step's work is queued. Each eager step posts whether this rank's process
+    still runs and all-reduces it (maximum over ranks); the next step reads it from the host, where its copy landed
+    long ago, so no step makes the CPU wait for the GPU."""
+
+    warmup: Warmup | None
+    device: torch.device
+    timeout: float = WAIT_SECONDS  # from the process's start; past it the process is stopped and the run compiles
+    eager_steps: int = 0  # steps taken with the layers eager
+    eager: bool = False
+    started: float = 0.0  # when the eager steps began
+    posted: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # the last step's flag, on the host
+
+    def begin(self) -> list[str]:
+        if self.warmup is None or self.warmup.process.poll() is not None:
+            return wait_for_warmup(self.warmup)  # none, or ended: the first step compiles (from its cache)
+        torch.compiler.set_stance("force_eager")
+        self.eager, self.started = True, time.perf_counter()
+        return [f"torch.compile: the warm-up process is still compiling the layer "
+                f"({self.started - self.warmup.started:.0f} s from its start); the steps run the layers eager until "
+                "every rank's has ended, then every rank compiles them (from its cache) at the same step"]  # fmt: skip
+
+    def after_step(self) -> list[str]:
+        if not self.eager:
+            return []
+        self.eager_steps += 1
+        if self.posted is not None:
+            host, copied = self.posted
+            if copied is not None:
+                copied.synchronize()  # queued a step ago: long done
+            if not host.item():  # no rank's process was running a step ago
+                return self.switch()
+        running = self.warmup.process.poll() is None
+        if running and time.perf_counter() - self.warmup.started > self.timeout:
+            running = False  # stopped at the switch (wait_for_warmup); the run compiles itself
+        flag = torch.tensor([float(running)], device=self.device)
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        if flag.is_cuda:
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            self.posted = host, copied
+        else:
+            self.posted = flag, None
+        return []
+
+    def switch(self) -> list[str]:
+        torch.compiler.set_stance("default")
+        self.eager = False
+        seconds = time.perf_counter() - self.started
+        line = (f"torch.compile: {self.eager_steps} steps ran the layers eager ({seconds:.0f} s) while the warm-up "
+                "compiled; the layers are compiled from the next step")  # fmt: skip
+        return [line, *wait_for_warmup(self.warmup, self.timeout)]
+
+    def __enter__(self) -> CompileSwitch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """However the loop ends: the compiler's stance back to its default (research code goes on in the process)
+        and no warm-up process left running."""
+        if self.eager:
+            torch.compiler.set_stance("default")
+            self.eager = False
+        stop_warmup(self.warmup)
 
 
 def warm_up(spec: WarmupSpec) -> torch.nn.Module:

@@ -7,18 +7,30 @@ graphs with equal inputs are what inductor's cache keys on, so the run's first c
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from launch import yield_to_pytest
+from launch import free_port, yield_to_pytest
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import LoraSettings
 from lorakit.engine.kernels import compile_cache_misses, compile_decoder_layers
 from lorakit.engine.model import attach_lora, recompute_first_layers_only
-from lorakit.engine.warmup import WarmupSpec, start_warmup, stop_warmup, wait_for_warmup, warm_up
+from lorakit.engine.warmup import (
+    CompileSwitch,
+    Warmup,
+    WarmupSpec,
+    start_warmup,
+    stop_warmup,
+    wait_for_warmup,
+    warm_up,
+)
 from lorakit.loss import model_loss_sum
 
 
@@ -113,7 +125,7 @@ def test_the_warmup_builds_models_whose_padding_token_lies_past_its_small_vocabu
 def test_a_failed_warmup_process_is_named(tiny_model: Path, tmp_path: Path):
     broken = dataclasses.replace(_spec(tiny_model, LORA), model_name_or_path=str(tmp_path / "missing"))
     (line,) = wait_for_warmup(start_warmup(broken))
-    assert "the warm-up process failed (exit 1, log: " in line and "the first step compiles" in line
+    assert "the warm-up process failed (exit 1, log: " in line and "the run compiles the layers itself" in line
     log = Path(line.split("log: ")[1].split(")")[0])
     assert "missing" in log.read_text()
     assert wait_for_warmup(None) == []
@@ -126,17 +138,109 @@ def test_a_warmup_process_ends_itself_at_its_specs_limit(tiny_model: Path):
     assert "the warm-up process failed (exit 3, log: " in line
 
 
-def test_a_run_ready_before_its_warmup_stops_it_and_compiles_itself(tiny_model: Path):
-    """A warm-up still compiling when the run is ready gets the grace, then is stopped: the run does not wait out a
-    compile it would do sooner itself (lorakit.engine.warmup.READY_GRACE_SECONDS)."""
-    import time
+def _stand_in(code: str = "import sys; sys.stdin.read()") -> Warmup:
+    """A process in the warm-up's place, for CompileSwitch's timing: by default it runs until its stdin closes (the
+    warm-up's own work is the other tests' subject)."""
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, start_new_session=True)
+    return Warmup(process, Path(tempfile.mkstemp(suffix=".log")[1]), time.perf_counter())
 
-    warmup = start_warmup(dataclasses.replace(_spec(tiny_model, LORA), limit_seconds=300))
-    asked = time.perf_counter()
-    (line,) = wait_for_warmup(warmup, timeout=300, grace=0.5)  # the process's imports alone take longer
-    assert time.perf_counter() - asked < 10 and warmup.process.poll() is not None
-    assert "the model was ready before the warm-up process had compiled the layer" in line, line
-    assert "stopped it: the first step compiles" in line and not warmup.log.exists()
+
+def _counted(compiles: list) -> object:
+    """A function under torch.compile whose backend counts its compiles."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        compiles.append(gm)
+        return gm.forward
+
+    return torch.compile(lambda x: x * 2 + 1, backend=backend)
+
+
+def test_steps_run_eager_while_the_warmup_compiles_then_compiled():
+    """The run does not wait for a late warm-up: its layers run eager (no compile) until the process has ended,
+    read one step late, then compile; and leaving the loop leaves the compiler's stance as it was."""
+    torch._dynamo.reset()
+    compiles: list = []
+    layer, x = _counted(compiles), torch.ones(3)
+    warmup = _stand_in()
+    with CompileSwitch(warmup, torch.device("cpu")) as switch:
+        (line,) = switch.begin()
+        assert "still compiling the layer" in line and "every rank compiles them" in line, line
+        for _ in range(2):
+            assert torch.equal(layer(x), x * 3) and switch.after_step() == []
+        warmup.process.communicate(b"")  # the warm-up ends between steps 2 and 3
+        assert switch.after_step() == []  # step 3 reads step 2's flag: still compiling then
+        assert not compiles
+        lines = switch.after_step()  # step 4 reads step 3's: every process had ended
+        assert "4 steps ran the layers eager" in lines[0], lines
+        assert "compiled by a warm-up process" in lines[1] and not warmup.log.exists(), lines
+        assert torch.equal(layer(x), x * 3) and len(compiles) == 1
+        assert switch.after_step() == [] and switch.eager_steps == 4
+    torch._dynamo.reset()
+    assert torch.equal(layer(x), x * 3) and len(compiles) == 2  # the stance is the default again
+
+
+def test_a_warmup_past_its_time_is_stopped_at_the_switch():
+    warmup = _stand_in()
+    with CompileSwitch(warmup, torch.device("cpu"), timeout=0.0) as switch:
+        assert switch.begin()
+        assert switch.after_step() == []  # posts "not running": past the timeout
+        lines = switch.after_step()
+        assert "ran past 0 s and was stopped" in lines[1] and warmup.process.poll() is not None, lines
+
+
+def test_leaving_the_loop_while_eager_restores_the_stance_and_stops_the_warmup():
+    """An error or a short run ends the loop while a warm-up still compiles: nothing is left behind."""
+    torch._dynamo.reset()
+    compiles: list = []
+    layer, x = _counted(compiles), torch.ones(3)
+    warmup = _stand_in()
+    with pytest.raises(KeyError), CompileSwitch(warmup, torch.device("cpu")) as switch:
+        switch.begin()
+        layer(x)
+        raise KeyError("a step failed")
+    assert warmup.process.poll() is not None and not compiles
+    layer(x)
+    assert len(compiles) == 1
+
+
+def test_a_warmup_done_before_the_first_step_means_no_eager_step():
+    warmup = _stand_in("pass")
+    warmup.process.wait()
+    with CompileSwitch(warmup, torch.device("cpu")) as switch:
+        (line,) = switch.begin()
+        assert "compiled by a warm-up process" in line and not switch.eager
+        assert switch.after_step() == [] and switch.eager_steps == 0
+    with CompileSwitch(None, torch.device("cpu")) as switch:
+        assert switch.begin() == [] and switch.after_step() == []
+
+
+RANK = """
+import pathlib, subprocess, sys, tempfile, time, torch, torch.distributed as dist
+from lorakit.engine.warmup import CompileSwitch, Warmup
+rank, port, ends_after = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+warmup = Warmup(process, pathlib.Path(tempfile.mkstemp()[1]), time.perf_counter())  # removed as a real log is
+with CompileSwitch(warmup, torch.device("cpu")) as switch:
+    switch.begin()
+    for step in range(1, 10):
+        if step == ends_after + 1:
+            process.communicate(b"")
+        if switch.after_step():
+            print("switched after step", step, flush=True)
+            break
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_switches_at_the_same_step():
+    """Two gloo ranks whose warm-ups end at different steps (after step 1 and after step 3) switch together, once
+    the later has ended (its flag, posted at step 4, read at step 5)."""
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(port), str(ends)], stdout=subprocess.PIPE,
+                              text=True) for rank, ends in ((0, 1), (1, 3))]  # fmt: skip
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert outputs == ["switched after step 5\n"] * 2, outputs
 
 
 @pytest.mark.parametrize(
