@@ -298,7 +298,8 @@ def train(
     engine.train()
     unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued
     stop_asked = False  # by a hook on this rank; agreed with the other ranks through the step's flags
-    with StopSignals() as signals, setup_left_to_refcounts(), CompileSwitch(run.warmup, dist.device) as compiling:
+    compiling = CompileSwitch(run.warmup, dist.device, run.built.weights_stay_gathered)
+    with StopSignals() as signals, setup_left_to_refcounts(), compiling:
         for line in compiling.begin():  # eager steps while a warm-up still compiles (lorakit.engine.warmup)
             say(line, dist.is_main)
         for plan in step_plans(run):

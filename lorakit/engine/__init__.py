@@ -66,6 +66,9 @@ class BuiltEngine:
     trainable_parameters: int
     total_parameters: int
     pissa: PissaStart | None = None  # PiSSA's initial adapter and --pissa_convert, for every save
+    # every weight stays where it is between steps (ZeRO-1/2, or ZeRO-3 keeping every frozen weight whole): the
+    # layers may run eager while the compile warm-up finishes (lorakit.engine.warmup.CompileSwitch)
+    weights_stay_gathered: bool = True
 
 
 def plan_run_memory(
@@ -169,17 +172,20 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         answer_current_stream_directly()
     with watch_build_locks():  # a line after a minute, should another process's build lock keep this one waiting
         engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable_params, config=ds_config)
+    stay = True
     if zero3:
-        notes += settle_zero3_engine(engine, plan.resident_layers)
+        notes_zero3, stay = settle_zero3_engine(engine, plan.resident_layers)
+        notes += notes_zero3
     if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
         notes += inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
-    return BuiltEngine(engine, ds_config, notes, trainable, total, pissa)
+    return BuiltEngine(engine, ds_config, notes, trainable, total, pissa, stay)
 
 
-def settle_zero3_engine(engine: Any, resident_layers: int) -> list[str]:
-    """lorakit's ZeRO-3 changes to a built engine (lorakit.engine.zero3), in the order they need, and their log
-    lines: the plan's resident layers, the adapter kept gathered across steps, parameter walks cut to their owners,
-    and either the unit hooks off (every weight resident) or released residents gathered before each forward."""
+def settle_zero3_engine(engine: Any, resident_layers: int) -> tuple[list[str], bool]:
+    """lorakit's ZeRO-3 changes to a built engine (lorakit.engine.zero3), in the order they need, their log lines
+    and whether every weight stays gathered: the plan's resident layers, the adapter kept gathered across steps,
+    parameter walks cut to their owners, and either the unit hooks off (every weight resident) or released
+    residents gathered before each forward."""
     notes = keep_first_layers_whole(engine, resident_layers)
     if keep_resident_weights(engine, refreshed := gather_updated_adapter_at_once(engine)) and refreshed:
         notes.append(
@@ -192,9 +198,9 @@ def settle_zero3_engine(engine: Any, resident_layers: int) -> list[str]:
             "ZeRO-3: every weight stays gathered between steps, so the per-layer fetch and release "
             "hooks are off (DeepSpeed's gradient reduction and the adapter's re-gather stay)"
         )
-    else:
-        gather_released_residents_before_forward(engine)
-    return notes
+        return notes, True
+    gather_released_residents_before_forward(engine)
+    return notes, False
 
 
 def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool, str, list[str]]:

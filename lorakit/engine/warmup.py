@@ -139,6 +139,10 @@ class CompileSwitch:
 
     warmup: Warmup | None
     device: torch.device
+    # False where ZeRO-3 releases gathered weights between layers: eager steps there ran out of memory (4 x H200,
+    # the 32B: 128 GiB allocated against the compiled plan's 104, benchmarks/RESULTS.md session 15), so the run
+    # waits for the warm-up instead
+    eager_first: bool = True
     timeout: float = WAIT_SECONDS  # from the process's start; past it the process is stopped and the run compiles
     eager_steps: int = 0  # steps taken with the layers eager
     eager: bool = False
@@ -146,8 +150,8 @@ class CompileSwitch:
     posted: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # the last step's flag, on the host
 
     def begin(self) -> list[str]:
-        if self.warmup is None or self.warmup.process.poll() is not None:
-            return wait_for_warmup(self.warmup)  # none, or ended: the first step compiles (from its cache)
+        if self.warmup is None or self.warmup.process.poll() is not None or not self.eager_first:
+            return wait_for_warmup(self.warmup, self.timeout)  # none, ended or waited for: compiled from the start
         torch.compiler.set_stance("force_eager")
         self.eager, self.started = True, time.perf_counter()
         return [f"torch.compile: the warm-up process is still compiling the layer "

@@ -214,6 +214,14 @@ def test_a_warmup_done_before_the_first_step_means_no_eager_step():
         assert switch.begin() == [] and switch.after_step() == []
 
 
+def test_where_zero3_releases_weights_the_run_waits_for_its_warmup():
+    """No eager steps where gathered weights are released between layers (their eager steps ran out of memory)."""
+    warmup = _stand_in("import time; time.sleep(1)")
+    with CompileSwitch(warmup, torch.device("cpu"), eager_first=False) as switch:
+        (line,) = switch.begin()
+        assert "compiled by a warm-up process" in line and warmup.process.poll() == 0 and not switch.eager
+
+
 RANK = """
 import pathlib, subprocess, sys, tempfile, time, torch, torch.distributed as dist
 from lorakit.engine.warmup import CompileSwitch, Warmup
