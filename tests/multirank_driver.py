@@ -12,7 +12,9 @@ DeepSpeed's removed hooks, gathers it again before the next compiled forward), a
 the first decoder layer's frozen weights kept whole, as the memory plan chooses where room is left), and
 `gathered` (`wide` with each layer fetched by DeepSpeed's all-gather and copy-out, not lorakit's all-reduce), and
 `contiguous` (`wide` with the file's contiguous_gradients, which lorakit turns off for adapters), and `saving`
-(`wide` saving a checkpoint every 5 steps: the saves release the adapter, which must come back in memory of its own).
+(`wide` saving a checkpoint every 5 steps: the saves release the adapter, which must come back in memory of its own),
+and `view_saving` (`wide` with torch's own linear for the frozen layers, whose autograd keeps each released gathered
+weight alive until backward: lorakit.engine.frozen_linear).
 Every all-gather is counted, per run, to show how many collectives a ZeRO-3 step costs, and every weight a layer
 needed after the first step: gathered ahead (DeepSpeed's prefetch) or only when the layer asked for it.
 Rank 0 writes what the test compares: each run's metrics, and the
@@ -103,6 +105,28 @@ def count_prefetches() -> None:
 
 
 count_prefetches()
+held_after_forward = [None]  # the first forward's frozen weight storage still alive when the forward ends
+
+
+def measured_loss_sum(model, inputs, labels):
+    """lorakit's loss, the bytes of storage the forward's saved frozen weights (or views of them) keep alive
+    noted once the forward has returned: by then ZeRO-3 has released every partitioned weight it gathered."""
+    saved = []
+
+    def pack(tensor):
+        weight = tensor if isinstance(tensor, torch.nn.Parameter) else tensor._base
+        if isinstance(weight, torch.nn.Parameter) and not weight.requires_grad:
+            saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model_loss_sum(model, inputs, labels)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    if held_after_forward[0] is None:  # the first step's: later ones keep what DeepSpeed's trace gathers ahead
+        held_after_forward[0] = sum(storages.values())
+    return loss
+
+
 TORCH_LINEAR = torch.nn.functional.linear  # DeepSpeed's zero.Init may replace it process-wide
 
 
@@ -165,9 +189,12 @@ resident["zero_optimization"]["stage3_param_persistence_threshold"] = 10**12
 results = {}
 runs = (("wide", 4, 1), ("deep", 1, 4), ("per_module", 4, 1), ("checkpointed", 4, 1), ("zero2", 4, 1),
         ("resident", 4, 1), ("compiled", 4, 1), ("first_resident", 4, 1), ("gathered", 4, 1),
-        ("contiguous", 4, 1), ("saving", 4, 1))  # fmt: skip
+        ("contiguous", 4, 1), ("saving", 4, 1), ("view_saving", 4, 1))  # fmt: skip
 train_module = importlib.import_module("lorakit.train")  # the module: `lorakit.train` is the function
-plan_run_memory = train_module.plan_run_memory
+plan_run_memory, model_loss_sum = train_module.plan_run_memory, train_module.model_loss_sum
+train_module.model_loss_sum = measured_loss_sum
+engine_module = importlib.import_module("lorakit.engine")
+save_by_reference = engine_module.save_frozen_weights_by_reference
 
 
 def with_first_layer_resident(*args, **kwargs):
@@ -188,6 +215,8 @@ def as_the_file_says(ds_config, *_):
 for name, micro, accumulation in runs:
     train_module.plan_run_memory = with_first_layer_resident if name == "first_resident" else plan_run_memory
     plan_module.reduce_adapter_gradients_in_place = as_the_file_says if name == "contiguous" else reduce_in_place
+    engine_module.save_frozen_weights_by_reference = (lambda *_: []) if name == "view_saving" else save_by_reference
+    held_after_forward[0] = None
     config = lorakit.Config.from_flat(
         {
             **common,
@@ -233,6 +262,10 @@ for name, micro, accumulation in runs:
         "elements_gathered_a_step": (gathered_elements[0] - after_first_step[0]) / 11,  # steps 2-12
         "frozen_elements": sum(getattr(p, "ds_numel", p.numel()) for p in parameters if not p.requires_grad),
         "torch_linear": torch.nn.functional.linear is TORCH_LINEAR,
+        "frozen_weight_bytes": sum(
+            getattr(p, "ds_numel", p.numel()) * p.element_size() for p in parameters if not p.requires_grad
+        ),  # fmt: skip
+        "held_after_forward": held_after_forward[0],
         # LoRA matrices now at another address than after step 1 (released and gathered at every step, and by saves)
         "adapter_moved": moved[0],
         "adapter_storage_bytes": adapter_storage[0],  # the most, after any step

@@ -111,3 +111,14 @@ def test_each_decoder_layer_is_gathered_while_the_one_before_computes(driver_run
     for name in ("wide", "deep", "checkpointed"):
         fetched = metrics[name]["fetched_after_step_1"]
         assert fetched["on_demand"] == 0 and fetched["prefetched"] > 0, (name, fetched)
+
+
+def test_frozen_linears_let_zero3_free_each_released_weight_during_the_forward(driver_run: Path):
+    """lorakit.engine.frozen_linear: torch's eager linear saves a view of each gathered frozen weight for the
+    backward, so ZeRO-3's release frees nothing and the whole gathered model is alive when the forward ends (on 4 x
+    H200 the 32B ran out of memory so); saving the weight itself frees it, with the same updates."""
+    assert_same_updates(driver_run, "wide", "view_saving")
+    metrics = json.loads((driver_run / "metrics.json").read_text())
+    frozen = metrics["wide"]["frozen_weight_bytes"]  # the embedding's too, which autograd never saves
+    held = {run: metrics[run]["held_after_forward"] for run in ("wide", "view_saving")}  # the first step's forward
+    assert held["view_saving"] > 0.5 * frozen and held["wide"] == 0, (held, frozen)

@@ -19,6 +19,7 @@ from lorakit.engine.deepspeed_config import (
     lorakit_chooses_units,
     resolve_deepspeed_config,
 )
+from lorakit.engine.frozen_linear import save_frozen_weights_by_reference
 from lorakit.engine.jit import clear_stale_build_locks, settle_cuda_arch_list, watch_build_locks
 from lorakit.engine.kernels import (
     apply_liger_kernel,
@@ -32,6 +33,7 @@ from lorakit.engine.memory import plan_memory
 from lorakit.engine.model import (
     add_neftune_noise,
     attach_lora,
+    decoder_layers,
     linear_module_names,
     load_base_model,
     load_tokenizer,
@@ -176,6 +178,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if zero3:
         notes_zero3, stay = settle_zero3_engine(engine, plan.resident_layers)
         notes += notes_zero3
+    if zero3 and not (stay or quantized or deepspeed_linear_runs(ds_config)):  # let the forward free released weights
+        notes += save_frozen_weights_by_reference(engine.module, decoder_layers(engine.module) if compiled else [])
     if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
         notes += inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa, stay)
