@@ -289,7 +289,9 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int, largest_lora: int) -> 
         # function that saves every linear's input and re-fetches its weight in backward, so a partitioned weight
         # may be released between a module's forward and backward. lorakit gathers a whole layer before its
         # backward begins, so torch's own linear is correct, and it saves ~600 Python autograd calls a step
-        # (LoRA's linears included) and the saved inputs (benchmarks/RESULTS.md, session 3).
+        # (LoRA's linears included) and the saved inputs (benchmarks/RESULTS.md, session 3). But torch's linear
+        # saves a view of its weight, which keeps a released gathered weight alive until backward: the frozen
+        # linears outside compiled layers run lorakit.engine.frozen_linear instead (the weight itself saved).
         zero.setdefault("memory_efficient_linear", False)
     if zero.get("stage") != 3:  # stage-3-only keys would make DeepSpeed warn about settings it ignores
         for key in [k for k in zero if k.startswith("stage3_")]:

@@ -21,8 +21,10 @@ compile at the first step. Waiting for a late warm-up cost more than it saved (4
 model in the page cache: the set-up took 9 s and the warm-up 35 s, its own imports and its compile beside four
 loading ranks, so the run waited 26 s for a compile it does itself in ~18 s); stopping it and compiling at the first
 step (sessions 12-14) still left the GPUs idle through that compile (benchmarks/RESULTS.md). If the process fails or
-runs past WAIT_SECONDS, its log is named and the run compiles the layers itself at the switch. Off where the layers
-are not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run itself).
+runs past WAIT_SECONDS, its log is named and the run compiles the layers itself at the switch. Where ZeRO-3 releases
+gathered weights between layers, eager steps are not taken (CompileSwitch.eager_first) and the run waits for its
+warm-up, which has usually finished by then (a 32B loads for longer than a layer compiles). Off where the layers are
+not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run itself).
 """
 
 from __future__ import annotations
