@@ -66,6 +66,11 @@ from lorakit.steps import Position, StepMath, advance, due, step_math
 from lorakit.tracking import Tracker, start_trackers
 from lorakit.validate import validate
 
+# eager steps beside the compile warm-up only under plans at most this share of the free memory: eager layers peaked
+# 8 % over the plan (the reference 7B on H100s: 40.9 GiB, 38 planned) and a warm-up process held up to 6.4 GiB (the
+# 32B's layer on an H200), both beside the run (benchmarks/RESULTS.md, session 15)
+EAGER_PEAK_SHARE = 0.6
+
 
 @dataclass
 class TrainResult:
@@ -147,7 +152,8 @@ class Run:
     start: Position
     output_dir: Path
     trackers: list[Tracker]  # --report_to's, on rank 0; the Reporter logs to them and closes them
-    warmup: Warmup | None = None  # the compile warm-up process (lorakit.engine.warmup); eager steps until it ends
+    warmup: Warmup | None = None  # the compile warm-up process (lorakit.engine.warmup)
+    eager_first: bool = False  # the steps run eager until every rank's warm-up has ended (eager_while_compiling)
 
 
 def set_up(checked: RunPlan) -> Run:
@@ -193,7 +199,16 @@ def set_up(checked: RunPlan) -> Run:
             f"evaluation: {len(held_out):,} examples, {int(held_out.target_counts.sum()):,} trained tokens",
             dist.is_main,
         )
-    return Run(config, checked, dist, data, held_out, built, counts, start, output_dir, trackers, warmup)
+    return Run(config, checked, dist, data, held_out, built, counts, start, output_dir, trackers, warmup,
+               eager_while_compiling(built, engine_plan))  # fmt: skip
+
+
+def eager_while_compiling(built: BuiltEngine, engine_plan: EnginePlan) -> bool:
+    """Whether the first steps may run the layers eager while the compile warm-up finishes
+    (lorakit.engine.warmup.CompileSwitch): only where every weight stays gathered between steps (eager layers
+    otherwise hold what ZeRO-3 releases in compiled ones' place: lorakit.engine.frozen_linear leaves compiled layers
+    alone) and the memory plan leaves room for eager activations and the warm-up's own process."""
+    return built.weights_stay_gathered and engine_plan.peak_share <= EAGER_PEAK_SHARE
 
 
 def pass_bound(checked: RunPlan, data: TokenizedData, held_out: TokenizedData | None, world_size: int) -> int:
@@ -298,7 +313,7 @@ def train(
     engine.train()
     unread: StepFlags | None = None  # the previous step's agreement, read once this step is queued
     stop_asked = False  # by a hook on this rank; agreed with the other ranks through the step's flags
-    compiling = CompileSwitch(run.warmup, dist.device, run.built.weights_stay_gathered)
+    compiling = CompileSwitch(run.warmup, dist.device, run.eager_first)
     with StopSignals() as signals, setup_left_to_refcounts(), compiling:
         for line in compiling.begin():  # eager steps while a warm-up still compiles (lorakit.engine.warmup)
             say(line, dist.is_main)

@@ -91,7 +91,7 @@ def plan_run_memory(
                        deepspeed_linear_runs(engine.ds_config))  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers,
-                                 resident_layers=plan.resident_layers)  # fmt: skip
+                                 resident_layers=plan.resident_layers, peak_share=plan.peak_share)  # fmt: skip
     lines = plan.lines
     if plan.keep_frozen:
         ds_config = keep_frozen_weights_resident(engine.ds_config, engine.shape.parameters)

@@ -24,7 +24,7 @@ compile warm-up's, and compiled layers do not leak), and none where DeepSpeed's 
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import torch
@@ -43,11 +43,16 @@ class FrozenWeightLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         (weight,) = ctx.saved_tensors
-        return (grad.matmul(weight) if ctx.needs_input_grad[0] else None), None, None
+        # the weight in the gradient's dtype: under autocast the forward's matmul ran in the cast dtype too
+        return (grad.matmul(weight.to(grad.dtype)) if ctx.needs_input_grad[0] else None), None, None
 
 
-def frozen_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return FrozenWeightLinear.apply(x, self.weight, self.bias)
+def frozen_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The module's forward; torch's own linear again should research code unfreeze the weight or bias later."""
+    bias = module.bias
+    if module.weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.linear(x, module.weight, bias)
+    return FrozenWeightLinear.apply(x, module.weight, bias)
 
 
 def save_frozen_weights_by_reference(model: torch.nn.Module, skip: list[torch.nn.Module]) -> list[str]:
@@ -58,7 +63,7 @@ def save_frozen_weights_by_reference(model: torch.nn.Module, skip: list[torch.nn
     for module in model.modules():
         frozen = type(module) is torch.nn.Linear and not module.weight.requires_grad
         if frozen and (module.bias is None or not module.bias.requires_grad) and id(module) not in skipped:
-            module.forward = types.MethodType(frozen_forward, module)
+            module.forward = functools.partial(frozen_forward, module)  # a partial pickles; a bound method does not
             changed += 1
     if not changed:
         return []

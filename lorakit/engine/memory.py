@@ -139,6 +139,7 @@ class MemoryPlan:
     keep_frozen: bool = False  # ZeRO-3 keeps every frozen weight whole on every GPU
     checkpointed_layers: int | None = None  # with checkpointing, the first this many decoder layers only (None: all)
     resident_layers: int = 0  # ZeRO-3: the first this many decoder layers' frozen weights stay whole on every GPU
+    peak_share: float = 0.0  # the estimated peak over the free memory (0.0: nothing planned, the CPU)
 
 
 def row_candidates(cutoff_len: int) -> list[int]:
@@ -171,7 +172,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
                     "smallest GPU's free memory and are kept whole on every GPU, gathered once (a number for "
                     "stage3_param_persistence_threshold in the DeepSpeed file partitions them)")  # fmt: skip
             return MemoryPlan(kept.pack_tokens, kept.gradient_checkpointing, [*kept.lines, line], True,
-                              kept.checkpointed_layers)  # fmt: skip
+                              kept.checkpointed_layers, peak_share=kept.peak_share)  # fmt: skip
 
     share = 0 if batch_tokens else step_tokens  # a padded micro-batch is sized as it is, never by a packed share
 
@@ -211,7 +212,7 @@ def plan_memory(shape: ModelShape, free_bytes: int | None, zero3: bool, world_si
     room = HEADROOM * free_bytes - estimate
     resident, said = resident_layers(shape, room, world_size) if zero3 and may_keep_frozen else (0, [])
     return MemoryPlan(rows, recomputed > 0, lines + said, checkpointed_layers=recomputed if partial else None,
-                      resident_layers=resident)  # fmt: skip
+                      resident_layers=resident, peak_share=estimate / free_bytes)  # fmt: skip
 
 
 def resident_layer_bytes(shape: ModelShape) -> int:

@@ -21,10 +21,12 @@ compile at the first step. Waiting for a late warm-up cost more than it saved (4
 model in the page cache: the set-up took 9 s and the warm-up 35 s, its own imports and its compile beside four
 loading ranks, so the run waited 26 s for a compile it does itself in ~18 s); stopping it and compiling at the first
 step (sessions 12-14) still left the GPUs idle through that compile (benchmarks/RESULTS.md). If the process fails or
-runs past WAIT_SECONDS, its log is named and the run compiles the layers itself at the switch. Where ZeRO-3 releases
-gathered weights between layers, eager steps are not taken (CompileSwitch.eager_first) and the run waits for its
-warm-up, which has usually finished by then (a 32B loads for longer than a layer compiles). Off where the layers are
-not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run itself).
+runs past WAIT_SECONDS, its log is named and the run compiles the layers itself at the switch. Where eager steps
+could exceed the memory plan (ZeRO-3 releasing gathered weights between layers, or a plan near the memory's end:
+lorakit.train.eager_while_compiling), none are taken: the run gives its warm-up READY_GRACE_SECONDS more, then stops
+it and compiles at the first step (a 32B's warm-up has usually finished by then: it loads for longer than a layer
+compiles). Off where the layers are not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run
+itself).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 import torch.distributed as torch_dist
 
 WAIT_SECONDS = 90  # from the process's start; past it the run stops it and compiles itself (~20 s on H100s)
+READY_GRACE_SECONDS = 2.0  # a run that does not step eager waits this long more for its warm-up, then compiles
 VOCABULARY = 512  # the layer's graph does not depend on it; the embedding and head stay small on the GPU
 # The process's main module holds no `torch`: pickle names a memory format (torch.contiguous_format, in every
 # cache entry) after the first module in sys.modules with a `torch` attribute, and multiprocessing aliases the main
@@ -110,16 +113,23 @@ def stop_warmup(warmup: Warmup | None) -> None:
         warmup.log.unlink(missing_ok=True)
 
 
-def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS) -> list[str]:
-    """Wait for the warm-up to end, at most until `timeout` after its start; a process still running then is
-    stopped. The log line."""
+def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS, grace: float | None = None) -> list[str]:
+    """Wait for the warm-up to end, at most until `timeout` after its start and (where given) `grace` from now; a
+    process still running then is stopped. The log line."""
     if warmup is None:
         return []
     left = timeout - (time.perf_counter() - warmup.started)
+    late = grace is not None and grace < left  # stopped at the grace's end: the run is ready, not the warm-up
     try:
-        code = warmup.process.wait(timeout=max(left, 0.01))
+        code = warmup.process.wait(timeout=max(min(left, grace) if late else left, 0.01))
     except subprocess.TimeoutExpired:
         kill_warmup(warmup.process)
+        seconds = time.perf_counter() - warmup.started
+        if late:
+            warmup.log.unlink(missing_ok=True)
+            return [f"torch.compile: the model was ready before the warm-up process had compiled the layer "
+                    f"({seconds:.0f} s from its start); stopped it: the first step compiles (waiting would cost more "
+                    "than compiling)"]  # fmt: skip
         return [f"torch.compile: the warm-up process ran past {timeout:.0f} s and was stopped; the run compiles the "
                 f"layers itself (its log: {warmup.log})"]  # fmt: skip
     seconds = time.perf_counter() - warmup.started
@@ -135,30 +145,39 @@ def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS) -> lis
 class CompileSwitch:
     """The layers eager while any rank's warm-up process still compiles, then compiled, switched on every rank at
     the same step (the module's docstring says why). Used as a context manager around the loop: `begin` before the
-    first step, `after_step` after each step's work is queued. Each eager step posts whether this rank's process
+    first step, `after_step` after each step's work is queued. Every rank with a warm-up starts eager, even one
+    whose process has already ended: the ranks reach their first step at different times, and a rank that compiled
+    at once would skip the flag's all-reduce the others wait in. Each eager step posts whether this rank's process
     still runs and all-reduces it (maximum over ranks); the next step reads it from the host, where its copy landed
     long ago, so no step makes the CPU wait for the GPU."""
 
     warmup: Warmup | None
     device: torch.device
-    # False where ZeRO-3 releases gathered weights between layers: eager steps there ran out of memory (4 x H200,
-    # the 32B: 128 GiB allocated against the compiled plan's 104, benchmarks/RESULTS.md session 15), so the run
-    # waits for the warm-up instead
+    # False where eager steps could exceed the memory plan: ZeRO-3 releasing gathered weights between layers (eager
+    # steps there ran out of memory: 4 x H200, the 32B, 128 GiB allocated against the plan's 104, benchmarks/
+    # RESULTS.md session 15), or a plan near the memory's end; such a run gives its warm-up READY_GRACE_SECONDS, then
+    # stops it and compiles at the first step (session 12's rule)
     eager_first: bool = True
     timeout: float = WAIT_SECONDS  # from the process's start; past it the process is stopped and the run compiles
     eager_steps: int = 0  # steps taken with the layers eager
-    eager: bool = False
     started: float = 0.0  # when the eager steps began
+    forced: Any = None  # torch.compiler.set_stance's object while eager: leaving it restores the caller's stance
+    reported: bool = False  # wait_for_warmup has said how the process ended (and kept a failed one's log)
     posted: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # the last step's flag, on the host
 
+    @property
+    def eager(self) -> bool:
+        return self.forced is not None
+
     def begin(self) -> list[str]:
-        if self.warmup is None or self.warmup.process.poll() is not None or not self.eager_first:
-            return wait_for_warmup(self.warmup, self.timeout)  # none, ended or waited for: compiled from the start
-        torch.compiler.set_stance("force_eager")
-        self.eager, self.started = True, time.perf_counter()
-        return [f"torch.compile: the warm-up process is still compiling the layer "
-                f"({self.started - self.warmup.started:.0f} s from its start); the steps run the layers eager until "
-                "every rank's has ended, then every rank compiles them (from its cache) at the same step"]  # fmt: skip
+        if self.warmup is None or not self.eager_first:
+            self.reported = True
+            return wait_for_warmup(self.warmup, self.timeout, None if self.eager_first else READY_GRACE_SECONDS)
+        self.forced = torch.compiler.set_stance("force_eager")
+        self.started = time.perf_counter()
+        return [f"torch.compile: the steps run the layers eager while any rank's warm-up process compiles "
+                f"({self.started - self.warmup.started:.0f} s from its start here), then every rank compiles them "
+                "(from its cache) at the same step"]  # fmt: skip
 
     def after_step(self) -> list[str]:
         if not self.eager:
@@ -173,7 +192,7 @@ class CompileSwitch:
         running = self.warmup.process.poll() is None
         if running and time.perf_counter() - self.warmup.started > self.timeout:
             running = False  # stopped at the switch (wait_for_warmup); the run compiles itself
-        flag = torch.tensor([float(running)], device=self.device)
+        flag = torch.full((1,), float(running), device=self.device)  # filled on the device: no wait for the GPU
         if torch_dist.is_available() and torch_dist.is_initialized():
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         if flag.is_cuda:
@@ -187,23 +206,25 @@ class CompileSwitch:
         return []
 
     def switch(self) -> list[str]:
-        torch.compiler.set_stance("default")
-        self.eager = False
+        self.forced.__exit__(None, None, None)  # the stance before begin()
+        self.forced = None
         seconds = time.perf_counter() - self.started
         line = (f"torch.compile: {self.eager_steps} steps ran the layers eager ({seconds:.0f} s) while the warm-up "
                 "compiled; the layers are compiled from the next step")  # fmt: skip
+        self.reported = True
         return [line, *wait_for_warmup(self.warmup, self.timeout)]
 
     def __enter__(self) -> CompileSwitch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """However the loop ends: the compiler's stance back to its default (research code goes on in the process)
-        and no warm-up process left running."""
-        if self.eager:
-            torch.compiler.set_stance("default")
-            self.eager = False
-        stop_warmup(self.warmup)
+        """However the loop ends: the compiler's stance as the caller had it (research code goes on in the process)
+        and no warm-up process left running; a failed process's log, once named, stays."""
+        if self.forced is not None:
+            self.forced.__exit__(None, None, None)
+            self.forced = None
+        if self.warmup is not None and not self.reported:
+            stop_warmup(self.warmup)  # still compiling when the loop ended: its log was never named
 
 
 def warm_up(spec: WarmupSpec) -> torch.nn.Module:

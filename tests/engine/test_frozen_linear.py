@@ -56,3 +56,31 @@ def test_only_frozen_plain_linears_outside_the_skipped_modules_change():
     changed = {name for name, m in model.named_modules() if "forward" in vars(m)}
     assert changed == {"frozen"}
     assert save_frozen_weights_by_reference(torch.nn.Linear(2, 2), skip=[]) == []
+
+
+def test_a_changed_model_pickles_and_unfreezing_trains_through_torchs_linear():
+    """Research code gets the model back (lorakit.train.TrainResult): torch.save of the whole model works, and a
+    weight made trainable again gets its gradient (torch's linear, which FrozenWeightLinear would not give)."""
+    import pickle
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3).requires_grad_(False))
+    save_frozen_weights_by_reference(model, skip=[])
+    copy = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 4)
+    assert torch.equal(copy(x), model(x))
+    model[0].weight.requires_grad_(True)
+    model(x).sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_autocasts_lower_precision_matmul_backs_off_in_its_own_dtype():
+    """Under autocast the forward runs in bf16 with an fp32 weight; the input's gradient is bf16 too."""
+    weight = torch.nn.Parameter(torch.randn(8, 16), requires_grad=False)
+    x = torch.randn(3, 16, requires_grad=True)
+    grads = []
+    for call in (FrozenWeightLinear.apply, torch.nn.functional.linear):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call(x, weight, None)
+        (grad,) = torch.autograd.grad(out.float().sum(), x)
+        grads.append(grad)
+    assert torch.equal(grads[0], grads[1])

@@ -301,3 +301,29 @@ def test_room_the_plan_leaves_keeps_the_first_layers_whole(free, may_keep, quant
                    + expected * resident_layer_bytes(shape))  # fmt: skip
         assert planned <= HEADROOM * free < planned + resident_layer_bytes(shape)
         assert resident_layer_bytes(shape) == 2 * 487_605_248  # the whole bf16 layer: its partition stays beside it
+
+
+@pytest.mark.parametrize(
+    "free, stay, expected",
+    [
+        (74 * GiB, True, True),  # the reference 7B on H100s (weights kept whole): eager steps beside the warm-up
+        (74 * GiB, False, False),  # ZeRO-3 releasing gathered weights: eager layers would hold them
+        (50 * GiB, True, False),  # the same rows planned near the memory's end: no room for eager's extra
+        (None, True, True),  # the CPU plans nothing (and runs no warm-up)
+    ],
+)
+def test_eager_steps_beside_the_warmup_only_where_the_plan_leaves_room(free, stay, expected):
+    """lorakit.train.eager_while_compiling reads the plan's estimated peak over the free memory (here the
+    reference 7B's plan: 4 GPUs, a rank's share 2,944 tokens a step, the weights kept whole)."""
+    from types import SimpleNamespace
+
+    from lorakit.engine import BuiltEngine
+    from lorakit.train import EAGER_PEAK_SHARE, eager_while_compiling
+
+    plan = plan_memory(QWEN7B, free, True, 4, 1024, 0, None, step_tokens=2944, may_keep_frozen=True)
+    if free is not None:
+        estimate = float(plan.lines[0].split("about ")[1].split(" GiB")[0]) * GiB
+        assert plan.peak_share == pytest.approx(estimate / free, abs=0.5 * GiB / free)
+    built = BuiltEngine(None, {}, [], 0, 0, None, stay)
+    assert eager_while_compiling(built, SimpleNamespace(peak_share=plan.peak_share)) == expected
+    assert (plan.peak_share <= EAGER_PEAK_SHARE) == (free != 50 * GiB)

@@ -155,16 +155,20 @@ def _counted(compiles: list) -> object:
     return torch.compile(lambda x: x * 2 + 1, backend=backend)
 
 
+def _stance() -> str:
+    return torch._dynamo.eval_frame._stance.stance  # torch keeps no public getter
+
+
 def test_steps_run_eager_while_the_warmup_compiles_then_compiled():
     """The run does not wait for a late warm-up: its layers run eager (no compile) until the process has ended,
-    read one step late, then compile; and leaving the loop leaves the compiler's stance as it was."""
+    read one step late, then compile; and leaving the loop leaves the compiler's stance as the caller had it."""
     torch._dynamo.reset()
     compiles: list = []
     layer, x = _counted(compiles), torch.ones(3)
     warmup = _stand_in()
-    with CompileSwitch(warmup, torch.device("cpu")) as switch:
+    with torch.compiler.set_stance("eager_on_recompile"), CompileSwitch(warmup, torch.device("cpu")) as switch:
         (line,) = switch.begin()
-        assert "still compiling the layer" in line and "every rank compiles them" in line, line
+        assert "the steps run the layers eager while any rank's warm-up" in line, line
         for _ in range(2):
             assert torch.equal(layer(x), x * 3) and switch.after_step() == []
         warmup.process.communicate(b"")  # the warm-up ends between steps 2 and 3
@@ -173,10 +177,12 @@ def test_steps_run_eager_while_the_warmup_compiles_then_compiled():
         lines = switch.after_step()  # step 4 reads step 3's: every process had ended
         assert "4 steps ran the layers eager" in lines[0], lines
         assert "compiled by a warm-up process" in lines[1] and not warmup.log.exists(), lines
-        assert torch.equal(layer(x), x * 3) and len(compiles) == 1
+        assert _stance() == "eager_on_recompile"  # the caller's, not the default
+        torch._dynamo.reset()
+        with torch.compiler.set_stance("default"):
+            assert torch.equal(layer(x), x * 3) and len(compiles) == 1
         assert switch.after_step() == [] and switch.eager_steps == 4
-    torch._dynamo.reset()
-    assert torch.equal(layer(x), x * 3) and len(compiles) == 2  # the stance is the default again
+    assert _stance() == "default"
 
 
 def test_a_warmup_past_its_time_is_stopped_at_the_switch():
@@ -186,6 +192,19 @@ def test_a_warmup_past_its_time_is_stopped_at_the_switch():
         assert switch.after_step() == []  # posts "not running": past the timeout
         lines = switch.after_step()
         assert "ran past 0 s and was stopped" in lines[1] and warmup.process.poll() is not None, lines
+    assert warmup.log.exists()  # named in the log line: kept
+
+
+def test_a_failed_warmup_keeps_its_named_log_after_the_loop():
+    warmup = _stand_in("raise SystemExit(4)")
+    warmup.process.wait()
+    with CompileSwitch(warmup, torch.device("cpu")) as switch:
+        switch.begin()
+        switch.after_step()
+        lines = switch.after_step()
+        assert "failed (exit 4, log: " in lines[1], lines
+    assert warmup.log.exists()
+    warmup.log.unlink()
 
 
 def test_leaving_the_loop_while_eager_restores_the_stance_and_stops_the_warmup():
@@ -198,28 +217,40 @@ def test_leaving_the_loop_while_eager_restores_the_stance_and_stops_the_warmup()
         switch.begin()
         layer(x)
         raise KeyError("a step failed")
-    assert warmup.process.poll() is not None and not compiles
+    assert warmup.process.poll() is not None and not compiles and not warmup.log.exists()
     layer(x)
     assert len(compiles) == 1
 
 
-def test_a_warmup_done_before_the_first_step_means_no_eager_step():
+def test_a_warmup_done_before_the_first_step_still_starts_eager_then_switches():
+    """Every rank with a warm-up starts eager, done or not: a rank compiling at once would skip the flag's
+    all-reduce that the others wait in (the two-rank case below)."""
     warmup = _stand_in("pass")
     warmup.process.wait()
     with CompileSwitch(warmup, torch.device("cpu")) as switch:
-        (line,) = switch.begin()
-        assert "compiled by a warm-up process" in line and not switch.eager
-        assert switch.after_step() == [] and switch.eager_steps == 0
+        assert switch.begin() and switch.eager
+        assert switch.after_step() == []
+        lines = switch.after_step()
+        assert "2 steps ran the layers eager" in lines[0] and "compiled by a warm-up process" in lines[1], lines
     with CompileSwitch(None, torch.device("cpu")) as switch:
-        assert switch.begin() == [] and switch.after_step() == []
+        assert switch.begin() == [] and switch.after_step() == [] and not switch.eager
 
 
-def test_where_zero3_releases_weights_the_run_waits_for_its_warmup():
-    """No eager steps where gathered weights are released between layers (their eager steps ran out of memory)."""
-    warmup = _stand_in("import time; time.sleep(1)")
+def test_without_eager_steps_the_run_gives_its_warmup_a_grace_then_compiles_itself():
+    """Where eager steps could exceed the memory plan (lorakit.train.eager_while_compiling): a warm-up done within
+    READY_GRACE_SECONDS is read; one still compiling is stopped (session 12: waiting cost more than compiling)."""
+    warmup = _stand_in("import time; time.sleep(0.5)")
     with CompileSwitch(warmup, torch.device("cpu"), eager_first=False) as switch:
         (line,) = switch.begin()
-        assert "compiled by a warm-up process" in line and warmup.process.poll() == 0 and not switch.eager
+        assert "compiled by a warm-up process" in line and not switch.eager
+    warmup = _stand_in()
+    asked = time.perf_counter()
+    with CompileSwitch(warmup, torch.device("cpu"), eager_first=False) as switch:
+        (line,) = switch.begin()
+        assert time.perf_counter() - asked < 10 and warmup.process.poll() is not None
+        assert "the model was ready before the warm-up process had compiled the layer" in line, line
+        assert "stopped it: the first step compiles" in line and not warmup.log.exists()
+        assert switch.after_step() == []
 
 
 RANK = """
@@ -228,11 +259,13 @@ from lorakit.engine.warmup import CompileSwitch, Warmup
 rank, port, ends_after = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+if ends_after == 0:  # ended before the first step
+    process.communicate(b"")
 warmup = Warmup(process, pathlib.Path(tempfile.mkstemp()[1]), time.perf_counter())  # removed as a real log is
 with CompileSwitch(warmup, torch.device("cpu")) as switch:
     switch.begin()
     for step in range(1, 10):
-        if step == ends_after + 1:
+        if step == ends_after + 1 and process.poll() is None:
             process.communicate(b"")
         if switch.after_step():
             print("switched after step", step, flush=True)
@@ -241,14 +274,15 @@ dist.destroy_process_group()
 """
 
 
-def test_every_rank_switches_at_the_same_step():
-    """Two gloo ranks whose warm-ups end at different steps (after step 1 and after step 3) switch together, once
-    the later has ended (its flag, posted at step 4, read at step 5)."""
+@pytest.mark.parametrize("ends_after, switched", [((1, 3), 5), ((0, 2), 4)])
+def test_every_rank_switches_at_the_same_step(ends_after, switched):
+    """Two gloo ranks whose warm-ups end at different steps (one, in the second case, before the first step)
+    switch together, once the later has ended (its flag, posted the step after, read the step after that)."""
     port = free_port()
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(port), str(ends)], stdout=subprocess.PIPE,
-                              text=True) for rank, ends in ((0, 1), (1, 3))]  # fmt: skip
+                              text=True) for rank, ends in enumerate(ends_after)]  # fmt: skip
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
-    assert outputs == ["switched after step 5\n"] * 2, outputs
+    assert outputs == [f"switched after step {switched}\n"] * 2, outputs
 
 
 @pytest.mark.parametrize(
