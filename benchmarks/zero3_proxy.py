@@ -87,7 +87,7 @@ def measure(flags: list[str], top: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--zero_stage", type=int, default=3, choices=(2, 3))
+    parser.add_argument("--zero_stage", type=int, default=3, choices=(0, 1, 2, 3))
     parser.add_argument("--top", type=int, default=25, help="functions listed by their own time")
     parser.add_argument("--jsonl", type=Path, default=None, help="append the result here as one JSON line")
     args = parser.parse_args()
