@@ -172,7 +172,7 @@ class CompileSwitch:
     def begin(self) -> list[str]:
         if self.warmup is None or not self.eager_first:
             self.reported = True
-            return wait_for_warmup(self.warmup, self.timeout, None if self.eager_first else READY_GRACE_SECONDS)
+            return wait_for_warmup(self.warmup, self.timeout, READY_GRACE_SECONDS)  # none, or no eager step here
         self.forced = torch.compiler.set_stance("force_eager")
         self.started = time.perf_counter()
         return [f"torch.compile: the steps run the layers eager while any rank's warm-up process compiles "
@@ -206,13 +206,18 @@ class CompileSwitch:
         return []
 
     def switch(self) -> list[str]:
-        self.forced.__exit__(None, None, None)  # the stance before begin()
-        self.forced = None
+        self.leave_eager()
         seconds = time.perf_counter() - self.started
         line = (f"torch.compile: {self.eager_steps} steps ran the layers eager ({seconds:.0f} s) while the warm-up "
                 "compiled; the layers are compiled from the next step")  # fmt: skip
         self.reported = True
         return [line, *wait_for_warmup(self.warmup, self.timeout)]
+
+    def leave_eager(self) -> None:
+        """The compiler's stance back to what it was before `begin` (nothing where the layers are not eager)."""
+        if self.forced is not None:
+            self.forced.__exit__(None, None, None)
+            self.forced = None
 
     def __enter__(self) -> CompileSwitch:
         return self
@@ -220,9 +225,7 @@ class CompileSwitch:
     def __exit__(self, *exc: object) -> None:
         """However the loop ends: the compiler's stance as the caller had it (research code goes on in the process)
         and no warm-up process left running; a failed process's log, once named, stays."""
-        if self.forced is not None:
-            self.forced.__exit__(None, None, None)
-            self.forced = None
+        self.leave_eager()
         if self.warmup is not None and not self.reported:
             stop_warmup(self.warmup)  # still compiling when the loop ended: its log was never named
 
