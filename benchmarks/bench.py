@@ -56,6 +56,8 @@ RUNS = {
     "zero3-layerfetch": ["--deepspeed", "{layerfetch}"],  # --arch 32b: the next layer gathered while one computes
     "zero3-sequential": ["--deepspeed", "{sequential}"],  # each weight its own all-gather (slower: session 13)
     "zero3-partitioned": ["--deepspeed", "{partitioned}"],  # every frozen weight partitioned, as on smaller GPUs
+    # the same, eager layers: where the frozen-linear fix (lorakit.engine.frozen_linear) shows in peak memory
+    "zero3-partitioned-eager": ["--deepspeed", "{partitioned}", "--torch_compile", "false"],
     "zero3-allreducefetch": ["--deepspeed", "{allreducefetch}"],  # gathers as all-reduces into place (no copy-out)
     "zero3-allgatherfetch": ["--deepspeed", "{allgatherfetch}"],  # DeepSpeed's all-gather and copy-out (before s14)
     "zero3-noncontiguous": ["--deepspeed", "{noncontiguous}"],  # no per-gradient copy into the reduce bucket
