@@ -3,6 +3,7 @@ a laptop. Measures what the GPU hosts are too scarce to measure for every change
 
     python benchmarks/zero3_proxy.py --jsonl benchmarks/results.jsonl              # ZeRO-3, frozen weights kept whole
     python benchmarks/zero3_proxy.py --zero_stage 2                                 # the ZeRO-2 reference
+    python benchmarks/zero3_proxy.py --zero_stage 2 --bf16 [--keep_overflow_check]  # bf16, as on the GPUs
 
 Why it stands for the 7B: a step's Python work grows with the number of modules and parameters DeepSpeed hooks,
 not with their size. The model here has Qwen2.5-7B's 28 decoder layers with LoRA on all 7 linears of each (392
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 
-def write_inputs(root: Path, zero_stage: int) -> list[str]:
+def write_inputs(root: Path, zero_stage: int, bf16: bool, keep_overflow_check: bool) -> list[str]:
     """The 28-layer model, 400 alpaca records and the DeepSpeed file; returns the flags of the run."""
     import tiny
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -47,11 +48,14 @@ def write_inputs(root: Path, zero_stage: int) -> list[str]:
     tiny.write_dataset(root / "data", records)
     deepspeed = json.loads((REPO / "examples" / "ds_config_zero3.json").read_text())
     deepspeed["zero_optimization"].update(stage3_param_persistence_threshold=10**12, reduce_bucket_size=150_000)
+    if keep_overflow_check:  # DeepSpeed's per-gradient check under bf16 ZeRO-1/2, which lorakit otherwise turns off
+        deepspeed.setdefault("bf16", {})["check_grad_overflow"] = True
     (root / "ds.json").write_text(json.dumps(deepspeed))
     return ["--model_name_or_path", str(root / "model"), "--template", "qwen", "--dataset_dir", str(root / "data"),
             "--dataset", "tiny", "--cutoff_len", "256", "--lora_target", "all", "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "1", "--deepspeed", str(root / "ds.json"), "--output_dir",
-            str(root / "out"), "--num_train_epochs", "10", "--zero_stage", str(zero_stage)]  # fmt: skip
+            str(root / "out"), "--num_train_epochs", "10", "--zero_stage", str(zero_stage),
+            "--bf16", str(bf16)]  # fmt: skip
 
 
 def measure(flags: list[str], top: int) -> dict:
@@ -59,6 +63,10 @@ def measure(flags: list[str], top: int) -> dict:
     from lorakit.train import run_step, set_learning_rate, set_up, step_plans
     from lorakit.validate import validate
 
+    if "--bf16" in flags and flags[flags.index("--bf16") + 1] == "True":
+        import lorakit.validate  # lorakit refuses bf16 on the CPU for users (fp32 trains there); DeepSpeed runs it
+
+        lorakit.validate.validate_precision = lambda config: None
     config = parse_config(flags)
     run = set_up(checked := validate(config))
     engine, dist = run.built.engine, run.dist
@@ -88,13 +96,17 @@ def measure(flags: list[str], top: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zero_stage", type=int, default=3, choices=(0, 1, 2, 3))
+    parser.add_argument("--bf16", action="store_true", help="train in bf16, as the GPUs do (see measure)")
+    parser.add_argument("--keep_overflow_check", action="store_true",
+                        help="bf16 under ZeRO-1/2: keep DeepSpeed's per-gradient overflow check")  # fmt: skip
     parser.add_argument("--top", type=int, default=25, help="functions listed by their own time")
     parser.add_argument("--jsonl", type=Path, default=None, help="append the result here as one JSON line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lorakit-zero3-proxy-") as root:
-        result = measure(write_inputs(Path(root), args.zero_stage), args.top)
+        result = measure(write_inputs(Path(root), args.zero_stage, args.bf16, args.keep_overflow_check), args.top)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    line = {"run": f"cpu-proxy-zero{args.zero_stage}@1", "stage": args.zero_stage, "gpus": 0,
+    variant = ("-bf16" if args.bf16 else "") + ("-overflowcheck" if args.keep_overflow_check else "")
+    line = {"run": f"cpu-proxy-zero{args.zero_stage}{variant}@1", "stage": args.zero_stage, "gpus": 0,
             "card": "CPU proxy (28-layer tiny Qwen2, one rank)", "date": datetime.date.today().isoformat(),
             "commit": commit.stdout.strip(), **result}  # fmt: skip
     print(json.dumps(line))

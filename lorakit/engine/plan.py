@@ -16,7 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit.config import Config
-from lorakit.engine.deepspeed_config import reduce_adapter_gradients_in_place, resolve_deepspeed_config
+from lorakit.engine.deepspeed_config import (
+    leave_overflow_check_to_lorakit,
+    reduce_adapter_gradients_in_place,
+    resolve_deepspeed_config,
+)
 from lorakit.engine.memory import ModelShape
 from lorakit.engine.model import decoder_layers, lora_targets
 from lorakit.engine.quantization import quantized_bytes_per_weight
@@ -101,7 +105,8 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     trained_full = full_parameters(skeleton, full)
     ds_config, in_place = reduce_adapter_gradients_in_place(ds_config, trained_full,
                                                             config.model.quantization_bit is not None)  # fmt: skip
-    notes += in_place
+    ds_config, unchecked = leave_overflow_check_to_lorakit(ds_config)
+    notes += in_place + unchecked
     parameters = sum(p.numel() for p in skeleton.parameters())
     largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(skeleton)), default=0)
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,
