@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -213,7 +214,8 @@ def lorakit_run(run: str, args: argparse.Namespace, flops_per_token: float, work
     records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     summary = json.loads((out / "train_results.json").read_text())
-    steady = records[1:] or records[-1:]  # the first window holds the warm-up (allocations, cuDNN plans)
+    eager = eager_steps_of(log.read_text(), records[-1]["step"])
+    steady = steady_windows(records, eager)
     tokens_per_second = statistics.median(r["tokens_per_second"] for r in steady)
     step_seconds = statistics.median(r["seconds_per_step"] for r in steady)
     global_batch = args.global_batch or 4 * 4 * gpus
@@ -231,12 +233,32 @@ def lorakit_run(run: str, args: argparse.Namespace, flops_per_token: float, work
         "compile_seconds": summary.get("compile_seconds"),  # rank max, within the first window
         "compile_cache_misses": summary.get("compile_cache_misses"),  # graphs compiled afresh, not from the cache
         "first_window_seconds_per_step": records[0]["seconds_per_step"],
+        "eager_steps": eager,  # steps run eager beside the compile warm-up; the medians are of the windows after
+        "steady_windows": len(steady),
         "final_loss": records[-1]["loss"],
         "final_epoch_loss": round(
             statistics.mean(r["loss"] for r in records if r["epoch"] > records[-1]["epoch"] - 1), 4
         ),
         "log": records,
     }
+
+
+def eager_steps_of(log_text: str, total_steps: int) -> int:
+    """The steps a run took with its layers eager while its compile warm-up ran (lorakit.engine.warmup's log lines):
+    0 where it took none, every step where it never switched."""
+    switched = re.search(r"torch\.compile: (\d+) steps ran the layers eager", log_text)
+    if switched:
+        return int(switched.group(1))
+    return total_steps if "the steps run the layers eager while" in log_text else 0
+
+
+def steady_windows(records: list[dict], eager_steps: int) -> list[dict]:
+    """The log windows that measure the steady state: after the first (allocations, cuDNN plans) and after the
+    first compiled step (the switch's compile, ~3-4 s, when the run began eager beside its warm-up). Where none is
+    left (a run shorter than its eager phase) the windows after the first, eager ones: `eager_steps` says so."""
+    starts = [0] + [r["step"] for r in records[:-1]]  # a window covers steps start+1 .. its record's step
+    compiled = [r for r, start in zip(records, starts, strict=True) if start >= eager_steps + 1]
+    return compiled or records[1:] or records[-1:]
 
 
 def write_variants(work: Path) -> None:
@@ -283,7 +305,7 @@ def baseline_run(gpus: int, args: argparse.Namespace, work: Path, tokens: float)
 RESULT_FIELDS = ("run", "stage", "gpus", "card", "date", "commit", "global_batch", "tokens_per_second_per_gpu",
                  "seconds_per_step", "train_runtime", "total_steps", "mfu", "peak_gpu_memory_gib",
                  "same_lease", "arch", "compile_seconds", "compile_cache_misses", "first_window_seconds_per_step",
-                 "final_loss")  # fmt: skip
+                 "eager_steps", "steady_windows", "final_loss")  # fmt: skip
 
 
 def results_line(result: dict, args: argparse.Namespace) -> dict:
