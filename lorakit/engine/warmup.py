@@ -34,11 +34,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,11 @@ VOCABULARY = 512  # the layer's graph does not depend on it; the embedding and h
 # its entries named `__mp_main__.torch.contiguous_format`, which the run (examples/sft.py, no `torch` of its own)
 # could not load, so its first compile missed the warm-up's AOTAutograd entry.
 ENTRY = "from lorakit.engine.warmup import main; main()"
+# The process marks the end of each phase in its log (`PHASE name wall-clock`), and the run's line says where the
+# time went: a warm-up that outlasts the model's loading makes the run's first steps eager, so its phases matter.
+PHASE = "lorakit-warmup-phase"
+PHASES = {"imported": "start and imports", "built": "the layer built", "trained": "compiled and trained a row",
+          "evaluated": "the inference graph"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,8 @@ class WarmupSpec:
 class Warmup:
     process: subprocess.Popen
     log: Path
-    started: float
+    started: float  # time.perf_counter() at its start
+    wall_started: float = 0.0  # time.time() then: the process's phase marks are wall-clock times (0: not kept)
 
 
 def start_warmup(spec: WarmupSpec) -> Warmup:
@@ -93,7 +101,24 @@ def start_warmup(spec: WarmupSpec) -> Warmup:
         # its own process group: stopping it also stops inductor's compile workers, not only the process
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)  # fmt: skip
-    return Warmup(process, log, time.perf_counter())
+    return Warmup(process, log, time.perf_counter(), time.time())
+
+
+def mark_phase(name: str) -> None:
+    print(f"{PHASE} {name} {time.time():.3f}", flush=True)
+
+
+def phases(warmup: Warmup) -> str:
+    """Where the process's time went, from its log's phase marks: ": start and imports 8 s, ..." ("" if none)."""
+    try:
+        text = warmup.log.read_text(errors="replace")
+    except OSError:
+        return ""
+    previous, parts = warmup.wall_started, []
+    for name, at in re.findall(rf"^{PHASE} (\w+) ([\d.]+)$", text, re.MULTILINE):
+        parts.append(f"{PHASES.get(name, name)} {float(at) - previous:.0f} s")
+        previous = float(at)
+    return ": " + ", ".join(parts) if parts and warmup.wall_started else ""
 
 
 def kill_warmup(process: subprocess.Popen) -> None:
@@ -126,19 +151,21 @@ def wait_for_warmup(warmup: Warmup | None, timeout: float = WAIT_SECONDS, grace:
         kill_warmup(warmup.process)
         seconds = time.perf_counter() - warmup.started
         if late:
+            reached = phases(warmup)
             warmup.log.unlink(missing_ok=True)
             return [f"torch.compile: the model was ready before the warm-up process had compiled the layer "
-                    f"({seconds:.0f} s from its start); stopped it: the first step compiles (waiting would cost more "
-                    "than compiling)"]  # fmt: skip
+                    f"({seconds:.0f} s from its start{reached}); stopped it: the first step compiles (waiting would "
+                    "cost more than compiling)"]  # fmt: skip
         return [f"torch.compile: the warm-up process ran past {timeout:.0f} s and was stopped; the run compiles the "
                 f"layers itself (its log: {warmup.log})"]  # fmt: skip
     seconds = time.perf_counter() - warmup.started
     if code != 0:
         return [f"torch.compile: the warm-up process failed (exit {code}, log: {warmup.log}); the run compiles the "
                 "layers itself"]  # fmt: skip
+    took = phases(warmup)
     warmup.log.unlink(missing_ok=True)
     return [f"torch.compile: the layer was compiled by a warm-up process beside the model's loading ({seconds:.0f} s "
-            "from its start); the compile reads inductor's cache"]  # fmt: skip
+            f"from its start{took}); the compile reads inductor's cache"]  # fmt: skip
 
 
 @dataclass
@@ -230,9 +257,9 @@ class CompileSwitch:
             stop_warmup(self.warmup)  # still compiling when the loop ended: its log was never named
 
 
-def warm_up(spec: WarmupSpec) -> torch.nn.Module:
+def warm_up(spec: WarmupSpec, mark: Callable[[str], None] = lambda phase: None) -> torch.nn.Module:
     """Build the one-layer model as lorakit.engine.build_engine prepares the real one, compile its layers and train
-    one packed row; returns the model (the tests read its graphs)."""
+    one packed row; returns the model (the tests read its graphs). `mark` is told each phase's end (PHASES)."""
     from transformers import AutoModelForCausalLM
 
     from lorakit.config import LoraSettings
@@ -265,17 +292,22 @@ def warm_up(spec: WarmupSpec) -> torch.nn.Module:
     if spec.zero3:
         hold_weights_as_zero3_does(model)
     model.train()
+    mark("built")
     compile_decoder_layers(model, backend=spec.backend)
     input_ids = torch.randint(3, VOCABULARY, (1, spec.row_tokens))
     half = spec.row_tokens // 2  # two packed examples, as a packed row holds
     position_ids = torch.cat([torch.arange(half), torch.arange(spec.row_tokens - half)])[None]
     inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
     model_loss_sum(model, inputs, input_ids.clone()).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the phase ends when its kernels have run, not when they were queued
+    mark("trained")
     if spec.evaluates:  # the first evaluation would compile it mid-run, inside the timed training
         model.eval()
         with torch.no_grad():
             model_loss_sum(model, inputs, input_ids.clone())
         model.train()
+        mark("evaluated")
     return model
 
 
@@ -309,6 +341,7 @@ def leave_with_the_run(parent: int, limit: float) -> None:
 
 
 def main() -> None:
+    mark_phase("imported")
     spec = WarmupSpec(**json.loads(sys.argv[1]))
     leave_with_the_run(os.getppid(), spec.limit_seconds)
-    warm_up(spec)
+    warm_up(spec, mark_phase)

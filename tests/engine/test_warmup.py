@@ -7,6 +7,7 @@ graphs with equal inputs are what inductor's cache keys on, so the run's first c
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import tempfile
@@ -466,6 +467,9 @@ def test_the_runs_first_compile_reads_what_the_warmup_process_compiled(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))  # the run's compile reads the process's folder
     (line,) = wait_for_warmup(warmup, timeout=300)  # ~55 s from its start on a 2-core CPU
     assert "compiled by a warm-up process" in line, line
+    # where the process's time went, phase by phase (a late warm-up makes the run's first steps eager)
+    assert re.search(r"from its start: start and imports \d+ s, the layer built \d+ s, compiled and trained a row "
+                     r"\d+ s\); the compile reads", line), line  # fmt: skip
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCache
