@@ -276,6 +276,9 @@ def write_variants(work: Path) -> None:
     (work / "ds_baseline.json").write_text(json.dumps(baseline))
 
 
+PROFILED_STEPS = 28  # profile_steps.py's 8 + 5 + 10 + 5 steps: a plan of fewer ends in StopIteration
+
+
 def profile_run(run: str, args: argparse.Namespace, work: Path) -> None:
     """e.g. profile-zero2@2: the per-step profile of zero2's settings (profile_steps.py writes WORK/RUN.txt)."""
     name, gpus = parse_run(run)
@@ -284,6 +287,7 @@ def profile_run(run: str, args: argparse.Namespace, work: Path) -> None:
     os.environ["LORAKIT_BENCH_COMPILE"] = compiled.get(suffix, "")
     base = name.removeprefix("profile-").removesuffix(suffix) if suffix else name.removeprefix("profile-")
     flags = run_flags(base, gpus, args, work, Path(f"/tmp/bench-out-{run}"))
+    flags += ["--max_steps", str(max(args.steps, PROFILED_STEPS))]  # the last --max_steps counts
     code = launch(gpus, ["benchmarks/profile_steps.py", str(work / f"{run}.txt"), *flags], work / f"{run}.log",
                   args.timeout)  # fmt: skip
     print(json.dumps({"run": run, "exit": code}), flush=True)
