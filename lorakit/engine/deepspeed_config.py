@@ -244,6 +244,14 @@ def reduce_adapter_gradients_in_place(ds_config: dict[str, Any], trained_full: i
 OVERFLOW_CHECK = "check_grad_overflow"
 
 
+def deepspeed_has_overflow_switch() -> bool:
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return OVERFLOW_CHECK in DeepSpeedBF16Config.model_fields
+
+
 def leave_overflow_check_to_lorakit(ds_config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Under ZeRO stage 1 or 2 in bf16, where the file's `bf16` section does not say: DeepSpeed's
     `bf16.check_grad_overflow` off. With it on, stage 1/2's every step tests each gradient partition for inf/NaN
@@ -253,9 +261,11 @@ def leave_overflow_check_to_lorakit(ds_config: dict[str, Any]) -> tuple[dict[str
     lorakit checks the loss and the gradient norm of every step on the device (lorakit.agreement) and stops the run
     without saving at the first non-finite one, so what changes is only what that step does before the stop:
     DeepSpeed applies it instead of skipping it. fp16 keeps the check (its loss scaling needs the skip), and
-    `check_grad_overflow` in the file is kept either way."""
+    `check_grad_overflow` in the file is kept either way; a DeepSpeed without the key (older than lorakit's tested
+    0.19) keeps its check."""
     bf16, zero = ds_config.get("bf16", {}), ds_config.get("zero_optimization", {})
-    if zero.get("stage", 0) not in (1, 2) or bf16.get("enabled") is not True or OVERFLOW_CHECK in bf16:
+    if (zero.get("stage", 0) not in (1, 2) or bf16.get("enabled") is not True or OVERFLOW_CHECK in bf16
+            or not deepspeed_has_overflow_switch()):  # fmt: skip
         return ds_config, []
     changed = copy.deepcopy(ds_config)
     changed["bf16"][OVERFLOW_CHECK] = False

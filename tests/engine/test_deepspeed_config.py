@@ -276,3 +276,12 @@ def test_deepspeed_s_overflow_check_is_left_to_lorakit_under_bf16_zero_1_and_2(s
     assert json.dumps(ds_config) == before  # the caller's config is not edited in place
     assert changed["bf16"].get("check_grad_overflow") is expected
     assert len(lines) == ("check_grad_overflow" not in bf16 and expected is False)
+
+
+def test_a_deepspeed_without_the_overflow_switch_keeps_its_check(monkeypatch):
+    """DeepSpeed's bf16 section forbids keys it does not know: an older DeepSpeed would reject the switch."""
+    from lorakit.engine import deepspeed_config
+
+    monkeypatch.setattr(deepspeed_config, "deepspeed_has_overflow_switch", lambda: False)
+    ds_config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    assert deepspeed_config.leave_overflow_check_to_lorakit(ds_config) == (ds_config, [])
