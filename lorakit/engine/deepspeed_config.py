@@ -260,11 +260,17 @@ def leave_overflow_check_to_lorakit(ds_config: dict[str, Any]) -> tuple[dict[str
     reads it on the host, a wait for the GPU every step; under stage 3 or in fp32 DeepSpeed does not check.
     lorakit checks the loss and the gradient norm of every step on the device (lorakit.agreement) and stops the run
     without saving at the first non-finite one, so what changes is only what that step does before the stop:
-    DeepSpeed applies it instead of skipping it. fp16 keeps the check (its loss scaling needs the skip), and
-    `check_grad_overflow` in the file is kept either way; a DeepSpeed without the key (older than lorakit's tested
-    0.19) keeps its check."""
+    DeepSpeed applies it instead of skipping it (an `on_step` hook of that step, and research code that catches the
+    error, see the weights it left). Kept: under fp16 (its loss scaling needs the skip); with `check_grad_overflow`
+    in the file; with `compute_grad_norm: false` (no norm for lorakit to check: the step's non-finite gradient would
+    reach a checkpoint a step before its loss showed it); under stage 1 with fp32 gradient accumulation (DeepSpeed's
+    BF16_Optimizer runs it, which has no such switch); with a DeepSpeed whose bf16 section lacks the key (older than
+    lorakit's tested 0.19: it forbids unknown keys)."""
     bf16, zero = ds_config.get("bf16", {}), ds_config.get("zero_optimization", {})
+    accumulation = ds_config.get("data_types", {}).get("grad_accum_dtype")
     if (zero.get("stage", 0) not in (1, 2) or bf16.get("enabled") is not True or OVERFLOW_CHECK in bf16
+            or zero.get("compute_grad_norm", True) is False
+            or (zero["stage"] == 1 and accumulation not in (None, "bf16", "bfloat16"))
             or not deepspeed_has_overflow_switch()):  # fmt: skip
         return ds_config, []
     changed = copy.deepcopy(ds_config)

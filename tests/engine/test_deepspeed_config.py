@@ -256,21 +256,27 @@ def test_adapter_gradients_skip_stage_3s_bucket_copies(zero, trained_full, quant
 
 
 @pytest.mark.parametrize(
-    "stage, bf16, expected",
+    "stage, bf16, more, expected",
     [
-        (2, {"enabled": True}, False),  # lorakit's agreement checks every step: DeepSpeed's check is redundant
-        (1, {"enabled": True}, False),
-        (3, {"enabled": True}, None),  # stage 3 does not check in bf16: nothing to turn off
-        (0, {"enabled": True}, None),
-        (2, {"enabled": False}, None),  # fp32: DeepSpeed does not check
-        (2, {"enabled": True, "check_grad_overflow": True}, True),  # the file's word is kept
-        (2, {"enabled": True, "check_grad_overflow": False}, False),
+        (2, {"enabled": True}, {}, False),  # lorakit's agreement checks every step: DeepSpeed's check is redundant
+        (1, {"enabled": True}, {}, False),
+        (3, {"enabled": True}, {}, None),  # stage 3 does not check in bf16: nothing to turn off
+        (0, {"enabled": True}, {}, None),
+        (2, {"enabled": False}, {}, None),  # fp32: DeepSpeed does not check
+        (2, {"enabled": True, "check_grad_overflow": True}, {}, True),  # the file's word is kept
+        (2, {"enabled": True, "check_grad_overflow": False}, {}, False),
+        (2, {"enabled": True}, {"compute_grad_norm": False}, None),  # no norm for lorakit to check
+        (1, {"enabled": True}, {"grad_accum_dtype": "fp32"}, None),  # DeepSpeed's BF16_Optimizer: no switch
+        (2, {"enabled": True}, {"grad_accum_dtype": "fp32"}, False),
     ],
 )
-def test_deepspeed_s_overflow_check_is_left_to_lorakit_under_bf16_zero_1_and_2(stage, bf16, expected):
+def test_deepspeed_s_overflow_check_is_left_to_lorakit_under_bf16_zero_1_and_2(stage, bf16, more, expected):
     from lorakit.engine.deepspeed_config import leave_overflow_check_to_lorakit
 
-    ds_config = {"bf16": bf16, "fp16": {"enabled": False}, "zero_optimization": {"stage": stage}}
+    zero = {"stage": stage} | {k: v for k, v in more.items() if k == "compute_grad_norm"}
+    ds_config = {"bf16": bf16, "fp16": {"enabled": False}, "zero_optimization": zero}
+    if "grad_accum_dtype" in more:
+        ds_config["data_types"] = {"grad_accum_dtype": more["grad_accum_dtype"]}
     before = json.dumps(ds_config)
     changed, lines = leave_overflow_check_to_lorakit(ds_config)
     assert json.dumps(ds_config) == before  # the caller's config is not edited in place
