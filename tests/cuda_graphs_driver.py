@@ -8,9 +8,11 @@ micro-batches a step (a replay's outputs must not be overwritten while DeepSpeed
 previous micro-batch), packed rows of two lengths (128 and 256 tokens: one graph each, replayed many times), an
 evaluation every 4 steps (graphs recorded without autograd), LoRA dropout off (the two modes draw different random
 numbers), checkpoints saved under ZeRO-3 every 5 steps.
-Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record, and the graphs recorded.
+Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record, and the graphs recorded;
+and, for the ZeRO-2 runs, `grads_step2.pt` in the run's folder: every LoRA gradient of step 2 (GradientCapture).
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,6 +53,29 @@ RUNS = {
 }
 
 
+class GradientCapture:
+    """Every trained parameter's gradient in step 2's backward (its two micro-batches summed), as the backward hands
+    it over: a tensor hook on each, registered after step 1 (whose lora_A gradients are all zero: lora_B starts at
+    zero) and removed after step 2. A replay that handed DeepSpeed a gradient from the wrong buffer shows here, tensor
+    by tensor, where the loss and the norm average it away."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def __call__(self, info: lorakit.StepInfo) -> None:
+        if info.step == 1:
+            for name, param in info.model.engine.module.named_parameters():
+                if param.requires_grad:
+                    self.handles.append(param.register_hook(functools.partial(self.keep, name)))
+        elif info.step == 2:
+            for handle in self.handles:
+                handle.remove()
+
+    def keep(self, name: str, grad: torch.Tensor) -> None:
+        self.grads[name] = self.grads.get(name, 0) + grad.detach().float().cpu()
+
+
 def recorded_graphs() -> int:
     """The CUDA graphs inductor's graph trees hold on this GPU (recorded, not merely warmed up)."""
     from torch._inductor.cudagraph_trees import get_manager
@@ -69,7 +94,11 @@ results = {}
 for name, flags in RUNS.items():
     torch._dynamo.reset()  # each run compiles and records afresh (and clears the graphs of the run before)
     counters.clear()
-    result = lorakit.train(lorakit.Config.from_flat({**common, **flags, "output_dir": str(workdir / name)}))
+    capture = GradientCapture()
+    config = lorakit.Config.from_flat({**common, **flags, "output_dir": str(workdir / name)})
+    result = lorakit.train(config, on_step=capture if flags.get("zero_stage") == 2 else None)
+    if capture.grads and torch.distributed.get_rank() == 0:
+        torch.save(capture.grads, workdir / name / "grads_step2.pt")
     results[name] = result.metrics | {"cudagraph_skips": counters["inductor"]["cudagraph_skips"],
                                       "graphs": recorded_graphs()}  # fmt: skip
     del result
