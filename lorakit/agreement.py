@@ -5,8 +5,9 @@ arrived on any rank, whether the loss or gradient norm stopped being finite on a
 (lorakit.hooks) on any rank asked the run to stop. Reading them on the host (`float(loss)`, `.tolist()` of an
 all-reduce) blocks the CPU until the GPU has finished the step, so the next step's kernels cannot be queued
 behind it: on 4 H100s that idle gap was 23 % of a ZeRO-2 step (benchmarks/RESULTS.md). So each step's flags are
-computed and all-reduced on the device, where nothing waits, and read one step late, after the next step's work
-is queued and they are long done.
+computed and all-reduced on the device, where nothing waits, copied to pinned host memory as soon as they are
+done (lorakit.distributed.HostCopy: a `.tolist()` a step later would wait for the next step's whole work), and read
+one step late, after the next step's work is queued.
 
 A step that logs, evaluates, saves a checkpoint or ends the run reads its own flags before doing so: a
 checkpoint is never written after a non-finite step, and the error names the first step that was not finite.
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as torch_dist
 
 from lorakit.checkpoint import checkpoint_folders
+from lorakit.distributed import HostCopy
 from lorakit.errors import LorakitError
 
 
@@ -32,7 +34,7 @@ class StepFlags:
     """One step's agreement, still on the device until `read`."""
 
     step: int
-    flags: torch.Tensor  # [signal number, 1 if not finite, 1 if a hook asked to stop], the maximum over ranks
+    flags: HostCopy  # [signal number, 1 if not finite, 1 if a hook asked to stop], the maximum over ranks
     loss: torch.Tensor  # this rank's share of the step's loss, for the error message
     grad_norm: Any  # the global gradient norm before clipping (lorakit.train.run_step): a tensor, a float or None
 
@@ -47,7 +49,7 @@ class StepFlags:
         signal = torch.full_like(loss, float(signal_number), dtype=torch.float32)
         flags = torch.stack([signal, (~finite).float(), torch.full_like(signal, float(stop))])
         torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-        return cls(step, flags, loss, grad_norm)
+        return cls(step, HostCopy.queue(flags), loss, grad_norm)
 
     def read(self, output_dir: Path) -> tuple[int, bool]:
         """The signal number any rank received (0: none) and whether a hook on any rank asked to stop; a non-finite

@@ -66,6 +66,32 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+@dataclass
+class HostCopy:
+    """A small device tensor's values on their way to the host, for reading a step later without draining the GPU's
+    queue: a plain `.tolist()` of a CUDA tensor copies on the current stream and so waits for everything queued
+    before it (by then the whole next step); this copy is queued right after the tensor is made, into pinned memory,
+    and reading waits only for it. On the CPU the tensor itself."""
+
+    values: torch.Tensor
+    copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def queue(cls, tensor: torch.Tensor) -> HostCopy:
+        if not tensor.is_cuda:
+            return cls(tensor)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, copied)
+
+    def tolist(self) -> Any:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.values.tolist()
+
+
 def launch_world_size() -> int:
     """World size as the launcher announced it, readable before the process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))

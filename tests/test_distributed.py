@@ -48,3 +48,18 @@ def test_one_host_is_a_local_world_holding_every_rank(monkeypatch, local_world_s
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
     info = DistInfo(rank=0, local_rank=0, world_size=world_size, device=torch.device("cpu"))
     assert info.on_one_host is expected
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA GPU"))],
+)
+def test_a_host_copy_reads_the_values_the_tensor_had_when_queued(device):
+    """A step's flags are read a step later: the copy holds them as they were, whatever the tensor becomes after."""
+    from lorakit.distributed import HostCopy
+
+    tensor = torch.tensor([15.0, 0.0, 1.0], device=device)
+    copy = HostCopy.queue(tensor)
+    tensor.fill_(7.0)  # on the GPU queued after the copy; on the CPU the tensor itself is read
+    assert copy.tolist() == ([15.0, 0.0, 1.0] if device == "cuda" else [7.0, 7.0, 7.0])
+    assert (copy.copied is not None) == (device == "cuda") and not copy.values.is_cuda

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from lorakit.distributed import HostCopy
+
 WAIT_SECONDS = 90  # from the process's start; past it the run stops it and compiles itself (~20 s on H100s)
 READY_GRACE_SECONDS = 2.0  # a run that does not step eager waits this long more for its warm-up, then compiles
 VOCABULARY = 512  # the layer's graph does not depend on it; the embedding and head stay small on the GPU
@@ -190,7 +192,7 @@ class CompileSwitch:
     started: float = 0.0  # when the eager steps began
     forced: Any = None  # torch.compiler.set_stance's object while eager: leaving it restores the caller's stance
     reported: bool = False  # wait_for_warmup has said how the process ended (and kept a failed one's log)
-    posted: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # the last step's flag, on the host
+    posted: HostCopy | None = None  # the last step's flag, on its way to the host
 
     @property
     def eager(self) -> bool:
@@ -210,26 +212,15 @@ class CompileSwitch:
         if not self.eager:
             return []
         self.eager_steps += 1
-        if self.posted is not None:
-            host, copied = self.posted
-            if copied is not None:
-                copied.synchronize()  # queued a step ago: long done
-            if not host.item():  # no rank's process was running a step ago
-                return self.switch()
+        if self.posted is not None and not any(self.posted.tolist()):  # no rank's process was running a step ago
+            return self.switch()
         running = self.warmup.process.poll() is None
         if running and time.perf_counter() - self.warmup.started > self.timeout:
             running = False  # stopped at the switch (wait_for_warmup); the run compiles itself
         flag = torch.full((1,), float(running), device=self.device)  # filled on the device: no wait for the GPU
         if torch_dist.is_available() and torch_dist.is_initialized():
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        if flag.is_cuda:
-            host = torch.empty(1, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            self.posted = host, copied
-        else:
-            self.posted = flag, None
+        self.posted = HostCopy.queue(flag)  # read by the next step, which waits for this copy only
         return []
 
     def switch(self) -> list[str]:
