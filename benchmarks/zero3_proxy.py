@@ -63,11 +63,11 @@ def measure(flags: list[str], top: int) -> dict:
     from lorakit.train import run_step, set_learning_rate, set_up, step_plans
     from lorakit.validate import validate
 
-    if "--bf16" in flags and flags[flags.index("--bf16") + 1] == "True":
+    config = parse_config(flags)
+    if config.model.bf16:
         import lorakit.validate  # lorakit refuses bf16 on the CPU for users (fp32 trains there); DeepSpeed runs it
 
         lorakit.validate.validate_precision = lambda config: None
-    config = parse_config(flags)
     run = set_up(checked := validate(config))
     engine, dist = run.built.engine, run.dist
     set_learning_rate(engine, config.train.learning_rate)

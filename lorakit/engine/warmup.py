@@ -112,6 +112,8 @@ def mark_phase(name: str) -> None:
 
 def phases(warmup: Warmup) -> str:
     """Where the process's time went, from its log's phase marks: ": start and imports 8 s, ..." ("" if none)."""
+    if not warmup.wall_started:  # a Warmup made elsewhere, whose start the marks cannot be measured from
+        return ""
     try:
         text = warmup.log.read_text(errors="replace")
     except OSError:
@@ -120,7 +122,7 @@ def phases(warmup: Warmup) -> str:
     for name, at in re.findall(rf"^{PHASE} (\w+) ([\d.]+)$", text, re.MULTILINE):
         parts.append(f"{PHASES.get(name, name)} {float(at) - previous:.0f} s")
         previous = float(at)
-    return ": " + ", ".join(parts) if parts and warmup.wall_started else ""
+    return ": " + ", ".join(parts) if parts else ""
 
 
 def kill_warmup(process: subprocess.Popen) -> None:
