@@ -77,6 +77,9 @@ RUNS = {
     "zero2-nooverlap": ["--zero_stage", "2", "--deepspeed", "{nooverlap}"],
     "zero2-graphs-nooverlap": ["--zero_stage", "2", "--deepspeed", "{nooverlap}", "--torch_compile_mode",
                                "reduce-overhead"],
+    # the same with DeepSpeed's bf16 overflow check kept (lorakit turns it off under ZeRO-1/2 where the file is silent)
+    "zero2-graphs-nooverlap-overflowcheck": ["--zero_stage", "2", "--deepspeed", "{nooverlap_overflowcheck}",
+                                             "--torch_compile_mode", "reduce-overhead"],
     "full-zero3-graphs": ["--max_steps", "-1", "--torch_compile_mode", "reduce-overhead"],
     # an experiment (benchmarks/device_wait.py runs them): DeepSpeed's per-step host synchronisations as device waits
     "zero3-devicewait": [],
@@ -131,6 +134,7 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
     # lorakit's own rule since session 11 also raises the budget (deepspeed_config.gather_next_layer_ahead)
     "layerfetch": {"stage3_prefetch_bucket_size": 6 * 10**8},
     "nooverlap": {"overlap_comm": False},  # DeepSpeed's reduction stream off (RESULTS.md session 7 says why)
+    "nooverlap_overflowcheck": {"overlap_comm": False},  # and SECTIONS' bf16 below
     # each frozen weight gathered straight into its own buffer, not a layer into one rank-ordered buffer and each
     # weight copied out of it (DeepSpeed's coalesced default: 1,021 torch.cat a 32B step); 6 % slower (session 13)
     "sequential": {"stage3_allgather_sequential": True},
@@ -151,6 +155,11 @@ VARIANTS = {  # the reference DeepSpeed file with these ZeRO settings changed (s
         "stage3_max_reuse_distance": 3 * 10**9,
         "reduce_bucket_size": 5 * 10**8,
     },
+}
+
+# a variant's sections outside zero_optimization: DeepSpeed's bf16 overflow check kept, as if the file said so
+SECTIONS = {
+    "nooverlap_overflowcheck": {"bf16": {"enabled": "auto", "check_grad_overflow": True}},
 }
 
 
@@ -273,6 +282,7 @@ def write_variants(work: Path) -> None:
     for name, change in VARIANTS.items():
         config = json.loads((REPO / "examples/ds_config_zero3.json").read_text())
         config["zero_optimization"].update(change)
+        config.update(SECTIONS.get(name, {}))
         (work / f"ds_{name}.json").write_text(json.dumps(config))
     baseline = json.loads((REPO / "examples/ds_config_zero3.json").read_text())
     # DeepSpeed's fused Adam fails to JIT-build for the 9.0a arch on this host; torch's AdamW instead (LoRA: tiny)
