@@ -7,14 +7,16 @@ model fits, so lorakit removes ZeRO-3's per-layer hooks; lorakit runs ZeRO-3 wit
 micro-batches a step (a replay's outputs must not be overwritten while DeepSpeed still holds a LoRA gradient of the
 previous micro-batch), packed rows of two lengths (128 and 256 tokens: one graph each, replayed many times), an
 evaluation every 4 steps (graphs recorded without autograd), LoRA dropout off (the two modes draw different random
-numbers), checkpoints saved under ZeRO-3 every 5 steps.
+numbers), checkpoints saved under ZeRO-3 every 5 steps, and every trained tensor written afresh after each step,
+the same values in every run (SameWeightsEachStep says why).
 Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record, and the graphs recorded;
-and, for the ZeRO-2 runs, `grads_step2.pt` in the run's folder: every LoRA gradient of step 2 (GradientCapture).
+and `grads_stepN.pt` in the run's folder: every LoRA gradient of the CAPTURED_STEPS.
 """
 
 import functools
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -53,27 +55,47 @@ RUNS = {
 }
 
 
-class GradientCapture:
-    """Every trained parameter's gradient in step 2's backward (its two micro-batches summed), as the backward hands
-    it over: a tensor hook on each, registered after step 1 (whose lora_A gradients are all zero: lora_B starts at
-    zero) and removed after step 2. A replay that handed DeepSpeed a gradient from the wrong buffer shows here, tensor
-    by tensor, where the loss and the norm average it away."""
+CAPTURED_STEPS = (2, 6)  # the first step that replays recorded graphs, and one after an evaluation's graphs
+
+
+def same_values(name: str, step: int, like: torch.Tensor) -> torch.Tensor:
+    """Values for a trained tensor before `step`: the same in every run and on every rank (seeded by both)."""
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1_000_003 * step)
+    return torch.randn(like.shape, generator=generator).mul_(0.02).to(like.device, like.dtype)
+
+
+class SameWeightsEachStep:
+    """The hook that makes the runs comparable step by step: after each step it writes every trained tensor afresh
+    (same_values), in place, so the next step's forward, loss, gradients and any evaluation start from the same
+    weights with and without graphs, and a difference is the graphs' own. Training freely, the runs drift apart for
+    a reason of their own (measured on 2 H100s, session 17): Adam's first step moves each element by the learning
+    rate whatever its gradient's size, so a bf16 rounding of a near-zero lora_B gradient to the other sign became a
+    2e-2 difference of that weight, step 2's k_proj lora_A gradients were 11 % apart, and a gradient spike at step 8
+    (norm 8-9) put the losses 0.4 % apart (ZeRO-3 and ZeRO-2 without graphs: 0.9 %). DeepSpeed's optimizer keeps
+    its own fp32 copy, so a write lasts one step: the update still comes from the gradients.
+
+    It also keeps, for CAPTURED_STEPS, every trained tensor's gradient as the backward hands it over (its two
+    micro-batches summed; a tensor hook on each, registered the step before): a replay that handed DeepSpeed a
+    gradient from the wrong buffer shows here, tensor by tensor, where the loss and the norm average it away."""
 
     def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
+        self.grads: dict[int, dict[str, torch.Tensor]] = {step: {} for step in CAPTURED_STEPS}
         self.handles: list = []
 
     def __call__(self, info: lorakit.StepInfo) -> None:
-        if info.step == 1:
-            for name, param in info.model.engine.module.named_parameters():
-                if param.requires_grad:
-                    self.handles.append(param.register_hook(functools.partial(self.keep, name)))
-        elif info.step == 2:
-            for handle in self.handles:
-                handle.remove()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        trained = [(n, p) for n, p in info.model.engine.module.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            for name, param in trained:
+                param.copy_(same_values(name, info.step + 1, param))
+        if info.step + 1 in CAPTURED_STEPS:
+            for name, param in trained:
+                self.handles.append(param.register_hook(functools.partial(self.keep, info.step + 1, name)))
 
-    def keep(self, name: str, grad: torch.Tensor) -> None:
-        self.grads[name] = self.grads.get(name, 0) + grad.detach().float().cpu()
+    def keep(self, step: int, name: str, grad: torch.Tensor) -> None:
+        self.grads[step][name] = self.grads[step].get(name, 0) + grad.detach().float().cpu()
 
 
 def recorded_graphs() -> int:
@@ -94,11 +116,12 @@ results = {}
 for name, flags in RUNS.items():
     torch._dynamo.reset()  # each run compiles and records afresh (and clears the graphs of the run before)
     counters.clear()
-    capture = GradientCapture()
+    hook = SameWeightsEachStep()
     config = lorakit.Config.from_flat({**common, **flags, "output_dir": str(workdir / name)})
-    result = lorakit.train(config, on_step=capture if flags.get("zero_stage") == 2 else None)
-    if capture.grads and torch.distributed.get_rank() == 0:
-        torch.save(capture.grads, workdir / name / "grads_step2.pt")
+    result = lorakit.train(config, on_step=hook)
+    if torch.distributed.get_rank() == 0:
+        for step, grads in hook.grads.items():
+            torch.save(grads, workdir / name / f"grads_step{step}.pt")
     results[name] = result.metrics | {"cudagraph_skips": counters["inductor"]["cudagraph_skips"],
                                       "graphs": recorded_graphs()}  # fmt: skip
     del result

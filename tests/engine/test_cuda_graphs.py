@@ -75,11 +75,11 @@ def _log(path: Path) -> list[dict]:
 
 
 def test_cuda_graphs_train_as_the_compiled_layers_without_them(trained: tuple[Path, str]):
-    """ZeRO-2, same kernels, replayed: every step's loss and gradient norm and every evaluation as without the graphs
-    (measured: equal to 4 digits, some 1e-4 apart: graphs are not bit-reproducible run to run), over 12 steps of two
-    micro-batches at a learning rate of 1e-2, where a gradient overwritten by a later replay would move the losses
-    by far more than 1e-3 within a few steps (the first try, without a new round of graphs at each forward, failed
-    outright: an evaluation read a layer's output after a later replay overwrote it)."""
+    """ZeRO-2, same kernels, replayed: every step's loss and gradient norm and every evaluation as without the graphs,
+    each step from the same weights (the driver's SameWeightsEachStep), over 12 steps of two micro-batches, where a
+    gradient overwritten by a later replay would move a loss or a norm by far more than 1e-3 (the first try,
+    without a new round of graphs at each forward, failed outright: an evaluation read a layer's output after a
+    later replay overwrote it)."""
     workdir, output = trained
     graphs, plain = (_log(workdir / name / "trainer_log.jsonl") for name in ("zero2_graphs", "zero2_default"))
     assert len(graphs) == len(plain) >= 12
@@ -92,7 +92,7 @@ def test_cuda_graphs_train_as_the_compiled_layers_without_them(trained: tuple[Pa
                 assert ours[key] == pytest.approx(reference[key], rel=1e-3), (key, ours.get("step"))
         if "grad_norm" in reference:
             assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-2), ours.get("step")
-    assert steps[-1][0]["loss"] < 0.95 * steps[0][0]["loss"]  # it trains (bf16, tiny: 5.91 -> 5.47 measured)
+    assert len({round(p["loss"], 3) for _, p in steps}) > 6  # each step its own weights and rows: nothing constant
     metrics = json.loads((workdir / "metrics.json").read_text())
     # graphs were recorded (2 layers x forward and backward a row length, and the evaluation's forwards), and
     # inductor declined none; the runs without graphs recorded none
@@ -102,17 +102,18 @@ def test_cuda_graphs_train_as_the_compiled_layers_without_them(trained: tuple[Pa
     print(f"CUDA graphs on {metrics['world_size']} GPU(s)")
 
 
-def test_cuda_graphs_hand_over_every_lora_gradient_of_the_layers_without_them(trained: tuple[Path, str]):
-    """Step 2's gradient of every LoRA matrix (both micro-batches; tests/cuda_graphs_driver.py's GradientCapture),
-    tensor by tensor: the graphs' replay against the compiled layers without graphs, within bf16's reach after one
-    step that both took alike. Written for the GPU hosts (next lease); the loss and norm test above averages over
-    the tensors."""
+@pytest.mark.parametrize("step", [2, 6])
+def test_cuda_graphs_hand_over_every_lora_gradient_of_the_layers_without_them(trained: tuple[Path, str], step: int):
+    """Every LoRA matrix's gradient of a step (both micro-batches), tensor by tensor, from the same weights: the
+    graphs' replay against the compiled layers without graphs, within bf16's rounding (2e-2 of the tensor's norm).
+    Step 2 is the first to replay graphs recorded in step 1; step 6 follows the evaluation at step 4, whose forwards
+    recorded graphs of their own. The loss and norm test above averages over the tensors."""
     workdir, _ = trained
-    graphs, plain = (torch.load(workdir / name / "grads_step2.pt") for name in ("zero2_graphs", "zero2_default"))
+    graphs, plain = (torch.load(workdir / name / f"grads_step{step}.pt") for name in ("zero2_graphs", "zero2_default"))
     assert graphs.keys() == plain.keys() and len(plain) >= 4
     assert any(".lora_A." in name for name in plain) and any(".lora_B." in name for name in plain)
     for name, reference in plain.items():
-        assert float(reference.norm()) > 0, name  # step 2: lora_B has moved, so lora_A's gradient is not zero
+        assert float(reference.norm()) > 0, name  # lora_B is non-zero (the driver wrote it), so lora_A's is too
         assert float((graphs[name] - reference).norm()) <= 2e-2 * float(reference.norm()), name
 
 
