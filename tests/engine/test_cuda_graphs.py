@@ -128,3 +128,47 @@ def test_zero3_asked_for_cuda_graphs_runs_the_layers_without_them(trained: tuple
         return [{k: e[k] for k in ("step", "loss", "grad_norm", "eval_loss") if k in e} for e in log]
 
     assert numbers(graphs) == numbers(plain)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout: float):
+    """LoRA dropout inside a replayed graph: each replay draws new masks (inductor's graph-safe random state), so the
+    same row through the same weights gives another loss and other gradients at every replay; without dropout the
+    replays give the same numbers (so a difference is the masks'). A graph that froze its first masks would train
+    every later step on them. Replays only: the first calls warm up and record."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA GPU")
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.config import LoraSettings
+    from lorakit.engine.kernels import compile_decoder_layers
+    from lorakit.engine.model import attach_lora
+    from lorakit.loss import model_loss_sum
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    settings = LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=dropout, lora_target=("all",))
+    model = attach_lora(model, settings, 0).to("cuda").train()
+    for name, param in model.named_parameters():  # lora_B starts at zero: the masked path would not show
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    compile_decoder_layers(model, mode="reduce-overhead")
+    ids = torch.randint(3, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    batch = {"input_ids": ids, "position_ids": torch.cat([torch.arange(128), torch.arange(128)])[None].cuda()}
+    losses, grads = [], []
+    for _ in range(6):
+        model.zero_grad(set_to_none=True)
+        loss = model_loss_sum(model, batch, ids.clone())
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
+    replays = range(3, 6)
+    if dropout:
+        assert len({losses[i] for i in replays}) == len(replays), losses
+        assert all(not torch.equal(grads[i], grads[i - 1]) for i in replays)
+    else:
+        assert len({losses[i] for i in replays}) == 1, losses
+        assert all(torch.equal(grads[i], grads[3]) for i in replays)
+    from torch._inductor.cudagraph_trees import get_manager
+
+    assert get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None  # graphs were made
