@@ -148,10 +148,11 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
     torch._dynamo.reset()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
     settings = LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=dropout, lora_target=("all",))
-    model = attach_lora(model, settings, 0).to("cuda").train()
+    model = attach_lora(model, settings, 0).train()
     for name, param in model.named_parameters():  # lora_B starts at zero: the masked path would not show
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    model = model.to("cuda")
     compile_decoder_layers(model, mode="reduce-overhead")
     ids = torch.randint(3, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0)).cuda()
     batch = {"input_ids": ids, "position_ids": torch.cat([torch.arange(128), torch.arange(128)])[None].cuda()}
