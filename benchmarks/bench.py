@@ -68,9 +68,11 @@ RUNS = {
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],
-    # the compiled layers replayed as CUDA graphs (one per row length; ZeRO-3 falls back to the mode without them)
+    # the compiled layers replayed as CUDA graphs (one per row length; ZeRO-3 falls back to the mode without them);
+    # ZeRO-2's default since session 17, so zero2-graphs runs as zero2 does, and zero2-nographs declines them
     "zero3-graphs": ["--torch_compile_mode", "reduce-overhead"],
     "zero2-graphs": ["--zero_stage", "2", "--torch_compile_mode", "reduce-overhead"],
+    "zero2-nographs": ["--zero_stage", "2", "--torch_compile_mode", "default"],
     # the gradient reduction on the backward's own stream: no host synchronisation at the end of each micro-batch's
     # backward under ZeRO-2 (stage 3 still synchronises), and stage 3's bucket copies ordered with CUDA graphs
     "zero3-nooverlap": ["--deepspeed", "{nooverlap}"],

@@ -17,6 +17,7 @@ from lorakit.engine.deepspeed_config import (
     gather_next_layer_ahead,
     keep_frozen_weights_resident,
     lorakit_chooses_units,
+    offloaded,
     resolve_deepspeed_config,
 )
 from lorakit.engine.frozen_linear import save_frozen_weights_by_reference
@@ -215,9 +216,10 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     compiled, lines = use_torch_compile(config.model, config.lora, per_module_units, on_gpu)
     if not compiled:
         return False, "default", lines
+    tested = compute_dtype(config) == torch.bfloat16 and not offloaded(plan.ds_config.get("zero_optimization", {}))
     mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3,
                                            bool(config.train.gradient_checkpointing), config.train.packing,
-                                           on_gpu)  # fmt: skip
+                                           on_gpu, graphs_tested=tested)  # fmt: skip
     return True, mode, lines + mode_lines
 
 

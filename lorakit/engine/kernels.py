@@ -139,25 +139,31 @@ CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-
 
 
 def settle_compile_mode(
-    requested: str | None, zero3: bool, checkpointing: bool, packing: bool, on_gpu: bool
+    requested: str | None, zero3: bool, checkpointing: bool, packing: bool, on_gpu: bool, graphs_tested: bool = False
 ) -> tuple[str, list[str]]:
-    """torch.compile's mode for the layers and its log line. CUDA graphs (reduce-overhead) run under ZeRO-2 with packed
-    rows on a GPU, without gradient checkpointing, where tests/engine/test_cuda_graphs.py holds them on GPUs to the
-    same layers without graphs (every loss, gradient norm and evaluation within 1e-3, three runs). Under ZeRO-3 they
-    fall back to the mode without graphs: a partitioned weight is gathered into new memory at every call (the graph
-    would be recorded again each time), and with every weight kept whole the same GPU test drifted in one of two
-    runs (a gradient norm 6e-4 off at step 5, the loss 0.5 % off at step 8; the mode without graphs gives the same
-    numbers every run): stage 3 copies each gradient into its buckets on a stream of its own, which a graph's memory
-    pool does not wait for. (Since session 14 lorakit turns those copies off where only an adapter trains,
-    lorakit.engine.deepspeed_config.reduce_adapter_gradients_in_place; the reduce-scatter still reads each gradient
-    on DeepSpeed's stream: the GPU test has not run under ZeRO-3 since, so the fallback stays.) Gradient
-    checkpointing recomputes a layer inside backward, not tested under graphs. Without packing a batch is padded to
-    its longest example, so nearly every batch would record graphs of its own (packed rows are multiples of 128
-    tokens: a few lengths). A CPU has no CUDA graphs. Each time the log says so. Graphs are not bit-reproducible run
-    to run even under ZeRO-2 (1e-4 differences, measured), and not the default (benchmarks/RESULTS.md, session 7)."""
-    mode = requested or "default"
-    if mode not in CUDA_GRAPH_MODES:
-        return mode, []
+    """torch.compile's mode for the compiled layers and its log line.
+
+    Unset (the default): CUDA graphs (reduce-overhead) under ZeRO-2 with packed rows on a GPU, without gradient
+    checkpointing, where `graphs_tested` (bf16, nothing offloaded: the settings tests/engine/test_cuda_graphs.py
+    runs on GPUs); else the mode without graphs, silently. That test holds the graphs, on 2 H100s, to the same
+    layers without them: every step's loss and gradient norm and every evaluation within 1e-3, every LoRA gradient
+    of two steps tensor by tensor within 2e-2 of its norm, each step from the same weights; and each replay draws
+    its own LoRA dropout masks (session 17: the comparison passed three runs, the dropout test one). What they gain
+    at the reference per-GPU batch on 2 H100s: 0.188 -> 0.118 s a step on one host (overlap_comm off), 0.113 -> 0.105
+    on a faster one (benchmarks/RESULTS.md, session 17): a
+    compiled layer without graphs still launches its ~30 kernels from Python, and a step of ~1,200 tokens a GPU
+    waits on those launches. `--torch_compile_mode default` keeps the layers compiled without graphs.
+
+    Asked for, CUDA graphs (reduce-overhead, max-autotune) run where the default would run them, in any precision
+    and with offloading, and fall back to the mode without graphs elsewhere, with a log line. Under ZeRO-3 a
+    partitioned weight is gathered into new memory at every call (the graph would be recorded again each time), and
+    with every weight kept whole the GPU test has not run graphs since its first version, which drifted (the loss
+    0.5 % off at step 8) as its free-running ZeRO-2 comparison later did too (tests/cuda_graphs_driver.py's
+    SameWeightsEachStep says why), so the drift may not be the graphs' own; stage 3 also reduce-scatters each
+    gradient on a stream of its own, which a graph's memory pool does not wait for. Gradient checkpointing
+    recomputes a layer inside backward, not tested under graphs. Without packing a batch is padded to its longest
+    example, so nearly every batch would record graphs of its own (packed rows are multiples of 128 tokens: a few
+    lengths). A CPU has no CUDA graphs."""
     reason = None
     if not on_gpu:
         reason = "CUDA graphs need a CUDA GPU"
@@ -167,10 +173,19 @@ def settle_compile_mode(
         reason = "ZeRO-3: its gathers and gradient stream do not hold still for CUDA graphs; use --zero_stage 2"
     elif checkpointing:
         reason = "gradient checkpointing recomputes the layers inside backward; not tested under CUDA graphs"
-    if reason is None:
-        return mode, []
-    fallback = CUDA_GRAPH_MODES[mode]
-    return fallback, [f"torch.compile: mode {fallback}, not {mode} ({reason})"]
+    if requested is None:
+        if reason is None and graphs_tested:
+            return "reduce-overhead", [GRAPHS_BY_DEFAULT]
+        return "default", []
+    if requested not in CUDA_GRAPH_MODES or reason is None:
+        return requested, []
+    fallback = CUDA_GRAPH_MODES[requested]
+    return fallback, [f"torch.compile: mode {fallback}, not {requested} ({reason})"]
+
+
+GRAPHS_BY_DEFAULT = ("torch.compile: mode reduce-overhead, ZeRO-2's default (each layer replayed as CUDA graphs, "
+                     "tested to train as without them); --torch_compile_mode default compiles the layers without "
+                     "graphs")  # fmt: skip
 
 
 def start_a_round_of_graphs(*_: Any) -> None:

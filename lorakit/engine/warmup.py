@@ -25,8 +25,8 @@ runs past WAIT_SECONDS, its log is named and the run compiles the layers itself 
 could exceed the memory plan (ZeRO-3 releasing gathered weights between layers, or a plan near the memory's end:
 lorakit.train.eager_while_compiling), none are taken: the run gives its warm-up READY_GRACE_SECONDS more, then stops
 it and compiles at the first step (a 32B's warm-up has usually finished by then: it loads for longer than a layer
-compiles). Off where the layers are not compiled, and with --torch_compile_mode's CUDA graphs (recorded in the run
-itself).
+compiles). Off where the layers are not compiled, and with CUDA graphs (ZeRO-2's default, or --torch_compile_mode's:
+recorded in the run itself).
 """
 
 from __future__ import annotations

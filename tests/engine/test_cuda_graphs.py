@@ -16,34 +16,43 @@ import torch
 from launch import REPO, launch, torchrun
 
 from lorakit.config import ModelConfig
-from lorakit.engine.kernels import settle_compile_mode
+from lorakit.engine.kernels import GRAPHS_BY_DEFAULT, settle_compile_mode
 from lorakit.errors import LorakitError
 
-GPU_ZERO2 = {"zero3": False, "checkpointing": False, "packing": True, "on_gpu": True}  # where graphs run
+# where graphs run: ZeRO-2, packed rows, a GPU, no checkpointing, bf16 with nothing offloaded (graphs_tested)
+GPU_ZERO2 = {"zero3": False, "checkpointing": False, "packing": True, "on_gpu": True, "graphs_tested": True}
+FALLBACK = "torch.compile: mode {mode}, not {requested} ("
 
 
 @pytest.mark.parametrize(
     ("requested", "run", "mode", "said"),
     [
+        (None, {}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # the default where the GPU test below runs graphs
+        (None, {"graphs_tested": False}, "default", None),  # fp16, fp32 or offloading: not tested, so not the default
         (None, {"zero3": True}, "default", None),
+        (None, {"checkpointing": True}, "default", None),
+        (None, {"packing": False}, "default", None),
+        (None, {"on_gpu": False}, "default", None),
+        ("default", {}, "default", None),  # the way out of the default's graphs
         ("default", {"zero3": True, "checkpointing": True, "packing": False}, "default", None),  # nothing to rule out
         ("max-autotune-no-cudagraphs", {"on_gpu": False}, "max-autotune-no-cudagraphs", None),
         ("reduce-overhead", {}, "reduce-overhead", None),  # ZeRO-2, packed rows, a GPU: the GPU test below
-        ("reduce-overhead", {"zero3": True}, "default", "ZeRO-3"),
-        ("reduce-overhead", {"checkpointing": True}, "default", "gradient checkpointing"),
-        ("reduce-overhead", {"packing": False}, "default", "--packing false"),
-        ("reduce-overhead", {"on_gpu": False}, "default", "need a CUDA GPU"),
-        ("max-autotune", {"zero3": True}, "max-autotune-no-cudagraphs", "ZeRO-3"),
+        ("reduce-overhead", {"graphs_tested": False}, "reduce-overhead", None),  # asked for: any precision
+        ("reduce-overhead", {"zero3": True}, "default", FALLBACK + "ZeRO-3"),
+        ("reduce-overhead", {"checkpointing": True}, "default", FALLBACK + "gradient checkpointing"),
+        ("reduce-overhead", {"packing": False}, "default", FALLBACK + "--packing false"),
+        ("reduce-overhead", {"on_gpu": False}, "default", FALLBACK + "CUDA graphs need a CUDA GPU"),
+        ("max-autotune", {"zero3": True}, "max-autotune-no-cudagraphs", FALLBACK + "ZeRO-3"),
     ],
 )
-def test_cuda_graphs_only_under_zero2_with_packed_rows_on_a_gpu(requested, run, mode, said):
+def test_cuda_graphs_by_default_and_when_asked_only_under_zero2_with_packed_rows_on_a_gpu(requested, run, mode, said):
     settled, lines = settle_compile_mode(requested, **(GPU_ZERO2 | run))
     assert settled == mode
     if said is None:
         assert lines == []
     else:
         (line,) = lines
-        assert line.startswith(f"torch.compile: mode {mode}, not {requested} (") and said in line
+        assert line.startswith(said.format(mode=mode, requested=requested))
 
 
 @pytest.mark.parametrize(
@@ -173,3 +182,26 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
     from torch._inductor.cudagraph_trees import get_manager
 
     assert get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None  # graphs were made
+
+
+OFFLOADED = {"offload_optimizer": {"device": "cpu"}}
+
+
+@pytest.mark.parametrize(("zero", "mode"), [({}, "reduce-overhead"), (OFFLOADED, "default")])
+def test_the_run_settles_graphs_from_its_deepspeed_file(monkeypatch, tmp_path: Path, tiny_model: Path, zero, mode):
+    """compile_choice reads the resolved file: an offloaded optimizer (ZeRO-Offload's copies to the host, not in the
+    GPU test) keeps ZeRO-2's layers compiled without graphs."""
+    from transformers import AutoConfig
+
+    from lorakit.config import Config
+    from lorakit.engine import compile_choice, plan_engine
+
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, **zero}}))
+    config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
+                               "bf16": True, "deepspeed": str(ds_file)})  # fmt: skip
+    plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
+    compiled, settled, lines = compile_choice(config, plan, on_gpu=True)
+    assert compiled and settled == mode
+    assert (GRAPHS_BY_DEFAULT in lines) == (mode == "reduce-overhead")
