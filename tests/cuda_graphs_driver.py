@@ -88,7 +88,8 @@ class SameWeightsEachStep:
         self.handles = []
         trained = [(n, p) for n, p in info.model.engine.module.named_parameters() if p.requires_grad]
         with torch.no_grad():
-            for name, param in trained:
+            for name, param in trained:  # whole under ZeRO-3 too (the tiny model's weights all stay gathered)
+                assert param.numel() == getattr(param, "ds_numel", param.numel()), f"{name} is partitioned"
                 param.copy_(same_values(name, info.step + 1, param))
         if info.step + 1 in CAPTURED_STEPS:
             for name, param in trained:

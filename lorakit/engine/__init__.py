@@ -216,20 +216,29 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     compiled, lines = use_torch_compile(config.model, config.lora, per_module_units, on_gpu)
     if not compiled:
         return False, "default", lines
-    tested = compute_dtype(config) == torch.bfloat16 and not offloaded(plan.ds_config.get("zero_optimization", {}))
     mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3,
                                            bool(config.train.gradient_checkpointing), config.train.packing,
-                                           on_gpu, graphs_tested=tested)  # fmt: skip
+                                           on_gpu, graphs_tested=graphs_tested(config, plan))  # fmt: skip
     return True, mode, lines + mode_lines
+
+
+def graphs_tested(config: Config, plan: EnginePlan) -> bool:
+    """Whether the run is one that tests/engine/test_cuda_graphs.py trains under CUDA graphs on GPUs: ZeRO stage 2
+    (stages 0 and 1 run DeepSpeed's other bf16 optimizer), bf16, nothing offloaded, plain LoRA (a DoRA magnitude
+    or a module trained in full, compiled because --torch_compile true asked, is not in it)."""
+    zero = plan.ds_config.get("zero_optimization", {})
+    lora = config.lora
+    return (zero.get("stage", 0) == 2 and compute_dtype(config) == torch.bfloat16 and not offloaded(zero)
+            and not lora.use_dora and not lora.additional_target)  # fmt: skip
 
 
 def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_tokens: int,
                    evaluates: bool = False) -> WarmupSpec | None:  # fmt: skip
     """The warm-up process's settings (lorakit.engine.warmup), or None where none runs: the layers not compiled, no
-    GPU, a mode other than the default (CUDA graphs are recorded in the run), packing off (padded batches call
-    the layers with another mask), or Liger's kernels asked for beside --torch_compile (the warm-up's layer has
-    none). `step_tokens`: a rank's largest share of a step, the row's length hint; `evaluates`: the run holds out
-    data to evaluate on (an evaluation pass compiles its own graph)."""
+    GPU, a settled mode other than `default` (CUDA graphs, ZeRO-2's default, are recorded in the run), packing off
+    (padded batches call the layers with another mask), or Liger's kernels asked for beside --torch_compile (the
+    warm-up's layer has none). `step_tokens`: a rank's largest share of a step, the row's length hint; `evaluates`:
+    the run holds out data to evaluate on (an evaluation pass compiles its own graph)."""
     compiled, mode, _ = compile_choice(config, plan, device.type == "cuda")
     liger = config.model.enable_liger_kernel is True  # asked for beside --torch_compile: another layer
     if not (compiled and mode == "default" and device.type == "cuda" and config.train.packing) or liger:

@@ -143,14 +143,14 @@ def settle_compile_mode(
 ) -> tuple[str, list[str]]:
     """torch.compile's mode for the compiled layers and its log line.
 
-    Unset (the default): CUDA graphs (reduce-overhead) under ZeRO-2 with packed rows on a GPU, without gradient
-    checkpointing, where `graphs_tested` (bf16, nothing offloaded: the settings tests/engine/test_cuda_graphs.py
-    runs on GPUs); else the mode without graphs, silently. That test holds the graphs, on 2 H100s, to the same
-    layers without them: every step's loss and gradient norm and every evaluation within 1e-3, every LoRA gradient
-    of two steps tensor by tensor within 2e-2 of its norm, each step from the same weights; and each replay draws
-    its own LoRA dropout masks (session 17: the comparison passed three runs, the dropout test one). What they gain
-    at the reference per-GPU batch on 2 H100s: 0.188 -> 0.118 s a step on one host (overlap_comm off), 0.113 -> 0.105
-    on a faster one (benchmarks/RESULTS.md, session 17): a
+    Unset (the default): CUDA graphs (reduce-overhead) with packed rows on a GPU, without gradient checkpointing,
+    where `graphs_tested` (lorakit.engine.graphs_tested: ZeRO-2, bf16, nothing offloaded, no DoRA or fully trained
+    module: the runs tests/engine/test_cuda_graphs.py trains on GPUs); else the mode without graphs, silently. That
+    test holds the graphs, on 2 H100s, to the same layers without them: every step's loss and gradient norm and
+    every evaluation within 1e-3, every LoRA gradient of two steps tensor by tensor within 2e-2 of its norm, each
+    step from the same weights; and each replay draws its own LoRA dropout masks (session 17: the comparison passed
+    three runs, the dropout test one). What they gain at the reference per-GPU batch on 2 H100s: 0.188 -> 0.118 s a
+    step on one host (overlap_comm off), 0.113 -> 0.105 on a faster one (on) (benchmarks/RESULTS.md, session 17): a
     compiled layer without graphs still launches its ~30 kernels from Python, and a step of ~1,200 tokens a GPU
     waits on those launches. `--torch_compile_mode default` keeps the layers compiled without graphs.
 

@@ -184,13 +184,21 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
     assert get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None  # graphs were made
 
 
-OFFLOADED = {"offload_optimizer": {"device": "cpu"}}
-
-
-@pytest.mark.parametrize(("zero", "mode"), [({}, "reduce-overhead"), (OFFLOADED, "default")])
-def test_the_run_settles_graphs_from_its_deepspeed_file(monkeypatch, tmp_path: Path, tiny_model: Path, zero, mode):
-    """compile_choice reads the resolved file: an offloaded optimizer (ZeRO-Offload's copies to the host, not in the
-    GPU test) keeps ZeRO-2's layers compiled without graphs."""
+@pytest.mark.parametrize(
+    ("zero", "flags", "mode"),
+    [
+        ({}, {}, "reduce-overhead"),
+        ({"offload_optimizer": {"device": "cpu"}}, {}, "default"),  # ZeRO-Offload's copies to the host: not tested
+        ({"stage": 1}, {}, "default"),  # stages 0 and 1: DeepSpeed's other bf16 optimizer, not tested
+        ({}, {"bf16": False}, "default"),  # fp32
+        ({}, {"use_dora": True, "torch_compile": True}, "default"),  # compiled as asked, without graphs
+        ({}, {"additional_target": ("lm_head",), "torch_compile": True}, "default"),
+        ({}, {"use_rslora": True}, "reduce-overhead"),  # the same graph, another scale constant
+    ],
+)
+def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, tiny_model: Path, zero, flags, mode):
+    """compile_choice reads the resolved DeepSpeed file and the LoRA settings: CUDA graphs by default only in the
+    runs the GPU test above trains (lorakit.engine.graphs_tested)."""
     from transformers import AutoConfig
 
     from lorakit.config import Config
@@ -200,7 +208,7 @@ def test_the_run_settles_graphs_from_its_deepspeed_file(monkeypatch, tmp_path: P
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, **zero}}))
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
-                               "bf16": True, "deepspeed": str(ds_file)})  # fmt: skip
+                               "bf16": True, "deepspeed": str(ds_file), **flags})  # fmt: skip
     plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
     compiled, settled, lines = compile_choice(config, plan, on_gpu=True)
     assert compiled and settled == mode
