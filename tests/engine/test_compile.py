@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from launch import REPO, start, stop_unread, yield_to_pytest
+from lora_rows import lora_model, loss_and_grads
 
 from lorakit.config import LoraSettings, ModelConfig
 from lorakit.engine.kernels import (
@@ -25,38 +26,10 @@ from lorakit.engine.kernels import (
     inductor_cache_beside_data,
     use_torch_compile,
 )
-from lorakit.engine.model import attach_lora
 from lorakit.errors import LorakitError
 from lorakit.loss import model_loss_sum
 
 CUDA = torch.cuda.is_available()
-
-
-def _model(tiny_model: Path, dtype: torch.dtype, device: str, variant: str = "lora"):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
-    if variant == "checkpointed":  # as lorakit turns it on (lorakit.engine.build_engine): recompute in backward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    settings = LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target=("all",),
-                            use_dora=variant == "dora", use_rslora=variant == "rslora")  # fmt: skip
-    model = attach_lora(model, settings, 0)
-    model.train()
-    for name, param in model.named_parameters():  # LoRA B starts at zero; give it values so every path matters
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
-    return model.to(device)
-
-
-def _loss_and_grads(model, lengths: list[int], device: str) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    generator = torch.Generator().manual_seed(sum(lengths))
-    input_ids = torch.randint(3, model.config.vocab_size, (1, sum(lengths)), generator=generator)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    loss = model_loss_sum(model, {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)},
-                          input_ids.clone())  # fmt: skip
-    loss.backward()
-    return float(loss.detach()), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # Plain LoRA, the layers recomputed in backward (the memory plan's gradient checkpointing), rsLoRA's scale, DoRA's
@@ -115,19 +88,19 @@ def _assert_compiled_matches(eager: tuple, compiled: tuple, reference: tuple | N
 def test_compiled_layers_match_the_eager_layers(tiny_model: Path, device, backend, dtype, tolerance, variant):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    eager, compiled = _model(tiny_model, dtype, device, variant), _model(tiny_model, dtype, device, variant)
+    eager, compiled = lora_model(tiny_model, dtype, device, variant), lora_model(tiny_model, dtype, device, variant)
     # the reference computes in fp32 from the very weights the bf16 models hold (rounded to bf16, then upcast)
-    reference = _model(tiny_model, dtype, device, variant).float() if tolerance is None else None
+    reference = lora_model(tiny_model, dtype, device, variant).float() if tolerance is None else None
     (line,) = compile_decoder_layers(compiled, backend=backend)
     assert line.startswith("torch.compile: the forward of each of 2 Qwen2DecoderLayers compiled")
     # Three row lengths; one for DoRA on the CPU: its graph breaks leave the row length constant after each break,
     # so every new length captures ~20 pieces again (30 s of the CPU suite for what the first length already checks).
     rows = ([37, 90, 1], [12, 64, 33, 5], [200])
     for lengths in rows[:1] if variant == "dora" and device == "cpu" else rows:
-        eager_result = _loss_and_grads(eager, lengths, device)
+        eager_result = loss_and_grads(eager, lengths, device)
         assert len(eager_result[1]) == 2 * 7 * (3 if variant == "dora" else 2)  # A, B (DoRA: and magnitude) a linear
-        expected = _loss_and_grads(reference, lengths, device) if reference is not None else None
-        _assert_compiled_matches(eager_result, _loss_and_grads(compiled, lengths, device), expected, tolerance,
+        expected = loss_and_grads(reference, lengths, device) if reference is not None else None
+        _assert_compiled_matches(eager_result, loss_and_grads(compiled, lengths, device), expected, tolerance,
                                  str(lengths))  # fmt: skip
     stats = torch._dynamo.utils.counters["stats"]
     assert stats["unique_graphs"] >= 1, dict(stats)  # dynamo did capture the layers
@@ -138,10 +111,10 @@ def test_every_layer_runs_one_graph(tiny_model: Path):
     (lorakit.engine.model.make_layer_inputs_require_grad): one compile for the whole stack, not a second for layer 0."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = _model(tiny_model, torch.float32, "cpu")
+    model = lora_model(tiny_model, torch.float32, "cpu")
     compile_decoder_layers(model, backend="aot_eager")
     before = compile_seconds()
-    _loss_and_grads(model, [30, 50], "cpu")
+    loss_and_grads(model, [30, 50], "cpu")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert compile_seconds() > before + 0.1  # the final summary's compile_seconds: the capture was timed
 
@@ -151,7 +124,7 @@ def test_the_first_layers_input_keeps_no_gradient(tiny_model: Path):
     the hidden states, into it, and the loss's graph keeps that leaf while the loss lives (in lorakit.train.run_step,
     through the next micro-batch's forward). Nothing but the parameters may hold a gradient after backward."""
     torch._dynamo.reset()
-    model = _model(tiny_model, torch.float32, "cpu")
+    model = lora_model(tiny_model, torch.float32, "cpu")
     compile_decoder_layers(model, backend="aot_eager")
     input_ids = torch.randint(3, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     loss = model_loss_sum(model, {"input_ids": input_ids, "position_ids": torch.arange(64)[None]}, input_ids.clone())
@@ -183,11 +156,11 @@ def test_a_new_row_length_compiles_nothing_more(tiny_model: Path):
     lengths, packed alike, reuse the first compile; dynamo's automatic mode would compile everything again."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = _model(tiny_model, torch.float32, "cpu")
+    model = lora_model(tiny_model, torch.float32, "cpu")
     compile_decoder_layers(model, backend="aot_eager")
     graphs = []
     for lengths in ([30, 50], [41, 77], [9, 20]):
-        _loss_and_grads(model, lengths, "cpu")
+        loss_and_grads(model, lengths, "cpu")
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 2, graphs
 
@@ -199,12 +172,12 @@ def test_a_row_as_long_as_the_hidden_size_or_the_head_dim_compiles_nothing_more(
     compiled graph's)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = _model(tiny_model, torch.float32, "cpu")
+    model = lora_model(tiny_model, torch.float32, "cpu")
     assert model.config.hidden_size == 64 and model.config.hidden_size // model.config.num_attention_heads == 16
     compile_decoder_layers(model, backend="aot_eager")
     graphs = []
     for lengths in ([30, 50], [30, 34], [10, 6], [41, 77]):  # 80, then 64 (the hidden size), 16 (the head dim)
-        _loss_and_grads(model, lengths, "cpu")
+        loss_and_grads(model, lengths, "cpu")
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 3, graphs
 

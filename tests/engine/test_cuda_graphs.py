@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from launch import REPO, launch, torchrun
+from lora_rows import lora_model, loss_and_grads
 
 from lorakit.config import ModelConfig
 from lorakit.engine.kernels import GRAPHS_BY_DEFAULT, settle_compile_mode
@@ -147,38 +148,24 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
     every later step on them. Replays only: the first calls warm up and record."""
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need a CUDA GPU")
-    from transformers import AutoModelForCausalLM
-
-    from lorakit.config import LoraSettings
     from lorakit.engine.kernels import compile_decoder_layers
-    from lorakit.engine.model import attach_lora
-    from lorakit.loss import model_loss_sum
 
     torch._dynamo.reset()
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    settings = LoraSettings(lora_rank=8, lora_alpha=16, lora_dropout=dropout, lora_target=("all",))
-    model = attach_lora(model, settings, 0).train()
-    for name, param in model.named_parameters():  # lora_B starts at zero: the masked path would not show
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
-    model = model.to("cuda")
+    model = lora_model(tiny_model, torch.bfloat16, "cuda", dropout=dropout)
     compile_decoder_layers(model, mode="reduce-overhead")
-    ids = torch.randint(3, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0)).cuda()
-    batch = {"input_ids": ids, "position_ids": torch.cat([torch.arange(128), torch.arange(128)])[None].cuda()}
-    losses, grads = [], []
-    for _ in range(6):
-        model.zero_grad(set_to_none=True)
-        loss = model_loss_sum(model, batch, ids.clone())
-        loss.backward()
-        losses.append(float(loss))
-        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
-    replays = range(3, 6)
+    results = [loss_and_grads(model, [128, 128], "cuda") for _ in range(6)]  # the same row each time
+    replays = results[3:]
+    losses = [loss for loss, _ in replays]
+
+    def same_grads(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[name], b[name]) for name in a)
+
     if dropout:
-        assert len({losses[i] for i in replays}) == len(replays), losses
-        assert all(not torch.equal(grads[i], grads[i - 1]) for i in replays)
+        assert len(set(losses)) == len(replays), losses
+        assert not any(same_grads(a[1], b[1]) for a, b in zip(replays, replays[1:]))
     else:
-        assert len({losses[i] for i in replays}) == 1, losses
-        assert all(torch.equal(grads[i], grads[3]) for i in replays)
+        assert len(set(losses)) == 1, losses
+        assert all(same_grads(grads, replays[0][1]) for _, grads in replays)
     from torch._inductor.cudagraph_trees import get_manager
 
     assert get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None  # graphs were made
