@@ -154,8 +154,8 @@ def settle_compile_mode(
     compiled layer without graphs still launches its ~30 kernels from Python, and a step of ~1,200 tokens a GPU
     waits on those launches. `--torch_compile_mode default` keeps the layers compiled without graphs.
 
-    Asked for, CUDA graphs (reduce-overhead, max-autotune) run where the default would run them, in any precision
-    and with offloading, and fall back to the mode without graphs elsewhere, with a log line. Under ZeRO-3 a
+    Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_tested` is false (ZeRO-0/1, any
+    precision, offloading, DoRA), and fall back to the mode without graphs elsewhere, with a log line. Under ZeRO-3 a
     partitioned weight is gathered into new memory at every call (the graph would be recorded again each time), and
     with every weight kept whole the GPU test has not run graphs since its first version, which drifted (the loss
     0.5 % off at step 8) as its free-running ZeRO-2 comparison later did too (tests/cuda_graphs_driver.py's

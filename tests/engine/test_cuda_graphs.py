@@ -29,7 +29,7 @@ FALLBACK = "torch.compile: mode {mode}, not {requested} ("
     ("requested", "run", "mode", "said"),
     [
         (None, {}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # the default where the GPU test below runs graphs
-        (None, {"graphs_tested": False}, "default", None),  # fp16, fp32 or offloading: not tested, so not the default
+        (None, {"graphs_tested": False}, "default", None),  # not a run the GPU test trains (graphs_tested)
         (None, {"zero3": True}, "default", None),
         (None, {"checkpointing": True}, "default", None),
         (None, {"packing": False}, "default", None),
