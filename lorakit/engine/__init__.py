@@ -18,11 +18,14 @@ from lorakit.engine.deepspeed_config import (
     keep_frozen_weights_resident,
     lorakit_chooses_units,
     offloaded,
+    reduce_gradients_on_compute_stream,
     resolve_deepspeed_config,
+    weights_stay_whole,
 )
 from lorakit.engine.frozen_linear import save_frozen_weights_by_reference
 from lorakit.engine.jit import clear_stale_build_locks, settle_cuda_arch_list, watch_build_locks
 from lorakit.engine.kernels import (
+    CUDA_GRAPH_MODES,
     apply_liger_kernel,
     compile_decoder_layers,
     inductor_cache_beside_data,
@@ -152,6 +155,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         recompute_first_layers_only(model, plan.checkpointed_layers)
     compiled, mode, compile_lines = compile_choice(config, plan, on_gpu)
+    ds_config, said = reduce_gradients_on_compute_stream(ds_config, graphs=compiled and mode in CUDA_GRAPH_MODES)
+    notes += said
     liger_flag = config.model.enable_liger_kernel  # unset: off under torch.compile, whose inductor fuses the same ops
     liger, lines = use_liger_kernel(False if liger_flag is None and compiled else liger_flag, hf_config.model_type)
     notes += (apply_liger_kernel(model) if liger else lines) + compile_lines
@@ -182,7 +187,8 @@ def build_engine(config: Config, dist: DistInfo, plan: EnginePlan | None = None)
     if zero3 and not (stay or quantized or deepspeed_linear_runs(ds_config)):  # let the forward free released weights
         notes += save_frozen_weights_by_reference(engine.module, decoder_layers(engine.module) if compiled else [])
     if compiled:  # on the engine's module: the model as DeepSpeed runs it (its hooks outside each compiled layer)
-        notes += inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
+        mode, said = graphs_only_if_weights_stay(mode, stay)
+        notes += said + inductor_cache_beside_data() + compile_decoder_layers(engine.module, mode=mode)
     return BuiltEngine(engine, ds_config, notes, trainable, total, pissa, stay)
 
 
@@ -208,6 +214,20 @@ def settle_zero3_engine(engine: Any, resident_layers: int) -> tuple[list[str], b
     return notes, False
 
 
+def graphs_only_if_weights_stay(mode: str, stay: bool) -> tuple[str, list[str]]:
+    """The compile mode once the engine is built, and a log line where it changed: a CUDA graphs mode becomes the same
+    mode without graphs where ZeRO-3 left some weights partitioned after all (`stay` false: compile_choice's forecast,
+    weights_stay_whole, missed), since each such weight is gathered into new memory at every use and a graph replays
+    the addresses it recorded."""
+    if mode not in CUDA_GRAPH_MODES or stay:
+        return mode, []
+    fallback = CUDA_GRAPH_MODES[mode]
+    return fallback, [
+        f"torch.compile: mode {fallback}, not {mode} (ZeRO-3 left some weights partitioned after all, "
+        "each gathered into new memory at every use: a CUDA graph replays the addresses it recorded)"
+    ]
+
+
 def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool, str, list[str]]:
     """Whether the decoder layers are compiled, in which torch.compile mode, and the log lines saying so
     (lorakit.engine.kernels.use_torch_compile and settle_compile_mode), from the settled config and engine plan."""
@@ -216,19 +236,22 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     compiled, lines = use_torch_compile(config.model, config.lora, per_module_units, on_gpu)
     if not compiled:
         return False, "default", lines
-    mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, zero3,
+    partitioned = zero3 and not weights_stay_whole(plan.ds_config, plan.shape.parameters)
+    mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, partitioned,
                                            bool(config.train.gradient_checkpointing), config.train.packing,
                                            on_gpu, graphs_tested=graphs_tested(config, plan))  # fmt: skip
     return True, mode, lines + mode_lines
 
 
 def graphs_tested(config: Config, plan: EnginePlan) -> bool:
-    """Whether the run is one that tests/engine/test_cuda_graphs.py trains under CUDA graphs on GPUs: ZeRO stage 2
-    (stages 0 and 1 run DeepSpeed's other bf16 optimizer), bf16, nothing offloaded, plain LoRA (a DoRA magnitude
-    or a module trained in full, compiled because --torch_compile true asked, is not in it)."""
+    """Whether the run is one that tests/engine/test_cuda_graphs.py trains under CUDA graphs on GPUs: ZeRO stage 2,
+    or stage 3 keeping every weight whole (weights_stay_whole; stages 0 and 1 run DeepSpeed's other bf16 optimizer),
+    bf16, nothing offloaded, plain LoRA (a DoRA magnitude or a module trained in full, compiled because
+    --torch_compile true asked, is not in it)."""
     zero = plan.ds_config.get("zero_optimization", {})
-    lora = config.lora
-    return (zero.get("stage", 0) == 2 and compute_dtype(config) == torch.bfloat16 and not offloaded(zero)
+    stage, lora = zero.get("stage", 0), config.lora
+    whole = stage == 2 or (stage == 3 and weights_stay_whole(plan.ds_config, plan.shape.parameters))
+    return (whole and compute_dtype(config) == torch.bfloat16 and not offloaded(zero)
             and not lora.use_dora and not lora.additional_target)  # fmt: skip
 
 

@@ -298,6 +298,37 @@ def automatic_persistence_threshold(hidden_size: int, largest_lora: int) -> int:
     return max(10 * hidden_size, largest_lora + 1)
 
 
+def weights_stay_whole(ds_config: dict[str, Any], parameters: int) -> bool:
+    """Whether ZeRO-3 will keep every weight gathered on every GPU, forecast from the DeepSpeed config before the
+    engine exists (`parameters`: the base model's count): a persistence threshold above every weight (the memory
+    plan's keep_frozen_weights_resident, or the file's own), no model-wide persistence cap below the model, no
+    parameter offloading. build_engine checks the forecast on the built engine (skip_unit_hooks_when_all_resident)."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3 or offloaded({"offload_param": zero.get("offload_param")}):
+        return False
+    threshold, cap = zero.get("stage3_param_persistence_threshold", 0), zero.get("stage3_model_persistence_threshold")
+    numbers = all(isinstance(v, (int, float)) for v in (threshold, cap if cap is not None else 0))
+    return numbers and threshold > parameters and (cap is None or cap > parameters)
+
+
+def reduce_gradients_on_compute_stream(ds_config: dict[str, Any], graphs: bool) -> tuple[dict[str, Any], list[str]]:
+    """Under ZeRO-3 with CUDA graphs (`graphs`: the layers replay them): `overlap_comm` off, and the log line (nothing
+    where it is off already, or without graphs). Stage 3
+    copies each gradient into its reduce bucket on a reduction stream of its own (`overlap_comm`), then drops the
+    gradient the backward produced. A replayed graph's gradient lives in the graphs' memory pool, which the next
+    layer's backward replay may write at once on the compute stream, not waiting for that copy (the caching
+    allocator's record_stream does not cover the pool). With `overlap_comm` off, stage 3's reduction stream is the
+    compute stream, so the copy comes before the next replay; ZeRO-2 copies on the compute stream either way. What it
+    costs is the overlap of a LoRA gradient reduction (~2 bytes a LoRA weight a step) with the backward."""
+    zero = ds_config.get("zero_optimization", {})
+    if not graphs or zero.get("stage") != 3 or zero.get("overlap_comm", True) is False:  # absent: stage 3's on
+        return ds_config, []
+    changed = copy.deepcopy(ds_config)
+    changed["zero_optimization"]["overlap_comm"] = False
+    return changed, ["ZeRO-3 with CUDA graphs: overlap_comm -> false (each gradient is copied into the reduce "
+                     "bucket on the compute stream, before the next graph replay may reuse its memory)"]  # fmt: skip
+
+
 def keep_frozen_weights_resident(ds_config: dict[str, Any], parameters: int) -> dict[str, Any]:
     """The config with a persistence threshold above every parameter: ZeRO-3 gathers each weight once and keeps it,
     while the adapter's optimizer state and gradients stay partitioned."""

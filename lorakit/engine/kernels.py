@@ -139,29 +139,34 @@ CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-
 
 
 def settle_compile_mode(
-    requested: str | None, zero3: bool, checkpointing: bool, packing: bool, on_gpu: bool, graphs_tested: bool = False
+    requested: str | None,
+    zero3_partitioned: bool,
+    checkpointing: bool,
+    packing: bool,
+    on_gpu: bool,
+    graphs_tested: bool = False,
 ) -> tuple[str, list[str]]:
     """torch.compile's mode for the compiled layers and its log line.
 
     Unset (the default): CUDA graphs (reduce-overhead) with packed rows on a GPU, without gradient checkpointing,
-    where `graphs_tested` (lorakit.engine.graphs_tested: ZeRO-2, bf16, nothing offloaded, no DoRA or fully trained
-    module: the runs tests/engine/test_cuda_graphs.py trains on GPUs); else the mode without graphs, silently. That
-    test holds the graphs, on 2 H100s, to the same layers without them: every step's loss and gradient norm and
-    every evaluation within 1e-3, every LoRA gradient of two steps tensor by tensor within 2e-2 of its norm, each
-    step from the same weights; and each replay draws its own LoRA dropout masks (session 17: the comparison passed
-    three runs, the dropout test one). What they gain at the reference per-GPU batch on 2 H100s: 0.188 -> 0.118 s a
-    step on one host (overlap_comm off), 0.113 -> 0.105 on a faster one (on) (benchmarks/RESULTS.md, session 17): a
-    compiled layer without graphs still launches its ~30 kernels from Python, and a step of ~1,200 tokens a GPU
-    waits on those launches. `--torch_compile_mode default` keeps the layers compiled without graphs.
+    where `graphs_tested` (lorakit.engine.graphs_tested: ZeRO-2, or ZeRO-3 keeping every weight whole, in bf16,
+    nothing offloaded, no DoRA or fully trained module: the runs tests/engine/test_cuda_graphs.py trains on GPUs);
+    else the mode without graphs, silently. That test holds the graphs, on 2 H100s, to the same layers without them:
+    every step's loss and gradient norm and every evaluation within 1e-3, every LoRA gradient of two steps tensor by
+    tensor within 2e-2 of its norm, each step from the same weights; and each replay draws its own LoRA dropout
+    masks (session 17: the comparison passed three runs, the dropout test one). What they gain at the reference
+    per-GPU batch on 2 H100s: 0.188 -> 0.118 s a step on one host (overlap_comm off), 0.113 -> 0.105 on a faster one
+    (on) (benchmarks/RESULTS.md, session 17): a compiled layer without graphs still launches its ~30 kernels from
+    Python, and a step of ~1,200 tokens a GPU waits on those launches. `--torch_compile_mode default` keeps the
+    layers compiled without graphs.
 
     Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_tested` is false (ZeRO-0/1, any
-    precision, offloading, DoRA), and fall back to the mode without graphs elsewhere, with a log line. Under ZeRO-3 a
-    partitioned weight is gathered into new memory at every call (the graph would be recorded again each time), and
-    with every weight kept whole the GPU test has not run graphs since its first version, which drifted (the loss
-    0.5 % off at step 8) as its free-running ZeRO-2 comparison later did too (tests/cuda_graphs_driver.py's
-    SameWeightsEachStep says why), so the drift may not be the graphs' own; stage 3 also reduce-scatters each
-    gradient on a stream of its own, which a graph's memory pool does not wait for. Gradient checkpointing
-    recomputes a layer inside backward, not tested under graphs. Without packing a batch is padded to its longest
+    precision, offloading, DoRA), and fall back to the mode without graphs elsewhere, with a log line.
+    `zero3_partitioned`: ZeRO-3 keeps some weight partitioned, gathered into new memory at every call, so a graph
+    would be recorded again each time (with every weight whole, the weights hold still: lorakit.engine.zero3's
+    gather_released keeps the adapter's addresses, and build_engine turns stage 3's reduction stream off,
+    deepspeed_config.reduce_gradients_on_compute_stream says why). Gradient checkpointing recomputes a layer inside
+    backward, not tested under graphs. Without packing a batch is padded to its longest
     example, so nearly every batch would record graphs of its own (packed rows are multiples of 128 tokens: a few
     lengths). A CPU has no CUDA graphs."""
     reason = None
@@ -169,8 +174,11 @@ def settle_compile_mode(
         reason = "CUDA graphs need a CUDA GPU"
     elif not packing:
         reason = "--packing false pads each batch to its own longest example: a graph for nearly every batch"
-    elif zero3:
-        reason = "ZeRO-3: its gathers and gradient stream do not hold still for CUDA graphs; use --zero_stage 2"
+    elif zero3_partitioned:
+        reason = (
+            "ZeRO-3 partitions weights here, each gathered into new memory at every use; --zero_stage 2, or "
+            "frozen weights that fit whole on each GPU, replay graphs"
+        )
     elif checkpointing:
         reason = "gradient checkpointing recomputes the layers inside backward; not tested under CUDA graphs"
     if requested is None:
@@ -183,7 +191,7 @@ def settle_compile_mode(
     return fallback, [f"torch.compile: mode {fallback}, not {requested} ({reason})"]
 
 
-GRAPHS_BY_DEFAULT = ("torch.compile: mode reduce-overhead, ZeRO-2's default (each layer replayed as CUDA graphs, "
+GRAPHS_BY_DEFAULT = ("torch.compile: mode reduce-overhead, the default here (each layer replayed as CUDA graphs, "
                      "tested to train as without them); --torch_compile_mode default compiles the layers without "
                      "graphs")  # fmt: skip
 

@@ -154,10 +154,9 @@ def gather_released(parameters: list[Any], addresses: dict[int, torch.Tensor] | 
     DeepSpeed's own (the one its forward fetches use); nothing where none is. `addresses` (where every weight stays
     gathered): each gathered weight is copied back into the memory it had before, so it never moves. DeepSpeed's
     gather puts each weight in new memory, and a CUDA graph replays on the addresses it was recorded with: the
-    adapter, released and gathered at every step, would otherwise be recorded again every step. (CUDA graphs,
-    ZeRO-2's default, stay off under ZeRO-3 for now, lorakit.engine.kernels.settle_compile_mode says why; this is
-    the half of their conditions that holds already, tested on 2 CPU ranks: the copy is 2 bytes a LoRA weight a
-    step.)"""
+    adapter, released and gathered at every step, would otherwise be recorded again every step (CUDA graphs run
+    under ZeRO-3 where every weight stays whole: lorakit.engine.kernels.settle_compile_mode). Tested on 2 CPU ranks;
+    the copy is 2 bytes a LoRA weight a step."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     pending = [p for p in parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]

@@ -1,5 +1,6 @@
-"""--torch_compile_mode reduce-overhead: the compiled layers replayed as CUDA graphs train as the same layers
-without them under ZeRO-2, and ZeRO-3 falls back to the mode without graphs, saying so.
+"""CUDA graphs (--torch_compile_mode reduce-overhead, the default where tested): the compiled layers replayed as
+graphs train as the same layers without them under ZeRO-2 and under ZeRO-3 keeping every weight whole; where ZeRO-3
+partitions weights, a request falls back to the mode without graphs, saying so.
 
 The decision is a table on the CPU; the training is tests/cuda_graphs_driver.py on up to 2 GPUs (skipped in CI):
 
@@ -20,8 +21,9 @@ from lorakit.config import ModelConfig
 from lorakit.engine.kernels import GRAPHS_BY_DEFAULT, settle_compile_mode
 from lorakit.errors import LorakitError
 
-# where graphs run: ZeRO-2, packed rows, a GPU, no checkpointing, bf16 with nothing offloaded (graphs_tested)
-GPU_ZERO2 = {"zero3": False, "checkpointing": False, "packing": True, "on_gpu": True, "graphs_tested": True}
+# where graphs run: ZeRO-2 (or ZeRO-3 with every weight whole), packed rows, a GPU, no checkpointing, bf16 with
+# nothing offloaded (graphs_tested)
+GPU_ZERO2 = {"zero3_partitioned": False, "checkpointing": False, "packing": True, "on_gpu": True, "graphs_tested": True}
 FALLBACK = "torch.compile: mode {mode}, not {requested} ("
 
 
@@ -30,23 +32,30 @@ FALLBACK = "torch.compile: mode {mode}, not {requested} ("
     [
         (None, {}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # the default where the GPU test below runs graphs
         (None, {"graphs_tested": False}, "default", None),  # not a run the GPU test trains (graphs_tested)
-        (None, {"zero3": True}, "default", None),
+        (None, {"zero3_partitioned": True}, "default", None),
         (None, {"checkpointing": True}, "default", None),
         (None, {"packing": False}, "default", None),
         (None, {"on_gpu": False}, "default", None),
         ("default", {}, "default", None),  # the way out of the default's graphs
-        ("default", {"zero3": True, "checkpointing": True, "packing": False}, "default", None),  # nothing to rule out
+        (
+            "default",
+            {"zero3_partitioned": True, "checkpointing": True, "packing": False},
+            "default",
+            None,
+        ),  # nothing to rule out
         ("max-autotune-no-cudagraphs", {"on_gpu": False}, "max-autotune-no-cudagraphs", None),
         ("reduce-overhead", {}, "reduce-overhead", None),  # ZeRO-2, packed rows, a GPU: the GPU test below
         ("reduce-overhead", {"graphs_tested": False}, "reduce-overhead", None),  # asked for: any precision
-        ("reduce-overhead", {"zero3": True}, "default", FALLBACK + "ZeRO-3"),
+        ("reduce-overhead", {"zero3_partitioned": True}, "default", FALLBACK + "ZeRO-3 partitions weights here"),
         ("reduce-overhead", {"checkpointing": True}, "default", FALLBACK + "gradient checkpointing"),
         ("reduce-overhead", {"packing": False}, "default", FALLBACK + "--packing false"),
         ("reduce-overhead", {"on_gpu": False}, "default", FALLBACK + "CUDA graphs need a CUDA GPU"),
-        ("max-autotune", {"zero3": True}, "max-autotune-no-cudagraphs", FALLBACK + "ZeRO-3"),
+        ("max-autotune", {"zero3_partitioned": True}, "max-autotune-no-cudagraphs", FALLBACK + "ZeRO-3"),
     ],
 )
-def test_cuda_graphs_by_default_and_when_asked_only_under_zero2_with_packed_rows_on_a_gpu(requested, run, mode, said):
+def test_cuda_graphs_by_default_and_when_asked_only_with_weights_in_place_and_packed_rows_on_a_gpu(
+    requested, run, mode, said
+):
     settled, lines = settle_compile_mode(requested, **(GPU_ZERO2 | run))
     assert settled == mode
     if said is None:
@@ -84,14 +93,16 @@ def _log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_cuda_graphs_train_as_the_compiled_layers_without_them(trained: tuple[Path, str]):
-    """ZeRO-2, same kernels, replayed: every step's loss and gradient norm and every evaluation as without the graphs,
-    each step from the same weights (the driver's SameWeightsEachStep), over 12 steps of two micro-batches, where a
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_cuda_graphs_train_as_the_compiled_layers_without_them(trained: tuple[Path, str], stage: str):
+    """Same kernels, replayed: every step's loss and gradient norm and every evaluation as without the graphs, each
+    step from the same weights (the driver's SameWeightsEachStep), over 12 steps of two micro-batches, where a
     gradient overwritten by a later replay would move a loss or a norm by far more than 1e-3 (the first try,
     without a new round of graphs at each forward, failed outright: an evaluation read a layer's output after a
-    later replay overwrote it)."""
+    later replay overwrote it). Under ZeRO-3 every weight stays whole (the tiny model fits), checkpoints are saved
+    every 5 steps (their gather and release of the adapter), and stage 3 reduces on the compute stream."""
     workdir, output = trained
-    graphs, plain = (_log(workdir / name / "trainer_log.jsonl") for name in ("zero2_graphs", "zero2_default"))
+    graphs, plain = (_log(workdir / f"{stage}_{mode}" / "trainer_log.jsonl") for mode in ("graphs", "default"))
     assert len(graphs) == len(plain) >= 12
     steps = [(g, p) for g, p in zip(graphs, plain) if "loss" in p]
     assert len(steps) >= 12 and any("eval_loss" in p for p in plain)
@@ -106,38 +117,33 @@ def test_cuda_graphs_train_as_the_compiled_layers_without_them(trained: tuple[Pa
     metrics = json.loads((workdir / "metrics.json").read_text())
     # graphs were recorded (2 layers x forward and backward a row length, and the evaluation's forwards), and
     # inductor declined none; the runs without graphs recorded none
-    assert metrics["zero2_graphs"]["graphs"] >= 4 and metrics["zero2_graphs"]["cudagraph_skips"] == 0
-    assert metrics["zero2_default"]["graphs"] == metrics["zero3_graphs"]["graphs"] == 0
+    assert metrics[f"{stage}_graphs"]["graphs"] >= 4 and metrics[f"{stage}_graphs"]["cudagraph_skips"] == 0
+    assert metrics[f"{stage}_default"]["graphs"] == 0
     assert "reduce-overhead: CUDA graphs, one per row length" in output
-    print(f"CUDA graphs on {metrics['world_size']} GPU(s)")
+    if stage == "zero3":
+        assert "ZeRO-3: every weight stays gathered between steps" in output
+        assert "ZeRO-3 with CUDA graphs: overlap_comm -> false" in output
+        assert GRAPHS_BY_DEFAULT in output  # the ZeRO-3 run asks for nothing: graphs are its default
+        assert "not reduce-overhead" not in output  # no fallback
+    print(f"CUDA graphs under {stage} on {metrics['world_size']} GPU(s)")
 
 
-@pytest.mark.parametrize("step", [2, 6])
-def test_cuda_graphs_hand_over_every_lora_gradient_of_the_layers_without_them(trained: tuple[Path, str], step: int):
+@pytest.mark.parametrize(("stage", "step"), [("zero2", 2), ("zero2", 6), ("zero3", 2), ("zero3", 6)])
+def test_cuda_graphs_hand_over_every_lora_gradient_of_the_layers_without_them(
+    trained: tuple[Path, str], stage: str, step: int
+):
     """Every LoRA matrix's gradient of a step (both micro-batches), tensor by tensor, from the same weights: the
     graphs' replay against the compiled layers without graphs, within bf16's rounding (2e-2 of the tensor's norm).
     Step 2 is the first to replay graphs recorded in step 1; step 6 follows the evaluation at step 4, whose forwards
-    recorded graphs of their own. The loss and norm test above averages over the tensors."""
+    recorded graphs of their own (and, under ZeRO-3, the checkpoint of step 5). The loss and norm test above averages
+    over the tensors."""
     workdir, _ = trained
-    graphs, plain = (torch.load(workdir / name / f"grads_step{step}.pt") for name in ("zero2_graphs", "zero2_default"))
+    graphs, plain = (torch.load(workdir / f"{stage}_{mode}" / f"grads_step{step}.pt") for mode in ("graphs", "default"))
     assert graphs.keys() == plain.keys() and len(plain) >= 4
     assert any(".lora_A." in name for name in plain) and any(".lora_B." in name for name in plain)
     for name, reference in plain.items():
         assert float(reference.norm()) > 0, name  # lora_B is non-zero (the driver wrote it), so lora_A's is too
         assert float((graphs[name] - reference).norm()) <= 2e-2 * float(reference.norm()), name
-
-
-def test_zero3_asked_for_cuda_graphs_runs_the_layers_without_them(trained: tuple[Path, str]):
-    """Under ZeRO-3 (lorakit.engine.kernels.settle_compile_mode says why) the request falls back, with a log line,
-    and trains exactly as the default mode does (which gave the same numbers run after run, measured on H100s)."""
-    workdir, output = trained
-    assert "torch.compile: mode default, not reduce-overhead (ZeRO-3:" in output
-    graphs, plain = (_log(workdir / name / "trainer_log.jsonl") for name in ("zero3_graphs", "zero3_default"))
-
-    def numbers(log: list[dict]) -> list[dict]:  # not the timings
-        return [{k: e[k] for k in ("step", "loss", "grad_norm", "eval_loss") if k in e} for e in log]
-
-    assert numbers(graphs) == numbers(plain)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -181,11 +187,20 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
         ({}, {"use_dora": True, "torch_compile": True}, "default"),  # compiled as asked, without graphs
         ({}, {"additional_target": ("lm_head",), "torch_compile": True}, "default"),
         ({}, {"use_rslora": True}, "reduce-overhead"),  # the same graph, another scale constant
+        ({"stage": 3}, {}, "default"),  # ZeRO-3, the frozen weights partitioned (the memory plan may keep them whole)
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, {}, "reduce-overhead"),  # every weight whole
+        (
+            {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 10**4},
+            {},
+            "default",
+        ),  # the model-wide cap partitions the rest
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "cpu"}}, {}, "default"),
     ],
 )
 def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, tiny_model: Path, zero, flags, mode):
     """compile_choice reads the resolved DeepSpeed file and the LoRA settings: CUDA graphs by default only in the
-    runs the GPU test above trains (lorakit.engine.graphs_tested)."""
+    runs the GPU test above trains (lorakit.engine.graphs_tested), under ZeRO-3 only where every weight stays whole
+    (lorakit.engine.deepspeed_config.weights_stay_whole)."""
     from transformers import AutoConfig
 
     from lorakit.config import Config
@@ -200,3 +215,22 @@ def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, t
     compiled, settled, lines = compile_choice(config, plan, on_gpu=True)
     assert compiled and settled == mode
     assert (GRAPHS_BY_DEFAULT in lines) == (mode == "reduce-overhead")
+
+
+@pytest.mark.parametrize(
+    ("mode", "stay", "settled"),
+    [
+        ("reduce-overhead", True, "reduce-overhead"),
+        ("reduce-overhead", False, "default"),  # weights_stay_whole's forecast missed: no graphs
+        ("max-autotune", False, "max-autotune-no-cudagraphs"),
+        ("default", False, "default"),
+        ("max-autotune-no-cudagraphs", False, "max-autotune-no-cudagraphs"),
+    ],
+)
+def test_graphs_are_dropped_where_zero3_left_weights_partitioned_after_all(mode, stay, settled):
+    from lorakit.engine import graphs_only_if_weights_stay
+
+    result, lines = graphs_only_if_weights_stay(mode, stay)
+    assert result == settled
+    assert (lines != []) == (settled != mode)
+    assert all(f"mode {settled}, not {mode} (ZeRO-3 left some weights partitioned" in line for line in lines)

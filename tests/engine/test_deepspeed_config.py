@@ -291,3 +291,56 @@ def test_a_deepspeed_without_the_overflow_switch_keeps_its_check(monkeypatch):
     monkeypatch.setattr(deepspeed_config, "deepspeed_has_overflow_switch", lambda: False)
     ds_config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
     assert deepspeed_config.leave_overflow_check_to_lorakit(ds_config) == (ds_config, [])
+
+
+MODEL = 1_000_000  # the base model's parameters, as lorakit.engine.memory.ModelShape counts them
+
+
+@pytest.mark.parametrize(
+    ("zero", "whole"),
+    [
+        ({"stage": 3, "stage3_param_persistence_threshold": MODEL + 1}, True),  # keep_frozen_weights_resident's
+        ({"stage": 3, "stage3_param_persistence_threshold": MODEL}, False),  # a weight as large as the model: no
+        (
+            {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": MODEL},
+            False,
+        ),
+        (
+            {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 10**13},
+            True,
+        ),
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "cpu"}}, False),
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "none"}}, True),
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_optimizer": {"device": "cpu"}}, True),
+        ({"stage": 3}, False),  # DeepSpeed's own threshold is far below a weight matrix
+        ({"stage": 2, "stage3_param_persistence_threshold": 10**12}, False),  # nothing partitioned to keep whole
+    ],
+)
+def test_weights_stay_whole_is_forecast_from_the_zero3_settings(zero, whole):
+    from lorakit.engine.deepspeed_config import keep_frozen_weights_resident, weights_stay_whole
+
+    assert weights_stay_whole({"zero_optimization": zero}, MODEL) is whole
+    planned = keep_frozen_weights_resident({"zero_optimization": {"stage": 3}}, MODEL)  # the memory plan's own
+    assert weights_stay_whole(planned, MODEL)
+
+
+@pytest.mark.parametrize(
+    ("zero", "graphs", "overlap"),
+    [
+        ({"stage": 3, "overlap_comm": True}, True, False),
+        ({"stage": 3}, True, False),  # absent: DeepSpeed's stage-3 default is on
+        ({"stage": 3, "overlap_comm": False}, True, False),  # already off: nothing said
+        ({"stage": 3, "overlap_comm": True}, False, True),  # no graphs: the file's overlap stays
+        ({"stage": 2, "overlap_comm": True}, True, True),  # ZeRO-2 copies on the compute stream anyway
+    ],
+)
+def test_zero3_reduces_on_the_compute_stream_under_cuda_graphs(zero, graphs, overlap):
+    from lorakit.engine.deepspeed_config import reduce_gradients_on_compute_stream
+
+    ds_config = {"zero_optimization": dict(zero)}
+    changed, lines = reduce_gradients_on_compute_stream(ds_config, graphs)
+    assert changed["zero_optimization"].get("overlap_comm", True) is overlap
+    assert ds_config == {"zero_optimization": zero}  # the caller's dict untouched
+    said = zero.get("overlap_comm", True) and not overlap  # turned off here, not found off
+    assert len(lines) == int(said)
+    assert all(line.startswith("ZeRO-3 with CUDA graphs: overlap_comm -> false") for line in lines)
