@@ -237,9 +237,14 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     if not compiled:
         return False, "default", lines
     partitioned = zero3 and not weights_stay_whole(plan.ds_config, plan.shape.parameters)
+    # ZeRO-3 replays graphs only when asked: its GPU test passes, and a step is 0.204 -> 0.140 s at the reference
+    # per-GPU batch on 2 H100s, but the whole reference job on 4 took 129 s against 86-90 without them (the first
+    # steps compile in the run, not in a warm-up process, and each new row length is recorded: benchmarks/RESULTS.md,
+    # session 18)
+    by_default = graphs_tested(config, plan) and not zero3
     mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, partitioned,
-                                           bool(config.train.gradient_checkpointing), config.train.packing,
-                                           on_gpu, graphs_tested=graphs_tested(config, plan))  # fmt: skip
+                                           bool(config.train.gradient_checkpointing), config.train.packing, on_gpu,
+                                           graphs_by_default=by_default, peak_share=plan.peak_share)  # fmt: skip
     return True, mode, lines + mode_lines
 
 

@@ -23,15 +23,30 @@ from lorakit.errors import LorakitError
 
 # where graphs run: ZeRO-2 (or ZeRO-3 with every weight whole), packed rows, a GPU, no checkpointing, bf16 with
 # nothing offloaded (graphs_tested)
-GPU_ZERO2 = {"zero3_partitioned": False, "checkpointing": False, "packing": True, "on_gpu": True, "graphs_tested": True}
+GPU_ZERO2 = {
+    "zero3_partitioned": False,
+    "checkpointing": False,
+    "packing": True,
+    "on_gpu": True,
+    "graphs_by_default": True,
+}
 FALLBACK = "torch.compile: mode {mode}, not {requested} ("
+ASKED = {"torch_compile_mode": "reduce-overhead"}
 
 
 @pytest.mark.parametrize(
     ("requested", "run", "mode", "said"),
     [
         (None, {}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # the default where the GPU test below runs graphs
-        (None, {"graphs_tested": False}, "default", None),  # not a run the GPU test trains (graphs_tested)
+        (None, {"graphs_by_default": False}, "default", None),  # not a run the GPU test trains, or ZeRO-3
+        (None, {"peak_share": 0.5}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # room for the graphs' own pool
+        (
+            None,
+            {"peak_share": 0.72},
+            "default",
+            "torch.compile: mode default, without CUDA graphs: the memory plan's peak is 72% of the free memory",
+        ),  # measured out of memory with graphs (GRAPHS_PEAK_SHARE)
+        ("reduce-overhead", {"peak_share": 0.72}, "reduce-overhead", None),  # asked for: obeyed
         (None, {"zero3_partitioned": True}, "default", None),
         (None, {"checkpointing": True}, "default", None),
         (None, {"packing": False}, "default", None),
@@ -45,7 +60,7 @@ FALLBACK = "torch.compile: mode {mode}, not {requested} ("
         ),  # nothing to rule out
         ("max-autotune-no-cudagraphs", {"on_gpu": False}, "max-autotune-no-cudagraphs", None),
         ("reduce-overhead", {}, "reduce-overhead", None),  # ZeRO-2, packed rows, a GPU: the GPU test below
-        ("reduce-overhead", {"graphs_tested": False}, "reduce-overhead", None),  # asked for: any precision
+        ("reduce-overhead", {"graphs_by_default": False}, "reduce-overhead", None),  # asked for: any precision
         ("reduce-overhead", {"zero3_partitioned": True}, "default", FALLBACK + "ZeRO-3 partitions weights here"),
         ("reduce-overhead", {"checkpointing": True}, "default", FALLBACK + "gradient checkpointing"),
         ("reduce-overhead", {"packing": False}, "default", FALLBACK + "--packing false"),
@@ -123,7 +138,6 @@ def test_cuda_graphs_train_as_the_compiled_layers_without_them(trained: tuple[Pa
     if stage == "zero3":
         assert "ZeRO-3: every weight stays gathered between steps" in output
         assert "ZeRO-3 with CUDA graphs: overlap_comm -> false" in output
-        assert GRAPHS_BY_DEFAULT in output  # the ZeRO-3 run asks for nothing: graphs are its default
         assert "not reduce-overhead" not in output  # no fallback
     print(f"CUDA graphs under {stage} on {metrics['world_size']} GPU(s)")
 
@@ -188,19 +202,24 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
         ({}, {"additional_target": ("lm_head",), "torch_compile": True}, "default"),
         ({}, {"use_rslora": True}, "reduce-overhead"),  # the same graph, another scale constant
         ({"stage": 3}, {}, "default"),  # ZeRO-3, the frozen weights partitioned (the memory plan may keep them whole)
-        ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, {}, "reduce-overhead"),  # every weight whole
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, {}, "default"),  # ZeRO-3: graphs when asked
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, ASKED, "reduce-overhead"),  # every weight whole
         (
             {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 10**4},
-            {},
+            ASKED,
             "default",
         ),  # the model-wide cap partitions the rest
-        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "cpu"}}, {}, "default"),
+        (
+            {"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "cpu"}},
+            ASKED,
+            "default",
+        ),
     ],
 )
 def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, tiny_model: Path, zero, flags, mode):
     """compile_choice reads the resolved DeepSpeed file and the LoRA settings: CUDA graphs by default only in the
-    runs the GPU test above trains (lorakit.engine.graphs_tested), under ZeRO-3 only where every weight stays whole
-    (lorakit.engine.deepspeed_config.weights_stay_whole)."""
+    runs the GPU test above trains (lorakit.engine.graphs_tested) under ZeRO-2; under ZeRO-3 when asked for, where
+    every weight stays whole (lorakit.engine.deepspeed_config.weights_stay_whole)."""
     from transformers import AutoConfig
 
     from lorakit.config import Config
@@ -214,7 +233,7 @@ def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, t
     plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
     compiled, settled, lines = compile_choice(config, plan, on_gpu=True)
     assert compiled and settled == mode
-    assert (GRAPHS_BY_DEFAULT in lines) == (mode == "reduce-overhead")
+    assert (GRAPHS_BY_DEFAULT in lines) == (mode == "reduce-overhead" and "torch_compile_mode" not in flags)
 
 
 @pytest.mark.parametrize(
