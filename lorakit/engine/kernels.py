@@ -149,25 +149,27 @@ def settle_compile_mode(
 ) -> tuple[str, list[str]]:
     """torch.compile's mode for the compiled layers and its log line.
 
-    Unset (the default): CUDA graphs (reduce-overhead) with packed rows on a GPU, without gradient checkpointing,
-    where `graphs_tested` (lorakit.engine.graphs_tested: ZeRO-2, or ZeRO-3 keeping every weight whole, in bf16,
-    nothing offloaded, no DoRA or fully trained module: the runs tests/engine/test_cuda_graphs.py trains on GPUs);
-    else the mode without graphs, silently. That test holds the graphs, on 2 H100s, to the same layers without them:
-    every step's loss and gradient norm and every evaluation within 1e-3, every LoRA gradient of two steps tensor by
-    tensor within 2e-2 of its norm, each step from the same weights; and each replay draws its own LoRA dropout
-    masks (session 17: the comparison passed three runs, the dropout test one). What they gain at the reference
-    per-GPU batch on 2 H100s: 0.188 -> 0.118 s a step on one host (overlap_comm off), 0.113 -> 0.105 on a faster one
-    (on) (benchmarks/RESULTS.md, session 17): a compiled layer without graphs still launches its ~30 kernels from
-    Python, and a step of ~1,200 tokens a GPU waits on those launches. `--torch_compile_mode default` keeps the
-    layers compiled without graphs.
+    Unset (the default): CUDA graphs (reduce-overhead) with packed rows on a GPU, without gradient checkpointing, where
+    `graphs_by_default` (compile_choice: lorakit.engine.graphs_tested under ZeRO-2, i.e. bf16, nothing offloaded, no
+    DoRA or fully trained module, the runs tests/engine/test_cuda_graphs.py trains on GPUs) and the memory plan's
+    `peak_share` (its estimated peak over the free memory) is at most GRAPHS_PEAK_SHARE; else the mode without graphs,
+    silently but for the memory's case. That test holds the graphs, on 2 H100s, to the same layers without them, under
+    ZeRO-2 and under ZeRO-3 keeping every weight whole: every step's loss and gradient norm and every evaluation within
+    1e-3, every LoRA gradient of two steps tensor by tensor within 2e-2 of its norm, each step from the same weights;
+    and each replay draws its own LoRA dropout masks (session 17: ZeRO-2's comparison passed three runs, the dropout
+    test one; session 18: both stages and the dropout test, once). What they gain at the reference per-GPU batch on 2
+    H100s: 0.188 -> 0.118 s a step on one host (overlap_comm off), 0.113 -> 0.105 on a faster one (on)
+    (benchmarks/RESULTS.md, session 17): a compiled layer without graphs still launches its ~30 kernels from Python, and
+    a step of ~1,200 tokens a GPU waits on those launches. `--torch_compile_mode default` keeps the layers compiled
+    without graphs.
 
-    Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_tested` is false (ZeRO-0/1, any
-    precision, offloading, DoRA), and fall back to the mode without graphs elsewhere, with a log line.
-    `zero3_partitioned`: ZeRO-3 keeps some weight partitioned, gathered into new memory at every call, so a graph
-    would be recorded again each time (with every weight whole, the weights hold still: lorakit.engine.zero3's
-    gather_released keeps the adapter's addresses, and build_engine turns stage 3's reduction stream off,
-    deepspeed_config.reduce_gradients_on_compute_stream says why). Gradient checkpointing recomputes a layer inside
-    backward, not tested under graphs. Without packing a batch is padded to its longest
+    Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_by_default` is false (ZeRO-3 keeping
+    every weight whole, ZeRO-0/1, any precision, offloading, DoRA) or the memory is short, and fall back to the mode
+    without graphs elsewhere, with a log line. `zero3_partitioned`: ZeRO-3 keeps some weight partitioned, gathered into
+    new memory at every call, so a graph would be recorded again each time (with every weight whole, the weights hold
+    still: lorakit.engine.zero3's gather_released keeps the adapter's addresses, and build_engine turns stage 3's
+    reduction stream off, deepspeed_config.reduce_gradients_on_compute_stream says why). Gradient checkpointing
+    recomputes a layer inside backward, not tested under graphs. Without packing a batch is padded to its longest
     example, so nearly every batch would record graphs of its own (packed rows are multiples of 128 tokens: a few
     lengths). A CPU has no CUDA graphs."""
     reason = None
