@@ -220,20 +220,42 @@ def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, t
     """compile_choice reads the resolved DeepSpeed file and the LoRA settings: CUDA graphs by default only in the
     runs the GPU test above trains (lorakit.engine.graphs_tested) under ZeRO-2; under ZeRO-3 when asked for, where
     every weight stays whole (lorakit.engine.deepspeed_config.weights_stay_whole)."""
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    settled, lines = _settled_mode(tmp_path, tiny_model, zero, flags)
+    assert settled == mode
+    assert (GRAPHS_BY_DEFAULT in lines) == (mode == "reduce-overhead" and "torch_compile_mode" not in flags)
+
+
+def _settled_mode(tmp_path: Path, tiny_model: Path, zero: dict, flags: dict, peak_share: float = 0.0):
+    """compile_choice's mode and lines for the tiny model on 2 GPUs, the DeepSpeed file's ZeRO section `zero` (over
+    stage 2), the flags, and a memory plan's peak share."""
+    import dataclasses
+
     from transformers import AutoConfig
 
     from lorakit.config import Config
     from lorakit.engine import compile_choice, plan_engine
 
-    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, **zero}}))
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
                                "bf16": True, "deepspeed": str(ds_file), **flags})  # fmt: skip
     plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
-    compiled, settled, lines = compile_choice(config, plan, on_gpu=True)
-    assert compiled and settled == mode
-    assert (GRAPHS_BY_DEFAULT in lines) == (mode == "reduce-overhead" and "torch_compile_mode" not in flags)
+    compiled, settled, lines = compile_choice(config, dataclasses.replace(plan, peak_share=peak_share), on_gpu=True)
+    assert compiled
+    return settled, lines
+
+
+@pytest.mark.parametrize(("peak_share", "flags", "mode"), [(0.49, {}, "reduce-overhead"), (0.72, {}, "default"),
+                                                          (0.72, ASKED, "reduce-overhead")])  # fmt: skip
+def test_the_memory_plan_s_peak_decides_zero2_s_default_graphs(monkeypatch, tmp_path, tiny_model, peak_share, flags,
+                                                               mode):  # fmt: skip
+    """The memory plan's peak (EnginePlan.peak_share, set by plan_run_memory) reaches settle_compile_mode: above
+    GRAPHS_PEAK_SHARE ZeRO-2 runs without graphs by default, saying so; asked for, they run."""
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    settled, lines = _settled_mode(tmp_path, tiny_model, {}, flags, peak_share)
+    assert settled == mode
+    assert any("without CUDA graphs: the memory plan's peak is 72%" in line for line in lines) == (mode == "default")
 
 
 @pytest.mark.parametrize(
