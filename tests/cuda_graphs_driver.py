@@ -2,16 +2,15 @@
 DATA` on N CUDA GPUs (2 where the host has them).
 
 The same training four ways, in one process group: compiled layers in torch.compile's default mode and with CUDA
-graphs (reduce-overhead, asked for: ZeRO-2's default, ZeRO-3's when asked), each under ZeRO-2 and under ZeRO-3
-with every weight kept whole (the tiny model fits, so lorakit removes ZeRO-3's per-layer hooks, and reduces the
-gradients on the compute stream under graphs). Two
-micro-batches a step (a replay's outputs must not be overwritten while DeepSpeed still holds a LoRA gradient of the
-previous micro-batch), packed rows of two lengths (128 and 256 tokens: one graph each, replayed many times), an
-evaluation every 4 steps (graphs recorded without autograd), LoRA dropout off (the two modes draw different random
-numbers), checkpoints saved under ZeRO-3 every 5 steps, and every trained tensor written afresh after each step,
-the same values in every run (SameWeightsEachStep says why).
-Rank 0 writes `metrics.json`: per run, inductor's count of graphs it declined to record, and the graphs recorded;
-and `grads_stepN.pt` in the run's folder: every LoRA gradient of the CAPTURED_STEPS.
+graphs (reduce-overhead, asked for: ZeRO-2's default, ZeRO-3's when asked), each under ZeRO-2 and under ZeRO-3 with
+every weight kept whole (the tiny model fits, so lorakit removes ZeRO-3's per-layer hooks, and reduces the gradients
+on the compute stream under graphs). Two micro-batches a step (a replay's outputs must not be overwritten while
+DeepSpeed still holds a LoRA gradient of the previous micro-batch), packed rows of two lengths (128 and 256 tokens:
+one graph each, replayed many times), an evaluation every 4 steps (graphs recorded without autograd), LoRA dropout
+off (the two modes draw different random numbers), checkpoints saved under ZeRO-3 every 5 steps, and every trained
+tensor written afresh after each step, the same values in every run (SameWeightsEachStep says why). Rank 0 writes
+`metrics.json`: per run, inductor's count of graphs it declined to record, and the graphs recorded; and
+`grads_stepN.pt` in the run's folder: every LoRA gradient of the CAPTURED_STEPS.
 """
 
 import functools
@@ -112,7 +111,7 @@ def write_own_partition(param: torch.nn.Parameter, values: torch.Tensor) -> None
     if partition is None:
         return
     size = partition.numel()
-    start = torch.distributed.get_rank() * size
+    start = torch.distributed.get_rank(getattr(param, "ds_process_group", None)) * size
     piece = values.reshape(-1)[start : start + size]
     partition.view(-1)[: piece.numel()].copy_(piece)
 

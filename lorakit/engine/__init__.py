@@ -20,7 +20,7 @@ from lorakit.engine.deepspeed_config import (
     offloaded,
     reduce_gradients_on_compute_stream,
     resolve_deepspeed_config,
-    weights_stay_whole,
+    zero3_partitions,
 )
 from lorakit.engine.frozen_linear import save_frozen_weights_by_reference
 from lorakit.engine.jit import clear_stale_build_locks, settle_cuda_arch_list, watch_build_locks
@@ -217,14 +217,16 @@ def settle_zero3_engine(engine: Any, resident_layers: int) -> tuple[list[str], b
 def graphs_only_if_weights_stay(mode: str, stay: bool) -> tuple[str, list[str]]:
     """The compile mode once the engine is built, and a log line where it changed: a CUDA graphs mode becomes the same
     mode without graphs where ZeRO-3 left some weights partitioned after all (`stay` false: compile_choice's forecast,
-    weights_stay_whole, missed), since each such weight is gathered into new memory at every use and a graph replays
-    the addresses it recorded."""
+    deepspeed_config.zero3_partitions, missed), since each such weight is gathered into new memory at every use and a
+    graph replays the addresses it recorded. `overlap_comm`, turned off for the graphs before the engine was built,
+    stays off."""
     if mode not in CUDA_GRAPH_MODES or stay:
         return mode, []
     fallback = CUDA_GRAPH_MODES[mode]
     return fallback, [
         f"torch.compile: mode {fallback}, not {mode} (ZeRO-3 left some weights partitioned after all, "
-        "each gathered into new memory at every use: a CUDA graph replays the addresses it recorded)"
+        "each gathered into new memory at every use: a CUDA graph replays the addresses it recorded; overlap_comm "
+        "stays off)"
     ]
 
 
@@ -236,27 +238,26 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     compiled, lines = use_torch_compile(config.model, config.lora, per_module_units, on_gpu)
     if not compiled:
         return False, "default", lines
-    partitioned = zero3 and not weights_stay_whole(plan.ds_config, plan.shape.parameters)
-    # ZeRO-3 replays graphs only when asked: its GPU test passes, and a step is 0.204 -> 0.140 s at the reference
-    # per-GPU batch on 2 H100s, but the whole reference job on 4 took 129 s against 86-90 without them (the first
-    # steps compile in the run, not in a warm-up process, and each new row length is recorded: benchmarks/RESULTS.md,
-    # session 18)
-    by_default = graphs_tested(config, plan) and not zero3
+    shape = plan.shape
+    partitioned = zero3_partitions(plan.ds_config, shape.largest_weight, shape.parameters + shape.trained_full)
     mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, partitioned,
                                            bool(config.train.gradient_checkpointing), config.train.packing, on_gpu,
-                                           graphs_by_default=by_default, peak_share=plan.peak_share)  # fmt: skip
+                                           graphs_by_default=graphs_tested(config, plan),
+                                           peak_share=plan.peak_share)  # fmt: skip
     return True, mode, lines + mode_lines
 
 
 def graphs_tested(config: Config, plan: EnginePlan) -> bool:
-    """Whether the run is one that tests/engine/test_cuda_graphs.py trains under CUDA graphs on GPUs: ZeRO stage 2,
-    or stage 3 keeping every weight whole (weights_stay_whole; stages 0 and 1 run DeepSpeed's other bf16 optimizer),
-    bf16, nothing offloaded, plain LoRA (a DoRA magnitude or a module trained in full, compiled because
-    --torch_compile true asked, is not in it)."""
+    """Whether CUDA graphs are the run's default: a run tests/engine/test_cuda_graphs.py trains under graphs on GPUs
+    under ZeRO stage 2 (stages 0 and 1 run DeepSpeed's other bf16 optimizer), in bf16, nothing offloaded, plain LoRA
+    (a DoRA magnitude or a module trained in full, compiled because --torch_compile true asked, is not in it). The
+    test trains ZeRO-3 keeping every weight whole too, where graphs run when asked for: a step is 0.204 -> 0.134 s at
+    the reference per-GPU batch on 2 H100s, but the whole reference job on 4 took 128.7 s with them against 86.2
+    without (another lease: the first steps compile in the run, not in a warm-up process beside eager steps, and each
+    new row length is recorded; benchmarks/RESULTS.md, session 18)."""
     zero = plan.ds_config.get("zero_optimization", {})
-    stage, lora = zero.get("stage", 0), config.lora
-    whole = stage == 2 or (stage == 3 and weights_stay_whole(plan.ds_config, plan.shape.parameters))
-    return (whole and compute_dtype(config) == torch.bfloat16 and not offloaded(zero)
+    lora = config.lora
+    return (zero.get("stage", 0) == 2 and compute_dtype(config) == torch.bfloat16 and not offloaded(zero)
             and not lora.use_dora and not lora.additional_target)  # fmt: skip
 
 

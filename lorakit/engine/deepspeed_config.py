@@ -298,30 +298,42 @@ def automatic_persistence_threshold(hidden_size: int, largest_lora: int) -> int:
     return max(10 * hidden_size, largest_lora + 1)
 
 
-def weights_stay_whole(ds_config: dict[str, Any], parameters: int) -> bool:
-    """Whether ZeRO-3 will keep every weight gathered on every GPU, forecast from the DeepSpeed config before the
-    engine exists (`parameters`: the base model's count): a persistence threshold above every weight (the memory
-    plan's keep_frozen_weights_resident, or the file's own), no model-wide persistence cap below the model, no
-    parameter offloading. build_engine checks the forecast on the built engine (skip_unit_hooks_when_all_resident)."""
+def zero3_partitions(ds_config: dict[str, Any], largest_weight: int, weights: int) -> str | None:
+    """Why ZeRO-3 will keep some weight partitioned, forecast from the DeepSpeed config before the engine exists, or
+    None where it keeps every weight gathered on every GPU (or the config is not stage 3). DeepSpeed marks a weight
+    persistent (whole) where it has at most `stage3_param_persistence_threshold` elements and the persistent ones
+    so far stay within `stage3_model_persistence_threshold` (parameter_offload.mark_persistent_parameters), so:
+    `largest_weight` within the threshold (the memory plan's keep_frozen_weights_resident raises it above the model
+    where the frozen weights fit), `weights` (the model's, with any trained in full) within the cap, and no parameter
+    offloading. The LoRA matrices also count against the cap; build_engine checks the forecast on the built engine
+    (skip_unit_hooks_when_all_resident)."""
     zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") != 3 or offloaded({"offload_param": zero.get("offload_param")}):
-        return False
+    if zero.get("stage") != 3:
+        return None
+    if offloaded({"offload_param": zero.get("offload_param")}):
+        return "ZeRO-3 offloads the parameters (offload_param)"
     threshold, cap = zero.get("stage3_param_persistence_threshold", 0), zero.get("stage3_model_persistence_threshold")
-    numbers = all(isinstance(v, (int, float)) for v in (threshold, cap if cap is not None else 0))
-    return numbers and threshold > parameters and (cap is None or cap > parameters)
+    if not isinstance(threshold, (int, float)) or threshold < largest_weight:
+        return (
+            f"ZeRO-3 partitions the weights above stage3_param_persistence_threshold ({threshold}; the largest "
+            f"has {largest_weight:,} elements), as the memory plan does where they do not fit whole"
+        )
+    if cap is not None and (not isinstance(cap, (int, float)) or cap < weights):
+        return f"ZeRO-3 partitions what exceeds stage3_model_persistence_threshold ({cap}; the model has {weights:,})"
+    return None
 
 
 def reduce_gradients_on_compute_stream(ds_config: dict[str, Any], graphs: bool) -> tuple[dict[str, Any], list[str]]:
-    """Under ZeRO-3 with CUDA graphs (`graphs`: the layers replay them): `overlap_comm` off, and the log line (nothing
-    where it is off already, or without graphs). Stage 3
-    copies each gradient into its reduce bucket on a reduction stream of its own (`overlap_comm`), then drops the
-    gradient the backward produced. A replayed graph's gradient lives in the graphs' memory pool, which the next
-    layer's backward replay may write at once on the compute stream, not waiting for that copy (the caching
-    allocator's record_stream does not cover the pool). With `overlap_comm` off, stage 3's reduction stream is the
-    compute stream, so the copy comes before the next replay; ZeRO-2 copies on the compute stream either way. What it
-    costs is the overlap of a LoRA gradient reduction (~2 bytes a LoRA weight a step) with the backward."""
+    """Under ZeRO-3 with CUDA graphs (`graphs`: the layers replay them): `overlap_comm` off, and the log line
+    (nothing where it is off already, or without graphs). Stage 3 copies each gradient into its reduce bucket on a
+    reduction stream of its own (`overlap_comm`), then drops the gradient the backward produced. A replayed graph's
+    gradient lives in the graphs' memory pool, which the next layer's backward replay may write at once on the
+    compute stream, not waiting for that copy (the caching allocator's record_stream does not cover the pool). With
+    `overlap_comm` off, stage 3's reduction stream is the compute stream, so the copy comes before the next replay;
+    ZeRO-2 copies on the compute stream either way. What it costs is the overlap of a LoRA gradient reduction (~2
+    bytes a LoRA weight a step) with the backward."""
     zero = ds_config.get("zero_optimization", {})
-    if not graphs or zero.get("stage") != 3 or zero.get("overlap_comm", True) is False:  # absent: stage 3's on
+    if not graphs or zero.get("stage") != 3 or not zero.get("overlap_comm", True):  # absent: stage 3's default, on
         return ds_config, []
     changed = copy.deepcopy(ds_config)
     changed["zero_optimization"]["overlap_comm"] = False

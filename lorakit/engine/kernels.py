@@ -140,7 +140,7 @@ CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-
 
 def settle_compile_mode(
     requested: str | None,
-    zero3_partitioned: bool,
+    zero3_partitioned: str | None,
     checkpointing: bool,
     packing: bool,
     on_gpu: bool,
@@ -163,25 +163,23 @@ def settle_compile_mode(
     a step of ~1,200 tokens a GPU waits on those launches. `--torch_compile_mode default` keeps the layers compiled
     without graphs.
 
-    Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_by_default` is false (ZeRO-3 keeping
-    every weight whole, ZeRO-0/1, any precision, offloading, DoRA) or the memory is short, and fall back to the mode
-    without graphs elsewhere, with a log line. `zero3_partitioned`: ZeRO-3 keeps some weight partitioned, gathered into
-    new memory at every call, so a graph would be recorded again each time (with every weight whole, the weights hold
-    still: lorakit.engine.zero3's gather_released keeps the adapter's addresses, and build_engine turns stage 3's
-    reduction stream off, deepspeed_config.reduce_gradients_on_compute_stream says why). Gradient checkpointing
-    recomputes a layer inside backward, not tested under graphs. Without packing a batch is padded to its longest
-    example, so nearly every batch would record graphs of its own (packed rows are multiples of 128 tokens: a few
-    lengths). A CPU has no CUDA graphs."""
+    Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_by_default` is false (ZeRO-3
+    keeping every weight whole, ZeRO-0/1, any precision, offloading, DoRA) or the memory is short (saying so), and
+    fall back to the mode without graphs elsewhere, with a log line. `zero3_partitioned`: why ZeRO-3 keeps some
+    weight partitioned (lorakit.engine.deepspeed_config.zero3_partitions; None: it keeps them whole), each gathered
+    into new memory at every call, so a graph would be recorded again each time (with every weight whole, the
+    weights hold still: lorakit.engine.zero3's gather_released keeps the adapter's addresses, and build_engine turns
+    stage 3's reduction stream off, deepspeed_config.reduce_gradients_on_compute_stream says why). Gradient
+    checkpointing recomputes a layer inside backward, not tested under graphs. Without packing a batch is padded to
+    its longest example, so nearly every batch would record graphs of its own (packed rows are multiples of 128
+    tokens: a few lengths). A CPU has no CUDA graphs."""
     reason = None
     if not on_gpu:
         reason = "CUDA graphs need a CUDA GPU"
     elif not packing:
         reason = "--packing false pads each batch to its own longest example: a graph for nearly every batch"
     elif zero3_partitioned:
-        reason = (
-            "ZeRO-3 partitions weights here, each gathered into new memory at every use; --zero_stage 2, or "
-            "frozen weights that fit whole on each GPU, replay graphs"
-        )
+        reason = f"{zero3_partitioned}: a partitioned weight is gathered into new memory at every use"
     elif checkpointing:
         reason = "gradient checkpointing recomputes the layers inside backward; not tested under CUDA graphs"
     if requested is None:
@@ -190,6 +188,11 @@ def settle_compile_mode(
         if reason is None and graphs_by_default:
             return "reduce-overhead", [GRAPHS_BY_DEFAULT]
         return "default", []
+    if requested in CUDA_GRAPH_MODES and reason is None and peak_share > GRAPHS_PEAK_SHARE:
+        return requested, [
+            f"torch.compile: CUDA graphs as asked, though the memory plan's peak is {peak_share:.0%} "
+            f"of the free memory (over {GRAPHS_PEAK_SHARE:.0%}: the graphs' own pool may not fit)"
+        ]
     if requested not in CUDA_GRAPH_MODES or reason is None:
         return requested, []
     fallback = CUDA_GRAPH_MODES[requested]

@@ -89,14 +89,15 @@ class ModelShape:
     quantized: int = 0  # of the parameters, those stored quantised (--quantization_bit: the decoder's linears)
     quantized_bytes: float = 0.0  # a quantised weight's bytes, its quantisation constants included
     largest_layer: int = 0  # weights of the largest decoder layer (0: the model names no decoder layer class)
+    largest_weight: int = 0  # elements of the largest single weight (0: not counted)
 
     @classmethod
     def of(cls, hf_config: Any, parameters: int, dtype_bytes: int, trained_full: int = 0, quantized: int = 0,
-           quantized_bytes: float = 0.0, largest_layer: int = 0) -> ModelShape:  # fmt: skip
+           quantized_bytes: float = 0.0, largest_layer: int = 0, largest_weight: int = 0) -> ModelShape:  # fmt: skip
         hidden = hf_config.hidden_size
         return cls(hf_config.num_hidden_layers, hidden, getattr(hf_config, "intermediate_size", None) or 4 * hidden,
                    hf_config.vocab_size, parameters, dtype_bytes, trained_full, quantized, quantized_bytes,
-                   largest_layer)  # fmt: skip
+                   largest_layer, largest_weight)  # fmt: skip
 
     @property
     def weight_bytes(self) -> int:

@@ -109,8 +109,9 @@ def plan_engine(config: Config, hf_config: Any, world_size: int, on_gpu: bool) -
     notes += in_place + unchecked
     parameters = sum(p.numel() for p in skeleton.parameters())
     largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(skeleton)), default=0)
+    largest_weight = max((p.numel() for p in skeleton.parameters()), default=0)
     shape = ModelShape.of(hf_config, parameters, compute_dtype(config).itemsize, trained_full,
-                          *quantized_share(config, skeleton), largest_layer)  # fmt: skip
+                          *quantized_share(config, skeleton), largest_layer, largest_weight)  # fmt: skip
     automatic = "stage3_param_persistence_threshold" in filled  # the file left it to lorakit: the plan may raise it
     return EnginePlan(hf_config, shape, tuple(targets), ds_config, tuple(notes), automatic,
                       automatic_prefetch="stage3_prefetch_bucket_size" in filled,

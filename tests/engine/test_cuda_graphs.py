@@ -10,11 +10,12 @@ The decision is a table on the CPU; the training is tests/cuda_graphs_driver.py 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, launch, torchrun
+from launch import REPO, launch, run, torchrun
 from lora_rows import lora_model, loss_and_grads
 
 from lorakit.config import ModelConfig
@@ -32,6 +33,7 @@ GPU_ZERO2 = {
 }
 FALLBACK = "torch.compile: mode {mode}, not {requested} ("
 ASKED = {"torch_compile_mode": "reduce-overhead"}
+PARTITIONED = "ZeRO-3 offloads the parameters (offload_param)"  # one of deepspeed_config.zero3_partitions' reasons
 
 
 @pytest.mark.parametrize(
@@ -46,26 +48,36 @@ ASKED = {"torch_compile_mode": "reduce-overhead"}
             "default",
             "torch.compile: mode default, without CUDA graphs: the memory plan's peak is 72% of the free memory",
         ),  # measured out of memory with graphs (GRAPHS_PEAK_SHARE)
-        ("reduce-overhead", {"peak_share": 0.72}, "reduce-overhead", None),  # asked for: obeyed
-        (None, {"zero3_partitioned": True}, "default", None),
+        (
+            "reduce-overhead",
+            {"peak_share": 0.72},
+            "reduce-overhead",
+            "torch.compile: CUDA graphs as asked, though the memory plan's peak is 72%",
+        ),  # asked for: obeyed, saying what it risks
+        (None, {"zero3_partitioned": PARTITIONED}, "default", None),
         (None, {"checkpointing": True}, "default", None),
         (None, {"packing": False}, "default", None),
         (None, {"on_gpu": False}, "default", None),
         ("default", {}, "default", None),  # the way out of the default's graphs
         (
             "default",
-            {"zero3_partitioned": True, "checkpointing": True, "packing": False},
+            {"zero3_partitioned": PARTITIONED, "checkpointing": True, "packing": False},
             "default",
             None,
         ),  # nothing to rule out
         ("max-autotune-no-cudagraphs", {"on_gpu": False}, "max-autotune-no-cudagraphs", None),
         ("reduce-overhead", {}, "reduce-overhead", None),  # ZeRO-2, packed rows, a GPU: the GPU test below
         ("reduce-overhead", {"graphs_by_default": False}, "reduce-overhead", None),  # asked for: any precision
-        ("reduce-overhead", {"zero3_partitioned": True}, "default", FALLBACK + "ZeRO-3 partitions weights here"),
+        (
+            "reduce-overhead",
+            {"zero3_partitioned": PARTITIONED},
+            "default",
+            FALLBACK + PARTITIONED + ": a partitioned weight is gathered",
+        ),
         ("reduce-overhead", {"checkpointing": True}, "default", FALLBACK + "gradient checkpointing"),
         ("reduce-overhead", {"packing": False}, "default", FALLBACK + "--packing false"),
         ("reduce-overhead", {"on_gpu": False}, "default", FALLBACK + "CUDA graphs need a CUDA GPU"),
-        ("max-autotune", {"zero3_partitioned": True}, "max-autotune-no-cudagraphs", FALLBACK + "ZeRO-3"),
+        ("max-autotune", {"zero3_partitioned": PARTITIONED}, "max-autotune-no-cudagraphs", FALLBACK + "ZeRO-3"),
     ],
 )
 def test_cuda_graphs_by_default_and_when_asked_only_with_weights_in_place_and_packed_rows_on_a_gpu(
@@ -219,7 +231,7 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
 def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, tiny_model: Path, zero, flags, mode):
     """compile_choice reads the resolved DeepSpeed file and the LoRA settings: CUDA graphs by default only in the
     runs the GPU test above trains (lorakit.engine.graphs_tested) under ZeRO-2; under ZeRO-3 when asked for, where
-    every weight stays whole (lorakit.engine.deepspeed_config.weights_stay_whole)."""
+    every weight stays whole (lorakit.engine.deepspeed_config.zero3_partitions)."""
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
     settled, lines = _settled_mode(tmp_path, tiny_model, zero, flags)
     assert settled == mode
@@ -262,7 +274,7 @@ def test_the_memory_plan_s_peak_decides_zero2_s_default_graphs(monkeypatch, tmp_
     ("mode", "stay", "settled"),
     [
         ("reduce-overhead", True, "reduce-overhead"),
-        ("reduce-overhead", False, "default"),  # weights_stay_whole's forecast missed: no graphs
+        ("reduce-overhead", False, "default"),  # zero3_partitions' forecast missed: no graphs
         ("max-autotune", False, "max-autotune-no-cudagraphs"),
         ("default", False, "default"),
         ("max-autotune-no-cudagraphs", False, "max-autotune-no-cudagraphs"),
@@ -275,3 +287,45 @@ def test_graphs_are_dropped_where_zero3_left_weights_partitioned_after_all(mode,
     assert result == settled
     assert (lines != []) == (settled != mode)
     assert all(f"mode {settled}, not {mode} (ZeRO-3 left some weights partitioned" in line for line in lines)
+
+
+_BUILD_WITH_GRAPHS = """
+import json, sys
+import lorakit, lorakit.engine as engine
+from lorakit.distributed import init_distributed
+
+modes = []
+# the GPU's choice, on the CPU: compiled layers with CUDA graphs (compile_decoder_layers records the mode it gets)
+engine.compile_choice = lambda config, plan, on_gpu: (True, "reduce-overhead", [])
+engine.compile_decoder_layers = lambda model, backend="inductor", mode="default": modes.append(mode) or []
+dist = init_distributed()
+for name, ds_file in zip(("partitioned", "whole"), sys.argv[2:]):
+    flags = {"model_name_or_path": sys.argv[1], "template": "qwen", "output_dir": "o", "lora_rank": 4,
+             "deepspeed": ds_file}
+    built = engine.build_engine(lorakit.Config.from_flat(flags), dist)
+    print("BUILT", json.dumps({"name": name, "mode": modes[-1], "stay": built.weights_stay_gathered,
+                               "file_overlap": built.ds_config["zero_optimization"]["overlap_comm"],
+                               "engine_overlap": bool(built.engine.zero_overlap_comm()), "notes": built.notes}))
+"""
+
+
+def test_zero3_builds_graphs_only_on_weights_that_stay_and_reduces_on_the_compute_stream(tmp_path, tiny_model):
+    """build_engine's wiring around the graphs, on one CPU rank (compile_choice made to choose graphs, as on a GPU):
+    the DeepSpeed config the engine is built from has `overlap_comm` off, and where ZeRO-3 left weights partitioned
+    after all (the engine says so), the layers are compiled without graphs, saying so; where every weight stays
+    whole, with them."""
+    files = []
+    for name, threshold in (("partitioned", 1000), ("whole", 10**12)):
+        ds = {"zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_param_persistence_threshold": threshold}}
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(ds))
+    done = run([sys.executable, "-c", _BUILD_WITH_GRAPHS, str(tiny_model), *map(str, files)], timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    built = {b["name"]: b for b in (json.loads(line[6:]) for line in done.stdout.splitlines() if line[:6] == "BUILT ")}
+    assert built["whole"]["stay"] and built["whole"]["mode"] == "reduce-overhead"
+    assert not built["partitioned"]["stay"] and built["partitioned"]["mode"] == "default"
+    assert any("not reduce-overhead (ZeRO-3 left some weights partitioned" in n for n in built["partitioned"]["notes"])
+    assert not any("not reduce-overhead" in n for n in built["whole"]["notes"])
+    for one in built.values():  # the engine built from the changed config
+        assert one["file_overlap"] is False and one["engine_overlap"] is False
+        assert any(n.startswith("ZeRO-3 with CUDA graphs: overlap_comm -> false") for n in one["notes"])

@@ -293,35 +293,41 @@ def test_a_deepspeed_without_the_overflow_switch_keeps_its_check(monkeypatch):
     assert deepspeed_config.leave_overflow_check_to_lorakit(ds_config) == (ds_config, [])
 
 
-MODEL = 1_000_000  # the base model's parameters, as lorakit.engine.memory.ModelShape counts them
+MODEL, LARGEST = 1_000_000, 100_000  # the model's weights and its largest single weight's elements
 
 
 @pytest.mark.parametrize(
-    ("zero", "whole"),
+    ("zero", "why"),
     [
-        ({"stage": 3, "stage3_param_persistence_threshold": MODEL + 1}, True),  # keep_frozen_weights_resident's
-        ({"stage": 3, "stage3_param_persistence_threshold": MODEL}, False),  # a weight as large as the model: no
+        ({"stage": 3, "stage3_param_persistence_threshold": MODEL + 1}, None),  # keep_frozen_weights_resident's
+        ({"stage": 3, "stage3_param_persistence_threshold": LARGEST}, None),  # DeepSpeed keeps numel <= threshold
+        ({"stage": 3, "stage3_param_persistence_threshold": LARGEST - 1}, "stage3_param_persistence_threshold"),
+        ({"stage": 3, "stage3_param_persistence_threshold": "1e12"}, "stage3_param_persistence_threshold"),  # a str
         (
-            {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": MODEL},
-            False,
+            {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": MODEL - 1},
+            "stage3_model_persistence_threshold",
         ),
         (
             {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 10**13},
-            True,
+            None,
         ),
-        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "cpu"}}, False),
-        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "none"}}, True),
-        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_optimizer": {"device": "cpu"}}, True),
-        ({"stage": 3}, False),  # DeepSpeed's own threshold is far below a weight matrix
-        ({"stage": 2, "stage3_param_persistence_threshold": 10**12}, False),  # nothing partitioned to keep whole
+        (
+            {"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "cpu"}},
+            "offload_param",
+        ),
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_param": {"device": "none"}}, None),
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12, "offload_optimizer": {"device": "cpu"}}, None),
+        ({"stage": 3}, "stage3_param_persistence_threshold"),  # absent: DeepSpeed's own is far below a weight matrix
+        ({"stage": 2, "stage3_param_persistence_threshold": 1}, None),  # nothing partitioned: not ZeRO-3
     ],
 )
-def test_weights_stay_whole_is_forecast_from_the_zero3_settings(zero, whole):
-    from lorakit.engine.deepspeed_config import keep_frozen_weights_resident, weights_stay_whole
+def test_zero3_keeping_every_weight_whole_is_forecast_from_its_settings(zero, why):
+    from lorakit.engine.deepspeed_config import keep_frozen_weights_resident, zero3_partitions
 
-    assert weights_stay_whole({"zero_optimization": zero}, MODEL) is whole
+    said = zero3_partitions({"zero_optimization": zero}, LARGEST, MODEL)
+    assert (said is None) == (why is None) and (why is None or why in said), said
     planned = keep_frozen_weights_resident({"zero_optimization": {"stage": 3}}, MODEL)  # the memory plan's own
-    assert weights_stay_whole(planned, MODEL)
+    assert zero3_partitions(planned, LARGEST, MODEL) is None
 
 
 @pytest.mark.parametrize(
@@ -330,6 +336,7 @@ def test_weights_stay_whole_is_forecast_from_the_zero3_settings(zero, whole):
         ({"stage": 3, "overlap_comm": True}, True, False),
         ({"stage": 3}, True, False),  # absent: DeepSpeed's stage-3 default is on
         ({"stage": 3, "overlap_comm": False}, True, False),  # already off: nothing said
+        ({"stage": 3, "overlap_comm": 0}, True, False),
         ({"stage": 3, "overlap_comm": True}, False, True),  # no graphs: the file's overlap stays
         ({"stage": 2, "overlap_comm": True}, True, True),  # ZeRO-2 copies on the compute stream anyway
     ],
@@ -339,8 +346,8 @@ def test_zero3_reduces_on_the_compute_stream_under_cuda_graphs(zero, graphs, ove
 
     ds_config = {"zero_optimization": dict(zero)}
     changed, lines = reduce_gradients_on_compute_stream(ds_config, graphs)
-    assert changed["zero_optimization"].get("overlap_comm", True) is overlap
+    assert bool(changed["zero_optimization"].get("overlap_comm", True)) is overlap
     assert ds_config == {"zero_optimization": zero}  # the caller's dict untouched
-    said = zero.get("overlap_comm", True) and not overlap  # turned off here, not found off
+    said = bool(zero.get("overlap_comm", True)) and not overlap  # turned off here, not found off
     assert len(lines) == int(said)
     assert all(line.startswith("ZeRO-3 with CUDA graphs: overlap_comm -> false") for line in lines)

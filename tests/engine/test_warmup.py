@@ -7,6 +7,7 @@ graphs with equal inputs are what inductor's cache keys on, so the run's first c
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -300,7 +301,8 @@ def test_every_rank_switches_at_the_same_step(ends_after, switched):
         ({"gradient_checkpointing": True}, "cuda:0", None, {"checkpointed_layers": 2}),  # every layer
         ({"gradient_checkpointing": True}, "cuda:0", 1, {"checkpointed_layers": 1}),  # the memory plan's first k
         ({"zero_stage": 2, "torch_compile_mode": "reduce-overhead"}, "cuda:0", None, None),  # CUDA graphs: in the run
-        ({"torch_compile_mode": "reduce-overhead"}, "cuda:0", None, {"device": "cuda:0"}),  # ZeRO-3: the default mode
+        # ZeRO-3 partitioning the weights (no memory plan here keeps them whole): graphs fall back to the default mode
+        ({"torch_compile_mode": "reduce-overhead"}, "cuda:0", None, {"device": "cuda:0"}),
         ({"torch_compile": True, "enable_liger_kernel": True}, "cuda:0", None, None),  # Liger's layer: not warmed
     ],
 )
@@ -325,6 +327,25 @@ def test_a_warmup_runs_where_the_run_compiles_its_layers(monkeypatch, tiny_model
     assert spec.dtype == ("float32" if flags.get("bf16") is False else "bfloat16")
     assert spec.model_name_or_path == str(tiny_model) and spec.lora == dataclasses.asdict(config.lora)
     assert {key: getattr(spec, key) for key in expected} == expected
+
+
+def test_zero3_keeping_every_weight_whole_records_asked_for_graphs_in_the_run(monkeypatch, tmp_path, tiny_model):
+    """Under ZeRO-3 with every weight whole, CUDA graphs asked for run (lorakit.engine.kernels.settle_compile_mode),
+    so no warm-up process compiles the default mode's layers beside the run."""
+    from transformers import AutoConfig
+
+    from lorakit.config import Config
+    from lorakit.engine import compile_warmup, plan_engine
+
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    ds_file = tmp_path / "ds.json"
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 10**12}
+    ds_file.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": zero}))
+    for mode, warms_up in (("reduce-overhead", False), ("default", True)):
+        config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
+                                   "bf16": True, "deepspeed": str(ds_file), "torch_compile_mode": mode})  # fmt: skip
+        plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
+        assert (compile_warmup(config, plan, torch.device("cuda:0"), step_tokens=2400) is not None) is warms_up
 
 
 def test_a_set_up_that_fails_after_the_build_stops_the_warmup(monkeypatch, tiny_model: Path, tiny_data: Path,
