@@ -147,12 +147,17 @@ def _stop_when_a_worker_is_killed(sending: Any) -> None:
     join_exited_workers = multiprocess.pool.Pool._join_exited_workers
 
     def stop_on_a_killed_worker(pool: list) -> bool:
-        killed = next((worker.exitcode for worker in pool if (worker.exitcode or 0) < 0), None)
+        # looked at after the pool's own join, over the workers before it: a worker that died between a look and
+        # the join would otherwise be joined and replaced, and `datasets` then stops on the changed pool with a
+        # RuntimeError of its own, ending the workers before the build says why (seen under load)
+        workers = list(pool)
+        cleaned = join_exited_workers(pool)
+        killed = next((worker.exitcode for worker in workers if (worker.exitcode or 0) < 0), None)
         if killed is not None:
             sending.send(("error", f"a process tokenising the data was killed (signal {-killed}: out of memory?); "
                                    "lower --preprocessing_num_workers, or free memory"))  # fmt: skip
             os._exit(1)
-        return join_exited_workers(pool)
+        return cleaned
 
     multiprocess.pool.Pool._join_exited_workers = staticmethod(stop_on_a_killed_worker)
 
