@@ -242,12 +242,12 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     partitioned = zero3_partitions(plan.ds_config, shape.largest_weight, shape.parameters + shape.trained_full)
     mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, partitioned,
                                            bool(config.train.gradient_checkpointing), config.train.packing, on_gpu,
-                                           graphs_by_default=graphs_tested(config, plan),
+                                           graphs_by_default=graphs_by_default(config, plan),
                                            peak_share=plan.peak_share)  # fmt: skip
     return True, mode, lines + mode_lines
 
 
-def graphs_tested(config: Config, plan: EnginePlan) -> bool:
+def graphs_by_default(config: Config, plan: EnginePlan) -> bool:
     """Whether CUDA graphs are the run's default: a run tests/engine/test_cuda_graphs.py trains under graphs on GPUs
     under ZeRO stage 2 (stages 0 and 1 run DeepSpeed's other bf16 optimizer), in bf16, nothing offloaded, plain LoRA
     (a DoRA magnitude or a module trained in full, compiled because --torch_compile true asked, is not in it). The

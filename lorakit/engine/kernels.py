@@ -150,8 +150,8 @@ def settle_compile_mode(
     """torch.compile's mode for the compiled layers and its log line.
 
     Unset (the default): CUDA graphs (reduce-overhead) with packed rows on a GPU, without gradient checkpointing, where
-    `graphs_by_default` (compile_choice: lorakit.engine.graphs_tested under ZeRO-2, i.e. bf16, nothing offloaded, no
-    DoRA or fully trained module, the runs tests/engine/test_cuda_graphs.py trains on GPUs) and the memory plan's
+    `graphs_by_default` (lorakit.engine.graphs_by_default: ZeRO-2, bf16, nothing offloaded, no DoRA or fully
+    trained module, the runs tests/engine/test_cuda_graphs.py trains on GPUs) and the memory plan's
     `peak_share` (its estimated peak over the free memory) is at most GRAPHS_PEAK_SHARE; else the mode without graphs,
     silently but for the memory's case. That test holds the graphs, on 2 H100s, to the same layers without them, under
     ZeRO-2 and under ZeRO-3 keeping every weight whole: every step's loss and gradient norm and every evaluation within
@@ -183,20 +183,26 @@ def settle_compile_mode(
     elif checkpointing:
         reason = "gradient checkpointing recomputes the layers inside backward; not tested under CUDA graphs"
     if requested is None:
-        if reason is None and graphs_by_default and peak_share > GRAPHS_PEAK_SHARE:
-            return "default", [graphs_declined_for_memory(peak_share)]
-        if reason is None and graphs_by_default:
-            return "reduce-overhead", [GRAPHS_BY_DEFAULT]
-        return "default", []
-    if requested in CUDA_GRAPH_MODES and reason is None and peak_share > GRAPHS_PEAK_SHARE:
+        if reason is not None or not graphs_by_default:
+            return "default", []
+        if peak_share > GRAPHS_PEAK_SHARE:
+            return "default", [
+                f"torch.compile: mode default, without CUDA graphs: the memory plan's peak is {peak_share:.0%} of the "
+                f"free memory, over the {GRAPHS_PEAK_SHARE:.0%} that leaves room for the graphs' own pool of "
+                "activations; --torch_compile_mode reduce-overhead asks for them anyway"
+            ]
+        return "reduce-overhead", [GRAPHS_BY_DEFAULT]
+    if requested not in CUDA_GRAPH_MODES:
+        return requested, []
+    if reason is not None:
+        fallback = CUDA_GRAPH_MODES[requested]
+        return fallback, [f"torch.compile: mode {fallback}, not {requested} ({reason})"]
+    if peak_share > GRAPHS_PEAK_SHARE:
         return requested, [
             f"torch.compile: CUDA graphs as asked, though the memory plan's peak is {peak_share:.0%} "
             f"of the free memory (over {GRAPHS_PEAK_SHARE:.0%}: the graphs' own pool may not fit)"
         ]
-    if requested not in CUDA_GRAPH_MODES or reason is None:
-        return requested, []
-    fallback = CUDA_GRAPH_MODES[requested]
-    return fallback, [f"torch.compile: mode {fallback}, not {requested} ({reason})"]
+    return requested, []
 
 
 # CUDA graphs by default only where the memory plan's peak is at most this share of the free memory: the graphs keep
@@ -204,12 +210,6 @@ def settle_compile_mode(
 # is recorded into it. Measured on 2 H100s (session 18): planned at 56 of 78 GiB (0.72), ZeRO-2 and ZeRO-3 ran out
 # of memory at step 3 with 33 GiB in the graphs' pool; planned at 38 of 78 (0.49), ZeRO-3 peaked at 37 GiB.
 GRAPHS_PEAK_SHARE = 0.5
-
-
-def graphs_declined_for_memory(peak_share: float) -> str:
-    return (f"torch.compile: mode default, without CUDA graphs: the memory plan's peak is {peak_share:.0%} of the "
-            f"free memory, over the {GRAPHS_PEAK_SHARE:.0%} that leaves room for the graphs' own pool of activations; "
-            "--torch_compile_mode reduce-overhead asks for them anyway")  # fmt: skip
 
 
 GRAPHS_BY_DEFAULT = ("torch.compile: mode reduce-overhead, the default here (each layer replayed as CUDA graphs, "

@@ -23,7 +23,7 @@ from lorakit.engine.kernels import GRAPHS_BY_DEFAULT, settle_compile_mode
 from lorakit.errors import LorakitError
 
 # where graphs run: ZeRO-2 (or ZeRO-3 with every weight whole), packed rows, a GPU, no checkpointing, bf16 with
-# nothing offloaded (graphs_tested)
+# nothing offloaded (graphs_by_default)
 GPU_ZERO2 = {
     "zero3_partitioned": False,
     "checkpointing": False,
@@ -230,7 +230,7 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
 )
 def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, tiny_model: Path, zero, flags, mode):
     """compile_choice reads the resolved DeepSpeed file and the LoRA settings: CUDA graphs by default only in the
-    runs the GPU test above trains (lorakit.engine.graphs_tested) under ZeRO-2; under ZeRO-3 when asked for, where
+    runs the GPU test above trains (lorakit.engine.graphs_by_default) under ZeRO-2; under ZeRO-3 when asked for, where
     every weight stays whole (lorakit.engine.deepspeed_config.zero3_partitions)."""
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
     settled, lines = _settled_mode(tmp_path, tiny_model, zero, flags)
