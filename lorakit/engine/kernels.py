@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from lorakit.config import ModelConfig
+from lorakit.engine.graph_trees import faster_graph_tree_lookups
 from lorakit.engine.model import model_and_inner_model
 from lorakit.errors import LorakitError
 from lorakit.lora_settings import LoraSettings
@@ -251,8 +252,10 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
         if isinstance(getattr(settings, limit, None), int):
             setattr(settings, limit, max(getattr(settings, limit), 8 * len(layers)))
     graphs = mode in CUDA_GRAPH_MODES and backend == "inductor"
+    lookups = None
     if graphs:  # one graph per row length is the design here (rows are multiples of 128), not a warning's matter
         torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
+        lookups = faster_graph_tree_lookups()  # a new row length recorded without torch's quadratic scans
         for top in model_and_inner_model(model):
             top.register_forward_pre_hook(start_a_round_of_graphs)
     options = {"mode": mode} if backend == "inductor" else {}
@@ -262,10 +265,11 @@ def compile_decoder_layers(model: Any, backend: str = "inductor", mode: str = "d
         compiled = torch.compile(layer.forward, backend=backend, dynamic=None, **options)
         layer.forward = row_length_dynamic(compiled)
     shown = f"{backend}, {mode}" if backend == "inductor" else backend
+    slower = [f"torch.compile: CUDA graphs record each new row length at torch's pace ({lookups})"] if lookups else []
     return [
         f"torch.compile: the forward of each of {len(layers)} {type(layers[0]).__name__}s compiled ({shown}"
         f"{': CUDA graphs, one per row length' if graphs else ''}); the first steps include the compilation"
-    ]
+    ] + slower
 
 
 def _memory_format_by_name(memory_format: torch.memory_format) -> tuple[Any, tuple[str]]:

@@ -1,0 +1,112 @@
+"""lorakit.engine.graph_trees: the faster lookups give torch's own answers on every kind of path entry (CPU tensors:
+the lookups read addresses and reference counts, not the GPU)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch._inductor import cudagraph_trees as trees
+
+from lorakit.engine import graph_trees
+
+
+def torch_own(name: str):
+    own = graph_trees.TORCH_OWN.get(name) or trees.CUDAGraphNode.__dict__[name]
+    return own.__func__ if isinstance(own, staticmethod) else own
+
+
+def dead_reference(address: int) -> trees.StorageWeakRefWrapper:
+    """A reference whose storage is gone, recorded at `address`: a graph's output freed, its memory reused."""
+    gone = torch.empty(8)
+    reference = trees.StorageWeakRefWrapper(gone)
+    del gone
+    reference._data_ptr = address
+    return reference
+
+
+@pytest.fixture
+def path():
+    """Tensors kept alive, probes, and a three-graph path: live, dead, None, an alias and an empty storage."""
+    alive, other, shared, reused = torch.empty(16), torch.empty(16), torch.empty(32), torch.empty(8)
+    view = shared[4:]  # the same storage as `shared`: one address
+    empty = torch.empty(0)
+    wrap = trees.StorageWeakRefWrapper
+    levels = [
+        [wrap(alive), None, dead_reference(other.untyped_storage().data_ptr())],
+        [dead_reference(alive.untyped_storage().data_ptr()), wrap(shared), None, wrap(empty)],
+        [wrap(other), wrap(view), dead_reference(12345), dead_reference(reused.untyped_storage().data_ptr())],
+    ]
+    probes = {"live first": alive, "dead first, live later": other, "alias of a live output": view,
+              "whole of a live output": shared, "empty storage": empty, "never recorded": torch.empty(4),
+              "only a dead output's address": reused}  # fmt: skip
+    return types.SimpleNamespace(path_weakrefs=levels), probes, (alive, other, shared, view, empty, reused)
+
+
+@pytest.mark.parametrize(
+    "probe",
+    ["live first", "dead first, live later", "alias of a live output", "whole of a live output", "empty storage",
+     "never recorded", "only a dead output's address"],
+)  # fmt: skip
+def test_each_lookup_answers_as_torchs_own(path, probe):
+    node, probes, _ = path
+    tensor = probes[probe]
+    assert graph_trees.is_recorded_output(node, tensor) == torch_own("_is_cuda_graph_recorded_tensor")(node, tensor)
+    own = torch_own("_is_alias_of_live_recorded_tensor")(node, tensor)
+    assert graph_trees.live_output_alias(node, tensor) == own
+
+
+def test_the_table_holds_each_kind_of_answer(path):
+    """The path above reaches every branch: a match at depth 0, one past a dead entry at the same address, none."""
+    node, probes, _ = path
+    answers = {name: graph_trees.live_output_alias(node, tensor) for name, tensor in probes.items()}
+    assert answers["live first"] == (0, 0)
+    assert answers["dead first, live later"] == (2, 0)  # (0, 2) holds its address, dead
+    assert answers["whole of a live output"] == (1, 1)  # before (2, 1), the view's same storage
+    assert answers["never recorded"] is None
+    assert graph_trees.is_recorded_output(node, probes["dead first, live later"])
+    assert not graph_trees.is_recorded_output(node, probes["never recorded"])
+    assert graph_trees.is_recorded_output(node, probes["only a dead output's address"])  # the pool keeps it
+    assert answers["only a dead output's address"] is None
+
+
+def test_liveness_answers_as_torchs_own_and_follows_the_tensors(path):
+    node, _, _ = path
+    assert graph_trees.path_liveness(node.path_weakrefs) == torch_own("_get_liveness")(node.path_weakrefs)
+    first, second = torch.empty(8), torch.empty(8)
+    levels = [[trees.StorageWeakRefWrapper(first), None], [trees.StorageWeakRefWrapper(second)]]
+    assert graph_trees.path_liveness(levels) == [[True, False], [True]]
+    del second
+    assert graph_trees.path_liveness(levels) == [[True, False], [False]] == torch_own("_get_liveness")(levels)
+    assert graph_trees.path_liveness([]) == []
+
+
+def test_installed_on_torchs_graph_node_once():
+    assert graph_trees.faster_graph_tree_lookups() is None
+    assert trees.CUDAGraphNode._is_cuda_graph_recorded_tensor is graph_trees.is_recorded_output
+    assert trees.CUDAGraphNode._is_alias_of_live_recorded_tensor is graph_trees.live_output_alias
+    assert trees.CUDAGraphNode._get_liveness is graph_trees.path_liveness
+    own = dict(graph_trees.TORCH_OWN)
+    assert graph_trees.faster_graph_tree_lookups() is None
+    assert graph_trees.TORCH_OWN == own  # a second call keeps torch's own, not lorakit's, as the originals
+
+
+@pytest.mark.parametrize("mode, installed", [("reduce-overhead", True), ("default", False)])
+def test_compiling_the_layers_for_graphs_installs_them(monkeypatch, mode, installed):
+    """compile_decoder_layers installs the lookups where its layers replay as CUDA graphs (torch.compile is lazy:
+    nothing compiles here)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lorakit.engine.kernels import compile_decoder_layers
+
+    node = trees.CUDAGraphNode
+    for name in ("_is_cuda_graph_recorded_tensor", "_is_alias_of_live_recorded_tensor", "_get_liveness"):
+        monkeypatch.setattr(node, name, graph_trees.TORCH_OWN.get(name, node.__dict__[name]))  # restored after
+    monkeypatch.setattr(node, graph_trees.PATCHED, False)
+    monkeypatch.setattr(torch._inductor.config.triton, "cudagraph_dynamic_shape_warn_limit", 8)
+    config = Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    lines = compile_decoder_layers(Qwen2ForCausalLM(config), mode=mode)
+    assert (node._is_alias_of_live_recorded_tensor is graph_trees.live_output_alias) is installed
+    assert not any("at torch's pace" in line for line in lines)
