@@ -264,20 +264,20 @@ def graphs_by_default(config: Config, plan: EnginePlan) -> bool:
 def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_tokens: int,
                    evaluates: bool = False) -> WarmupSpec | None:  # fmt: skip
     """The warm-up process's settings (lorakit.engine.warmup), or None where none runs: the layers not compiled, no
-    GPU, a settled mode other than `default` (CUDA graphs, ZeRO-2's default, are recorded in the run), packing off
-    (padded batches call the layers with another mask), or Liger's kernels asked for beside --torch_compile (the
-    warm-up's layer has none). `step_tokens`: a rank's largest share of a step, the row's length hint; `evaluates`:
+    GPU, packing off (padded batches call the layers with another mask), or Liger's kernels asked for beside
+    --torch_compile (the warm-up's layer has none). It compiles the run's settled mode, CUDA graphs' included (they
+    are recorded in the run). `step_tokens`: a rank's largest share of a step, the row's length hint; `evaluates`:
     the run holds out data to evaluate on (an evaluation pass compiles its own graph)."""
     compiled, mode, _ = compile_choice(config, plan, device.type == "cuda")
     liger = config.model.enable_liger_kernel is True  # asked for beside --torch_compile: another layer
-    if not (compiled and mode == "default" and device.type == "cuda" and config.train.packing) or liger:
+    if not (compiled and device.type == "cuda" and config.train.packing) or liger:
         return None
     recomputed = (plan.checkpointed_layers or plan.shape.layers) if config.train.gradient_checkpointing else None
     row_tokens = max(128, min(config.train.pack_tokens, step_tokens or config.train.pack_tokens) // 128 * 128)
     dtype = str(compute_dtype(config)).removeprefix("torch.")
     return WarmupSpec(config.model.model_name_or_path, config.model.trust_remote_code, dtype,
                       dataclasses.asdict(config.lora), config.train.seed, recomputed, row_tokens,
-                      str(device), zero3=plan.zero3, evaluates=evaluates)  # fmt: skip
+                      str(device), zero3=plan.zero3, evaluates=evaluates, mode=mode)  # fmt: skip
 
 
 __all__ = [

@@ -25,8 +25,9 @@ runs past WAIT_SECONDS, its log is named and the run compiles the layers itself 
 could exceed the memory plan (ZeRO-3 releasing gathered weights between layers, or a plan near the memory's end:
 lorakit.train.eager_while_compiling), none are taken: the run gives its warm-up READY_GRACE_SECONDS more, then stops
 it and compiles at the first step (a 32B's warm-up has usually finished by then: it loads for longer than a layer
-compiles). Off where the layers are not compiled, and with CUDA graphs (ZeRO-2's default, or --torch_compile_mode's:
-recorded in the run itself).
+compiles). Off where the layers are not compiled. With CUDA graphs the process compiles the same mode (its one pass
+runs cudagraph trees' unrecorded first call, nothing is recorded): graphs are recorded in the run, one per row
+length, after the switch; before session 19 such runs compiled at their first step (~19 s on an H100 host).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class WarmupSpec:
     row_tokens: int  # the packed row's length: a typical pass, so inductor's size hints match the run's
     device: str  # the rank's device, e.g. "cuda:1"
     backend: str = "inductor"  # the tests' "aot_eager" checks the process without inductor's code generation
+    # torch.compile's mode, the run's: inductor's cache keys on it (CUDA graphs' mode sets its own options), so a
+    # warm-up compiling another mode's layers would leave the run to compile its own at the switch
+    mode: str = "default"
     zero3: bool = False  # the run is ZeRO-3: its modules hold their weights in DeepSpeed's ZeROOrderedDict
     evaluates: bool = False  # the run evaluates (--val_size, --eval_dataset): its layers' inference graph too
     # the process ends itself this long after its start (the run stops waiting at WAIT_SECONDS); a CPU test's
@@ -286,7 +290,7 @@ def warm_up(spec: WarmupSpec, mark: Callable[[str], None] = lambda phase: None) 
         hold_weights_as_zero3_does(model)
     model.train()
     mark("built")
-    compile_decoder_layers(model, backend=spec.backend)
+    compile_decoder_layers(model, backend=spec.backend, mode=spec.mode)
     input_ids = torch.randint(3, VOCABULARY, (1, spec.row_tokens))
     half = spec.row_tokens // 2  # two packed examples, as a packed row holds
     position_ids = torch.cat([torch.arange(half), torch.arange(spec.row_tokens - half)])[None]

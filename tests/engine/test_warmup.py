@@ -290,19 +290,26 @@ def test_every_rank_switches_at_the_same_step(ends_after, switched):
 @pytest.mark.parametrize(
     "flags, device, checkpointed_layers, expected",
     [
-        ({}, "cuda:1", None, {"device": "cuda:1", "checkpointed_layers": None, "row_tokens": 2304, "zero3": True}),
-        ({"zero_stage": 2}, "cuda:0", None, None),  # CUDA graphs by default (bf16): recorded in the run
-        ({"zero_stage": 2, "bf16": False}, "cuda:0", None, {"zero3": False}),  # fp32: no graphs
-        ({"zero_stage": 2, "torch_compile_mode": "default"}, "cuda:0", None, {"zero3": False}),  # graphs declined
+        (
+            {},
+            "cuda:1",
+            None,
+            {"device": "cuda:1", "checkpointed_layers": None, "row_tokens": 2304, "zero3": True, "mode": "default"},
+        ),
+        # CUDA graphs by default (bf16): the process compiles their mode, the run records them
+        ({"zero_stage": 2}, "cuda:0", None, {"zero3": False, "mode": "reduce-overhead"}),
+        ({"zero_stage": 2, "bf16": False}, "cuda:0", None, {"zero3": False, "mode": "default"}),  # fp32: no graphs
+        ({"zero_stage": 2, "torch_compile_mode": "default"}, "cuda:0", None, {"zero3": False, "mode": "default"}),
         ({}, "cpu", None, None),  # the CPU: the layers stay eager
         ({"packing": False}, "cuda:0", None, None),  # padded batches call the layers with another mask
         ({"use_dora": True}, "cuda:0", None, None),  # eager by default
         ({"torch_compile": False}, "cuda:0", None, None),
         ({"gradient_checkpointing": True}, "cuda:0", None, {"checkpointed_layers": 2}),  # every layer
         ({"gradient_checkpointing": True}, "cuda:0", 1, {"checkpointed_layers": 1}),  # the memory plan's first k
-        ({"zero_stage": 2, "torch_compile_mode": "reduce-overhead"}, "cuda:0", None, None),  # CUDA graphs: in the run
+        ({"zero_stage": 2, "torch_compile_mode": "reduce-overhead"}, "cuda:0", None, {"mode": "reduce-overhead"}),
+        ({"zero_stage": 2, "torch_compile_mode": "max-autotune"}, "cuda:0", None, {"mode": "max-autotune"}),
         # ZeRO-3 partitioning the weights (no memory plan here keeps them whole): graphs fall back to the default mode
-        ({"torch_compile_mode": "reduce-overhead"}, "cuda:0", None, {"device": "cuda:0"}),
+        ({"torch_compile_mode": "reduce-overhead"}, "cuda:0", None, {"device": "cuda:0", "mode": "default"}),
         ({"torch_compile": True, "enable_liger_kernel": True}, "cuda:0", None, None),  # Liger's layer: not warmed
     ],
 )
@@ -329,9 +336,27 @@ def test_a_warmup_runs_where_the_run_compiles_its_layers(monkeypatch, tiny_model
     assert {key: getattr(spec, key) for key in expected} == expected
 
 
-def test_zero3_keeping_every_weight_whole_records_asked_for_graphs_in_the_run(monkeypatch, tmp_path, tiny_model):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_the_warmup_compiles_the_mode_the_run_settled(monkeypatch, tiny_model: Path, mode):
+    """Inductor's cache keys on the mode (CUDA graphs' sets options of its own): the process compiles the run's."""
+    seen = []
+
+    class Compiled(Exception):
+        pass
+
+    def compile_decoder_layers(model, backend: str = "inductor", mode: str = "default"):  # noqa: ANN001, ANN202
+        seen.append((backend, mode))
+        raise Compiled
+
+    monkeypatch.setattr("lorakit.engine.kernels.compile_decoder_layers", compile_decoder_layers)
+    with pytest.raises(Compiled):
+        warm_up(dataclasses.replace(_spec(tiny_model, LORA), mode=mode))
+    assert seen == [("aot_eager", mode)]
+
+
+def test_zero3_keeping_every_weight_whole_warms_up_asked_for_graphs(monkeypatch, tmp_path, tiny_model):
     """Under ZeRO-3 with every weight whole, CUDA graphs asked for run (lorakit.engine.kernels.settle_compile_mode),
-    so no warm-up process compiles the default mode's layers beside the run."""
+    so the warm-up process compiles their mode, not the default mode's layers the run would not read."""
     from transformers import AutoConfig
 
     from lorakit.config import Config
@@ -341,11 +366,12 @@ def test_zero3_keeping_every_weight_whole_records_asked_for_graphs_in_the_run(mo
     ds_file = tmp_path / "ds.json"
     zero = {"stage": 3, "stage3_param_persistence_threshold": 10**12}
     ds_file.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": zero}))
-    for mode, warms_up in (("reduce-overhead", False), ("default", True)):
+    for mode in ("reduce-overhead", "default"):
         config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
                                    "bf16": True, "deepspeed": str(ds_file), "torch_compile_mode": mode})  # fmt: skip
         plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
-        assert (compile_warmup(config, plan, torch.device("cuda:0"), step_tokens=2400) is not None) is warms_up
+        spec = compile_warmup(config, plan, torch.device("cuda:0"), step_tokens=2400)
+        assert spec is not None and spec.mode == mode and spec.zero3
 
 
 def test_a_set_up_that_fails_after_the_build_stops_the_warmup(monkeypatch, tiny_model: Path, tiny_data: Path,
