@@ -4,9 +4,11 @@ mode, steps (forward and backward of one packed row) at a sequence of row length
 then the first again. An experiment for issue 11: the whole job paid ~4-8 s at each new row length with graphs.
 
     python benchmarks/graph_recording.py [LAYERS] ['{"triton.slow_path_cudagraph_asserts": false}'] [keep-cache]
+        [torch-lookups]
 
 The JSON argument sets torch._inductor.config options; `keep-cache` makes torch.cuda.empty_cache (which
-torch.cuda.graph calls before each capture: one a layer's forward and one its backward) a no-op. Prints one JSON
+torch.cuda.graph calls before each capture: one a layer's forward and one its backward) a no-op; `torch-lookups`
+records with torch's own cudagraph-tree lookups, not lorakit's (lorakit.engine.graph_trees). Prints one JSON
 line: each step's length and seconds, the eager step's seconds; then cProfile's top functions (by own and by
 cumulative time) over the three steps of the second row length.
 """
@@ -22,11 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch._inductor import cudagraph_trees as trees
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compile_cost import set_inductor_options  # noqa: E402
 from lorakit.config import LoraSettings  # noqa: E402
+from lorakit.engine import graph_trees  # noqa: E402
 from lorakit.engine.kernels import compile_decoder_layers  # noqa: E402
 from lorakit.engine.model import attach_lora  # noqa: E402
 from lorakit.loss import model_loss_sum  # noqa: E402
@@ -71,6 +75,9 @@ def main() -> None:
     with torch.compiler.set_stance("force_eager"):
         eager = [step_seconds(model, LENGTHS[0]) for _ in range(3)]
     compile_decoder_layers(model, mode="reduce-overhead")
+    if "torch-lookups" in sys.argv[3:]:
+        for name, own in graph_trees.TORCH_OWN.items():
+            setattr(trees.CUDAGraphNode, name, own)
     steps = []
     profile = cProfile.Profile()
     for index, length in enumerate((*LENGTHS[:1], *LENGTHS, LENGTHS[0])):
@@ -82,7 +89,9 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
     pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(40)
-    print(json.dumps({"layers": layers, "options": options, "keep_cache": keep_cache, "eager_step_seconds": eager,
+    lookups = "torch" if "torch-lookups" in sys.argv[3:] else "lorakit"
+    print(json.dumps({"layers": layers, "options": options, "keep_cache": keep_cache, "lookups": lookups,
+                      "eager_step_seconds": eager,
                       "steps": steps, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}))  # fmt: skip
     print(text.getvalue())
 
