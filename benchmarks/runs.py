@@ -39,9 +39,10 @@ RUNS = {
     "zero2": ["--zero_stage", "2"],
     "zero3-compiled": ["--torch_compile"],  # decoder layers under torch.compile (Liger off: inductor fuses instead)
     "zero2-compiled": ["--zero_stage", "2", "--torch_compile"],  # since session 17 with CUDA graphs, as zero2
-    # the compiled layers replayed as CUDA graphs (one per row length): ZeRO-2's default since session 17 (so
-    # zero2-graphs runs as zero2 does); under ZeRO-3 only when asked, where every weight stays whole (session 18;
-    # where some are partitioned the request falls back to the mode without graphs), so zero3-nographs runs as zero3
+    # the compiled layers replayed as CUDA graphs (one per row length): the default since session 17 under ZeRO-2
+    # and since session 19 under ZeRO-3 where every weight stays whole, where a rank's pass holds at most 2,048 tokens
+    # on average and memory allows (so at the reference per-GPU batch zero3-graphs runs as zero3 does, at 128
+    # examples a step zero3-nographs); where some weights are partitioned a request falls back to the mode without
     "zero3-graphs": ["--torch_compile_mode", "reduce-overhead"],
     "zero3-nographs": ["--torch_compile_mode", "default"],
     "zero2-graphs": ["--zero_stage", "2", "--torch_compile_mode", "reduce-overhead"],

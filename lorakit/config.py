@@ -96,13 +96,14 @@ class ModelConfig:
         metadata=_doc(
             "torch.compile's mode for the compiled layers (HF's flag): default, reduce-overhead (each layer's "
             "kernels replayed as CUDA graphs, one per row length), max-autotune or max-autotune-no-cudagraphs. "
-            "Setting it compiles the layers. Unset: reduce-overhead under ZeRO-2 in bf16 with packed rows on a "
-            "GPU, without gradient checkpointing, offloading, DoRA or modules trained in full, where the memory "
-            "plan's peak is at most half the free memory (tested to train as without graphs; 0.188 -> 0.118 s a "
-            "step at the reference per-GPU batch on 2 H100s), else default; `default` keeps the layers without "
-            "graphs. Asked for, CUDA graphs also run under ZeRO-3 where every weight stays whole (tested; 0.204 -> "
-            "0.134 s a step there), and fall back to the mode without them where ZeRO-3 partitions weights, with "
-            "gradient checkpointing, --packing false or on a CPU, with a log line (README, CUDA graphs)."
+            "Setting it compiles the layers. Unset: reduce-overhead under ZeRO-2, and ZeRO-3 keeping every weight "
+            "whole, in bf16 with packed rows on a GPU, without gradient checkpointing, offloading, DoRA or modules "
+            "trained in full (tested to train as without graphs; 0.188 -> 0.118 s a step at the reference per-GPU "
+            "batch on 2 H100s under ZeRO-2, 0.204 -> 0.134 under ZeRO-3), where a rank's forward pass holds on "
+            "average at most 2,048 tokens and the memory plan's peak is at most half the free memory, else default "
+            "(a log line says which rule); `default` keeps the layers without graphs. Asked for, CUDA graphs fall "
+            "back to the mode without them where ZeRO-3 partitions weights, with gradient checkpointing, --packing "
+            "false or on a CPU, with a log line (README, CUDA graphs)."
         ),
     )
 

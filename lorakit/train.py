@@ -45,7 +45,7 @@ from lorakit.data import (
     prepare_data,
     step_tokens_bound,
 )
-from lorakit.data.batching import GPU_ROW_MULTIPLE
+from lorakit.data.batching import GPU_ROW_MULTIPLE, mean_step_share
 from lorakit.distributed import DistInfo, init_distributed, to_device
 from lorakit.engine import BuiltEngine, build_engine, compile_warmup, plan_run_memory
 from lorakit.engine.kernels import inductor_cache_beside_data
@@ -172,7 +172,10 @@ def set_up(checked: RunPlan) -> Run:
     data, cache_path, was_cached = prepare_data(config.data, tokenizer, checked.template, source=checked.train_data)
     data, held_out = split_eval_data(checked, data)
     share = pass_bound(checked, data, held_out, dist.world_size)
-    config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share)  # rows, checkpointing
+    train = config.train
+    mean_share = (mean_step_share(data.lengths, dist.world_size, train.per_device_train_batch_size,
+                                  train.gradient_accumulation_steps) if train.packing else 0)  # fmt: skip
+    config, engine_plan, memory_lines = plan_run_memory(config, dist, checked.engine, share, mean_share)
     warmup, warmup_lines = start_compile_warmup(config, dist, engine_plan, share, held_out is not None)
     try:  # a failure here would leave the warm-up compiling on the rank's GPU, behind the error
         built = build_engine(config, dist, engine_plan)

@@ -96,6 +96,12 @@ def step_tokens_bound(lengths: np.ndarray, seed: int, world_size: int, micro_bat
     return bound
 
 
+def mean_step_share(lengths: np.ndarray, world_size: int, micro_batch: int, accumulation: int) -> int:
+    """A rank's mean tokens in one step of an epoch: the epoch's tokens over its steps and the ranks."""
+    steps = -(-len(lengths) // global_batch(world_size, micro_batch, accumulation))
+    return int(lengths.sum()) // max(steps * world_size, 1)
+
+
 def balance_tokens(by_length: np.ndarray, lengths: np.ndarray, world_size: int) -> list[list[int]]:
     """Deal examples (longest first) to the rank with the fewest tokens so far, so no rank waits for another."""
     shares: list[list[int]] = [[] for _ in range(world_size)]

@@ -78,13 +78,13 @@ class BuiltEngine:
 
 
 def plan_run_memory(
-    config: Config, dist: DistInfo, engine: EnginePlan, step_tokens: int = 0
+    config: Config, dist: DistInfo, engine: EnginePlan, step_tokens: int = 0, mean_share: int = 0
 ) -> tuple[Config, EnginePlan, list[str]]:
     """The config with --pack_tokens 0 and --gradient_checkpointing unset settled from the smallest free GPU
     memory of any rank (lorakit.engine.memory), the engine plan (under ZeRO-3 with frozen weights that fit, a
     persistence threshold that keeps them whole), and the plan's log lines. The only fact it adds to the engine
     plan is the free memory, which needs the ranks. `step_tokens`: the most tokens a rank gets in one step
-    (0: unknown)."""
+    (0: unknown); `mean_share`: its mean, kept in the plan (CUDA graphs' default reads it)."""
     free = None
     if dist.device.type == "cuda":  # every rank is on a GPU, so every rank joins this collective
         free = int(-dist.max([-float(torch.cuda.mem_get_info(dist.device)[0])])[0])
@@ -95,7 +95,8 @@ def plan_run_memory(
                        deepspeed_linear_runs(engine.ds_config))  # fmt: skip
     train = dataclasses.replace(train, pack_tokens=plan.pack_tokens, gradient_checkpointing=plan.gradient_checkpointing)
     engine = dataclasses.replace(engine, checkpointed_layers=plan.checkpointed_layers,
-                                 resident_layers=plan.resident_layers, peak_share=plan.peak_share)  # fmt: skip
+                                 resident_layers=plan.resident_layers, peak_share=plan.peak_share,
+                                 mean_step_share=mean_share)  # fmt: skip
     lines = plan.lines
     if plan.keep_frozen:
         ds_config = keep_frozen_weights_resident(engine.ds_config, engine.shape.parameters)
@@ -243,22 +244,32 @@ def compile_choice(config: Config, plan: EnginePlan, on_gpu: bool) -> tuple[bool
     mode, mode_lines = settle_compile_mode(config.model.torch_compile_mode, partitioned,
                                            bool(config.train.gradient_checkpointing), config.train.packing, on_gpu,
                                            graphs_by_default=graphs_by_default(config, plan),
-                                           peak_share=plan.peak_share)  # fmt: skip
+                                           peak_share=plan.peak_share,
+                                           pass_tokens=mean_pass_tokens(plan.mean_step_share,
+                                                                        config.train.pack_tokens))  # fmt: skip
     return True, mode, lines + mode_lines
 
 
 def graphs_by_default(config: Config, plan: EnginePlan) -> bool:
-    """Whether CUDA graphs are the run's default: a run tests/engine/test_cuda_graphs.py trains under graphs on GPUs
-    under ZeRO stage 2 (stages 0 and 1 run DeepSpeed's other bf16 optimizer), in bf16, nothing offloaded, plain LoRA
-    (a DoRA magnitude or a module trained in full, compiled because --torch_compile true asked, is not in it). The
-    test trains ZeRO-3 keeping every weight whole too, where graphs run when asked for: a step is 0.204 -> 0.134 s at
-    the reference per-GPU batch on 2 H100s, but the whole reference job on 4 took 128.7 s with them against 86.2
-    without (another lease: the first steps compile in the run, not in a warm-up process beside eager steps, and each
-    new row length is recorded; benchmarks/RESULTS.md, session 18)."""
+    """Whether CUDA graphs may be the run's default: a run tests/engine/test_cuda_graphs.py trains under graphs on
+    GPUs, under ZeRO stage 2 or 3 (stages 0 and 1 run DeepSpeed's other bf16 optimizer; under stage 3 only where every
+    weight stays whole, which settle_compile_mode checks), in bf16, nothing offloaded, plain LoRA (a DoRA magnitude
+    or a module trained in full, compiled because --torch_compile true asked, is not in it). Under ZeRO-3 since
+    session 19: the 1,170-step job at the reference per-GPU batch on 2 H100s took 183 s with graphs against 219 s
+    without, before each new row length was recorded ~3x faster (lorakit.engine.graph_trees) and the warm-up process
+    compiled their kernels; where a pass is long they gain nothing (kernels.GRAPHS_MAX_PASS_TOKENS)."""
     zero = plan.ds_config.get("zero_optimization", {})
     lora = config.lora
-    return (zero.get("stage", 0) == 2 and compute_dtype(config) == torch.bfloat16 and not offloaded(zero)
+    return (zero.get("stage", 0) in (2, 3) and compute_dtype(config) == torch.bfloat16 and not offloaded(zero)
             and not lora.use_dora and not lora.additional_target)  # fmt: skip
+
+
+def mean_pass_tokens(mean_step_share: int, pack_tokens: int) -> int:
+    """A rank's mean tokens in one forward pass: its mean share of a step, in as many rows of at most `pack_tokens`
+    as it takes (0: unknown)."""
+    if not mean_step_share or not pack_tokens:
+        return mean_step_share
+    return mean_step_share // -(-mean_step_share // pack_tokens)
 
 
 def compile_warmup(config: Config, plan: EnginePlan, device: torch.device, step_tokens: int,

@@ -147,25 +147,28 @@ def settle_compile_mode(
     on_gpu: bool,
     graphs_by_default: bool = False,
     peak_share: float = 0.0,
+    pass_tokens: int = 0,
 ) -> tuple[str, list[str]]:
     """torch.compile's mode for the compiled layers and its log line.
 
     Unset (the default): CUDA graphs (reduce-overhead) with packed rows on a GPU, without gradient checkpointing, where
-    `graphs_by_default` (lorakit.engine.graphs_by_default: ZeRO-2, bf16, nothing offloaded, no DoRA or fully
-    trained module, the runs tests/engine/test_cuda_graphs.py trains on GPUs) and the memory plan's
-    `peak_share` (its estimated peak over the free memory) is at most GRAPHS_PEAK_SHARE; else the mode without graphs,
-    silently but for the memory's case. That test holds the graphs, on 2 H100s, to the same layers without them, under
-    ZeRO-2 and under ZeRO-3 keeping every weight whole: every step's loss and gradient norm and every evaluation within
-    1e-3, every LoRA gradient of two steps tensor by tensor within 2e-2 of its norm, each step from the same weights;
-    and each replay draws its own LoRA dropout masks (session 17: ZeRO-2's comparison passed three runs, the dropout
-    test one; session 18: both stages and the dropout test, once). What they gain at the reference per-GPU batch on 2
+    `graphs_by_default` (lorakit.engine.graphs_by_default: ZeRO-2 or ZeRO-3 keeping every weight whole, bf16,
+    nothing offloaded, no DoRA or fully trained module, the runs tests/engine/test_cuda_graphs.py trains on GPUs), a
+    rank's forward pass holds on average at most GRAPHS_MAX_PASS_TOKENS (`pass_tokens`; 0: unknown) and the memory
+    plan's `peak_share` (its estimated peak over the free memory) is at most GRAPHS_PEAK_SHARE; else the mode without
+    graphs, silently but for the tokens' and the memory's cases. That test holds the graphs, on 2 H100s, to the same
+    layers without them, under ZeRO-2 and under ZeRO-3 keeping every weight whole: every step's loss and gradient
+    norm and every evaluation within 1e-3, every LoRA gradient of two steps tensor by tensor within 2e-2 of its norm,
+    each step from the same weights; and each replay draws its own LoRA dropout masks (session 17: ZeRO-2's
+    comparison passed three runs, the dropout test one; sessions 18 and 19: both stages and the dropout test, once
+    each). What they gain at the reference per-GPU batch on 2
     H100s: 0.188 -> 0.118 s a step on one host (overlap_comm off), 0.113 -> 0.105 on a faster one (on)
     (benchmarks/RESULTS.md, session 17): a compiled layer without graphs still launches its ~30 kernels from Python, and
     a step of ~1,200 tokens a GPU waits on those launches. `--torch_compile_mode default` keeps the layers compiled
     without graphs.
 
-    Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_by_default` is false (ZeRO-3
-    keeping every weight whole, ZeRO-0/1, any precision, offloading, DoRA) or the memory is short (saying so), and
+    Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_by_default` is false (ZeRO-0/1, any
+    precision, offloading, DoRA), the passes are long or the memory is short (saying so), and
     fall back to the mode without graphs elsewhere, with a log line. `zero3_partitioned`: why ZeRO-3 keeps some
     weight partitioned (lorakit.engine.deepspeed_config.zero3_partitions; None: it keeps them whole), each gathered
     into new memory at every call, so a graph would be recorded again each time (with every weight whole, the
@@ -186,6 +189,13 @@ def settle_compile_mode(
     if requested is None:
         if reason is not None or not graphs_by_default:
             return "default", []
+        if pass_tokens > GRAPHS_MAX_PASS_TOKENS:
+            return "default", [
+                f"torch.compile: mode default, without CUDA graphs: a rank's forward pass holds ~{pass_tokens:,} "
+                f"tokens on average, over the {GRAPHS_MAX_PASS_TOKENS:,} below which they gain (a pass that long keeps "
+                "the GPU busy while the next kernels are launched); --torch_compile_mode reduce-overhead asks for them "
+                "anyway"
+            ]
         if peak_share > GRAPHS_PEAK_SHARE:
             return "default", [
                 f"torch.compile: mode default, without CUDA graphs: the memory plan's peak is {peak_share:.0%} of the "
@@ -211,6 +221,12 @@ def settle_compile_mode(
 # is recorded into it. Measured on 2 H100s (session 18): planned at 56 of 78 GiB (0.72), ZeRO-2 and ZeRO-3 ran out
 # of memory at step 3 with 33 GiB in the graphs' pool; planned at 38 of 78 (0.49), ZeRO-3 peaked at 37 GiB.
 GRAPHS_PEAK_SHARE = 0.5
+# CUDA graphs by default only where a rank's forward pass holds on average at most this many tokens: they replace a
+# layer's ~30 kernel launches by one, which gains while the GPU waits on the launches. Measured on H100s (Qwen2.5-7B,
+# benchmarks/RESULTS.md sessions 18-19): ~1,180 tokens a pass (the reference per-GPU batch), 0.176 -> 0.116 s a step
+# under ZeRO-3 and the 1,170-step job 219 -> 183 s; ~2,300 tokens (128 examples a step on 4 GPUs), 0.223 -> 0.220 s
+# a step and the 300-step job 84.9 -> 91.4 s (each new row length recorded, ~1.5 s, outweighs the 1.5 %).
+GRAPHS_MAX_PASS_TOKENS = 2048
 
 
 GRAPHS_BY_DEFAULT = ("torch.compile: mode reduce-overhead, the default here (each layer replayed as CUDA graphs, "

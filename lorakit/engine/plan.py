@@ -40,6 +40,7 @@ class EnginePlan:
     checkpointed_layers: int | None = None  # the memory plan's: checkpointing on the first this many layers only
     resident_layers: int = 0  # the memory plan's: ZeRO-3 keeps the first this many layers' frozen weights whole
     peak_share: float = 0.0  # the memory plan's estimated peak over the free memory (0.0: nothing planned)
+    mean_step_share: int = 0  # a rank's mean tokens in a step, packed (lorakit.data.batching; 0: unknown)
     fp32_modules: bool = False  # the model keeps some weights in fp32 (transformers' `_keep_in_fp32_modules`)
 
     @property

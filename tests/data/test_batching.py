@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lorakit.data.batching import collate, plan_epoch
+from lorakit.data.batching import collate, mean_step_share, plan_epoch
 from lorakit.data.encode import IGNORE_INDEX, TokenizedData
 from lorakit.steps import steps_per_epoch
 
@@ -113,3 +113,16 @@ def test_the_step_tokens_bound_holds_a_resumed_epochs_shifted_steps(skip):
     largest = max(int(lengths[row].sum()) for plan in plan_epoch(lengths, 0, 5, 2, 2, 2, skip, pack_tokens=whole)
                   for rank in plan.micro_batches for row in rank if row)  # fmt: skip
     assert largest <= step_tokens_bound(lengths, 5, 2, 2, 2, 1, start_epoch=0, skip=skip)
+
+
+@pytest.mark.parametrize(
+    "examples, world_size, micro_batch, accumulation", [(10, 2, 2, 1), (9, 2, 2, 1), (48, 4, 2, 3), (3, 4, 1, 1)]
+)
+def test_mean_step_share_is_what_the_planned_steps_give_a_rank_on_average(examples, world_size, micro_batch,
+                                                                          accumulation):  # fmt: skip
+    """The mean over the epoch's planned steps and ranks of a rank's packed tokens (a short last step included)."""
+    lengths = np.random.default_rng(examples).integers(20, 400, examples)
+    steps = plan_epoch(lengths, 0, 0, world_size, micro_batch, accumulation, pack_tokens=4096)
+    shares = [sum(int(lengths[i]) for micro in rank for i in micro) for step in steps for rank in step.micro_batches]
+    assert len(shares) == len(steps) * world_size
+    assert mean_step_share(lengths, world_size, micro_batch, accumulation) == sum(shares) // len(shares)

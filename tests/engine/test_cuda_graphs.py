@@ -42,6 +42,21 @@ PARTITIONED = "ZeRO-3 offloads the parameters (offload_param)"  # one of deepspe
         (None, {}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # the default where the GPU test below runs graphs
         (None, {"graphs_by_default": False}, "default", None),  # not a run the GPU test trains, or ZeRO-3
         (None, {"peak_share": 0.5}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # room for the graphs' own pool
+        (None, {"pass_tokens": 1183}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # the reference per-GPU batch
+        (None, {"pass_tokens": 2048}, "reduce-overhead", GRAPHS_BY_DEFAULT),  # GRAPHS_MAX_PASS_TOKENS
+        (
+            None,
+            {"pass_tokens": 2307},
+            "default",
+            "torch.compile: mode default, without CUDA graphs: a rank's forward pass holds ~2,307 tokens on average",
+        ),  # 128 examples a step on 4 GPUs: the whole job lost 6.5 s to them (session 19)
+        (
+            None,
+            {"pass_tokens": 4600, "peak_share": 0.72},
+            "default",
+            "torch.compile: mode default, without CUDA graphs: a rank's forward pass holds ~4,600",
+        ),  # one line, the first reason
+        ("reduce-overhead", {"pass_tokens": 4600}, "reduce-overhead", None),  # asked for: obeyed
         (
             None,
             {"peak_share": 0.72},
@@ -215,7 +230,8 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
         ({}, {"additional_target": ("lm_head",), "torch_compile": True}, "default"),
         ({}, {"use_rslora": True}, "reduce-overhead"),  # the same graph, another scale constant
         ({"stage": 3}, {}, "default"),  # ZeRO-3, the frozen weights partitioned (the memory plan may keep them whole)
-        ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, {}, "default"),  # ZeRO-3: graphs when asked
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, {}, "reduce-overhead"),  # every weight whole
+        ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, {"torch_compile_mode": "default"}, "default"),
         ({"stage": 3, "stage3_param_persistence_threshold": 10**12}, ASKED, "reduce-overhead"),  # every weight whole
         (
             {"stage": 3, "stage3_param_persistence_threshold": 10**12, "stage3_model_persistence_threshold": 10**4},
@@ -231,17 +247,18 @@ def test_each_replay_draws_its_own_lora_dropout_masks(tiny_model: Path, dropout:
 )
 def test_the_run_settles_graphs_from_its_settings(monkeypatch, tmp_path: Path, tiny_model: Path, zero, flags, mode):
     """compile_choice reads the resolved DeepSpeed file and the LoRA settings: CUDA graphs by default only in the
-    runs the GPU test above trains (lorakit.engine.graphs_by_default) under ZeRO-2; under ZeRO-3 when asked for, where
-    every weight stays whole (lorakit.engine.deepspeed_config.zero3_partitions)."""
+    runs the GPU test above trains (lorakit.engine.graphs_by_default), under ZeRO-2 and under ZeRO-3 where every
+    weight stays whole (lorakit.engine.deepspeed_config.zero3_partitions)."""
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
     settled, lines = _settled_mode(tmp_path, tiny_model, zero, flags)
     assert settled == mode
     assert (GRAPHS_BY_DEFAULT in lines) == (mode == "reduce-overhead" and "torch_compile_mode" not in flags)
 
 
-def _settled_mode(tmp_path: Path, tiny_model: Path, zero: dict, flags: dict, peak_share: float = 0.0):
+def _settled_mode(tmp_path: Path, tiny_model: Path, zero: dict, flags: dict, peak_share: float = 0.0,
+                  mean_share: int = 0):  # fmt: skip
     """compile_choice's mode and lines for the tiny model on 2 GPUs, the DeepSpeed file's ZeRO section `zero` (over
-    stage 2), the flags, and a memory plan's peak share."""
+    stage 2), the flags, a memory plan's peak share and a rank's mean tokens a step."""
     import dataclasses
 
     from transformers import AutoConfig
@@ -254,9 +271,32 @@ def _settled_mode(tmp_path: Path, tiny_model: Path, zero: dict, flags: dict, pea
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
                                "bf16": True, "deepspeed": str(ds_file), **flags})  # fmt: skip
     plan = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
-    compiled, settled, lines = compile_choice(config, dataclasses.replace(plan, peak_share=peak_share), on_gpu=True)
+    plan = dataclasses.replace(plan, peak_share=peak_share, mean_step_share=mean_share)
+    compiled, settled, lines = compile_choice(config, plan, on_gpu=True)
     assert compiled
     return settled, lines
+
+
+@pytest.mark.parametrize(
+    ("mean_share", "pack_tokens", "mode"),
+    [
+        (1183, 4096, "reduce-overhead"),  # the reference per-GPU batch on 2 GPUs
+        (2307, 4096, "default"),  # 128 examples a step on 4 GPUs
+        (4614, 4096, "default"),  # 128 on 2: two passes of ~2,307
+        (4614, 2048, "reduce-overhead"),  # three passes of ~1,538 tokens: each pass launch-bound
+        (0, 4096, "reduce-overhead"),  # unknown (no packing plan): the other rules decide
+    ],
+)
+def test_a_rank_s_mean_pass_decides_the_default_graphs(monkeypatch, tmp_path, tiny_model, mean_share, pack_tokens,
+                                                       mode):  # fmt: skip
+    """The plan's mean share of a step (EnginePlan.mean_step_share, set by plan_run_memory from the data), in rows of
+    at most --pack_tokens, reaches settle_compile_mode as a pass's mean tokens, under ZeRO-2 and ZeRO-3 alike."""
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    for zero in ({}, {"stage": 3, "stage3_param_persistence_threshold": 10**12}):
+        flags = {"pack_tokens": pack_tokens}
+        settled, lines = _settled_mode(tmp_path, tiny_model, zero, flags, mean_share=mean_share)
+        assert settled == mode, zero
+        assert any("a rank's forward pass holds" in line for line in lines) == (mode == "default")
 
 
 @pytest.mark.parametrize(("peak_share", "flags", "mode"), [(0.49, {}, "reduce-overhead"), (0.72, {}, "default"),

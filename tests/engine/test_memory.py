@@ -135,8 +135,9 @@ def test_every_rank_plans_from_the_smallest_free_memory(tiny_model, monkeypatch)
     config = Config.from_flat({"model_name_or_path": str(tiny_model), "dataset": ("d",), "output_dir": "o",
                                "cutoff_len": 256})  # fmt: skip
     engine = plan_engine(config, AutoConfig.from_pretrained(tiny_model), world_size=2, on_gpu=True)
-    planned, planned_engine, lines = plan_run_memory(config, _TwoGpuRanks(free), engine)
+    planned, planned_engine, lines = plan_run_memory(config, _TwoGpuRanks(free), engine, 0, 1183)
     assert (planned.train.pack_tokens, planned.train.gradient_checkpointing) == (4096, True)
+    assert planned_engine.mean_step_share == 1183  # kept for CUDA graphs' default (lorakit.engine.compile_choice)
     assert lines[0].startswith("memory plan: 0 GiB free on the smallest GPU; rows of 4,096 tokens, gradient ")
     assert planned.data == config.data and planned.lora == config.lora  # nothing else changes
     # the tiny model's weights are a sliver of 60 MiB: ZeRO-3 keeps them whole, and the engine plan says so
