@@ -43,6 +43,7 @@ RUNS = {
     # and since session 19 under ZeRO-3 where every weight stays whole, where a rank's pass holds at most 2,048 tokens
     # on average and memory allows (so at the reference per-GPU batch zero3-graphs runs as zero3 does, at 128
     # examples a step zero3-nographs); where some weights are partitioned a request falls back to the mode without
+    # graphs
     "zero3-graphs": ["--torch_compile_mode", "reduce-overhead"],
     "zero3-nographs": ["--torch_compile_mode", "default"],
     "zero2-graphs": ["--zero_stage", "2", "--torch_compile_mode", "reduce-overhead"],

@@ -2,7 +2,7 @@
 DATA` on N CUDA GPUs (2 where the host has them).
 
 The same training four ways, in one process group: compiled layers in torch.compile's default mode and with CUDA
-graphs (reduce-overhead, asked for: ZeRO-2's default, ZeRO-3's when asked), each under ZeRO-2 and under ZeRO-3 with
+graphs (reduce-overhead, asked for: the default of both where a pass is short), each under ZeRO-2 and under ZeRO-3 with
 every weight kept whole (the tiny model fits, so lorakit removes ZeRO-3's per-layer hooks, and reduces the gradients
 on the compute stream under graphs). Two micro-batches a step (a replay's outputs must not be overwritten while
 DeepSpeed still holds a LoRA gradient of the previous micro-batch), packed rows of two lengths (128 and 256 tokens:

@@ -105,3 +105,35 @@ def test_the_plan_holds_the_final_deepspeed_config_and_the_models_shape(tiny_mod
     assert plan.train_data.meta["examples"] == 48 and plan.eval_data is None and plan.resume is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.template = None  # type: ignore[misc]
+
+
+def test_set_up_hands_the_memory_plan_a_ranks_mean_step_share(tiny_model: Path, tiny_data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    """CUDA graphs' default reads it from the engine plan (lorakit.engine.compile_choice): set_up works it out from
+    the tokenised data and the step's shape, as plan_epoch deals it (lorakit.data.batching.mean_step_share)."""
+    from lorakit.data.batching import mean_step_share
+
+    training = sys.modules["lorakit.train"]  # the module: the package's `lorakit.train` is its function
+    seen: dict = {}
+
+    class Planned(Exception):
+        pass
+
+    def plan(config: Config, dist: DistInfo, engine: Any, share: int, mean_share: int) -> None:
+        seen.update(share=share, mean_share=mean_share, world_size=dist.world_size)
+        raise Planned
+
+    def prepared(*args: Any, **kwargs: Any) -> Any:
+        seen["data"] = prepare_data(*args, **kwargs)[0]
+        return seen["data"], None, False
+
+    monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(0, 0, 1, torch.device("cpu")))
+    monkeypatch.setattr(training, "prepare_data", prepared)
+    monkeypatch.setattr(training, "plan_run_memory", plan)
+    config = Config.from_flat({"model_name_or_path": str(tiny_model), "template": "qwen", "dataset_dir": str(tiny_data),
+                               "dataset": ("tiny",), "output_dir": str(tmp_path / "out"), "packing": True,
+                               "per_device_train_batch_size": 2, "gradient_accumulation_steps": 3})  # fmt: skip
+    with pytest.raises(Planned):
+        training.set_up(validate(config))
+    assert seen["mean_share"] == mean_step_share(seen["data"].lengths, 1, 2, 3) > 0
+    assert seen["share"] >= seen["mean_share"]  # the largest share bounds the mean

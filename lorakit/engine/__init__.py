@@ -227,7 +227,8 @@ def graphs_only_if_weights_stay(mode: str, stay: bool) -> tuple[str, list[str]]:
     return fallback, [
         f"torch.compile: mode {fallback}, not {mode} (ZeRO-3 left some weights partitioned after all, "
         "each gathered into new memory at every use: a CUDA graph replays the addresses it recorded; overlap_comm "
-        "stays off)"
+        "stays off, and the compile warm-up's graphs-mode kernels do not serve this mode: the layers compile at the "
+        "switch)"
     ]
 
 

@@ -13,9 +13,13 @@ than without (benchmarks/RESULTS.md, sessions 18-19).
 
 `faster_graph_tree_lookups` replaces the two scans and the path's liveness map with versions that read the tensor's
 address once and compare addresses before liveness: the same first match (same order, same test), without the calls
-for the references that cannot match (7x faster on a synthetic path, tests/engine/test_graph_trees.py, which holds
-each to torch's own on tables of live, dead, empty and aliased references). Applied where the methods and the
-reference's stored address exist as torch 2.11-2.13 define them; elsewhere torch's own run unchanged (a line says so).
+for the references that cannot match (7x faster on a synthetic path on the CPU, benchmarks/RESULTS.md session 19;
+tests/engine/test_graph_trees.py holds each to torch's own on tables of live, dead, empty, aliased and extra-checked
+references). Installed only on the torch versions it was read against and tested with (TESTED_TORCH: 2.11 on the GPU
+hosts, 2.13 here), where the methods and the reference's stored address exist; elsewhere torch's own run unchanged
+and the compile's log line says why. The change is process-wide and stays, as the graph trees do: research code
+compiling its own functions with CUDA graphs in the same process records with these lookups too (the same answers);
+`restore_torch_lookups` puts torch's back.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 import torch
 
 PATCHED = "_lorakit_faster_lookups"
+TESTED_TORCH = ((2, 11), (2, 13))  # the first and last torch (major, minor) whose cudagraph_trees this was read against
+METHODS = ("_is_cuda_graph_recorded_tensor", "_is_alias_of_live_recorded_tensor", "_get_liveness")
 TORCH_OWN: dict[str, Any] = {}  # torch's functions replaced, by name (the tests hold the new ones to them)
 
 
@@ -58,23 +64,35 @@ def path_liveness(weakrefs: list[list[Any]]) -> list[list[bool]]:
 
 def faster_graph_tree_lookups() -> str | None:
     """Install the faster scans on torch's CUDAGraphNode once; None where done, else why torch's own stay."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
+    if not TESTED_TORCH[0] <= version <= TESTED_TORCH[1]:
+        return f"lorakit's lookups are tested on torch 2.11-2.13, this is {torch.__version__}"
     try:
         from torch._inductor import cudagraph_trees as trees
     except ImportError as error:
         return f"torch._inductor.cudagraph_trees does not import ({error})"
     node = getattr(trees, "CUDAGraphNode", None)
     wrapper = getattr(trees, "StorageWeakRefWrapper", None)
-    methods = ("_is_cuda_graph_recorded_tensor", "_is_alias_of_live_recorded_tensor", "_get_liveness")
-    if node is None or wrapper is None or not all(hasattr(node, name) for name in methods):
+    if node is None or wrapper is None or not all(hasattr(node, name) for name in METHODS):
         return "this torch's CUDAGraphNode lacks the lookups lorakit replaces"
     if getattr(node, PATCHED, False):
         return None
     probe = wrapper(torch.empty(1))
     if getattr(probe, "_data_ptr", None) != probe.data_ptr():
         return "this torch's StorageWeakRefWrapper keeps its address elsewhere"
-    TORCH_OWN.update((name, node.__dict__[name]) for name in methods)
+    TORCH_OWN.update((name, node.__dict__[name]) for name in METHODS)
     node._is_cuda_graph_recorded_tensor = is_recorded_output
     node._is_alias_of_live_recorded_tensor = live_output_alias
     node._get_liveness = staticmethod(path_liveness)
     setattr(node, PATCHED, True)
     return None
+
+
+def restore_torch_lookups() -> None:
+    """Torch's own lookups back on CUDAGraphNode (after faster_graph_tree_lookups; nothing to do before it)."""
+    from torch._inductor import cudagraph_trees as trees
+
+    if getattr(trees.CUDAGraphNode, PATCHED, False):
+        for name, own in TORCH_OWN.items():
+            setattr(trees.CUDAGraphNode, name, own)
+        setattr(trees.CUDAGraphNode, PATCHED, False)

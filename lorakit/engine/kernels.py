@@ -168,7 +168,7 @@ def settle_compile_mode(
     without graphs.
 
     Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_by_default` is false (ZeRO-0/1, any
-    precision, offloading, DoRA), the passes are long or the memory is short (saying so), and
+    precision, offloading, DoRA), the passes are long, or the memory is short (saying so), and
     fall back to the mode without graphs elsewhere, with a log line. `zero3_partitioned`: why ZeRO-3 keeps some
     weight partitioned (lorakit.engine.deepspeed_config.zero3_partitions; None: it keeps them whole), each gathered
     into new memory at every call, so a graph would be recorded again each time (with every weight whole, the

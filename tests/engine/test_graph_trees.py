@@ -30,6 +30,7 @@ def dead_reference(address: int) -> trees.StorageWeakRefWrapper:
 def path():
     """Tensors kept alive, probes, and a three-graph path: live, dead, None, an alias and an empty storage."""
     alive, other, shared, reused = torch.empty(16), torch.empty(16), torch.empty(32), torch.empty(8)
+    checked, counted = torch.empty(4), torch.empty(4)
     view = shared[4:]  # the same storage as `shared`: one address
     empty = torch.empty(0)
     wrap = trees.StorageWeakRefWrapper
@@ -37,17 +38,21 @@ def path():
         [wrap(alive), None, dead_reference(other.untyped_storage().data_ptr())],
         [dead_reference(alive.untyped_storage().data_ptr()), wrap(shared), None, wrap(empty)],
         [wrap(other), wrap(view), dead_reference(12345), dead_reference(reused.untyped_storage().data_ptr())],
+        # a graph's outputs carry an extra check (torch: live while the check fails, else counted with 2 more refs)
+        [wrap(checked, extra_ref_check=lambda: False), wrap(counted, extra_ref_check=lambda: True)],
     ]
     probes = {"live first": alive, "dead first, live later": other, "alias of a live output": view,
               "whole of a live output": shared, "empty storage": empty, "never recorded": torch.empty(4),
-              "only a dead output's address": reused}  # fmt: skip
-    return types.SimpleNamespace(path_weakrefs=levels), probes, (alive, other, shared, view, empty, reused)
+              "only a dead output's address": reused, "an extra-checked output": checked,
+              "an extra-counted output": counted}  # fmt: skip
+    return types.SimpleNamespace(path_weakrefs=levels), probes, (alive, other, shared, view, empty, reused, checked,
+                                                                 counted)  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "probe",
     ["live first", "dead first, live later", "alias of a live output", "whole of a live output", "empty storage",
-     "never recorded", "only a dead output's address"],
+     "never recorded", "only a dead output's address", "an extra-checked output", "an extra-counted output"],
 )  # fmt: skip
 def test_each_lookup_answers_as_torchs_own(path, probe):
     node, probes, _ = path
@@ -69,6 +74,7 @@ def test_the_table_holds_each_kind_of_answer(path):
     assert not graph_trees.is_recorded_output(node, probes["never recorded"])
     assert graph_trees.is_recorded_output(node, probes["only a dead output's address"])  # the pool keeps it
     assert answers["only a dead output's address"] is None
+    assert answers["an extra-checked output"] == (3, 0)  # its check failing keeps it live, as torch has it
 
 
 def test_liveness_answers_as_torchs_own_and_follows_the_tensors(path):
@@ -90,6 +96,8 @@ def test_installed_on_torchs_graph_node_once():
     own = dict(graph_trees.TORCH_OWN)
     assert graph_trees.faster_graph_tree_lookups() is None
     assert graph_trees.TORCH_OWN == own  # a second call keeps torch's own, not lorakit's, as the originals
+    for function in own.values():  # torch's, so the tables above compare lorakit's lookups with torch's
+        assert getattr(function, "__func__", function).__module__ == "torch._inductor.cudagraph_trees"
 
 
 @pytest.mark.parametrize("mode, installed", [("reduce-overhead", True), ("default", False)])
@@ -103,7 +111,7 @@ def test_compiling_the_layers_for_graphs_installs_them(monkeypatch, mode, instal
     node = trees.CUDAGraphNode
     for name in ("_is_cuda_graph_recorded_tensor", "_is_alias_of_live_recorded_tensor", "_get_liveness"):
         monkeypatch.setattr(node, name, graph_trees.TORCH_OWN.get(name, node.__dict__[name]))  # restored after
-    monkeypatch.setattr(node, graph_trees.PATCHED, False)
+    monkeypatch.setattr(node, graph_trees.PATCHED, False, raising=False)
     # (compile_decoder_layers also turns inductor's warning on many graph shapes off, as every graphs run of lorakit
     # does; monkeypatch cannot restore that option on torch 2.11, which drops an option set to None)
     config = Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
@@ -111,3 +119,34 @@ def test_compiling_the_layers_for_graphs_installs_them(monkeypatch, mode, instal
     lines = compile_decoder_layers(Qwen2ForCausalLM(config), mode=mode)
     assert (node._is_alias_of_live_recorded_tensor is graph_trees.live_output_alias) is installed
     assert not any("at torch's pace" in line for line in lines)
+
+
+def test_an_untested_torch_keeps_its_own_lookups_and_the_log_says_so(monkeypatch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lorakit.engine.kernels import compile_decoder_layers
+
+    node = trees.CUDAGraphNode
+    for name in graph_trees.METHODS:
+        monkeypatch.setattr(node, name, graph_trees.TORCH_OWN.get(name, node.__dict__[name]))  # restored after
+    monkeypatch.setattr(node, graph_trees.PATCHED, False, raising=False)
+    monkeypatch.setattr(torch, "__version__", "2.14.0+cu130")
+    config = Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    lines = compile_decoder_layers(Qwen2ForCausalLM(config), mode="reduce-overhead")
+    assert node._is_alias_of_live_recorded_tensor is not graph_trees.live_output_alias
+    assert lines[-1] == ("torch.compile: CUDA graphs record each new row length at torch's pace (lorakit's lookups "
+                         "are tested on torch 2.11-2.13, this is 2.14.0+cu130)")  # fmt: skip
+
+
+def test_restore_puts_torchs_own_back(monkeypatch):
+    node = trees.CUDAGraphNode
+    for name in graph_trees.METHODS:
+        monkeypatch.setattr(node, name, node.__dict__[name])  # whatever is installed now, restored after the test
+    monkeypatch.setattr(node, graph_trees.PATCHED, getattr(node, graph_trees.PATCHED, False), raising=False)
+    assert graph_trees.faster_graph_tree_lookups() is None
+    graph_trees.restore_torch_lookups()
+    assert node._is_alias_of_live_recorded_tensor is torch_own("_is_alias_of_live_recorded_tensor")
+    assert not getattr(node, graph_trees.PATCHED)
+    assert graph_trees.faster_graph_tree_lookups() is None  # and installs again
+    assert node._is_alias_of_live_recorded_tensor is graph_trees.live_output_alias
