@@ -258,33 +258,43 @@ def test_without_eager_steps_the_run_gives_its_warmup_a_grace_then_compiles_itse
 RANK = """
 import pathlib, subprocess, sys, tempfile, time, torch, torch.distributed as dist
 from lorakit.engine.warmup import CompileSwitch, Warmup
-rank, port, ends_after = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rank, port, cases = int(sys.argv[1]), sys.argv[2], [int(ends) for ends in sys.argv[3:]]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-if ends_after == 0:  # ended before the first step
-    process.communicate(b"")
-warmup = Warmup(process, pathlib.Path(tempfile.mkstemp()[1]), time.perf_counter())  # removed as a real log is
-with CompileSwitch(warmup, torch.device("cpu")) as switch:
-    switch.begin()
-    for step in range(1, 10):
-        if step == ends_after + 1 and process.poll() is None:
-            process.communicate(b"")
-        if switch.after_step():
-            print("switched after step", step, flush=True)
-            break
+for case, ends_after in enumerate(cases):
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    if ends_after == 0:  # ended before the first step
+        process.communicate(b"")
+    warmup = Warmup(process, pathlib.Path(tempfile.mkstemp()[1]), time.perf_counter())  # removed as a real log is
+    with CompileSwitch(warmup, torch.device("cpu")) as switch:
+        switch.begin()
+        for step in range(1, 10):
+            if step == ends_after + 1 and process.poll() is None:
+                process.communicate(b"")
+            if switch.after_step():
+                print("case", case, "switched after step", step, flush=True)
+                break
 dist.destroy_process_group()
 """
+SWITCH_CASES = [((1, 3), 5), ((0, 2), 4)]
 
 
-@pytest.mark.parametrize("ends_after, switched", [((1, 3), 5), ((0, 2), 4)])
-def test_every_rank_switches_at_the_same_step(ends_after, switched):
+@pytest.fixture(scope="module")
+def switching_ranks() -> list[str]:
+    """Both cases below in one launch of two ranks, one after the other in one process group: each rank process
+    spends ~10 s importing lorakit, and a launch for each case cost both cores that twice."""
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(port),
+                               *(str(ends[rank]) for ends, _ in SWITCH_CASES)], stdout=subprocess.PIPE, text=True)
+             for rank in range(2)]  # fmt: skip
+    return [rank.communicate(timeout=120)[0] for rank in ranks]
+
+
+@pytest.mark.parametrize("case, ends_after, switched", [(case, *c) for case, c in enumerate(SWITCH_CASES)])
+def test_every_rank_switches_at_the_same_step(switching_ranks: list[str], case, ends_after, switched):
     """Two gloo ranks whose warm-ups end at different steps (one, in the second case, before the first step)
     switch together, once the later has ended (its flag, posted the step after, read the step after that)."""
-    port = free_port()
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(port), str(ends)], stdout=subprocess.PIPE,
-                              text=True) for rank, ends in enumerate(ends_after)]  # fmt: skip
-    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
-    assert outputs == [f"switched after step {switched}\n"] * 2, outputs
+    lines = [[line for line in output.splitlines() if line.startswith(f"case {case} ")] for output in switching_ranks]
+    assert lines == [[f"case {case} switched after step {switched}"]] * 2, (ends_after, switching_ranks)
 
 
 @pytest.mark.parametrize(
