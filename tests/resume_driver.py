@@ -1,6 +1,6 @@
 """Launched by tests/test_resume.py as `torchrun --nproc_per_node 2 resume_driver.py WORKDIR MODEL DATA`.
 
-In one process group: the uninterrupted run `full` (6 epochs of 3 steps, a checkpoint every step, dropout and
+In one process group: the uninterrupted run `full` (3 epochs of 3 steps, a checkpoint every step, dropout and
 NEFTune on so RNG state matters), then `mid` resumed from checkpoint-4 (mid-epoch) and `boundary` from
 checkpoint-3 (an epoch boundary), then `legacy` from checkpoint-4 rewritten in lorakit's earlier layout (pickled
 RNG files, no file list) with --unpickle_legacy_checkpoint, then `diverge`, whose huge learning rate must stop it
@@ -38,7 +38,7 @@ def write_legacy_copy(checkpoint: Path, copy: Path, world_size: int) -> None:
 
 workdir, model, data = sys.argv[1:4]
 base = ["--model_name_or_path", model, "--template", "qwen", "--dataset_dir", data, "--dataset", "tiny",
-        "--cutoff_len", "256", "--learning_rate", "1e-2", "--num_train_epochs", "6", "--per_device_train_batch_size",
+        "--cutoff_len", "256", "--learning_rate", "1e-2", "--num_train_epochs", "3", "--per_device_train_batch_size",
         "4", "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--save_steps", "1", "--lora_rank", "4",
         "--lora_dropout", "0.1", "--neftune_noise_alpha", "5", "--seed", "11", "--warmup_steps", "2"]  # fmt: skip
 runs = [("full", []), ("mid", ["--resume_from_checkpoint", f"{workdir}/full/checkpoint-4"]),

@@ -31,11 +31,15 @@ from lorakit.resume import find_checkpoint
 from lorakit.validate import validate
 
 pytestmark = pytest.mark.multirank
+# 3 epochs, not 6: each resumed run still crosses an epoch boundary and the schedule's warmup, at half the steps
+# (each step saves a checkpoint: ~0.5 s on 2 ranks; the driver's runs, kill -9's and SIGTERM's resumes and the
+# one-rank resume took ~40 s more with 6)
+EPOCHS = 3
 ARGS = ["--template", "qwen", "--dataset", "tiny", "--cutoff_len", "256", "--learning_rate", "1e-2",
-        "--num_train_epochs", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--num_train_epochs", str(EPOCHS), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
         "--logging_steps", "1", "--save_steps", "1", "--lora_rank", "4", "--lora_dropout", "0.1",
         "--neftune_noise_alpha", "5", "--seed", "11", "--warmup_steps", "2"]  # fmt: skip
-STEPS = 18  # 48 examples, global batch 16: 3 steps an epoch, 6 epochs
+STEPS = 3 * EPOCHS  # 48 examples, global batch 16: 3 steps an epoch
 UMASK = 0o027  # of the driver launch: neither the usual 022 nor what 0600 files would pass for
 
 
@@ -208,18 +212,19 @@ def test_resume_on_a_different_number_of_ranks_works(one_process_resumes: dict):
     log, output = finish(process, folder / "single.log"), folder / "single"
     assert "written by 2 ranks) on 1" in log
     # a cap past the epochs' end (HF's Trainer would train on): said, and the epochs' count stands
-    assert "note: --max_steps 1000 is past the end of --num_train_epochs 6 (32 steps)" in log
+    last = 4 + 4 + 6 * (EPOCHS - 2)  # rest of epoch 1: 32 examples; each later epoch: 6 steps of 8
+    assert f"note: --max_steps 1000 is past the end of --num_train_epochs {EPOCHS} ({last} steps)" in log
     records = _records(output)
-    assert min(records) == 5 and max(records) == 4 + 4 + 4 * 6  # rest of epoch 1: 32 examples; epochs 2-5: 6 each
-    assert records[max(records)]["epoch"] == 6.0
+    assert min(records) == 5 and max(records) == last
+    assert records[max(records)]["epoch"] == float(EPOCHS)
 
 
 def test_a_run_branched_from_an_older_checkpoint_sets_the_later_ones_aside(
     one_process_resumes: dict, tiny_model: Path, tiny_data: Path
 ):
-    """Resumed from checkpoint-4 of a finished run, in its own output_dir: checkpoints 5-18 belong to the run it
+    """Resumed from checkpoint-4 of a finished run, in its own output_dir: checkpoints 5-9 belong to the run it
     branches from. They are renamed, not deleted, before this run saves its own checkpoint-5 and -6, so `auto`
-    after an interruption continues this branch (checkpoint-6), not the abandoned checkpoint-18."""
+    after an interruption continues this branch (checkpoint-6), not the abandoned checkpoint-9."""
     process, folder = one_process_resumes["branch"]  # in a copy of `full`: its checkpoint-4, --max_steps 6
     log, output = finish(process, folder / "branch.log"), folder / "full"
     assert "set aside checkpoint-5, checkpoint-6, checkpoint-7" in log
@@ -266,7 +271,7 @@ def test_fingerprint_mismatch_names_what_differs(runs: Path, tiny_model: Path, t
     allowed = parse_config(_args(tiny_model, tiny_data, tmp_path / "y", "--resume_from_checkpoint", checkpoint,
                                  "--learning_rate", "5e-3", "--num_train_epochs", "8"))  # fmt: skip
     notes = validate(allowed).notes
-    assert any("changed settings: learning_rate 0.01 -> 0.005, num_train_epochs 6 -> 8" in n for n in notes)
+    assert any(f"changed settings: learning_rate 0.01 -> 0.005, num_train_epochs {EPOCHS} -> 8" in n for n in notes)
 
 
 def test_auto_skips_half_written_checkpoints(runs: Path, tiny_model: Path, tiny_data: Path, tmp_path: Path):
