@@ -17,6 +17,15 @@ def torch_own(name: str):
     return own.__func__ if isinstance(own, staticmethod) else own
 
 
+def keep_inductors_options():
+    """Inductor's options as they are, restored after: compile_decoder_layers in a CUDA graphs mode turns the warning
+    on many graph shapes off (every graphs run of lorakit does), an option inductor's cache keys on, and a later
+    test's compile in this process (test_warmup's cache test) then missed what its warm-up process had compiled.
+    Through inductor's own patch, which restores an option set to None (monkeypatch could not, on torch 2.11)."""
+    option = "triton.cudagraph_dynamic_shape_warn_limit"
+    return torch._inductor.config.patch({option: torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit})
+
+
 def dead_reference(address: int) -> trees.StorageWeakRefWrapper:
     """A reference whose storage is gone, recorded at `address`: a graph's output freed, its memory reused."""
     gone = torch.empty(8)
@@ -112,11 +121,10 @@ def test_compiling_the_layers_for_graphs_installs_them(monkeypatch, mode, instal
     for name in ("_is_cuda_graph_recorded_tensor", "_is_alias_of_live_recorded_tensor", "_get_liveness"):
         monkeypatch.setattr(node, name, graph_trees.TORCH_OWN.get(name, node.__dict__[name]))  # restored after
     monkeypatch.setattr(node, graph_trees.PATCHED, False, raising=False)
-    # (compile_decoder_layers also turns inductor's warning on many graph shapes off, as every graphs run of lorakit
-    # does; monkeypatch cannot restore that option on torch 2.11, which drops an option set to None)
     config = Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    lines = compile_decoder_layers(Qwen2ForCausalLM(config), mode=mode)
+    with keep_inductors_options():
+        lines = compile_decoder_layers(Qwen2ForCausalLM(config), mode=mode)
     assert (node._is_alias_of_live_recorded_tensor is graph_trees.live_output_alias) is installed
     assert not any("at torch's pace" in line for line in lines)
 
@@ -133,7 +141,8 @@ def test_an_untested_torch_keeps_its_own_lookups_and_the_log_says_so(monkeypatch
     monkeypatch.setattr(torch, "__version__", "2.14.0+cu130")
     config = Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    lines = compile_decoder_layers(Qwen2ForCausalLM(config), mode="reduce-overhead")
+    with keep_inductors_options():
+        lines = compile_decoder_layers(Qwen2ForCausalLM(config), mode="reduce-overhead")
     assert node._is_alias_of_live_recorded_tensor is not graph_trees.live_output_alias
     assert lines[-1] == ("torch.compile: CUDA graphs record each new row length at torch's pace (lorakit's lookups "
                          "are tested on torch 2.11-2.13, this is 2.14.0+cu130)")  # fmt: skip
