@@ -34,10 +34,11 @@ def set_inductor_options(options: dict) -> None:
         setattr(owner, last, value)
 
 
-def build_model() -> torch.nn.Module:
+def build_model(layers: int = 2) -> torch.nn.Module:
+    """`layers` Qwen2.5-7B decoder layers (a small vocabulary) on the GPU in bf16, LoRA as the reference's flags."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=1024, hidden_size=3584, intermediate_size=18944, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=1024, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
                          num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
                          rope_theta=1e6)  # fmt: skip
     with torch.device("cuda"):

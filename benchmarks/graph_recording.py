@@ -28,28 +28,12 @@ from torch._inductor import cudagraph_trees as trees
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.compile_cost import set_inductor_options  # noqa: E402
-from lorakit.config import LoraSettings  # noqa: E402
+from benchmarks.compile_cost import build_model, set_inductor_options  # noqa: E402
 from lorakit.engine import graph_trees  # noqa: E402
 from lorakit.engine.kernels import compile_decoder_layers  # noqa: E402
-from lorakit.engine.model import attach_lora  # noqa: E402
 from lorakit.loss import model_loss_sum  # noqa: E402
 
 LENGTHS = (2304, 2432, 2560, 2176)
-
-
-def build_model(layers: int) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=1024, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
-                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                         rope_theta=1e6)  # fmt: skip
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    model = attach_lora(model, LoraSettings(lora_rank=8, lora_alpha=32, lora_dropout=0.1, lora_target=targets), 0)
-    model.train()
-    return model
 
 
 def step_seconds(model: torch.nn.Module, length: int) -> float:
