@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lorakit.data.encode import IGNORE_INDEX, TokenizedData
-from lorakit.steps import global_batch
+from lorakit.steps import global_batch, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def step_tokens_bound(lengths: np.ndarray, seed: int, world_size: int, micro_bat
 
 def mean_step_share(lengths: np.ndarray, world_size: int, micro_batch: int, accumulation: int) -> int:
     """A rank's mean tokens in one step of an epoch: the epoch's tokens over its steps and the ranks."""
-    steps = -(-len(lengths) // global_batch(world_size, micro_batch, accumulation))
+    steps = steps_per_epoch(len(lengths), world_size, micro_batch, accumulation)
     return int(lengths.sum()) // max(steps * world_size, 1)
 
 

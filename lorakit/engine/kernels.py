@@ -161,15 +161,15 @@ def settle_compile_mode(
     norm and every evaluation within 1e-3, every LoRA gradient of two steps tensor by tensor within 2e-2 of its norm,
     each step from the same weights; and each replay draws its own LoRA dropout masks (session 17: ZeRO-2's
     comparison passed three runs, the dropout test one; sessions 18 and 19: both stages and the dropout test, once
-    each). What they gain at the reference per-GPU batch on 2
-    H100s: 0.188 -> 0.118 s a step on one host (overlap_comm off), 0.113 -> 0.105 on a faster one (on)
-    (benchmarks/RESULTS.md, session 17): a compiled layer without graphs still launches its ~30 kernels from Python, and
-    a step of ~1,200 tokens a GPU waits on those launches. `--torch_compile_mode default` keeps the layers compiled
+    each). What they gain at the reference per-GPU batch on 2 H100s: 0.188 -> 0.118 s a step on one host
+    (overlap_comm off), 0.113 -> 0.105 on a faster one (on) (benchmarks/RESULTS.md, session 17): a compiled layer
+    without graphs still launches its ~30 kernels from Python, and a step of ~1,200 tokens a GPU waits on those
+    launches. `--torch_compile_mode default` keeps the layers compiled
     without graphs.
 
     Asked for, CUDA graphs (reduce-overhead, max-autotune) also run where `graphs_by_default` is false (ZeRO-0/1, any
-    precision, offloading, DoRA), the passes are long, or the memory is short (saying so), and
-    fall back to the mode without graphs elsewhere, with a log line. `zero3_partitioned`: why ZeRO-3 keeps some
+    precision, offloading, DoRA), the passes are long, or the memory is short (saying so), and fall back to the mode
+    without graphs elsewhere, with a log line. `zero3_partitioned`: why ZeRO-3 keeps some
     weight partitioned (lorakit.engine.deepspeed_config.zero3_partitions; None: it keeps them whole), each gathered
     into new memory at every call, so a graph would be recorded again each time (with every weight whole, the
     weights hold still: lorakit.engine.zero3's gather_released keeps the adapter's addresses, and build_engine turns
