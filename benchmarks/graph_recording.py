@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch._inductor import cudagraph_trees as trees
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,8 +59,7 @@ def main() -> None:
         eager = [step_seconds(model, LENGTHS[0]) for _ in range(3)]
     compile_decoder_layers(model, mode="reduce-overhead")
     if "torch-lookups" in sys.argv[3:]:
-        for name, own in graph_trees.TORCH_OWN.items():
-            setattr(trees.CUDAGraphNode, name, own)
+        graph_trees.restore_torch_lookups()
     steps = []
     profile = cProfile.Profile()
     for index, length in enumerate((*LENGTHS[:1], *LENGTHS, LENGTHS[0])):

@@ -66,7 +66,8 @@ def faster_graph_tree_lookups() -> str | None:
     """Install the faster scans on torch's CUDAGraphNode once; None where done, else why torch's own stay."""
     version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2] if part.isdigit())
     if not TESTED_TORCH[0] <= version <= TESTED_TORCH[1]:
-        return f"lorakit's lookups are tested on torch 2.11-2.13, this is {torch.__version__}"
+        tested = "-".join(".".join(map(str, release)) for release in TESTED_TORCH)
+        return f"lorakit's lookups are tested on torch {tested}, this is {torch.__version__}"
     try:
         from torch._inductor import cudagraph_trees as trees
     except ImportError as error:
